@@ -1,0 +1,141 @@
+"""Reading a checkpoint directory: config, index, shard headers, and the model fingerprint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ReapError
+from .layouts import Layout, layout_for, text_config
+from .safetensors_io import ShardHeader, TensorInfo, read_header
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+FINGERPRINT_FIELDS = (
+    "architecture", "model_type", "num_hidden_layers", "moe_layers",
+    "num_experts", "num_experts_per_tok", "n_group",
+)
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ReapError(path, f"{what} not found") from None
+    except OSError as e:
+        raise ReapError(path, f"cannot read {what}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReapError(path, f"{what} is not valid JSON ({e})") from None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    layout: Layout
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    index_metadata: dict | None  # None for a single-file checkpoint
+    _headers: dict[str, ShardHeader] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path, layout: Layout | None = None) -> "Checkpoint":
+        path = Path(path)
+        if not path.is_dir():
+            raise ReapError(path, "not a checkpoint directory")
+        config = read_json(path / "config.json", "config.json")
+        if not isinstance(config, dict):
+            raise ReapError(path / "config.json", "config.json is not a JSON object")
+        layout = layout or layout_for(config, str(path / "config.json"))
+        index_path = path / INDEX
+        if index_path.exists():
+            index = read_json(index_path, "index")
+            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+                raise ReapError(index_path, "index has no 'weight_map' object")
+            weight_map = dict(index["weight_map"])
+            metadata = index.get("metadata") or {}
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():
+                    raise ReapError(index_path, f"index names missing shard {shard!r}")
+        elif (path / SINGLE).is_file():
+            header = read_header(path / SINGLE)
+            weight_map = {name: SINGLE for name in header.tensors}
+            metadata = None
+        else:
+            raise ReapError(path, f"no {INDEX} and no {SINGLE}: not a safetensors checkpoint")
+        ckpt = cls(path, config, layout, weight_map, metadata)
+        for key in ("num_hidden_layers",):
+            if not isinstance(ckpt.cfg.get(key), int):
+                raise ReapError(path / "config.json", f"config has no integer {key!r}")
+        if not isinstance(ckpt.num_experts, int) or ckpt.num_experts < 1:
+            raise ReapError(path / "config.json", f"config has no routed-expert count (looked for {', '.join(layout.num_experts_keys)})")
+        if not isinstance(ckpt.top_k, int):
+            raise ReapError(path / "config.json", f"config has no experts-per-token count (looked for {', '.join(layout.top_k_keys)})")
+        return ckpt
+
+    # -- config-derived facts -------------------------------------------------
+    @property
+    def cfg(self) -> dict:
+        return text_config(self.config)
+
+    @property
+    def num_experts(self) -> int:
+        return self.layout.num_experts(self.cfg)
+
+    @property
+    def top_k(self) -> int:
+        return self.layout.top_k(self.cfg)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.cfg["num_hidden_layers"]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.layout.moe_layers(self.cfg)
+
+    def fingerprint(self) -> dict:
+        """What must match for a mask measured on one checkpoint to apply to another."""
+        cfg = self.cfg
+        n_group = None
+        if self.layout.groups and self.layout.groups.get("n_group") in cfg:
+            n_group = cfg[self.layout.groups["n_group"]]
+        return {
+            "architecture": (self.config.get("architectures") or [None])[0],
+            "model_type": cfg.get("model_type", self.config.get("model_type")),
+            "num_hidden_layers": self.num_hidden_layers,
+            "moe_layers": self.moe_layers,
+            "num_experts": self.num_experts,
+            "num_experts_per_tok": self.top_k,
+            "n_group": n_group,
+        }
+
+    # -- shards ---------------------------------------------------------------
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def header(self, shard: str) -> ShardHeader:
+        if shard not in self._headers:
+            self._headers[shard] = read_header(self.path / shard)
+        return self._headers[shard]
+
+    def tensors(self) -> dict[str, tuple[str, TensorInfo]]:
+        """Every tensor with its shard, after checking that index and headers agree."""
+        out: dict[str, tuple[str, TensorInfo]] = {}
+        for shard in self.shards:
+            header = self.header(shard)
+            for name, info in header.tensors.items():
+                mapped = self.weight_map.get(name)
+                if mapped != shard:
+                    raise ReapError(
+                        self.path / shard,
+                        f"tensor {name!r} is in this shard but the index maps it to {mapped!r}",
+                    )
+                out[name] = (shard, info)
+        for name, shard in self.weight_map.items():
+            if name not in out:
+                raise ReapError(self.path / shard, f"index lists tensor {name!r} but the shard has no such tensor")
+        return out

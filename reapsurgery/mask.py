@@ -1,0 +1,101 @@
+"""mask.json: which routed experts each MoE layer keeps (format in DESIGN.md, "Files").
+
+Users write masks by hand, so every defect gets a precise message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import FINGERPRINT_FIELDS, read_json
+from .errors import ReapError
+
+MASK_FORMAT = "reapsurgery.mask"
+
+
+@dataclass(frozen=True)
+class Mask:
+    model: dict
+    layers: dict[int, list[int]]  # layer -> ascending retained original indices
+    provenance: dict
+    sha256: str | None = None
+
+    @property
+    def kept(self) -> int:
+        return len(next(iter(self.layers.values()))) if self.layers else 0
+
+    def to_json(self) -> dict:
+        return {
+            "format": MASK_FORMAT,
+            "version": 1,
+            "model": self.model,
+            "layers": {str(k): v for k, v in sorted(self.layers.items())},
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def load_mask(path: str | Path) -> Mask:
+    path = Path(path)
+    raw = path.read_bytes() if path.is_file() else None
+    data = read_json(path, "mask file")
+    return parse_mask(data, path, hashlib.sha256(raw).hexdigest() if raw else None)
+
+
+def parse_mask(data: Any, path: Path, sha256: str | None = None) -> Mask:
+    def bad(msg: str) -> ReapError:
+        return ReapError(path, msg)
+
+    if not isinstance(data, dict):
+        raise bad("mask is not a JSON object")
+    if data.get("format") != MASK_FORMAT:
+        raise bad(f"'format' is {data.get('format')!r}, expected {MASK_FORMAT!r}")
+    if data.get("version") != 1:
+        raise bad(f"unsupported mask version {data.get('version')!r} (this reapsurgery reads version 1)")
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise bad("'model' fingerprint missing or not an object")
+    missing = [f for f in FINGERPRINT_FIELDS if f not in model]
+    if missing:
+        raise bad(f"'model' fingerprint lacks {', '.join(missing)}")
+    layers = data.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise bad("'layers' missing or empty: expected {\"<layer>\": [retained expert indices]}")
+    E = model["num_experts"]
+    parsed: dict[int, list[int]] = {}
+    for key, kept in layers.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad(f"layer key {key!r} is not a decimal layer index")
+        where = f"layer {key}"
+        if not isinstance(kept, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in kept):
+            raise bad(f"{where}: expected a list of integer expert indices")
+        if not kept:
+            raise bad(f"{where}: keeps no experts")
+        if kept != sorted(set(kept)):
+            raise bad(f"{where}: indices must be ascending and unique, got {kept}")
+        if isinstance(E, int) and (kept[0] < 0 or kept[-1] >= E):
+            raise bad(f"{where}: expert index {kept[-1] if kept[-1] >= E else kept[0]} is out of range 0..{E - 1}")
+        parsed[int(key)] = kept
+    counts = {len(v) for v in parsed.values()}
+    if len(counts) != 1:
+        sizes = ", ".join(f"{k}:{len(v)}" for k, v in sorted(parsed.items()))
+        raise bad(f"every layer must keep the same number of experts, got {sizes}")
+    provenance = data.get("provenance") or {}
+    return Mask(model, parsed, provenance if isinstance(provenance, dict) else {}, sha256)
+
+
+def check_fingerprint(expected: dict, actual: dict, path: Path, against: Path) -> None:
+    """Refuse a file measured on a different model, naming the first field that differs."""
+    for f in FINGERPRINT_FIELDS:
+        if expected.get(f) != actual.get(f):
+            raise ReapError(
+                path,
+                f"does not match checkpoint {against}: {f} is {expected.get(f)!r} in the file "
+                f"but {actual.get(f)!r} in the checkpoint",
+            )

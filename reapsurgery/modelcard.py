@@ -1,0 +1,46 @@
+"""The output's README.md: the source's model card, kept intact, plus a record of the pruning."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .mask import Mask
+    from .surgery import SurgeryPlan
+
+SECTION = "## Expert pruning (reapsurgery)"
+
+
+def pruning_section(ckpt: "Checkpoint", plan: "SurgeryPlan", mask: "Mask") -> str:
+    E, kept = plan.experts_before, plan.kept
+    prov = mask.provenance
+    lines = [
+        SECTION,
+        "",
+        f"This checkpoint was pruned with reapsurgery {__version__}: routed experts were removed",
+        "from every MoE layer; all other weights are byte-for-byte those of the source.",
+        "",
+        f"- Source: `{ckpt.path.resolve().name}` ({ckpt.fingerprint()['architecture']})",
+        f"- Routed experts per MoE layer: {E} -> {kept} (sparsity {1 - kept / E:.3f}) in {len(plan.moe_layers)} MoE layers",
+        f"- Mask sha256: `{mask.sha256 or 'n/a'}` (copy in `reapsurgery.mask.json`)",
+    ]
+    if prov.get("method"):
+        lines.append(f"- Saliency method: {prov['method']}")
+    if prov.get("saliency_sha256"):
+        lines.append(f"- Saliency sha256: `{prov['saliency_sha256']}`")
+    if plan.dropped_layers:
+        lines.append(f"- Dropped multi-token-prediction layers: {plan.dropped_layers}")
+    lines += ["", "Retained experts (original indices) per layer:", "", "| layer | retained experts |", "|---|---|"]
+    lines += [f"| {layer} | {' '.join(map(str, keep))} |" for layer, keep in sorted(mask.layers.items())]
+    return "\n".join(lines) + "\n"
+
+
+def pruned_card(source_card: str | None, ckpt: "Checkpoint", plan: "SurgeryPlan", mask: "Mask") -> str:
+    section = pruning_section(ckpt, plan, mask)
+    if source_card is None:
+        name = ckpt.path.resolve().name
+        return f"---\ntags:\n- moe\n- pruned\n- reapsurgery\n---\n\n# {name} (experts pruned)\n\n{section}"
+    return source_card.rstrip("\n") + "\n\n" + section

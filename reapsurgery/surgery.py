@@ -1,0 +1,314 @@
+"""Streaming expert surgery: plan every output byte range from headers, then copy ranges.
+
+Nothing is decoded, so every dtype (quantized ones included) is handled the same way,
+and memory stays bounded by the copy buffer whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import INDEX, SINGLE, Checkpoint
+from .errors import ReapError
+from .mask import Mask, check_fingerprint
+from .modelcard import pruned_card
+from .outdir import staged_output
+from .safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+MASK_COPY = "reapsurgery.mask.json"
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    ranges: list[tuple[int, int]]  # (absolute offset in the source shard, length)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.ranges)
+
+
+@dataclass
+class OutShard:
+    source: str
+    tensors: list[OutTensor]
+    metadata: dict | None
+    name: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class SurgeryPlan:
+    shards: list[OutShard]
+    config: dict
+    kept: int
+    experts_before: int
+    moe_layers: list[int]
+    dropped_layers: list[int] = field(default_factory=list)
+    config_changes: dict[str, tuple] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+
+@dataclass
+class ApplyResult:
+    out: Path
+    shards: int
+    bytes_written: int
+    bytes_before: int
+    experts_before: int
+    experts_after: int
+    moe_layers: int
+    dropped_layers: list[int]
+    config_changes: dict[str, tuple]
+    skipped: list[str]
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of ascending indices as (start, count)."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def slice_ranges(info: TensorInfo, base: int, axis: int, kept: list[int], n_experts: int) -> list[tuple[int, int]]:
+    """Byte ranges that hold the retained experts of a tensor whose `axis` is the expert axis."""
+    outer = math.prod(info.shape[:axis])
+    inner_bits = math.prod(info.shape[axis + 1 :]) * DTYPE_BITS[info.dtype]
+    if inner_bits % 8:
+        raise ReapError(None, f"tensor {info.name!r}: an expert's slice is not a whole number of bytes")
+    inner = inner_bits // 8
+    ranges: list[tuple[int, int]] = []
+    for o in range(outer):
+        row = base + info.start + o * n_experts * inner
+        for start, count in _runs(kept):
+            off, n = row + start * inner, count * inner
+            if ranges and ranges[-1][0] + ranges[-1][1] == off:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
+            else:
+                ranges.append((off, n))
+    return ranges
+
+
+def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
+    """Check the mask against the checkpoint and compute every output tensor; writes nothing."""
+    check_fingerprint(mask.model, ckpt.fingerprint(), mask_path, ckpt.path)
+    cfg_path = ckpt.path / "config.json"
+    E, top_k, moe_layers = ckpt.num_experts, ckpt.top_k, ckpt.moe_layers
+    missing = sorted(set(moe_layers) - set(mask.layers))
+    extra = sorted(set(mask.layers) - set(moe_layers))
+    if missing or extra:
+        detail = f"lacks MoE layers {missing}" if missing else f"names layers {extra} that are not MoE layers"
+        raise ReapError(mask_path, f"mask {detail} of checkpoint {ckpt.path}")
+    kept = mask.kept
+    if kept < top_k:
+        raise ReapError(mask_path, f"keeps {kept} experts per layer but the model routes each token to num_experts_per_tok={top_k}")
+    _check_groups(ckpt, mask, mask_path)
+
+    layout = ckpt.layout
+    tensors = ckpt.tensors()
+    moe = set(moe_layers)
+    mtp_count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
+    seen_experts: dict[int, set[int]] = {l: set() for l in moe_layers}
+    routers: dict[int, int] = {l: 0 for l in moe_layers}
+    dropped_layers: set[int] = set()
+    per_shard: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
+
+    for name, (shard, info) in tensors.items():
+        base = ckpt.header(shard).data_offset
+        layer = layout.layer_of(name)
+        role = layout.classify(name)
+        if layer is not None and layer >= ckpt.num_hidden_layers:
+            # Layers past the decoder stack are multi-token-prediction blocks that transformers
+            # does not run; keeping them would leave experts with the old count.
+            if mtp_count or role is not None:
+                dropped_layers.add(layer)
+                continue
+        if role is None:
+            per_shard[shard].append(OutTensor(name, info.dtype, info.shape, [(base + info.start, info.nbytes)]))
+            continue
+        if role.layer not in moe:
+            raise ReapError(ckpt.path / shard, f"tensor {name!r} is an expert or router tensor but config.json says layer {role.layer} is not an MoE layer")
+        keep = mask.layers[role.layer]
+        if role.kind == "expert":
+            if role.expert >= E:
+                raise ReapError(ckpt.path / shard, f"tensor {name!r} names expert {role.expert} but config.json says {E} experts")
+            seen_experts[role.layer].add(role.expert)
+            if role.expert in keep:
+                new = role.renamed(name, keep.index(role.expert))
+                per_shard[shard].append(OutTensor(new, info.dtype, info.shape, [(base + info.start, info.nbytes)]))
+            continue
+        axis = role.axis
+        if axis >= len(info.shape) or info.shape[axis] != E:
+            raise ReapError(ckpt.path / shard, f"tensor {name!r} has shape {list(info.shape)}; expected {E} experts on axis {axis}")
+        if role.kind == "router":
+            routers[role.layer] += 1
+        shape = info.shape[:axis] + (kept,) + info.shape[axis + 1 :]
+        per_shard[shard].append(OutTensor(name, info.dtype, shape, slice_ranges(info, base, axis, keep, E)))
+
+    for layer in moe_layers:
+        if not routers[layer]:
+            raise ReapError(ckpt.path, f"MoE layer {layer} has no router tensor matching the {layout.name} layout")
+        if seen_experts[layer] and seen_experts[layer] != set(range(E)):
+            absent = sorted(set(range(E)) - seen_experts[layer])
+            raise ReapError(ckpt.path, f"MoE layer {layer} lacks tensors of experts {absent[:8]}")
+
+    shards = []
+    for source in ckpt.shards:
+        out = per_shard[source]
+        if not out:
+            continue
+        order = write_order([(t.name, t.dtype) for t in out])
+        shards.append(OutShard(source, [out[i] for i in order], {"format": "pt", **(ckpt.header(source).metadata or {})}))
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
+
+    config, changes = rewrite_config(ckpt, kept, bool(dropped_layers))
+    return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes)
+
+
+def _check_groups(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> None:
+    groups = ckpt.layout.groups
+    n_group = ckpt.layout.n_group(ckpt.cfg) if groups else None
+    if not n_group or n_group <= 1:
+        return
+    E = ckpt.num_experts
+    size = E // n_group
+    per_group = mask.kept // n_group
+    for layer, keep in mask.layers.items():
+        counts = [sum(1 for e in keep if e // size == g) for g in range(n_group)]
+        if len(set(counts)) != 1:
+            raise ReapError(mask_path, f"layer {layer}: the router groups experts into n_group={n_group} groups and every group must keep the same number; kept per group: {counts}")
+    minimum = groups.get("min_per_group", 1)
+    if per_group < minimum:
+        raise ReapError(mask_path, f"keeps {per_group} experts per group; this router needs at least {minimum} per group")
+    topk_group = ckpt.layout.topk_group(ckpt.cfg) or n_group
+    if topk_group * per_group < ckpt.top_k:
+        raise ReapError(mask_path, f"only {topk_group * per_group} experts are reachable through topk_group={topk_group} groups, fewer than num_experts_per_tok={ckpt.top_k}")
+
+
+def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool) -> tuple[dict, dict[str, tuple]]:
+    """config.json with every routed-expert-count alias set to `kept`; returns (config, changes)."""
+    config = copy.deepcopy(ckpt.config)
+    targets = [("", config)]
+    if isinstance(config.get("text_config"), dict):
+        targets.append(("text_config.", config["text_config"]))
+    changes: dict[str, tuple] = {}
+    for prefix, d in targets:
+        for key in ckpt.layout.num_experts_keys:
+            if isinstance(d.get(key), int) and d[key] != kept:
+                changes[prefix + key] = (d[key], kept)
+                d[key] = kept
+        mtp = ckpt.layout.mtp_key
+        if dropped_mtp and mtp and d.get(mtp):
+            changes[prefix + mtp] = (d[mtp], 0)
+            d[mtp] = 0
+    return config, changes
+
+
+def write_shards(plan: SurgeryPlan, src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> None:
+    for shard in plan.shards:
+        header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors], shard.metadata)
+        src_fd = os.open(src / shard.source, os.O_RDONLY)
+        try:
+            dst_fd = os.open(dst / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(dst_fd, header)
+                for t in shard.tensors:
+                    for off, n in t.ranges:
+                        copy_range(src_fd, dst_fd, off, n)
+                    if progress:
+                        progress(t.nbytes)
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+
+
+def write_index(plan: SurgeryPlan, ckpt: Checkpoint, dst: Path) -> None:
+    if len(plan.shards) == 1 and ckpt.index_metadata is None:
+        return
+    metadata = {**(ckpt.index_metadata or {}), "total_size": plan.total_size}
+    weight_map = {t.name: s.name for s in plan.shards for t in s.tensors}
+    with open(dst / INDEX, "w") as f:
+        json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def copy_other_files(src: Path, dst: Path, handled: set[str]) -> list[str]:
+    """Copy tokenizer, templates, code, licence...; skip weight files we cannot prune. Returns skipped paths."""
+    skipped = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_root = Path(root).relative_to(src)
+        for fname in sorted(files):
+            rel = rel_root / fname
+            if str(rel) in handled or fname.startswith("."):
+                continue
+            if fname.endswith(WEIGHT_SUFFIXES):
+                skipped.append(str(rel))
+                continue
+            (dst / rel_root).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(root) / fname, dst / rel)
+    return skipped
+
+
+def apply_mask(
+    mask: Mask,
+    mask_path: str | Path,
+    ckpt_path: str | Path,
+    out_path: str | Path,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[SurgeryPlan], None] | None = None,
+) -> ApplyResult:
+    """Write the pruned checkpoint to out_path; the output appears only once complete."""
+    mask_path = Path(mask_path)
+    ckpt = Checkpoint.open(ckpt_path)
+    plan = plan_surgery(ckpt, mask, mask_path)
+    if on_plan:
+        on_plan(plan)
+    with staged_output(ckpt.path, Path(out_path), overwrite) as tmp:
+        write_shards(plan, ckpt.path, tmp, progress)
+        with open(tmp / "config.json", "w") as f:
+            json.dump(plan.config, f, indent=2)
+            f.write("\n")
+        source_card = ckpt.path / "README.md"
+        card = source_card.read_text() if source_card.is_file() else None
+        (tmp / "README.md").write_text(pruned_card(card, ckpt, plan, mask))
+        mask.save(tmp / MASK_COPY)
+        handled = {"config.json", "README.md", INDEX, *ckpt.shards}
+        skipped = copy_other_files(ckpt.path, tmp, handled)
+        write_index(plan, ckpt, tmp)
+    return ApplyResult(
+        out=Path(out_path),
+        shards=len(plan.shards),
+        bytes_written=plan.total_size,
+        bytes_before=sum(i.nbytes for _, i in ckpt.tensors().values()),
+        experts_before=plan.experts_before,
+        experts_after=plan.kept,
+        moe_layers=len(plan.moe_layers),
+        dropped_layers=plan.dropped_layers,
+        config_changes=plan.config_changes,
+        skipped=skipped,
+    )
