@@ -76,15 +76,22 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool) -> No
     from .mask import load_mask
     from .surgery import apply_mask
 
+    total = 0
     bar = None
 
-    def on_plan(plan) -> None:
+    def progress(n: int) -> None:
         nonlocal bar
-        bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="writing shards", disable=quiet)
+        if bar is None:  # created on the first write, so refusals print nothing but the error
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=quiet)
+        bar.update(n)
+
+    def on_plan(plan) -> None:
+        nonlocal total
+        total = plan.total_size
 
     try:
         result = apply_mask(load_mask(mask), mask, ckpt, out, overwrite=overwrite,
-                            progress=lambda n: bar.update(n), on_plan=on_plan)
+                            progress=progress, on_plan=on_plan)
     finally:
         if bar is not None:
             bar.close()
@@ -117,3 +124,7 @@ def verify(ckpt: Path) -> None:
         f"ok: {ckpt}: {report.tensors} tensors in {report.shards} shard(s), {_human(report.total_size)}, "
         f"{report.moe_layers} MoE layers with {report.num_experts} experts each"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -28,8 +28,8 @@ def check_output(src: Path, out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged_output(src: Path, out: Path, overwrite: bool) -> Iterator[Path]:
-    check_output(src, out, overwrite)
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yield a scratch directory that replaces `out` on success; call check_output first."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.reapsurgery-partial-{os.getpid()}"
     if tmp.exists():

@@ -19,7 +19,7 @@ from .checkpoint import INDEX, SINGLE, Checkpoint
 from .errors import ReapError
 from .mask import Mask, check_fingerprint
 from .modelcard import pruned_card
-from .outdir import staged_output
+from .outdir import check_output, staged_output
 from .safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -283,12 +283,13 @@ def apply_mask(
     on_plan: Callable[[SurgeryPlan], None] | None = None,
 ) -> ApplyResult:
     """Write the pruned checkpoint to out_path; the output appears only once complete."""
-    mask_path = Path(mask_path)
+    mask_path, out_path = Path(mask_path), Path(out_path)
     ckpt = Checkpoint.open(ckpt_path)
+    check_output(ckpt.path, out_path, overwrite)
     plan = plan_surgery(ckpt, mask, mask_path)
     if on_plan:
         on_plan(plan)
-    with staged_output(ckpt.path, Path(out_path), overwrite) as tmp:
+    with staged_output(out_path) as tmp:
         write_shards(plan, ckpt.path, tmp, progress)
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)

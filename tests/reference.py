@@ -1,0 +1,51 @@
+"""Independent references that tests compare reapsurgery's output against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), info
+
+
+def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int):
+    """The source model loaded normally, with dropped experts removed from its parameters.
+
+    Independent of reapsurgery's layouts: the expert axis of every parameter is found by
+    comparing the shapes of the full model with those of a model built for n_kept experts.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    full, _ = load(src)
+    config = AutoConfig.from_pretrained(src)
+    text = getattr(config, "text_config", None) or config
+    for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if hasattr(text, attr):
+            setattr(text, attr, n_kept)
+    if hasattr(text, "num_nextn_predict_layers"):
+        text.num_nextn_predict_layers = 0
+    small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target = small.state_dict()
+    state = {}
+    for name, tensor in full.state_dict().items():
+        want = target[name].shape
+        if tensor.shape != want:
+            (axis,) = [i for i, (a, b) in enumerate(zip(tensor.shape, want)) if a != b]
+            layer = int(name.split("layers.")[1].split(".")[0])
+            tensor = tensor.index_select(axis, torch.tensor(keep[layer]))
+        state[name] = tensor
+    small.load_state_dict(state, strict=True)
+    return small.eval()
+
+
+def logits(model, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 12), generator=g)
+    with torch.no_grad():
+        return model(input_ids=ids).logits

@@ -1,0 +1,179 @@
+"""Bad input: one line naming the file and the problem, exit code 2, no output that looks complete,
+and the input untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import tree_hash
+from tests.helpers import cli, write_mask
+
+
+def refused(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def src(checkpoints, tmp_path):
+    path = tmp_path / "src"
+    shutil.copytree(checkpoints["deepseek_v3"], path)
+    return path
+
+
+def run_refused(src, tmp_path, mask_json, *needles, out=None):
+    mask = tmp_path / "mask.json"
+    mask.write_text(json.dumps(mask_json) if not isinstance(mask_json, str) else mask_json)
+    out = out or tmp_path / "out"
+    before = tree_hash(src)
+    line = refused(cli("apply", mask, src, out), *needles)
+    assert tree_hash(src) == before
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(tmp_path.glob(".out.reapsurgery-*"))
+    return line
+
+
+def good_mask(src, tmp_path):
+    return json.loads(write_mask(src, [0, 2, 5, 7], tmp_path / "good.json").read_text())
+
+
+def test_out_inside_or_equal_to_ckpt(src, tmp_path):
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    before = tree_hash(src)
+    refused(cli("apply", mask, src, src / "pruned"), "inside the input")
+    refused(cli("apply", mask, src, src), "inside the input")
+    refused(cli("apply", mask, src, tmp_path, "--overwrite"), "contains the input")
+    assert tree_hash(src) == before
+
+
+def test_out_not_empty_unless_overwrite(src, tmp_path):
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    refused(cli("apply", mask, src, out), str(out), "not empty", "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    assert cli("apply", mask, src, out, "--overwrite", "-q").returncode == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+
+
+def test_fingerprint_mismatch_names_field(src, tmp_path):
+    m = good_mask(src, tmp_path)
+    m["model"]["num_hidden_layers"] = 61
+    line = run_refused(src, tmp_path, m, "mask.json", "num_hidden_layers", "61", "3")
+    m = good_mask(src, tmp_path)
+    m["model"]["architecture"] = "Qwen3MoeForCausalLM"
+    run_refused(src, tmp_path, m, "architecture", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
+    m = good_mask(src, tmp_path)
+    m["model"]["num_experts"] = 16
+    run_refused(src, tmp_path, m, "num_experts", "16", "8")
+
+
+def test_expert_index_out_of_range(src, tmp_path):
+    m = good_mask(src, tmp_path)
+    m["layers"]["1"] = [0, 2, 5, 8]
+    run_refused(src, tmp_path, m, "layer 1", "out of range 0..7")
+
+
+def test_top_k_larger_than_kept(checkpoints, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints["qwen3_moe"], src)
+    m = json.loads(write_mask(src, [3], tmp_path / "g.json").read_text())
+    run_refused(src, tmp_path, m, "keeps 1 experts", "num_experts_per_tok=2")
+
+
+def test_unequal_drops_across_groups(src, tmp_path):
+    m = good_mask(src, tmp_path)
+    m["layers"] = {"1": [0, 1, 2, 5], "2": [0, 1, 2, 5]}
+    run_refused(src, tmp_path, m, "n_group=2", "[3, 1]")
+
+
+def test_malformed_masks(src, tmp_path):
+    good = good_mask(src, tmp_path)
+    cases = [
+        ("{not json", "not valid JSON"),
+        ({**good, "format": "other"}, "'format'"),
+        ({**good, "version": 7}, "version 7"),
+        ({**good, "layers": {"1": [0, 2, 5, 7], "2": [0, 2, 5]}}, "same number of experts"),
+        ({**good, "layers": {"1": [2, 0, 5, 7], "2": [0, 2, 5, 7]}}, "ascending and unique"),
+        ({**good, "layers": {"one": [0, 2, 5, 7]}}, "not a decimal layer index"),
+        ({**good, "layers": {"1": [0, 2, 5, 7]}}, "lacks MoE layers [2]"),
+        ({**good, "layers": {"0": [0, 2, 5, 7], "1": [0, 2, 5, 7], "2": [0, 2, 5, 7]}}, "not MoE layers"),
+        ({**good, "layers": {"1": "all", "2": [0, 2, 5, 7]}}, "list of integer"),
+        ({k: v for k, v in good.items() if k != "model"}, "fingerprint"),
+    ]
+    for mask, needle in cases:
+        run_refused(src, tmp_path, mask, "mask.json", needle)
+
+
+def test_truncated_shard(src, tmp_path):
+    mask = good_mask(src, tmp_path)
+    shard = src / "model-00005-of-00012.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    run_refused(src, tmp_path, mask, "model-00005-of-00012.safetensors", "truncated")
+
+
+def test_corrupt_header(src, tmp_path):
+    mask = good_mask(src, tmp_path)
+    shard = src / "model-00003-of-00012.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"#!@$"
+    shard.write_bytes(bytes(data))
+    run_refused(src, tmp_path, mask, "model-00003-of-00012.safetensors", "corrupt")
+
+
+def test_index_names_missing_file(src, tmp_path):
+    mask = good_mask(src, tmp_path)
+    (src / "model-00007-of-00012.safetensors").unlink()
+    run_refused(src, tmp_path, mask, "model.safetensors.index.json", "model-00007-of-00012.safetensors")
+
+
+def test_missing_mask_and_missing_checkpoint(src, tmp_path):
+    refused(cli("apply", tmp_path / "nope.json", src, tmp_path / "out"), "nope.json", "not found")
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    refused(cli("apply", mask, tmp_path / "nockpt", tmp_path / "out"), "nockpt", "not a checkpoint")
+
+
+def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):
+    """A crash while writing shards leaves neither OUT nor a partial directory behind."""
+    from reapsurgery import surgery
+    from reapsurgery.errors import ReapError
+    from reapsurgery.mask import load_mask
+
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    calls = {"n": 0}
+    real = surgery.copy_range
+
+    def failing(*a):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError(28, "No space left on device")
+        return real(*a)
+
+    monkeypatch.setattr(surgery, "copy_range", failing)
+    before = tree_hash(src)
+    with pytest.raises(OSError):
+        surgery.apply_mask(load_mask(mask), mask, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert tree_hash(src) == before
+
+
+def test_verify_reports_inconsistent_checkpoint(checkpoints, tmp_path):
+    src = checkpoints["mixtral"]
+    out = tmp_path / "out"
+    assert cli("apply", write_mask(src, [0, 1, 2, 3], tmp_path / "m.json"), src, out, "-q").returncode == 0
+    config = json.loads((out / "config.json").read_text())
+    config["num_local_experts"] = 8
+    (out / "config.json").write_text(json.dumps(config))
+    r = cli("verify", out)
+    assert r.returncode == 2 and "config says 8" in r.stderr and "Traceback" not in r.stderr
+    assert cli("verify", src).returncode == 0
