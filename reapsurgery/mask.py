@@ -96,6 +96,6 @@ def check_fingerprint(expected: dict, actual: dict, path: Path, against: Path) -
         if expected.get(f) != actual.get(f):
             raise ReapError(
                 path,
-                f"does not match checkpoint {against}: {f} is {expected.get(f)!r} in the file "
-                f"but {actual.get(f)!r} in the checkpoint",
+                f"does not match {against}: {f} is {expected.get(f)!r} in this file "
+                f"but {actual.get(f)!r} there",
             )

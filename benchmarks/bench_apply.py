@@ -1,0 +1,683 @@
+#!/usr/bin/env python
+"""Benchmark `reapsurgery apply`: wall time against `cp`, peak RSS, and the in-memory alternative.
+
+One run does four things and prints a table, then one JSON line (the last line of stdout):
+
+1. Builds synthetic Qwen3-MoE checkpoints (BF16, per-expert tensor names, shards of
+   --shard-gb GiB, valid safetensors headers over arbitrary bytes, an exact index) of
+   several sizes (--sizes, default half of --size-gb and --size-gb).
+2. For each size, times `reapsurgery apply` at 50% sparsity and `cp -r` of the apply
+   output (the very same bytes), alternating which goes first, median of --repeat runs.
+   Before every timed command the source is read once (page cache warm) and the
+   filesystem is synced, so both start from the same state; "+sync" columns also count
+   the writeback of what the command left dirty.
+3. Reports the peak RSS of the apply process alone (os.wait4 rusage of that one child)
+   for each size, so that flatness in checkpoint size is visible.
+4. Builds a real (random-weight) Qwen3-MoE checkpoint with transformers and compares
+   what users do today (from_pretrained, index_select the fused experts and router,
+   save_pretrained) with `reapsurgery apply` of the same mask, and checks that both
+   outputs hold byte-identical tensors.
+
+    python benchmarks/bench_apply.py                 # ~6 GiB and ~3 GiB, 3 repeats
+    python benchmarks/bench_apply.py --size-gb 12 --repeat 2 --keep --workdir /data/bench
+
+Sizes are GiB (2**30 bytes). The page cache cannot be dropped without root; timings are
+"warm input, cold output", which is what a user re-running the tool sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GiB = 1 << 30
+MiB = 1 << 20
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+
+# Synthetic checkpoint: Qwen3-30B-A3B per-layer shapes, 64 experts, smaller vocab so that
+# experts hold >90% of the bytes as in real MoE checkpoints.
+SYNTH = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=64,
+             num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+             vocab_size=32768)
+
+# Real checkpoint for the in-memory comparison (~0.5 GB BF16 with 5 layers).
+REAL = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384, num_experts=32,
+            num_experts_per_tok=4, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+            vocab_size=32768, max_position_embeddings=4096, tie_word_embeddings=False,
+            norm_topk_prob=True)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info(workdir: Path) -> dict:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    fstype = "?"
+    try:
+        fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(workdir)],
+                                capture_output=True, text=True, check=True).stdout.strip() or "?"
+    except (OSError, subprocess.CalledProcessError):
+        best = ""
+        real = str(workdir.resolve())
+        for line in open("/proc/mounts"):
+            parts = line.split()
+            if len(parts) > 2 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")) \
+                    and len(parts[1]) >= len(best):
+                best, fstype = parts[1], parts[2]
+    try:
+        cp_version = subprocess.run(["cp", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        cp_version = "?"
+    free = shutil.disk_usage(workdir).free
+    return {
+        "nproc": os.cpu_count(),
+        "sched_cpus": len(os.sched_getaffinity(0)),
+        "mem_total_gib": round(mem / GiB, 1),
+        "cpu": cpu,
+        "workdir": str(workdir),
+        "fstype": fstype,
+        "disk_free_gib": round(free / GiB, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cp": cp_version,
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+# --------------------------------------------------------------------------- synthetic checkpoint
+
+
+def synth_layer(L: int, c: dict) -> list[tuple[str, tuple[int, ...]]]:
+    H, I, E = c["hidden_size"], c["moe_intermediate_size"], c["num_experts"]
+    nh, nkv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    p = f"model.layers.{L}."
+    out = [
+        (p + "self_attn.q_proj.weight", (nh * hd, H)),
+        (p + "self_attn.k_proj.weight", (nkv * hd, H)),
+        (p + "self_attn.v_proj.weight", (nkv * hd, H)),
+        (p + "self_attn.o_proj.weight", (H, nh * hd)),
+        (p + "self_attn.q_norm.weight", (hd,)),
+        (p + "self_attn.k_norm.weight", (hd,)),
+        (p + "mlp.gate.weight", (E, H)),
+    ]
+    for e in range(E):
+        out += [
+            (p + f"mlp.experts.{e}.gate_proj.weight", (I, H)),
+            (p + f"mlp.experts.{e}.up_proj.weight", (I, H)),
+            (p + f"mlp.experts.{e}.down_proj.weight", (H, I)),
+        ]
+    out += [(p + "input_layernorm.weight", (H,)), (p + "post_attention_layernorm.weight", (H,))]
+    return out
+
+
+def _nbytes(shape) -> int:
+    return 2 * math.prod(shape)  # BF16
+
+
+def synth_layers_for(size_bytes: int, c: dict) -> int:
+    H, V = c["hidden_size"], c["vocab_size"]
+    fixed = 2 * _nbytes((V, H)) + _nbytes((H,))
+    per_layer = sum(_nbytes(s) for _, s in synth_layer(0, c))
+    return max(1, round((size_bytes - fixed) / per_layer))
+
+
+class _Filler:
+    """Arbitrary, non-repeating-at-chunk-granularity bytes without generating them all."""
+
+    def __init__(self, seed: int, pool: int = 64 * MiB, chunk: int = 16 * MiB):
+        rnd = random.Random(seed)
+        block = rnd.randbytes(pool)
+        self.buf = memoryview(block + block)
+        self.pool, self.chunk, self.rnd = pool, chunk, rnd
+
+    def write(self, fd: int, n: int) -> None:
+        while n > 0:
+            k = min(n, self.chunk)
+            off = self.rnd.randrange(0, self.pool // 4096) * 4096
+            done = 0
+            while done < k:
+                done += os.write(fd, self.buf[off + done: off + k])
+            n -= k
+
+
+def build_synthetic(out: Path, size_gib: float, shard_gib: float, seed: int = 0) -> dict:
+    """Write a Qwen3-MoE-shaped checkpoint of ~size_gib GiB; returns a description."""
+    from reapsurgery.safetensors_io import encode_header, write_order
+
+    c = dict(SYNTH)
+    layers = synth_layers_for(int(size_gib * GiB), c)
+    H, V = c["hidden_size"], c["vocab_size"]
+    order = [("model.embed_tokens.weight", (V, H))]
+    for L in range(layers):
+        order += synth_layer(L, c)
+    order += [("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
+
+    # Split like transformers' save_pretrained: module order, a new shard when the next tensor overflows.
+    limit = int(shard_gib * GiB)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    cur = 0
+    for name, shape in order:
+        n = _nbytes(shape)
+        if shards[-1] and cur + n > limit:
+            shards.append([])
+            cur = 0
+        shards[-1].append((name, shape))
+        cur += n
+
+    out.mkdir(parents=True)
+    filler = _Filler(seed)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, tensors in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        idx = write_order([(n, "BF16") for n, _ in tensors])
+        entries = [(tensors[j][0], "BF16", tensors[j][1], _nbytes(tensors[j][1])) for j in idx]
+        data = sum(e[3] for e in entries)
+        fd = os.open(out / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, encode_header(entries, {"format": "pt"}))
+            filler.write(fd, data)
+        finally:
+            os.close(fd)
+        for name, *_ in entries:
+            weight_map[name] = fname
+        total += data
+
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+        "decoder_sparse_step": 1, "eos_token_id": 151645, "hidden_act": "silu",
+        "initializer_range": 0.02, "max_position_embeddings": 40960, "max_window_layers": layers,
+        "mlp_only_layers": [], "norm_topk_prob": True, "num_hidden_layers": layers,
+        "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+        "use_cache": True, "use_sliding_window": False, **c,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": 151645}) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 40960}) + "\n")
+    (out / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# synthetic Qwen3-MoE (bench_apply.py)\n")
+    return {"layers": layers, "shards": len(shards), "tensor_bytes": total, "file_bytes": dir_bytes(out)}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in Path(path).iterdir() if p.suffix == ".safetensors")
+
+
+def warm(path: Path) -> None:
+    """Read every file under path once so the timed command reads from the page cache."""
+    buf = bytearray(8 * MiB)
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            with open(p, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+
+def fs_sync(path: Path) -> float:
+    t = time.perf_counter()
+    subprocess.run(["sync", "-f", str(path)], check=False)
+    return time.perf_counter() - t
+
+
+def rmtree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run one child; wall time and that child's own rusage (os.wait4 on its pid)."""
+    with open(log, "ab") as f:
+        f.write(("$ " + " ".join(cmd) + "\n").encode())
+        f.flush()
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n--- log tail ---\n{tail}")
+    return {"wall_s": wall, "rss_mib": ru.ru_maxrss / 1024, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
+            "majflt": ru.ru_majflt, "inblock": ru.ru_inblock, "oublock": ru.ru_oublock}
+
+
+def reapsurgery_cmd() -> list[str]:
+    exe = shutil.which("reapsurgery")
+    return [exe] if exe else [sys.executable, "-m", "reapsurgery.cli"]
+
+
+def make_mask(ckpt: Path, path: Path, kind: str, seed: int) -> list[int]:
+    from reapsurgery.checkpoint import Checkpoint
+    from reapsurgery.mask import Mask
+
+    c = Checkpoint.open(ckpt)
+    E = c.num_experts
+    layers = {}
+    for L in c.moe_layers:
+        if kind == "even":
+            layers[L] = list(range(0, E, 2))
+        else:
+            layers[L] = sorted(random.Random(seed * 1000 + L).sample(range(E), E // 2))
+    Mask(model=c.fingerprint(), layers=layers,
+         provenance={"method": f"bench_apply {kind} half", "seed": seed}).save(path)
+    return layers[c.moe_layers[0]]
+
+
+def check_synthetic_output(src: Path, out: Path, mask_path: Path) -> str:
+    """Header-level verify plus a byte comparison of a few retained tensors and one router."""
+    from reapsurgery.checkpoint import Checkpoint
+    from reapsurgery.mask import load_mask
+    from reapsurgery.verify import verify
+
+    rep = verify(out)
+    if not rep.ok:
+        return "verify FAILED: " + "; ".join(rep.problems[:3])
+    mask = load_mask(mask_path)
+    s, o = Checkpoint.open(src), Checkpoint.open(out)
+    st, ot = s.tensors(), o.tensors()
+
+    def read(ck, tensors, name, off=0, n=None):
+        shard, info = tensors[name]
+        n = info.nbytes if n is None else n
+        with open(ck.path / shard, "rb") as f:
+            f.seek(ck.header(shard).data_offset + info.start + off)
+            return f.read(n)
+
+    L = o.moe_layers[-1]
+    keep = mask.layers[L]
+    checks = 0
+    for j in (0, len(keep) // 2, len(keep) - 1):
+        for proj in ("gate_proj", "down_proj"):
+            a = read(o, ot, f"model.layers.{L}.mlp.experts.{j}.{proj}.weight")
+            b = read(s, st, f"model.layers.{L}.mlp.experts.{keep[j]}.{proj}.weight")
+            if a != b:
+                return f"MISMATCH layer {L} expert {j}<-{keep[j]} {proj}"
+            checks += 1
+    row = st[f"model.layers.{L}.mlp.gate.weight"][1].shape[1] * 2
+    router = read(o, ot, f"model.layers.{L}.mlp.gate.weight")
+    for j, e in enumerate(keep):
+        if router[j * row:(j + 1) * row] != read(s, st, f"model.layers.{L}.mlp.gate.weight", e * row, row):
+            return f"MISMATCH router row {j}<-{e}"
+    a = read(o, ot, "lm_head.weight", 0, 1 << 20)
+    if a != read(s, st, "lm_head.weight", 0, 1 << 20):
+        return "MISMATCH lm_head"
+    return f"ok (verify ok, {rep.tensors} tensors, {checks} expert tensors + router + lm_head byte-equal)"
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------- subprocess helpers
+
+
+def helper_build_real(out: str, layers: int) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=layers, **REAL)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="200MB")
+    Path(out, "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# random Qwen3-MoE (bench_apply.py)\n")
+
+
+def helper_inmemory(ckpt: str, mask_path: str, out: str) -> None:
+    """What users do today: load everything, drop experts from the fused tensors, save."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    mask = json.loads(Path(mask_path).read_text())
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto")
+    kept = None
+    with torch.no_grad():
+        for key, keep in mask["layers"].items():
+            mlp = model.model.layers[int(key)].mlp
+            idx = torch.tensor(keep, dtype=torch.long)
+            ex = mlp.experts
+            ex.gate_up_proj = torch.nn.Parameter(ex.gate_up_proj.index_select(0, idx), requires_grad=False)
+            ex.down_proj = torch.nn.Parameter(ex.down_proj.index_select(0, idx), requires_grad=False)
+            ex.num_experts = len(keep)
+            mlp.gate.weight = torch.nn.Parameter(mlp.gate.weight.index_select(0, idx), requires_grad=False)
+            mlp.gate.num_experts = len(keep)
+            kept = len(keep)
+    model.config.num_experts = kept
+    model.save_pretrained(out, max_shard_size="200MB")
+
+
+def compare_outputs(a: Path, b: Path) -> str:
+    """Same tensor names, dtypes, shapes and bytes in two checkpoints (reads raw bytes, no torch)."""
+    from reapsurgery.checkpoint import Checkpoint
+
+    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
+    ta, tb = ca.tensors(), cb.tensors()
+    if set(ta) != set(tb):
+        only = sorted(set(ta) ^ set(tb))[:4]
+        return f"DIFFERENT tensor names ({len(ta)} vs {len(tb)}; e.g. {only})"
+    if ca.num_experts != cb.num_experts:
+        return f"DIFFERENT num_experts in config ({ca.num_experts} vs {cb.num_experts})"
+    for name in sorted(ta):
+        (sa, ia), (sb, ib) = ta[name], tb[name]
+        if (ia.dtype, ia.shape) != (ib.dtype, ib.shape):
+            return f"DIFFERENT {name}: {ia.dtype}{list(ia.shape)} vs {ib.dtype}{list(ib.shape)}"
+        with open(ca.path / sa, "rb") as fa, open(cb.path / sb, "rb") as fb:
+            fa.seek(ca.header(sa).data_offset + ia.start)
+            fb.seek(cb.header(sb).data_offset + ib.start)
+            if fa.read(ia.nbytes) != fb.read(ib.nbytes):
+                return f"DIFFERENT bytes in {name}"
+    return f"identical ({len(ta)} tensors byte-equal, num_experts {ca.num_experts})"
+
+
+# --------------------------------------------------------------------------- benchmark phases
+
+
+def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
+    ck = work / f"synth-{size:g}g"
+    print(f"\n[size {size:g} GiB] building synthetic checkpoint in {ck} ...", flush=True)
+    t = time.perf_counter()
+    desc = build_synthetic(ck, size, args.shard_gb, seed=args.seed)
+    build_s = time.perf_counter() - t
+    sync_s = fs_sync(work)
+    print(f"  built {desc['file_bytes'] / GiB:.2f} GiB, {desc['layers']} layers x {SYNTH['num_experts']} experts, "
+          f"{desc['shards']} shards, in {build_s:.1f}s (+{sync_s:.1f}s sync)", flush=True)
+    mask = work / f"mask-{size:g}g.json"
+    make_mask(ck, mask, args.mask, args.seed)
+
+    runs = {"apply": [], "cp": []}
+    last_apply: Path | None = None
+    check = None
+    n = 0
+    for r in range(args.repeat):
+        order = ["apply", "cp"] if (r % 2 == 0 or last_apply is None) else ["cp", "apply"]
+        for op in order:
+            n += 1
+            target = work / f"{op}-{size:g}g-{n}"
+            if op == "apply":
+                src, cmd = ck, reapsurgery_cmd() + ["apply", str(mask), str(ck), str(target)]
+            else:
+                src, cmd = last_apply, ["cp", "-r", str(last_apply), str(target)]
+            warm(src)
+            fs_sync(work)
+            m = run_measured(cmd, log)
+            m["sync_s"] = fs_sync(work)
+            m["wall_sync_s"] = m["wall_s"] + m["sync_s"]
+            m["order"] = order.index(op)
+            runs[op].append(m)
+            print(f"  rep {r + 1} {op:5s}: {m['wall_s']:6.2f}s (+sync {m['sync_s']:5.2f}s)  "
+                  f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s", flush=True)
+            if op == "apply":
+                if check is None:
+                    check = check_synthetic_output(ck, target, mask)
+                    print(f"  output check: {check}", flush=True)
+                old, last_apply = last_apply, target
+                if old is not None:
+                    rmtree(old)
+            else:
+                rmtree(target)
+    out_bytes = dir_bytes(last_apply)
+    out_weights = sum(p.stat().st_size for p in weight_files(last_apply))
+    rmtree(last_apply)
+    if not args.keep:
+        rmtree(ck)
+    fs_sync(work)
+
+    a, c = runs["apply"], runs["cp"]
+    res = {
+        "size_gib": size,
+        "input_bytes": desc["file_bytes"],
+        "layers": desc["layers"],
+        "num_experts": SYNTH["num_experts"],
+        "shards": desc["shards"],
+        "output_bytes": out_bytes,
+        "output_weight_bytes": out_weights,
+        "apply_s": med([m["wall_s"] for m in a]),
+        "cp_s": med([m["wall_s"] for m in c]),
+        "apply_sync_s": med([m["wall_sync_s"] for m in a]),
+        "cp_sync_s": med([m["wall_sync_s"] for m in c]),
+        "apply_rss_mib": max(m["rss_mib"] for m in a),
+        "cp_rss_mib": max(m["rss_mib"] for m in c),
+        "apply_user_s": med([m["user_s"] for m in a]),
+        "apply_sys_s": med([m["sys_s"] for m in a]),
+        "cp_user_s": med([m["user_s"] for m in c]),
+        "cp_sys_s": med([m["sys_s"] for m in c]),
+        "check": check,
+        "runs": runs,
+    }
+    res["ratio"] = res["apply_s"] / res["cp_s"]
+    res["ratio_sync"] = res["apply_sync_s"] / res["cp_sync_s"]
+    res["apply_mb_s"] = out_bytes / res["apply_s"] / 1e6
+    res["cp_mb_s"] = out_bytes / res["cp_s"] / 1e6
+    results.append(res)
+
+
+def bench_real(args, work: Path, log: Path) -> dict:
+    ck = work / "real-qwen3-moe"
+    print(f"\n[real model] building random-weight Qwen3-MoE ({args.real_layers} layers) with transformers in {ck} ...",
+          flush=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    t = time.perf_counter()
+    run_measured([sys.executable, str(HERE), "--_build-real", str(ck), "--real-layers", str(args.real_layers)], log, env)
+    fs_sync(work)
+    size = dir_bytes(ck)
+    print(f"  built {size / MiB:.0f} MiB in {time.perf_counter() - t:.1f}s", flush=True)
+    mask = work / "mask-real.json"
+    make_mask(ck, mask, args.mask, args.seed)
+
+    runs = {"inmemory": [], "apply": []}
+    same = None
+    for r in range(args.repeat):
+        order = ["inmemory", "apply"] if r % 2 == 0 else ["apply", "inmemory"]
+        for op in order:
+            target = work / f"real-{op}-{r}"
+            if op == "apply":
+                cmd = reapsurgery_cmd() + ["apply", str(mask), str(ck), str(target)]
+            else:
+                cmd = [sys.executable, str(HERE), "--_inmemory", str(ck), str(mask), str(target)]
+            warm(ck)
+            fs_sync(work)
+            m = run_measured(cmd, log, env)
+            m["sync_s"] = fs_sync(work)
+            m["wall_sync_s"] = m["wall_s"] + m["sync_s"]
+            runs[op].append(m)
+            print(f"  rep {r + 1} {op:8s}: {m['wall_s']:6.2f}s (+sync {m['sync_s']:5.2f}s)  "
+                  f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s", flush=True)
+        if same is None:
+            same = compare_outputs(work / f"real-apply-{r}", work / f"real-inmemory-{r}")
+            print(f"  outputs: {same}", flush=True)
+        out_bytes = dir_bytes(work / f"real-apply-{r}")
+        for op in order:
+            rmtree(work / f"real-{op}-{r}")
+    if not args.keep:
+        rmtree(ck)
+    a, b = runs["apply"], runs["inmemory"]
+    res = {
+        "input_bytes": size,
+        "layers": args.real_layers,
+        "num_experts": REAL["num_experts"],
+        "output_bytes": out_bytes,
+        "inmemory_s": med([m["wall_s"] for m in b]),
+        "apply_s": med([m["wall_s"] for m in a]),
+        "inmemory_rss_mib": max(m["rss_mib"] for m in b),
+        "apply_rss_mib": max(m["rss_mib"] for m in a),
+        "inmemory_sync_s": med([m["wall_sync_s"] for m in b]),
+        "apply_sync_s": med([m["wall_sync_s"] for m in a]),
+        "outputs": same,
+        "runs": runs,
+    }
+    res["speedup"] = res["inmemory_s"] / res["apply_s"]
+    res["rss_ratio"] = res["inmemory_rss_mib"] / res["apply_rss_mib"]
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | None, total_s: float) -> None:
+    p = print
+    p("\n" + "=" * 100)
+    p("reapsurgery apply benchmark")
+    p(f"machine: {machine['nproc']} cpus ({machine['sched_cpus']} usable), {machine['mem_total_gib']} GiB RAM, "
+      f"{machine['cpu']}")
+    p(f"         workdir {machine['workdir']} on {machine['fstype']} ({machine['disk_free_gib']} GiB free), "
+      f"kernel {machine['kernel']}, python {machine['python']}, {machine['cp']}")
+    p(f"         load average at start {machine['loadavg_start']}, at end {machine['loadavg_end']}")
+    p(f"settings: mask={args.mask} half (50% sparsity), shards {args.shard_gb:g} GiB, repeat {args.repeat} "
+      f"(median; order alternated), warm input, sync before each run")
+    p(f"interpreter floor: `reapsurgery --version` peak RSS {floor['rss_mib']:.1f} MiB, {floor['wall_s']:.2f}s")
+
+    p("\n1) apply vs cp of the same output bytes (synthetic Qwen3-MoE, BF16, per-expert tensors)")
+    hdr = (f"{'input':>9} {'layers':>6} {'shards':>6} {'output':>9} | {'apply s':>8} {'cp s':>7} {'ratio':>6} | "
+           f"{'apply+sync':>10} {'cp+sync':>8} {'ratio':>6} | {'apply MB/s':>10} {'cp MB/s':>8} | "
+           f"{'apply usr/sys s':>15} {'cp usr/sys s':>13}")
+    p(hdr)
+    p("-" * len(hdr))
+    for r in sizes:
+        p(f"{r['input_bytes'] / GiB:7.2f}Gi {r['layers']:>6} {r['shards']:>6} {r['output_bytes'] / GiB:7.2f}Gi | "
+          f"{r['apply_s']:8.2f} {r['cp_s']:7.2f} {r['ratio']:6.2f} | {r['apply_sync_s']:10.2f} {r['cp_sync_s']:8.2f} "
+          f"{r['ratio_sync']:6.2f} | {r['apply_mb_s']:10.0f} {r['cp_mb_s']:8.0f} | "
+          f"{r['apply_user_s']:6.2f}/{r['apply_sys_s']:<8.2f} {r['cp_user_s']:5.2f}/{r['cp_sys_s']:<7.2f}")
+    p("   ratio = median apply wall / median cp wall (target <= 1.10); +sync adds the writeback of the run's dirty pages")
+    for r in sizes:
+        walls = ", ".join(f"{m['wall_s']:.2f}" for m in r["runs"]["apply"])
+        cps = ", ".join(f"{m['wall_s']:.2f}" for m in r["runs"]["cp"])
+        p(f"   {r['size_gib']:g} GiB: apply runs [{walls}] s, cp runs [{cps}] s; output check: {r['check']}")
+
+    p("\n2) apply peak RSS as the checkpoint grows (os.wait4 rusage of the apply process alone)")
+    hdr = f"{'input':>9} {'output':>9} | {'apply peak RSS':>14} | {'cp peak RSS':>11} | target <= 150 MiB"
+    p(hdr)
+    p("-" * len(hdr))
+    for r in sizes:
+        ok = "ok" if r["apply_rss_mib"] <= 150 else "OVER"
+        p(f"{r['input_bytes'] / GiB:7.2f}Gi {r['output_bytes'] / GiB:7.2f}Gi | {r['apply_rss_mib']:10.1f} MiB | "
+          f"{r['cp_rss_mib']:7.1f} MiB | {ok}")
+    if len(sizes) > 1:
+        lo, hi = sizes[0], sizes[-1]
+        p(f"   input x{hi['input_bytes'] / lo['input_bytes']:.2f} -> apply RSS "
+          f"{hi['apply_rss_mib'] - lo['apply_rss_mib']:+.1f} MiB")
+
+    if real:
+        p(f"\n3) today's approach vs apply on a real random-weight Qwen3-MoE "
+          f"({real['input_bytes'] / MiB:.0f} MiB, {real['layers']} layers x {real['num_experts']} experts, BF16)")
+        hdr = f"{'method':<48} | {'wall s':>7} {'+sync s':>8} | {'peak RSS':>10}"
+        p(hdr)
+        p("-" * len(hdr))
+        p(f"{'from_pretrained + index_select + save_pretrained':<48} | {real['inmemory_s']:7.2f} "
+          f"{real['inmemory_sync_s']:8.2f} | {real['inmemory_rss_mib']:6.0f} MiB")
+        p(f"{'reapsurgery apply':<48} | {real['apply_s']:7.2f} {real['apply_sync_s']:8.2f} | "
+          f"{real['apply_rss_mib']:6.0f} MiB")
+        p(f"   apply is {real['speedup']:.1f}x faster and uses {real['rss_ratio']:.1f}x less peak memory; "
+          f"outputs: {real['outputs']}")
+    p(f"\ntotal benchmark time {total_s:.0f}s")
+
+    summary = {
+        "bench": "reapsurgery.apply",
+        "machine": machine,
+        "settings": {"sizes_gib": args.sizes, "shard_gib": args.shard_gb, "repeat": args.repeat, "mask": args.mask,
+                     "seed": args.seed},
+        "floor_rss_mib": round(floor["rss_mib"], 1),
+        "sizes": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "runs"}
+                  | {"apply_runs_s": [round(m["wall_s"], 3) for m in r["runs"]["apply"]],
+                     "cp_runs_s": [round(m["wall_s"], 3) for m in r["runs"]["cp"]]}
+                  for r in sizes],
+        "real": None if not real else {k: (round(v, 4) if isinstance(v, float) else v)
+                                       for k, v in real.items() if k != "runs"},
+        "targets": {
+            "ratio_le_1.1": all(r["ratio"] <= 1.1 for r in sizes),
+            "rss_le_150mib": all(r["apply_rss_mib"] <= 150 for r in sizes),
+        },
+        "total_s": round(total_s, 1),
+    }
+    print(json.dumps(summary, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=6.0, help="largest synthetic checkpoint, GiB (default 6)")
+    ap.add_argument("--sizes", type=str, default=None,
+                    help="comma-separated synthetic sizes in GiB (default: SIZE/2,SIZE)")
+    ap.add_argument("--shard-gb", type=float, default=2.0, help="shard size, GiB (default 2)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions per measurement (median)")
+    ap.add_argument("--mask", choices=["even", "random"], default="even",
+                    help="keep experts 0,2,4,... or a seeded random half")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real-layers", type=int, default=5,
+                    help="layers of the real transformers-built model (~110 MB each; 0 skips that part)")
+    ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch directory (default: /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--_build-real", dest="build_real", help=argparse.SUPPRESS)
+    ap.add_argument("--_inmemory", dest="inmemory", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.build_real:
+        return helper_build_real(args.build_real, args.real_layers)
+    if args.inmemory:
+        return helper_inmemory(*args.inmemory)
+
+    args.sizes = sorted(float(s) for s in args.sizes.split(",")) if args.sizes else [args.size_gb / 2, args.size_gb]
+    parent = args.workdir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="reapsurgery-bench-", dir=parent))
+    log = work / "commands.log"
+    machine = machine_info(work)
+    need = max(args.sizes) * 2.6 + 2
+    if machine["disk_free_gib"] < need:
+        raise SystemExit(f"{work}: {machine['disk_free_gib']} GiB free, this run needs about {need:.0f} GiB")
+    print(f"scratch {work} (log of every command: {log})", flush=True)
+    t0 = time.perf_counter()
+    try:
+        floor = run_measured(reapsurgery_cmd() + ["--version"], log)
+        sizes: list[dict] = []
+        for size in args.sizes:
+            bench_size(args, work, size, log, sizes)
+        real = bench_real(args, work, log) if args.real_layers > 0 else None
+        machine["loadavg_end"] = list(os.getloadavg())
+        report(args, machine, floor, sizes, real, time.perf_counter() - t0)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
