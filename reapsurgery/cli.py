@@ -50,20 +50,157 @@ def main() -> None:
 
     \b
     Typical run:
+      reapsurgery plan saliency.json --sparsity 0.5 -o mask.json   # choose experts
       reapsurgery apply mask.json ckpt/ out/      # write the pruned checkpoint
       reapsurgery verify out/                     # check it is self-consistent
     """
 
 
+# -- planning: options shared by `plan` and `apply` ------------------------------
+
+from .plan import METHODS  # noqa: E402  (light: no torch)
+
+PLAN_FLAGS = {"sparsity": "--sparsity", "keep": "--keep", "method": "--method",
+              "preserve_super_experts": "--preserve-super-experts", "preserve_outliers": "--preserve-outliers",
+              "pins": "--preserve", "strict": "--strict"}
+
+
+def plan_options(fn):
+    """Add the planning options (--sparsity, --keep, --method, --preserve..., --strict) to a command."""
+    options = [
+        click.option("--sparsity", type=float, metavar="F",
+                     help="Fraction of routed experts removed from every MoE layer; experts dropped per layer = "
+                          "F*E rounded to the nearest integer (halves up)."),
+        click.option("--keep", type=int, metavar="N", help="Experts kept per MoE layer (instead of --sparsity)."),
+        click.option("--method", type=click.Choice(METHODS), default=None,
+                     help="Saliency score that ranks experts; default reap (see `reapsurgery plan --help`)."),
+        click.option("--preserve-super-experts", is_flag=True,
+                     help="Never drop super experts: max activation above both the 99.5th percentile of all "
+                          "experts' max activations and a tenth of the largest, in the first 75% of MoE layers."),
+        click.option("--preserve-outliers", is_flag=True,
+                     help="Like --preserve-super-experts, in all MoE layers."),
+        click.option("--preserve", "pins", metavar="L:E,...",
+                     help="Never drop these experts: comma-separated LAYER:EXPERT pairs, e.g. 3:17,3:40."),
+        click.option("--strict", is_flag=True,
+                     help="Group-limited routers: refuse a drop count that is not a multiple of n_group "
+                          "instead of rounding it to the nearest multiple."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _plan_kwargs(opts: dict) -> dict:
+    from .plan import parse_pins
+
+    return dict(sparsity=opts["sparsity"], keep=opts["keep"], method=opts["method"] or "reap",
+                preserve_super_experts=opts["preserve_super_experts"],
+                preserve_outliers=opts["preserve_outliers"], pins=parse_pins(opts["pins"]), strict=opts["strict"])
+
+
+def _table(rows: list[tuple], indent: str = "  ") -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo(indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _score_range(scores: list) -> str:
+    seen = [s for s in scores if s is not None]
+    never = len(scores) - len(seen)
+    text = f"{_g(min(seen))}..{_g(max(seen))}" if seen else "-"
+    return text + (f" (+{never} never routed)" if never else "")
+
+
+def _echo_plan(plan, table: bool = True) -> None:
+    E = plan.num_experts
+    if table:
+        click.echo(f"plan ({plan.method}): keep {plan.kept} of {E} routed experts in each of {len(plan.layers)} "
+                   f"MoE layers (drop {plan.drop}, sparsity {plan.drop / E:.4g})")
+        rows = [("layer", "never routed", "preserved", "kept scores", "dropped scores")]
+        for l, p in sorted(plan.layers.items()):
+            preserved = " ".join(map(str, sorted(set(p.super_experts) | set(p.pinned)))) or "-"
+            rows.append((l, len(p.never_routed), preserved, _score_range([p.scores[e] for e in p.kept]),
+                         _score_range([p.scores[e] for e in p.dropped])))
+        _table(rows)
+    for note in plan.notes:
+        click.echo(f"note: {note}", err=True)
+
+
 @main.command()
-@click.argument("mask", type=click.Path(path_type=Path))
+@click.argument("saliency", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write mask.json.")
+@plan_options
+@click.option("--ckpt", type=click.Path(path_type=Path),
+              help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
+@one_line_errors
+def plan(saliency: Path, output: Path, ckpt: Path | None, **opts) -> None:
+    """Choose the experts each MoE layer keeps from SALIENCY; write a mask.
+
+    \b
+    Methods (score per expert, from the saliency statistics; the highest are kept):
+      reap                reap_sum / count  (mean of gate * ||output|| over routed tokens)
+      frequency           count             (tokens routed to the expert)
+      weighted-frequency  gate_sum          (sum of gate weights)
+      ean-sum             norm_sum          (sum of ||output||)
+      ean-mean            norm_sum / count  (mean of ||output||)
+      weighted-ean        reap_sum          (sum of gate * ||output||)
+
+    Pinned (--preserve) and super experts are always kept; experts never routed
+    during calibration are dropped first; equal scores keep the lower index, so
+    the same inputs always give the same mask. Group-limited routers (n_group > 1)
+    lose the same number of experts in every group. Refuses, before writing
+    anything, a plan that leaves fewer experts (or fewer reachable through
+    topk_group groups) than num_experts_per_tok.
+    """
+    from .plan import plan_from_files, save_mask
+
+    result = plan_from_files(saliency, ckpt, **_plan_kwargs(opts))
+    save_mask(result.mask, output)
+    _echo_plan(result)
+    click.echo(f"wrote {output} (sha256 {result.mask.sha256})")
+
+
+def _echo_preview(p: dict) -> None:
+    click.echo(
+        f"dry run: would write {p['out']}: {p['experts_before']} -> {p['experts_after']} experts in "
+        f"{p['moe_layers']} MoE layers, {len(p['shards'])} shard(s), {_human(p['bytes'])} "
+        f"(was {_human(p['bytes_before'])}); nothing was written"
+    )
+    _table([("shard", "from", "tensors", "bytes")] +
+           [(s["name"], s["source"], s["tensors"], _human(s["bytes"])) for s in p["shards"]])
+    for key, (old, new) in p["config_changes"].items():
+        click.echo(f"  config.json: {key} {old} -> {new}")
+    if p["dropped_layers"]:
+        click.echo(f"  would drop multi-token-prediction layers {p['dropped_layers']} (not run by transformers)")
+    click.echo(f"  would write: {' '.join(p['written'])}")
+    if p["copied"]:
+        click.echo(f"  would copy: {' '.join(p['copied'])}")
+    for path in p["skipped"]:
+        click.echo(f"  would not copy (weights reapsurgery does not prune): {path}")
+    if p["replaces_existing"]:
+        click.echo(f"  would replace the existing contents of {p['out']} (--overwrite)")
+
+
+@main.command()
+@click.argument("mask", metavar="MASK_OR_SALIENCY", type=click.Path(path_type=Path))
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would be written (shards, bytes, config changes) and write nothing, not even OUT.")
+@plan_options
 @one_line_errors
-def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool) -> None:
+def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_run: bool, **opts) -> None:
     """Write CKPT with only the experts MASK keeps into OUT.
+
+    MASK_OR_SALIENCY is a mask.json, or a saliency.json together with --sparsity
+    or --keep (and the other options of `reapsurgery plan`) to plan the mask
+    here; the mask used is stored in OUT either way.
 
     Streams the safetensors shards once, copying byte ranges: dropped experts'
     tensors are left out, retained ones renumbered 0..E'-1 in their original
@@ -74,7 +211,33 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool) -> No
     from tqdm import tqdm
 
     from .mask import load_mask
+    from .saliency import is_saliency_file
     from .surgery import apply_mask
+
+    if is_saliency_file(mask):
+        if opts["sparsity"] is None and opts["keep"] is None:
+            raise ReapError(mask, "is a saliency file: pass --sparsity F or --keep N to choose how many experts "
+                                  "to keep (or make a mask with `reapsurgery plan` first)")
+        from .plan import plan_from_files
+
+        planned = plan_from_files(mask, ckpt, **_plan_kwargs(opts))
+        chosen = planned.mask
+    else:
+        given = [flag for key, flag in PLAN_FLAGS.items() if opts[key] not in (None, False)]
+        if given:
+            raise ReapError(mask, f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to a "
+                                  "saliency file; this is a mask (its experts are already chosen)")
+        chosen = load_mask(mask)
+        planned = None
+
+    if dry_run:
+        from .inspect import apply_preview
+
+        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite)
+        if planned:
+            _echo_plan(planned)
+        _echo_preview(preview)
+        return
 
     total = 0
     bar = None
@@ -85,12 +248,14 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool) -> No
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=quiet)
         bar.update(n)
 
-    def on_plan(plan) -> None:
+    def on_plan(plan) -> None:  # called once every check has passed, before anything is written
         nonlocal total
         total = plan.total_size
+        if planned:
+            _echo_plan(planned, table=not quiet)
 
     try:
-        result = apply_mask(load_mask(mask), mask, ckpt, out, overwrite=overwrite,
+        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite,
                             progress=progress, on_plan=on_plan)
     finally:
         if bar is not None:
@@ -124,6 +289,154 @@ def verify(ckpt: Path) -> None:
         f"ok: {ckpt}: {report.tensors} tensors in {report.shards} shard(s), {_human(report.total_size)}, "
         f"{report.moe_layers} MoE layers with {report.num_experts} experts each"
     )
+
+# -- inspect --------------------------------------------------------------------------
+
+def _count(n) -> str:
+    """Parameter count, e.g. 1.23B, 45.6M."""
+    if n is None:
+        return "-"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+def _spans(indices: list[int]) -> str:
+    out: list[str] = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
+
+
+def _model_rows(model: dict, topk_group=None) -> list[tuple[str, str]]:
+    moe = model["moe_layers"]
+    groups = f", n_group {model['n_group']}" if model.get("n_group") is not None else ""
+    if topk_group is not None:
+        groups += f", topk_group {topk_group}"
+    dense = [l for l in range(model["num_hidden_layers"]) if l not in set(moe)]
+    return [
+        ("architecture", f"{model['architecture']} ({model['model_type']})"),
+        ("decoder layers", f"{model['num_hidden_layers']}: MoE {_spans(moe)} ({len(moe)})"
+                           + (f", dense {_spans(dense)}" if dense else "")),
+        ("routed experts", f"{model['num_experts']} per MoE layer, top-k {model['num_experts_per_tok']}{groups}"),
+    ]
+
+
+def _echo_sizes(columns: list[tuple[str, dict]]) -> None:
+    """Params and bytes side by side for one or more accounts (e.g. before / after)."""
+    def cat(a, c, k):
+        return a["by_category"][c][k]
+
+    rows = [("", *(name for name, _ in columns))] if len(columns) > 1 else []
+    rows.append(("params", *(_count(a["params"]) for _, a in columns)))
+    rows.append(("active params/token", *(_count(a["active_params"]) for _, a in columns)))
+    rows.append(("bytes", *(_human(a["bytes"]) for _, a in columns)))
+    for c, label in (("routed_experts", "routed experts"), ("routers", "routers"), ("mtp", "mtp layers"),
+                     ("other", "everything else")):
+        if any(cat(a, c, "params") for _, a in columns):
+            rows.append((f"  {label}", *(f"{_count(cat(a, c, 'params'))} / {_human(cat(a, c, 'bytes'))}"
+                                         for _, a in columns)))
+    rows.append(("tensors", *(a["tensors"] for _, a in columns)))
+    dtypes = sorted({d for _, a in columns for d in a["dtypes"]})
+    rows.append(("dtypes", *(" ".join(f"{d}:{_human(a['dtypes'][d]['bytes'])}" for d in dtypes if d in a["dtypes"])
+                             for _, a in columns)))
+    _table(rows)
+
+
+ACTIVE_NOTE = "(params: stored tensor elements; active: non-expert + top_k/E of routed-expert params, mtp excluded)"
+
+
+def _echo_checkpoint(f: dict) -> None:
+    _table([("checkpoint", f["path"]), ("layout", f"{f['layout']}, {f['shards']} shard(s)"),
+            *_model_rows(f["model"], f["topk_group"])], indent="")
+    click.echo("size:")
+    _echo_sizes([("", f["size"])])
+    click.echo(ACTIVE_NOTE)
+
+
+def _echo_mask(f: dict) -> None:
+    prov = f["provenance"]
+    rows = [("mask", f["path"]), ("sha256", f["sha256"]), *_model_rows(f["model"]),
+            ("kept", f"{f['experts_before']} -> {f['experts_after']} routed experts in each of {f['moe_layers']} "
+                     f"MoE layers (sparsity {_g(f['sparsity'])})"),
+            ("method", prov.get("method", "-"))]
+    if prov.get("saliency_sha256"):
+        rows.append(("saliency sha256", prov["saliency_sha256"]))
+    size = f["size"]
+    if not size:
+        share = f["active_expert_share"]
+        rows.append(("size", f"routed-expert params kept: {f['routed_expert_share_kept']:.1%}; a token uses "
+                             f"{share['before']:.1%} -> {share['after']:.1%} of them; pass --ckpt CKPT for bytes and params"))
+    _table(rows, indent="")
+    if size:
+        click.echo(f"size, applied to {size['checkpoint']}:")
+        _echo_sizes([("before", size["before"]), ("after", size["after"])])
+        click.echo(ACTIVE_NOTE)
+        for key, (old, new) in size["config_changes"].items():
+            click.echo(f"config.json: {key} {old} -> {new}")
+        if size["dropped_layers"]:
+            click.echo(f"drops multi-token-prediction layers {size['dropped_layers']}")
+    click.echo("kept experts per layer:")
+    _table([(f"{layer}:", " ".join(map(str, kept))) for layer, kept in f["layers"].items()])
+
+
+def _echo_saliency(f: dict) -> None:
+    cal = f["calibration"]
+    described = ", ".join(f"{k} {cal[k]}" for k in ("dataset", "samples", "tokens", "max_length", "dtype", "device")
+                          if cal.get(k) is not None)
+    rows = [("saliency", f["path"]), ("sha256", f["sha256"]), *_model_rows(f["model"])]
+    if described:
+        rows.append(("calibration", described))
+    _table(rows, indent="")
+    click.echo(f"{f['method']} scores per layer, over the experts routed at least once:")
+    rows = [("layer", "tokens", "routed pairs", "never routed", "min", "median", "max", "max/min")]
+    for layer, l in f["layers"].items():
+        s = l["scores"] or {}
+        never = l["never_routed"]
+        listed = " ".join(map(str, never[:8])) + (" ..." if len(never) > 8 else "")
+        rows.append((layer, _count(l["tokens"]), _count(l["routed_pairs"]), f"{len(never)}" + (f" ({listed})" if never else ""),
+                     _g(s.get("min")), _g(s.get("median")), _g(s.get("max")), _g(s.get("max_over_min"))))
+    _table(rows)
+    sup = f["super_experts"]
+    for label, key in (("first 75% of MoE layers", "first_75_percent"), ("all MoE layers", "all_layers")):
+        found = " ".join(f"{l}:{e}" for l, es in sup[key].items() for e in es) or "none"
+        click.echo(f"super experts, {label} (max activation > {_g(sup['threshold'])}): {found}")
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--ckpt", type=click.Path(path_type=Path),
+              help="For a mask: the checkpoint, to compute bytes and parameters before and after.")
+@click.option("--method", type=click.Choice(METHODS), default="reap", show_default=True,
+              help="For a saliency file: the score whose spread is shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON, for scripts.")
+@one_line_errors
+def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool) -> None:
+    """Describe a checkpoint, a saliency file or a mask.
+
+    \b
+    checkpoint: architecture, MoE layers, experts and top-k, parameter and byte
+                counts (total, active per token, by kind and dtype)
+    saliency:   per-layer tokens, never-routed experts, spread of scores, super experts
+    mask:       experts kept; with --ckpt, size before and after (bytes, params,
+                active params) exactly as `apply` would write it
+
+    Active params = non-expert params + top_k/E of the routed-expert params: roughly
+    what one token uses. Only headers and config are read.
+    """
+    import json
+
+    from .inspect import inspect_path
+
+    facts = inspect_path(path, ckpt, method)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency}[facts["kind"]](facts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,263 @@
+"""Facts about a checkpoint, a saliency file or a mask, and what `apply` would write.
+
+Gathers plain JSON-serialisable values; the CLI formats them. Reads only config files and
+safetensors headers, never tensor data.
+
+Counting rules:
+
+- bytes: from the shard headers (what is on disk for tensor data, headers excluded);
+- params: tensor elements as stored (a packed quantized tensor counts its storage
+  elements, e.g. U8 bytes holding two int4 values each count one);
+- routed-expert params: per-expert tensors and stacked ``[.., E, ..]`` expert tensors of
+  MoE layers; routers are not expert params (every token uses them);
+- mtp params: layers past the decoder stack (multi-token prediction), which transformers
+  does not run and `apply` drops;
+- active params: approximately what one token uses, ``non-expert + top_k / E *
+  routed-expert`` where non-expert excludes mtp and E is the routed-expert count of the
+  checkpoint (after pruning, E'). Shared experts count as non-expert (always active).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+from .checkpoint import INDEX, Checkpoint, read_json
+from .errors import ReapError
+from .layouts import Layout
+from .mask import MASK_FORMAT, Mask, load_mask
+from .plan import expert_scores, super_experts
+from .saliency import SALIENCY_FORMAT, Saliency, load_saliency
+
+CATEGORIES = ("routed_experts", "routers", "mtp", "other")
+
+
+# -- size accounting ------------------------------------------------------------
+
+def account(tensors: Iterable[tuple[str, str, tuple[int, ...], int]], layout: Layout,
+            num_hidden_layers: int, num_experts: int, top_k: int) -> dict[str, Any]:
+    """Params and bytes by category for (name, dtype, shape, nbytes) tuples, plus active params."""
+    params = {c: 0 for c in CATEGORIES}
+    nbytes = {c: 0 for c in CATEGORIES}
+    dtypes: dict[str, dict[str, int]] = {}
+    count = 0
+    for name, dtype, shape, n in tensors:
+        count += 1
+        elements = math.prod(shape)
+        layer = layout.layer_of(name)
+        role = layout.classify(name)
+        if layer is not None and layer >= num_hidden_layers:
+            cat = "mtp"
+        elif role is None:
+            cat = "other"
+        elif role.kind == "router":
+            cat = "routers"
+        else:
+            cat = "routed_experts"
+        params[cat] += elements
+        nbytes[cat] += n
+        d = dtypes.setdefault(dtype, {"params": 0, "bytes": 0})
+        d["params"] += elements
+        d["bytes"] += n
+    non_expert = params["other"] + params["routers"]
+    active = non_expert + (params["routed_experts"] * top_k / num_experts if num_experts else 0)
+    return {
+        "tensors": count,
+        "params": sum(params.values()),
+        "bytes": sum(nbytes.values()),
+        "active_params": round(active),
+        "by_category": {c: {"params": params[c], "bytes": nbytes[c]} for c in CATEGORIES},
+        "dtypes": dict(sorted(dtypes.items())),
+    }
+
+
+def checkpoint_tensors(ckpt: Checkpoint) -> list[tuple[str, str, tuple[int, ...], int]]:
+    return [(name, info.dtype, info.shape, info.nbytes) for name, (_, info) in sorted(ckpt.tensors().items())]
+
+
+def checkpoint_account(ckpt: Checkpoint) -> dict[str, Any]:
+    return account(checkpoint_tensors(ckpt), ckpt.layout, ckpt.num_hidden_layers, ckpt.num_experts, ckpt.top_k)
+
+
+# -- per kind -----------------------------------------------------------------------
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    ckpt = Checkpoint.open(path)
+    fp = ckpt.fingerprint()
+    return {
+        "kind": "checkpoint",
+        "path": str(ckpt.path),
+        "model": fp,
+        "layout": ckpt.layout.name,
+        "topk_group": ckpt.layout.topk_group(ckpt.cfg),
+        "dense_layers": [l for l in range(ckpt.num_hidden_layers) if l not in set(fp["moe_layers"])],
+        "shards": len(ckpt.shards),
+        "size": checkpoint_account(ckpt),
+    }
+
+
+def inspect_mask(path: str | Path, ckpt_path: str | Path | None = None) -> dict[str, Any]:
+    """A mask's contents; with a checkpoint, the size before and after applying it."""
+    path = Path(path)
+    mask = load_mask(path)
+    E = mask.model["num_experts"]
+    top_k = mask.model["num_experts_per_tok"]
+    facts: dict[str, Any] = {
+        "kind": "mask",
+        "path": str(path),
+        "sha256": mask.sha256,
+        "model": mask.model,
+        "experts_before": E,
+        "experts_after": mask.kept,
+        "sparsity": (E - mask.kept) / E if isinstance(E, int) and E else None,
+        "moe_layers": len(mask.layers),
+        "layers": {str(l): v for l, v in sorted(mask.layers.items())},
+        "provenance": mask.provenance,
+        # what is computable without a checkpoint: the share of routed-expert parameters kept,
+        # and the share of them a token uses before and after
+        "routed_expert_share_kept": mask.kept / E if isinstance(E, int) and E else None,
+        "active_expert_share": {"before": top_k / E, "after": top_k / mask.kept}
+        if isinstance(E, int) and isinstance(top_k, int) and E and mask.kept else None,
+        "size": None,
+    }
+    if ckpt_path is not None:
+        facts["size"] = mask_size(mask, path, ckpt_path)
+    return facts
+
+
+def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path) -> dict[str, Any]:
+    """Params and bytes of the checkpoint before and after applying the mask (exact: surgery's own plan)."""
+    from .surgery import plan_surgery
+
+    ckpt = Checkpoint.open(ckpt_path)
+    plan = plan_surgery(ckpt, mask, Path(mask_path))
+    before = checkpoint_account(ckpt)
+    after = account(((t.name, t.dtype, t.shape, t.nbytes) for s in plan.shards for t in s.tensors),
+                    ckpt.layout, ckpt.num_hidden_layers, plan.kept, ckpt.top_k)
+    return {
+        "checkpoint": str(ckpt.path),
+        "before": before,
+        "after": after,
+        "shards_after": len(plan.shards),
+        "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
+        "dropped_layers": plan.dropped_layers,
+    }
+
+
+def inspect_saliency(path: str | Path, method: str = "reap") -> dict[str, Any]:
+    """Per layer: tokens, never-routed experts and the spread of the method's scores."""
+    path = Path(path)
+    return saliency_facts(load_saliency(path), path, method)
+
+
+def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap") -> dict[str, Any]:
+    layers = {}
+    for l, stats in sorted(sal.layers.items()):
+        try:
+            scores = expert_scores(stats, method)
+        except ReapError as e:
+            raise ReapError(path, f"layer {l}: {e.message}") from None
+        routed = sorted(s for s in scores if s is not None)
+        spread = None
+        if routed:
+            spread = {
+                "min": routed[0],
+                "median": statistics.median(routed),
+                "max": routed[-1],
+                "max_over_min": routed[-1] / routed[0] if routed[0] > 0 else None,
+            }
+        layers[str(l)] = {
+            "tokens": stats.tokens,
+            "routed_pairs": sum(stats.count),
+            "never_routed": [e for e, s in enumerate(scores) if s is None],
+            "scores": spread,
+        }
+    supers, threshold = super_experts(sal.layers)
+    outliers, _ = super_experts(sal.layers, all_layers=True)
+    return {
+        "kind": "saliency",
+        "path": None if path is None else str(path),
+        "sha256": sal.sha256,
+        "model": sal.model,
+        "calibration": sal.calibration,
+        "method": method,
+        "layers": layers,
+        "super_experts": {
+            "threshold": threshold,
+            "first_75_percent": {str(l): v for l, v in sorted(supers.items())},
+            "all_layers": {str(l): v for l, v in sorted(outliers.items())},
+        },
+    }
+
+
+def file_kind(path: str | Path) -> str:
+    """'checkpoint' for a directory, else the JSON file's "format" ('mask' or 'saliency')."""
+    path = Path(path)
+    if path.is_dir():
+        return "checkpoint"
+    data = read_json(path, "file")
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt == MASK_FORMAT:
+        return "mask"
+    if fmt == SALIENCY_FORMAT:
+        return "saliency"
+    raise ReapError(path, f"not a checkpoint directory, mask or saliency file ('format' is {fmt!r}; "
+                          f"expected {MASK_FORMAT!r} or {SALIENCY_FORMAT!r})")
+
+
+def inspect_path(path: str | Path, ckpt: str | Path | None = None, method: str = "reap") -> dict[str, Any]:
+    kind = file_kind(path)
+    if kind == "checkpoint":
+        if ckpt is not None:
+            raise ReapError(ckpt, "--ckpt goes with a mask file, not a checkpoint")
+        return inspect_checkpoint(path)
+    if kind == "mask":
+        return inspect_mask(path, ckpt)
+    if ckpt is not None:
+        raise ReapError(ckpt, "--ckpt goes with a mask file, not a saliency file")
+    return inspect_saliency(path, method)
+
+
+# -- apply --dry-run ------------------------------------------------------------------
+
+def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_path: str | Path,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """What `apply` would write to out_path, after the same checks; creates nothing."""
+    from .outdir import check_output
+    from .surgery import MASK_COPY, WEIGHT_SUFFIXES, plan_surgery
+
+    ckpt = Checkpoint.open(ckpt_path)
+    out_path = Path(out_path)
+    check_output(ckpt.path, out_path, overwrite)
+    plan = plan_surgery(ckpt, mask, Path(mask_path))
+    handled = {"config.json", "README.md", INDEX, *ckpt.shards}
+    copied, skipped = [], []
+    for root, dirs, files in os.walk(ckpt.path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_root = Path(root).relative_to(ckpt.path)
+        for fname in sorted(files):
+            rel = str(rel_root / fname)
+            if rel in handled or fname.startswith("."):
+                continue
+            (skipped if fname.endswith(WEIGHT_SUFFIXES) else copied).append(rel)
+    writes_index = not (len(plan.shards) == 1 and ckpt.index_metadata is None)
+    return {
+        "out": str(out_path),
+        "replaces_existing": out_path.is_dir() and any(out_path.iterdir()),
+        "checkpoint": str(ckpt.path),
+        "experts_before": plan.experts_before,
+        "experts_after": plan.kept,
+        "moe_layers": len(plan.moe_layers),
+        "shards": [{"name": s.name, "source": s.source, "tensors": len(s.tensors), "bytes": s.nbytes}
+                   for s in plan.shards],
+        "bytes": plan.total_size,
+        "bytes_before": sum(info.nbytes for _, info in ckpt.tensors().values()),
+        "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
+        "dropped_layers": plan.dropped_layers,
+        "written": ["config.json", "README.md", MASK_COPY] + ([INDEX] if writes_index else []),
+        "copied": copied,
+        "skipped": skipped,
+    }
