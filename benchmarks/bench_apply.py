@@ -11,7 +11,7 @@ One run does four things and prints a table, then one JSON line (the last line o
    Before every timed command the source is read once (page cache warm) and the
    filesystem is synced, so both start from the same state; "+sync" columns also count
    the writeback of what the command left dirty.
-3. Reports the peak RSS of the apply process alone (os.wait4 rusage of that one child)
+3. Reports the peak RSS of the apply process alone (run under GNU time, see run_measured)
    for each size, so that flatness in checkpoint size is visible.
 4. Builds a real (random-weight) Qwen3-MoE checkpoint with transformers and compares
    what users do today (from_pretrained, index_select the fused experts and router,
@@ -81,7 +81,7 @@ def machine_info(workdir: Path) -> dict:
     fstype = "?"
     try:
         fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(workdir)],
-                                capture_output=True, text=True, check=True).stdout.strip() or "?"
+                                capture_output=True, text=True, check=True).stdout.split("\n")[0].strip() or "?"
     except (OSError, subprocess.CalledProcessError):
         best = ""
         real = str(workdir.resolve())
@@ -261,26 +261,87 @@ def rmtree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    total = sum(v[:8])
+    return total - idle, total
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run one child; wall time and that child's own rusage (os.wait4 on its pid)."""
+    """Run one child; wall time and the peak RSS of that process alone.
+
+    A child's rusage ru_maxrss starts from the hiwater RSS of the process it was forked
+    from (Linux records the old mm's peak at exec), so os.wait4 on a direct child of this
+    benchmark, which holds a 128 MiB random pool, would report >= that. The command is
+    therefore run under GNU time (a ~1 MiB process), whose wait4 of the grandchild gives
+    its own peak. Without /usr/bin/time, /proc/PID/status VmHWM is polled instead.
+    """
+    tfile = log.with_suffix(".time")
+    full = [TIME, "-o", str(tfile), "-f", "%M %U %S %I %O %F"] + cmd if TIME else cmd
     with open(log, "ab") as f:
         f.write(("$ " + " ".join(cmd) + "\n").encode())
         f.flush()
+        busy0, total0 = cpu_ticks()
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
+        p = subprocess.Popen(full, stdout=f, stderr=subprocess.STDOUT, env=env)
+        hwm = 0
+        while True:
+            pid, status, ru = os.wait4(p.pid, 0 if TIME else os.WNOHANG)
+            if pid:
+                break
+            hwm = max(hwm, _vm_hwm_kib(p.pid))
+            time.sleep(0.005)
         wall = time.perf_counter() - t0
+        busy1, total1 = cpu_ticks()
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n--- log tail ---\n{tail}")
-    return {"wall_s": wall, "rss_mib": ru.ru_maxrss / 1024, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
-            "majflt": ru.ru_majflt, "inblock": ru.ru_inblock, "oublock": ru.ru_oublock}
+    if TIME:
+        fields = tfile.read_text().split()[-6:]
+        rss_kib, user, sys_, inb, outb, majflt = int(fields[0]), float(fields[1]), float(fields[2]), \
+            int(fields[3]), int(fields[4]), int(fields[5])
+        method = "GNU time %M"
+    else:
+        rss_kib, user, sys_ = hwm, ru.ru_utime, ru.ru_stime
+        inb, outb, majflt = ru.ru_inblock, ru.ru_oublock, ru.ru_majflt
+        method = "VmHWM poll"
+    # Share of the machine's CPUs busy during the run; the command itself can fill at most one.
+    busy = 100.0 * (busy1 - busy0) / (total1 - total0) if total1 > total0 else float("nan")
+    return {"wall_s": wall, "rss_mib": rss_kib / 1024, "user_s": user, "sys_s": sys_, "machine_busy_pct": busy,
+            "majflt": majflt, "inblock": inb, "oublock": outb, "rss_method": method}
 
 
 def reapsurgery_cmd() -> list[str]:
-    exe = shutil.which("reapsurgery")
-    return [exe] if exe else [sys.executable, "-m", "reapsurgery.cli"]
+    """The console script installed next to this interpreter.
+
+    Not `shutil.which`: under pyenv that finds a bash shim that runs ~25 processes
+    (~0.2 s) before Python starts, which is not reapsurgery's cost.
+    """
+    exe = Path(sys.executable).parent / "reapsurgery"
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from reapsurgery.cli import main; sys.argv[0] = 'reapsurgery'; main()"]
 
 
 def make_mask(ckpt: Path, path: Path, kind: str, seed: int) -> list[int]:
@@ -409,12 +470,12 @@ def compare_outputs(a: Path, b: Path) -> str:
 
 
 def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
-    ck = work / f"synth-{size:g}g"
+    ck = (args.input_work or work) / f"synth-{size:g}g"
     print(f"\n[size {size:g} GiB] building synthetic checkpoint in {ck} ...", flush=True)
     t = time.perf_counter()
     desc = build_synthetic(ck, size, args.shard_gb, seed=args.seed)
     build_s = time.perf_counter() - t
-    sync_s = fs_sync(work)
+    sync_s = fs_sync(ck)
     print(f"  built {desc['file_bytes'] / GiB:.2f} GiB, {desc['layers']} layers x {SYNTH['num_experts']} experts, "
           f"{desc['shards']} shards, in {build_s:.1f}s (+{sync_s:.1f}s sync)", flush=True)
     mask = work / f"mask-{size:g}g.json"
@@ -441,7 +502,8 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
             m["order"] = order.index(op)
             runs[op].append(m)
             print(f"  rep {r + 1} {op:5s}: {m['wall_s']:6.2f}s (+sync {m['sync_s']:5.2f}s)  "
-                  f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s", flush=True)
+                  f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s  "
+                  f"machine busy {m['machine_busy_pct']:3.0f}%", flush=True)
             if op == "apply":
                 if check is None:
                     check = check_synthetic_output(ck, target, mask)
@@ -459,6 +521,8 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
     fs_sync(work)
 
     a, c = runs["apply"], runs["cp"]
+    # Each rep runs apply and cp back to back, so their ratio shares that moment's noise.
+    paired = [x["wall_s"] / y["wall_s"] for x, y in zip(a, c)]
     res = {
         "size_gib": size,
         "input_bytes": desc["file_bytes"],
@@ -478,6 +542,9 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
         "cp_user_s": med([m["user_s"] for m in c]),
         "cp_sys_s": med([m["sys_s"] for m in c]),
         "check": check,
+        "machine_busy_pct": med([m["machine_busy_pct"] for m in a + c]),
+        "ratio_paired": med(paired),
+        "ratio_min": min(m["wall_s"] for m in a) / min(m["wall_s"] for m in c),
         "runs": runs,
     }
     res["ratio"] = res["apply_s"] / res["cp_s"]
@@ -517,7 +584,8 @@ def bench_real(args, work: Path, log: Path) -> dict:
             m["wall_sync_s"] = m["wall_s"] + m["sync_s"]
             runs[op].append(m)
             print(f"  rep {r + 1} {op:8s}: {m['wall_s']:6.2f}s (+sync {m['sync_s']:5.2f}s)  "
-                  f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s", flush=True)
+                  f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s  "
+                  f"machine busy {m['machine_busy_pct']:3.0f}%", flush=True)
         if same is None:
             same = compare_outputs(work / f"real-apply-{r}", work / f"real-inmemory-{r}")
             print(f"  outputs: {same}", flush=True)
@@ -549,6 +617,21 @@ def bench_real(args, work: Path, log: Path) -> dict:
 # --------------------------------------------------------------------------- report
 
 
+def marginal(sizes: list[dict]) -> dict | None:
+    """Slope and intercept of wall time against output bytes, from the smallest and largest size."""
+    if len(sizes) < 2:
+        return None
+    lo, hi = sizes[0], sizes[-1]
+    db = (hi["output_bytes"] - lo["output_bytes"]) / GiB
+    if db <= 0:
+        return None
+    a = (hi["apply_s"] - lo["apply_s"]) / db
+    c = (hi["cp_s"] - lo["cp_s"]) / db
+    return {"apply_s_per_gib": a, "cp_s_per_gib": c, "ratio": a / c if c > 0 else float("nan"),
+            "apply_fixed_s": lo["apply_s"] - a * lo["output_bytes"] / GiB,
+            "cp_fixed_s": lo["cp_s"] - c * lo["output_bytes"] / GiB}
+
+
 def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | None, total_s: float) -> None:
     p = print
     p("\n" + "=" * 100)
@@ -560,7 +643,11 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
     p(f"         load average at start {machine['loadavg_start']}, at end {machine['loadavg_end']}")
     p(f"settings: mask={args.mask} half (50% sparsity), shards {args.shard_gb:g} GiB, repeat {args.repeat} "
       f"(median; order alternated), warm input, sync before each run")
-    p(f"interpreter floor: `reapsurgery --version` peak RSS {floor['rss_mib']:.1f} MiB, {floor['wall_s']:.2f}s")
+    p(f"interpreter floor: `reapsurgery --version` peak RSS {floor['rss_mib']:.1f} MiB, {floor['wall_s']:.2f}s (median of 3) "
+      f"(fixed start-up cost inside every apply wall time); entry point {reapsurgery_cmd()[0]}")
+    if args.input_work:
+        p(f"inputs on {machine['input_dir']} ({machine['input_fstype']}), outputs on {machine['workdir']}: "
+          f"cross-filesystem copies")
 
     p("\n1) apply vs cp of the same output bytes (synthetic Qwen3-MoE, BF16, per-expert tensors)")
     hdr = (f"{'input':>9} {'layers':>6} {'shards':>6} {'output':>9} | {'apply s':>8} {'cp s':>7} {'ratio':>6} | "
@@ -577,9 +664,22 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
     for r in sizes:
         walls = ", ".join(f"{m['wall_s']:.2f}" for m in r["runs"]["apply"])
         cps = ", ".join(f"{m['wall_s']:.2f}" for m in r["runs"]["cp"])
-        p(f"   {r['size_gib']:g} GiB: apply runs [{walls}] s, cp runs [{cps}] s; output check: {r['check']}")
+        p(f"   {r['size_gib']:g} GiB: apply runs [{walls}] s, cp runs [{cps}] s; ratio of medians {r['ratio']:.2f}, "
+          f"median of back-to-back pairs {r['ratio_paired']:.2f}, best/best {r['ratio_min']:.2f}, "
+          f"net of the {floor['wall_s']:.2f}s start-up {r['ratio_net_startup']:.2f}; "
+          f"machine CPU busy {r['machine_busy_pct']:.0f}% (median over runs)")
+        p(f"      output check: {r['check']}")
+    m = marginal(sizes)
+    if m:
+        p(f"   cost per extra GiB of output between {sizes[0]['size_gib']:g} and {sizes[-1]['size_gib']:g} GiB "
+          f"(median walls): apply {m['apply_s_per_gib']:.2f} s/GiB, cp {m['cp_s_per_gib']:.2f} s/GiB -> marginal "
+          f"ratio {m['ratio']:.2f}; size-independent part: apply {m['apply_fixed_s']:.2f}s, cp {m['cp_fixed_s']:.2f}s")
+    p("   CPU-time ratio (usr+sys, apply/cp): " + ", ".join(f"{r['size_gib']:g} GiB {r['ratio_cpu']:.2f}" for r in sizes))
+    if any(r["machine_busy_pct"] > 65 for r in sizes):
+        p(f"   WARNING: other processes kept the {machine['nproc']} CPUs busy during the runs (one command fills at "
+          f"most {100 / max(1, machine['nproc'] or 1):.0f}%); wall times are noisy, prefer the paired ratio")
 
-    p("\n2) apply peak RSS as the checkpoint grows (os.wait4 rusage of the apply process alone)")
+    p(f"\n2) apply peak RSS as the checkpoint grows (the apply process alone, via {floor['rss_method']})")
     hdr = f"{'input':>9} {'output':>9} | {'apply peak RSS':>14} | {'cp peak RSS':>11} | target <= 150 MiB"
     p(hdr)
     p("-" * len(hdr))
@@ -612,14 +712,17 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
         "settings": {"sizes_gib": args.sizes, "shard_gib": args.shard_gb, "repeat": args.repeat, "mask": args.mask,
                      "seed": args.seed},
         "floor_rss_mib": round(floor["rss_mib"], 1),
+        "floor_wall_s": round(floor["wall_s"], 3),
         "sizes": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "runs"}
                   | {"apply_runs_s": [round(m["wall_s"], 3) for m in r["runs"]["apply"]],
                      "cp_runs_s": [round(m["wall_s"], 3) for m in r["runs"]["cp"]]}
                   for r in sizes],
         "real": None if not real else {k: (round(v, 4) if isinstance(v, float) else v)
                                        for k, v in real.items() if k != "runs"},
+        "marginal": None if not marginal(sizes) else {k: round(v, 4) for k, v in marginal(sizes).items()},
         "targets": {
             "ratio_le_1.1": all(r["ratio"] <= 1.1 for r in sizes),
+            "paired_ratio_le_1.1": all(r["ratio_paired"] <= 1.1 for r in sizes),
             "rss_le_150mib": all(r["apply_rss_mib"] <= 150 for r in sizes),
         },
         "total_s": round(total_s, 1),
@@ -643,6 +746,9 @@ def main() -> None:
     ap.add_argument("--real-layers", type=int, default=5,
                     help="layers of the real transformers-built model (~110 MB each; 0 skips that part)")
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch directory (default: /tmp)")
+    ap.add_argument("--input-dir", type=Path, default=None,
+                    help="build the synthetic checkpoints here instead of the workdir, e.g. on another "
+                         "filesystem to measure cross-filesystem copies (default: the workdir)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--_build-real", dest="build_real", help=argparse.SUPPRESS)
     ap.add_argument("--_inmemory", dest="inmemory", nargs=3, help=argparse.SUPPRESS)
@@ -659,24 +765,40 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="reapsurgery-bench-", dir=parent))
     log = work / "commands.log"
     machine = machine_info(work)
-    need = max(args.sizes) * 2.6 + 2
-    if machine["disk_free_gib"] < need:
-        raise SystemExit(f"{work}: {machine['disk_free_gib']} GiB free, this run needs about {need:.0f} GiB")
+    args.input_work = None
+    if args.input_dir:
+        args.input_dir.mkdir(parents=True, exist_ok=True)
+        args.input_work = Path(tempfile.mkdtemp(prefix="reapsurgery-bench-in-", dir=args.input_dir))
+        im = machine_info(args.input_work)
+        machine["input_dir"], machine["input_fstype"] = str(args.input_work), im["fstype"]
     print(f"scratch {work} (log of every command: {log})", flush=True)
     t0 = time.perf_counter()
     try:
-        floor = run_measured(reapsurgery_cmd() + ["--version"], log)
+        need = max(args.sizes) * (1.6 if args.input_work else 2.6) + 2
+        if machine["disk_free_gib"] < need:
+            raise SystemExit(f"{work}: {machine['disk_free_gib']} GiB free, this run needs about {need:.0f} GiB")
+        floors = [run_measured(reapsurgery_cmd() + ["--version"], log) for _ in range(3)]
+        floor = {"wall_s": med([f["wall_s"] for f in floors]), "rss_mib": max(f["rss_mib"] for f in floors),
+                 "rss_method": floors[0]["rss_method"]}
         sizes: list[dict] = []
         for size in args.sizes:
             bench_size(args, work, size, log, sizes)
         real = bench_real(args, work, log) if args.real_layers > 0 else None
         machine["loadavg_end"] = list(os.getloadavg())
+        for r in sizes:
+            # Python start-up and imports are paid once per run whatever the checkpoint size.
+            r["ratio_net_startup"] = max(0.0, r["apply_s"] - floor["wall_s"]) / r["cp_s"]
+            # CPU seconds suffer less than wall seconds from other processes on the machine.
+            cpu_cp = r["cp_user_s"] + r["cp_sys_s"]
+            r["ratio_cpu"] = (r["apply_user_s"] + r["apply_sys_s"]) / cpu_cp if cpu_cp else float("nan")
         report(args, machine, floor, sizes, real, time.perf_counter() - t0)
     finally:
         if args.keep:
-            print(f"kept {work}", file=sys.stderr)
+            print(f"kept {work}" + (f" and {args.input_work}" if args.input_work else ""), file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+            if args.input_work:
+                shutil.rmtree(args.input_work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Observing the model's real routing through transformers' experts interface.
+
+transformers v5 routes every MoE family through `experts(hidden_states, top_k_index,
+top_k_weights)`, dispatched by `ExpertsInterface`. We register one more implementation that
+computes each routed (token, expert) pair's unweighted output f with a stock implementation
+(so each family's own gate, biases and layout apply), records REAP statistics, and combines
+the outputs exactly as the stock implementations do. Only routed pairs are computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+IMPL_NAME = "reapsurgery_observe"
+
+
+@dataclass
+class ExpertStats:
+    """float64 accumulators for one experts module, on the device the experts run on."""
+
+    tokens: torch.Tensor
+    count: torch.Tensor
+    gate_sum: torch.Tensor
+    norm_sum: torch.Tensor
+    reap_sum: torch.Tensor
+    max_activation: torch.Tensor  # -inf where never routed
+
+    @classmethod
+    def zeros(cls, n: int, device) -> "ExpertStats":
+        z = lambda: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(torch.zeros((), dtype=torch.float64, device=device), z(), z(), z(), z(),
+                   torch.full((n,), float("-inf"), dtype=torch.float64, device=device))
+
+
+@dataclass
+class Observer:
+    """Accumulates statistics per experts module; `token_mask` marks real (non-padding) tokens."""
+
+    base_impl: str = "grouped_mm"
+    token_mask: torch.Tensor | None = None  # bool [B*T], in the flattened order the experts see
+    names: dict[int, str] = field(default_factory=dict)  # id(experts module) -> qualified name
+    stats: dict[str, ExpertStats] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def record(self, module: nn.Module, f: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        name = self.names[id(module)]
+        n_tokens, k = top_k_index.shape
+        mask = self.token_mask
+        if mask is None:
+            mask = torch.ones(n_tokens, dtype=torch.bool, device=f.device)
+        if mask.numel() != n_tokens:
+            raise RuntimeError(f"{name}: token mask has {mask.numel()} entries, experts saw {n_tokens} tokens")
+        mask = mask.to(f.device)
+        ids = top_k_index.reshape(-1)
+        valid = mask.repeat_interleave(k) & (ids >= 0) & (ids < module.num_experts)  # padding, EP sentinels
+        e = ids[valid]
+        g = top_k_weights.reshape(-1)[valid].double()
+        fv = f[valid].double()
+        norm = torch.linalg.vector_norm(fv, dim=-1)
+        s = self.stats.get(name)
+        if s is None:
+            s = self.stats[name] = ExpertStats.zeros(module.num_experts, f.device)
+        s.tokens += mask.sum()
+        s.count.index_add_(0, e, torch.ones_like(g))
+        s.gate_sum.index_add_(0, e, g)
+        s.norm_sum.index_add_(0, e, norm)
+        s.reap_sum.index_add_(0, e, g * norm)
+        if e.numel():
+            s.max_activation.scatter_reduce_(0, e, fv.amax(-1), reduce="amax")
+
+
+_ACTIVE: Observer | None = None
+
+
+@contextlib.contextmanager
+def observing(observer: Observer) -> Iterator[Observer]:
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, observer
+    try:
+        yield observer
+    finally:
+        _ACTIVE = previous
+
+
+def _stock_forward(module: nn.Module, impl: str):
+    if impl == "eager":
+        return type(module).forward.__wrapped__  # the class's own forward, under use_experts_implementation
+    return ALL_EXPERTS_FUNCTIONS[impl]
+
+
+def observed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Same contract as the stock implementations; also records statistics when observing.
+
+    Each (token, expert) pair is passed as its own token, top-1 with weight 1.0, so the stock
+    implementation returns the unweighted f; the weighted sum is then formed as batched_mm and
+    grouped_mm form it.
+    """
+    observer = _ACTIVE
+    base = _stock_forward(self, observer.base_impl if observer else "grouped_mm")
+    n, k = top_k_index.shape
+    pairs = hidden_states.repeat_interleave(k, dim=0)
+    ones = torch.ones(n * k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
+    f = base(self, pairs, top_k_index.reshape(-1, 1), ones)
+    if observer is not None:
+        observer.record(self, f, top_k_index, top_k_weights)
+    out = (f * top_k_weights.reshape(-1, 1)).view(n, k, -1).sum(dim=1)
+    return out.to(hidden_states.dtype)
+
+
+ExpertsInterface.register(IMPL_NAME, observed_experts_forward)
+
+
+def is_experts_module(m: nn.Module) -> bool:
+    """Modules wrapped by transformers' use_experts_implementation carry these attributes."""
+    return hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(m, "num_experts")

@@ -1,0 +1,204 @@
+"""A transformers model on the meta device, filled one decoder layer at a time from the shards.
+
+Everything model-specific comes from transformers: the skeleton (`from_config` on meta),
+the checkpoint-to-module conversion (the model's own conversion mapping, applied with the
+primitives of `transformers.core_model_loading`), and each layer's inputs (the decoder's own
+forward, run with the layers replaced by recording stubs).
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+from .checkpoint import Checkpoint
+from .errors import ReapError
+from .observe import IMPL_NAME
+
+
+def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model class for the checkpoint's config, with every tensor on the meta device."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config._experts_implementation = IMPL_NAME  # recurses into sub-configs
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+class LayoutConverter:
+    """Converts any subset of checkpoint tensors to the model's parameter layout.
+
+    Mirrors the rename/collect/convert steps of transformers' own loading
+    (`convert_and_load_state_dict_in_model`) but returns tensors instead of setting them.
+    Keys are sorted with transformers' `dot_natural_key` before stacking, as it does, so an
+    expert's slot in a fused tensor is the same as when transformers loads the checkpoint.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        mapping = get_model_conversion_mapping(model)
+        self.renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
+        self.meta = model.state_dict()
+
+    def target(self, key: str) -> tuple[str, str | None]:
+        renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix, self.meta)
+        if renamed not in self.meta and key in self.meta:
+            return key, None
+        return renamed, pattern
+
+    def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        groups: dict[str, WeightRenaming | WeightConverter] = {}
+        for key in sorted(tensors, key=dot_natural_key):
+            target, pattern = self.target(key)
+            if target not in self.meta:
+                raise KeyError(key)
+            if pattern is None:
+                transform = groups.setdefault(target, WeightRenaming(key, target))
+                pattern = key
+            else:
+                transform = groups.setdefault(target, deepcopy(self.by_pattern[pattern]))
+            transform.add_tensor(target, key, pattern, (lambda t=tensors[key]: t))
+        out = {}
+        for first, transform in groups.items():
+            for name, value in transform.convert(first, model=self.model, config=self.model.config).items():
+                value = value[0] if isinstance(value, list) else value
+                out[name] = value.to(self.meta[name].dtype)
+        return out
+
+
+def read_tensors(ckpt: Checkpoint, keys: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Only the named tensors, shard by shard."""
+    by_shard: dict[str, list[str]] = {}
+    for k in keys:
+        by_shard.setdefault(ckpt.weight_map[k], []).append(k)
+    out = {}
+    for shard, names in by_shard.items():
+        with safe_open(ckpt.path / shard, framework="pt", device=str(device)) as f:
+            for k in names:
+                out[k] = f.get_tensor(k)
+    return out
+
+
+class StreamedModel:
+    """The skeleton plus the knowledge of which checkpoint keys belong to which decoder layer."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+        self.ckpt, self.dtype, self.device = ckpt, dtype, device
+        self.model = build_skeleton(ckpt.path, dtype, trust_remote_code)
+        self.converter = LayoutConverter(self.model)
+        self.decoder = self.model.get_decoder()
+        self.layers = self.decoder.layers
+        names = {id(m): n for n, m in self.model.named_modules()}
+        decoder_prefix = names[id(self.decoder)] + "." if names[id(self.decoder)] else ""
+        self.layers_prefix = names[id(self.layers)] + "."
+        self.layer_keys: dict[int, list[str]] = {i: [] for i in range(len(self.layers))}
+        self.outer_keys: list[str] = []
+        for key in ckpt.weight_map:
+            target, _ = self.converter.target(key)
+            if target.startswith(self.layers_prefix):
+                i = int(target[len(self.layers_prefix):].split(".")[0])
+                if i in self.layer_keys:  # layers past the stack (MTP) are not run by transformers
+                    self.layer_keys[i].append(key)
+            elif target.startswith(decoder_prefix) and target in self.converter.meta:
+                self.outer_keys.append(key)
+
+    def load_outer(self) -> None:
+        """Embeddings, final norm and rotary buffers: everything of the decoder but its layers."""
+        converted = self._convert(self.outer_keys, "embeddings")
+        for name, t in converted.items():
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(t, requires_grad=False)
+            else:
+                module._buffers[attr] = t
+        for child in self.decoder.children():
+            if child is not self.layers:
+                self._init_nonpersistent_buffers(child)
+
+    def load_layer(self, i: int) -> nn.Module:
+        layer = self.layers[i]
+        converted = self._convert(self.layer_keys[i], f"layer {i}")
+        prefix = f"{self.layers_prefix}{i}."
+        local = {k[len(prefix):]: v for k, v in converted.items()}
+        try:
+            layer.load_state_dict(local, strict=True, assign=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise ReapError(self.ckpt.path, f"decoder layer {i} does not match the model class: {first}") from None
+        self._init_nonpersistent_buffers(layer)
+        return layer
+
+    def release_layer(self, i: int) -> None:
+        self.layers[i].to_empty(device="meta")
+
+    def resident_layers(self) -> list[int]:
+        return [i for i, l in enumerate(self.layers) if any(not t.is_meta for t in [*l.parameters(), *l.buffers()])]
+
+    def _convert(self, keys: list[str], what: str) -> dict[str, torch.Tensor]:
+        try:
+            converted = self.converter.convert(read_tensors(self.ckpt, keys))
+        except KeyError as e:
+            raise ReapError(self.ckpt.path, f"{what}: checkpoint tensor {e} has no place in the model") from None
+        return {k: v.to(self.device) for k, v in converted.items()}
+
+    def _init_nonpersistent_buffers(self, root: nn.Module) -> None:
+        """Buffers absent from checkpoints (rotary inv_freq) are recomputed as from_pretrained does."""
+        for module in root.modules():
+            meta = [n for n, b in module.named_buffers(recurse=False)
+                    if n in module._non_persistent_buffers_set and b.is_meta]
+            if not meta:
+                continue
+            for n in meta:
+                module._buffers[n] = torch.empty_like(module._buffers[n], device=self.device)
+            self.model._init_weights(module)
+
+    @torch.no_grad()
+    def layer_calls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Layer-0 hidden states and the extra (args, kwargs) the decoder passes to each layer.
+
+        Records the model's own embeddings, position embeddings and per-layer masks (some
+        families pass a different mask per layer type).
+        """
+        sink: list = []
+        n = len(self.layers)
+        real = self.decoder.layers
+        self.decoder.layers = nn.ModuleList(_Recorder(sink, i == n - 1) for i in range(n))
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        try:
+            self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            self.decoder.layers = real
+        if len(sink) != n:
+            raise RuntimeError(f"decoder called {len(sink)} of {n} layers")
+        args0, kwargs0 = sink[0]
+        hidden = args0[0] if args0 else kwargs0["hidden_states"]
+        calls = [(args[1:], {k: v for k, v in kw.items() if k != "hidden_states"}) for args, kw in sink]
+        return hidden, calls
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    def __init__(self, sink: list, last: bool):
+        super().__init__()
+        self.sink, self.last = sink, last
+
+    def forward(self, *args, **kwargs):
+        self.sink.append((args, kwargs))
+        if self.last:
+            raise _Stop
+        return args[0] if args else kwargs["hidden_states"]
