@@ -6,6 +6,7 @@ streams, so it writes the header itself and moves bytes by ranges.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -129,25 +130,39 @@ def write_order(entries: list[tuple[str, str]]) -> list[int]:
     return sorted(range(len(entries)), key=lambda i: (-DTYPE_BITS[entries[i][1]], entries[i][0]))
 
 
+# errnos meaning "copy_file_range cannot do this pair of files" (e.g. across filesystems)
+_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_kernel_copy = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasattr(os, "sendfile")}
+
+
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Append `length` bytes of src starting at `offset` to dst, in the kernel where possible."""
+    """Append `length` bytes of src starting at `offset` to dst, in the kernel where possible.
+
+    copy_file_range first; sendfile where it is unsupported (other filesystem); a buffered
+    copy last. Real I/O errors (ENOSPC, EIO) propagate.
+    """
     while length > 0:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, min(length, 1 << 30), offset)
-        except (AttributeError, OSError):
-            n = _copy_buffered(src_fd, dst_fd, offset, length)
+        n = _copy_some(src_fd, dst_fd, offset, min(length, 1 << 30))
         if n == 0:
-            raise OSError(f"unexpected end of file while copying {length} bytes at offset {offset}")
+            raise OSError(errno.EIO, f"unexpected end of file while copying {length} bytes at offset {offset}")
         offset += n
         length -= n
 
 
-def _copy_buffered(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
-    done = 0
-    while done < length:
-        buf = os.pread(src_fd, min(COPY_CHUNK, length - done), offset + done)
-        if not buf:
-            break
-        os.write(dst_fd, buf)
-        done += len(buf)
-    return done
+def _copy_some(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    for method in ("copy_file_range", "sendfile"):
+        if not _kernel_copy[method]:
+            continue
+        try:
+            if method == "copy_file_range":
+                return os.copy_file_range(src_fd, dst_fd, count, offset)
+            return os.sendfile(dst_fd, src_fd, offset, count)
+        except OSError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+            _kernel_copy[method] = False
+    buf = os.pread(src_fd, min(COPY_CHUNK, count), offset)
+    view = memoryview(buf)
+    while view:
+        view = view[os.write(dst_fd, view):]
+    return len(buf)

@@ -180,3 +180,19 @@ def test_apply_does_not_import_torch(checkpoints, tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("disabled", [("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_fallback_copies_are_identical(checkpoints, tmp_path, monkeypatch, disabled):
+    """Across filesystems copy_file_range fails; sendfile or a buffered copy must give the same bytes."""
+    from reapsurgery import safetensors_io
+    from reapsurgery.mask import load_mask
+    from reapsurgery.surgery import apply_mask
+
+    src = checkpoints["gpt_oss"]
+    mask = write_mask(src, [0, 3, 4, 7], tmp_path / "m.json")
+    apply_mask(load_mask(mask), mask, src, tmp_path / "kernel")
+    monkeypatch.setattr(safetensors_io, "_kernel_copy", {m: m not in disabled for m in ("copy_file_range", "sendfile")})
+    apply_mask(load_mask(mask), mask, src, tmp_path / "fallback")
+    for shard in (tmp_path / "kernel").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "fallback" / shard.name).read_bytes()
