@@ -7,23 +7,30 @@ from pathlib import Path
 import torch
 
 
-def load(path: Path):
+def load(path: Path, quantization_config=None):
+    """fp32 model; a quantized checkpoint is loaded with `quantization_config` (e.g. dequantize=True)."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **extra)
     return model.eval(), info
 
 
-def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int):
+def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantization_config=None):
     """The source model loaded normally, with dropped experts removed from its parameters.
+
+    A quantized source is loaded with `quantization_config` (which must dequantise: the
+    pruned model is built from the config without quantization and gets the loaded values).
 
     Independent of reapsurgery's layouts: the expert axis of every parameter is found by
     comparing the shapes of the full model with those of a model built for n_kept experts.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    full, _ = load(src)
+    full, _ = load(src, quantization_config)
     config = AutoConfig.from_pretrained(src)
+    if quantization_config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
     text = getattr(config, "text_config", None) or config
     for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
         if hasattr(text, attr):

@@ -1,0 +1,114 @@
+"""Quantized checkpoints: surgery in their own format, byte for byte; the pruned checkpoint
+loads in transformers (dequantising on CPU) and equals in-memory pruning of the source."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fixtures.quantize import to_fp8_block
+from reapsurgery.checkpoint import Checkpoint
+from tests.conftest import tree_hash
+from tests.helpers import cli, write_mask
+from tests.reference import load, logits, pruned_in_memory
+
+pytest.importorskip("accelerate", reason="transformers needs accelerate to load FP8 checkpoints")
+
+FP8_FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3"]
+KEEP = {"qwen3_moe": [0, 2, 5, 7], "mixtral": [1, 6], "deepseek_v3": [1, 2, 5, 6]}
+
+
+def fp8_dequantize():
+    from transformers import FineGrainedFP8Config
+
+    return FineGrainedFP8Config(dequantize=True)
+
+
+@pytest.fixture(scope="session")
+def fp8(checkpoints, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fp8")
+    return {f: to_fp8_block(checkpoints[f], root / f) for f in FP8_FAMILIES}
+
+
+def tensor_bytes(path, name) -> bytes:
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def expected_output_bytes(src, keep) -> dict[str, bytes]:
+    """What every output tensor must hold, by name: the input's bytes or their retained slice."""
+    ckpt = Checkpoint.open(src)
+    expected = {}
+    for name, (shard, _) in ckpt.tensors().items():
+        path = src / shard
+        role, layer = ckpt.layout.classify(name), ckpt.layout.layer_of(name)
+        if layer is not None and layer >= ckpt.num_hidden_layers:
+            continue  # MTP layer: dropped
+        if role is None:
+            expected[name] = tensor_bytes(path, name)
+        elif role.kind == "expert":
+            if role.expert in keep:
+                expected[role.renamed(name, keep.index(role.expert))] = tensor_bytes(path, name)
+        else:
+            with safe_open(path, "pt") as f:
+                t = f.get_tensor(name)
+            t = t.view(torch.uint8) if t.element_size() == 1 else t
+            expected[name] = t.index_select(role.axis, torch.tensor(keep)).contiguous().view(torch.uint8).numpy().tobytes()
+    return expected
+
+
+def output_tensors(path) -> dict[str, tuple]:
+    c = Checkpoint.open(path)
+    return {name: (path / shard, info) for name, (shard, info) in c.tensors().items()}
+
+
+def test_fp8_fixture_is_deepseek_v3_block_fp8(fp8):
+    """The fixture has the hub layout: F8 weights, F32 block scales, unquantized routers, and
+    scales in another shard than their weight."""
+    src = fp8["deepseek_v3"]
+    config = json.loads((src / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": [128, 128]}
+    t = output_tensors(src)
+    w, s = t["model.layers.1.mlp.experts.3.gate_proj.weight"], t["model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv"]
+    assert (w[1].dtype, s[1].dtype, s[1].shape) == ("F8_E4M3", "F32", (1, 1))
+    assert w[0] != s[0]
+    assert t["model.layers.1.mlp.gate.weight"][1].dtype == "F32"
+    assert t["model.layers.1.mlp.gate.e_score_correction_bias"][1].dtype == "F32"
+    assert t["lm_head.weight"][1].dtype == "F32" and t["model.embed_tokens.weight"][1].dtype == "F32"
+    assert t["model.layers.1.self_attn.q_b_proj.weight"][1].dtype == "F8_E4M3"
+
+
+@pytest.mark.parametrize("family", FP8_FAMILIES)
+def test_fp8_pruned_checkpoint_matches_in_memory_pruning(fp8, tmp_path, family):
+    src = fp8[family]
+    ckpt = Checkpoint.open(src)
+    keep = KEEP[family]
+    mask = write_mask(src, keep, tmp_path / "mask.json")
+    before = tree_hash(src)
+    r = cli("apply", mask, src, tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+    assert tree_hash(src) == before
+    out = tmp_path / "out"
+
+    # the output is still block FP8, and every tensor is the input's bytes or their slice
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == \
+        json.loads((src / "config.json").read_text())["quantization_config"]
+    expected = expected_output_bytes(src, keep)
+    got = output_tensors(out)
+    assert set(got) == set(expected)
+    dtypes = {info.dtype for _, info in got.values()}
+    assert {"F8_E4M3", "F32"} <= dtypes
+    for name, (path, _) in got.items():
+        assert hashlib.sha256(tensor_bytes(path, name)).digest() == hashlib.sha256(expected[name]).digest(), name
+    assert any(f"experts.{len(keep) - 1}." in n and n.endswith("_scale_inv") for n in got)
+
+    pruned, info = load(out, fp8_dequantize())
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    reference = pruned_in_memory(src, {l: keep for l in ckpt.moe_layers}, len(keep), fp8_dequantize())
+    assert torch.equal(logits(pruned), logits(reference))
+    assert cli("verify", out).returncode == 0
