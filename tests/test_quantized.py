@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fixtures.quantize import to_fp8_block
+from fixtures.quantize import build_gpt_oss_for_mxfp4, to_fp8_block, to_mxfp4
 from reapsurgery.checkpoint import Checkpoint
 from tests.conftest import tree_hash
 from tests.helpers import cli, write_mask
@@ -26,6 +26,18 @@ def fp8_dequantize():
     from transformers import FineGrainedFP8Config
 
     return FineGrainedFP8Config(dequantize=True)
+
+
+def mxfp4_dequantize():
+    from transformers import Mxfp4Config
+
+    return Mxfp4Config(dequantize=True)
+
+
+@pytest.fixture(scope="session")
+def mxfp4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mxfp4")
+    return to_mxfp4(build_gpt_oss_for_mxfp4(root / "src"), root / "gpt_oss")
 
 
 @pytest.fixture(scope="session")
@@ -110,5 +122,54 @@ def test_fp8_pruned_checkpoint_matches_in_memory_pruning(fp8, tmp_path, family):
     pruned, info = load(out, fp8_dequantize())
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     reference = pruned_in_memory(src, {l: keep for l in ckpt.moe_layers}, len(keep), fp8_dequantize())
+    assert torch.equal(logits(pruned), logits(reference))
+    assert cli("verify", out).returncode == 0
+
+
+def test_mxfp4_fixture_is_gpt_oss_layout(mxfp4):
+    t = output_tensors(mxfp4)
+    p = "model.layers.1.mlp.experts."
+    E, H, I = 8, 32, 32
+    assert (t[p + "gate_up_proj_blocks"][1].dtype, t[p + "gate_up_proj_blocks"][1].shape) == ("U8", (E, 2 * I, H // 32, 16))
+    assert (t[p + "gate_up_proj_scales"][1].dtype, t[p + "gate_up_proj_scales"][1].shape) == ("U8", (E, 2 * I, H // 32))
+    assert t[p + "down_proj_blocks"][1].shape == (E, H, I // 32, 16) and t[p + "down_proj_scales"][1].shape == (E, H, I // 32)
+    assert t[p + "gate_up_proj_bias"][1].shape == (E, 2 * I) and t[p + "down_proj_bias"][1].shape == (E, H)
+    assert t[p + "gate_up_proj_blocks"][0] != t[p + "gate_up_proj_scales"][0]
+    assert json.loads((mxfp4 / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+
+
+def test_mxfp4_dequantisation_is_transformers_own():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from fixtures.quantize import mxfp4_dequantize as deq, mxfp4_quantize
+
+    w = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0))
+    blocks, scales = mxfp4_quantize(w)
+    assert torch.equal(deq(blocks, scales), convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+    assert (deq(blocks, scales) - w).abs().max() <= w.abs().max() / 4  # coarse, but it is w
+
+
+@pytest.mark.parametrize("keep", [[0, 2, 5, 7], [1, 6]])
+def test_mxfp4_pruned_checkpoint_matches_in_memory_pruning(mxfp4, tmp_path, keep):
+    src = mxfp4
+    ckpt = Checkpoint.open(src)
+    mask = write_mask(src, keep, tmp_path / "mask.json")
+    before = tree_hash(src)
+    r = cli("apply", mask, src, tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+    assert tree_hash(src) == before
+    out = tmp_path / "out"
+
+    expected = expected_output_bytes(src, keep)
+    got = output_tensors(out)
+    assert set(got) == set(expected)
+    for name, (path, info) in got.items():
+        assert hashlib.sha256(tensor_bytes(path, name)).digest() == hashlib.sha256(expected[name]).digest(), name
+        if name.endswith(("_blocks", "_scales")):
+            assert info.dtype == "U8" and info.shape[0] == len(keep)
+
+    pruned, info = load(out, mxfp4_dequantize())
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    reference = pruned_in_memory(src, {l: keep for l in ckpt.moe_layers}, len(keep), mxfp4_dequantize())
     assert torch.equal(logits(pruned), logits(reference))
     assert cli("verify", out).returncode == 0
