@@ -20,6 +20,7 @@ from .errors import ReapError
 from .mask import Mask, check_fingerprint
 from .modelcard import pruned_card
 from .outdir import check_output, staged_output
+from .quant import rewrite_hf_quant_config, rewrite_quantization_config
 from .safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -183,7 +184,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     for i, shard in enumerate(shards, 1):
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
 
-    config, changes = rewrite_config(ckpt, kept, bool(dropped_layers))
+    config, changes = rewrite_config(ckpt, kept, bool(dropped_layers), mask.layers)
     return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes)
 
 
@@ -207,7 +208,8 @@ def _check_groups(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> None:
         raise ReapError(mask_path, f"only {topk_group * per_group} experts are reachable through topk_group={topk_group} groups, fewer than num_experts_per_tok={ckpt.top_k}")
 
 
-def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool) -> tuple[dict, dict[str, tuple]]:
+def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
+                   keep: dict[int, list[int]] | None = None) -> tuple[dict, dict[str, tuple]]:
     """config.json with every routed-expert-count alias set to `kept`; returns (config, changes)."""
     config = copy.deepcopy(ckpt.config)
     targets = [("", config)]
@@ -223,6 +225,8 @@ def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool) -> tuple[dict
         if dropped_mtp and mtp and d.get(mtp):
             changes[prefix + mtp] = (d[mtp], 0)
             d[mtp] = 0
+    if keep is not None:  # quantization settings that name experts follow them
+        changes.update(rewrite_quantization_config(config, ckpt.layout, keep))
     return config, changes
 
 
@@ -299,6 +303,7 @@ def apply_mask(
         (tmp / "README.md").write_text(pruned_card(card, ckpt, plan, mask))
         mask.save(tmp / MASK_COPY)
         handled = {"config.json", "README.md", INDEX, *ckpt.shards}
+        handled |= rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)
         skipped = copy_other_files(ckpt.path, tmp, handled)
         write_index(plan, ckpt, tmp)
     return ApplyResult(

@@ -173,3 +173,64 @@ def test_mxfp4_pruned_checkpoint_matches_in_memory_pruning(mxfp4, tmp_path, keep
     reference = pruned_in_memory(src, {l: keep for l in ckpt.moe_layers}, len(keep), mxfp4_dequantize())
     assert torch.equal(logits(pruned), logits(reference))
     assert cli("verify", out).returncode == 0
+
+
+# -- quantization settings that name experts ---------------------------------------
+
+def test_module_names_follow_their_experts():
+    from reapsurgery.layouts import builtin_layouts
+    from reapsurgery.quant import rename_module
+
+    layout = builtin_layouts()["deepseek_v3"]
+    keep = {1: [1, 2, 5, 6], 2: [0, 3, 4, 7]}
+    cases = {
+        "model.layers.1.mlp.experts.5.gate_proj": "model.layers.1.mlp.experts.2.gate_proj",
+        "model.layers.1.mlp.experts.5": "model.layers.1.mlp.experts.2",
+        "model.layers.2.mlp.experts.7.down_proj": "model.layers.2.mlp.experts.3.down_proj",
+        "model.layers.1.mlp.experts.1.up_proj": "model.layers.1.mlp.experts.0.up_proj",
+        "model.layers.1.mlp.experts.0.up_proj": None,  # dropped expert
+        "model.layers.2.mlp.experts.5": None,
+        "model.layers.1.mlp.gate": "model.layers.1.mlp.gate",  # router: kept, sliced
+        "model.layers.1.mlp.shared_experts.gate_proj": "model.layers.1.mlp.shared_experts.gate_proj",
+        "model.layers.1.mlp.experts": "model.layers.1.mlp.experts",
+        "model.layers.0.mlp.gate_proj": "model.layers.0.mlp.gate_proj",
+        "model.layers.3.mlp.experts.0.gate_proj": "model.layers.3.mlp.experts.0.gate_proj",  # not a masked layer
+        "re:.*mlp.experts.0.*": "re:.*mlp.experts.0.*",
+        "model.layers.*.mlp.experts.0.gate_proj": "model.layers.*.mlp.experts.0.gate_proj",
+        "lm_head": "lm_head",
+    }
+    for name, want in cases.items():
+        assert rename_module(name, layout, keep) == want, name
+
+
+def test_quantization_config_and_hf_quant_config_rewritten_by_apply(fp8, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(fp8["deepseek_v3"], src)
+    config = json.loads((src / "config.json").read_text())
+    names = ["lm_head", "re:.*mlp\\.gate$", "model.layers.1.mlp.experts.0.gate_proj",
+             "model.layers.1.mlp.experts.6.down_proj", "model.layers.2.mlp.experts.5", "model.layers.1.mlp.gate"]
+    config["quantization_config"]["modules_to_not_convert"] = list(names)
+    config["quantization_config"]["config_groups"] = {"group_0": {"targets": ["Linear", "model.layers.2.mlp.experts.3.up_proj"]}}
+    (src / "config.json").write_text(json.dumps(config, indent=2))
+    modelopt = {"producer": {"name": "modelopt"},
+                "quantization": {"quant_algo": "NVFP4", "exclude_modules": list(names) + ["model.layers.*.mlp.gate"]}}
+    (src / "hf_quant_config.json").write_text(json.dumps(modelopt))
+    keep = [1, 2, 5, 6]
+    r = cli("apply", write_mask(src, keep, tmp_path / "m.json"), src, tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+    want = ["lm_head", "re:.*mlp\\.gate$", "model.layers.1.mlp.experts.3.down_proj", "model.layers.2.mlp.experts.2",
+            "model.layers.1.mlp.gate"]
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    qc = out["quantization_config"]
+    assert qc["modules_to_not_convert"] == want
+    assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
+    assert {k: v for k, v in qc.items() if k not in ("modules_to_not_convert", "config_groups")} == \
+        {k: v for k, v in config["quantization_config"].items() if k not in ("modules_to_not_convert", "config_groups")}
+    hq = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())
+    assert hq["quantization"]["exclude_modules"] == want + ["model.layers.*.mlp.gate"]
+    assert hq["producer"] == modelopt["producer"]
+    # the output still loads (dequantised) and is reported
+    pruned, info = load(tmp_path / "out", fp8_dequantize())
+    assert not info["missing_keys"] and not info["unexpected_keys"]
