@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .layouts import Layout
+from .errors import ReapError
+from .layouts import Layout, TensorRole
 
 NAME_LIST_KEYS = ("ignore", "modules_to_not_convert", "ignored_layers", "exclude_modules", "targets",
                   "modules_to_convert")
@@ -82,6 +83,30 @@ def rewrite_hf_quant_config(src: Path, dst: Path, layout: Layout, keep: dict[int
     rewrite_names(data, layout, keep)
     (dst / HF_QUANT_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
     return {HF_QUANT_CONFIG}
+
+
+def router_companion(layout: Layout, name: str, shape: tuple[int, ...], num_experts: int) -> TensorRole | None:
+    """The role of a quantized router's companion (`mlp.gate.weight_scale`, `.input_scale`, ...).
+
+    A router is sliced by rows; so is each companion with one row per expert (per-row or
+    per-group scales, as NVFP4 exports store them). Per-tensor scalars are copied. A scale
+    grid whose rows span several experts (block FP8) cannot follow a row slice: refused.
+    """
+    module, dot, _ = name.rpartition(".")
+    if not dot:
+        return None
+    for suffix in ("weight",):
+        role = layout.classify(f"{module}.{suffix}")
+        if role is None or role.kind != "router" or name == f"{module}.{suffix}":
+            continue
+        if len(shape) >= 1 and shape[0] == num_experts and role.axis == 0:
+            return TensorRole(role.layer, "router", axis=0)
+        if all(d == 1 for d in shape):
+            return None  # per-tensor: the same for every remaining row
+        raise ReapError(None, f"tensor {name!r} (shape {list(shape)}) is a quantization companion of the router "
+                              f"{module}.{suffix} whose rows do not map one to one onto the {num_experts} experts; "
+                              "pruning would need re-quantizing the router")
+    return None
 
 
 def quantization_info(config: dict, src: Path | None = None) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from .errors import ReapError
 from .mask import Mask, check_fingerprint
 from .modelcard import pruned_card
 from .outdir import check_output, staged_output
-from .quant import rewrite_hf_quant_config, rewrite_quantization_config
+from .quant import rewrite_hf_quant_config, rewrite_quantization_config, router_companion
 from .safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -137,7 +137,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     for name, (shard, info) in tensors.items():
         base = ckpt.header(shard).data_offset
         layer = layout.layer_of(name)
-        role = layout.classify(name)
+        role = layout.classify(name) or router_companion(layout, name, info.shape, E)  # quantized routers' scales
         if layer is not None and layer >= ckpt.num_hidden_layers:
             # Layers past the decoder stack are multi-token-prediction blocks that transformers
             # does not run; keeping them would leave experts with the old count.

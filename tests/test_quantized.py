@@ -48,7 +48,7 @@ def fp8(checkpoints, tmp_path_factory) -> dict:
 
 def tensor_bytes(path, name) -> bytes:
     with safe_open(path, "pt") as f:
-        return f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
+        return f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def expected_output_bytes(src, keep) -> dict[str, bytes]:
@@ -234,3 +234,66 @@ def test_quantization_config_and_hf_quant_config_rewritten_by_apply(fp8, tmp_pat
     # the output still loads (dequantised) and is reported
     pruned, info = load(tmp_path / "out", fp8_dequantize())
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def _quantize_routers_nvfp4(src, dst):
+    """ModelOpt-NVFP4-style routers: weight U8 [E, H/2], weight_scale F8 [E, H/16], scalars."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    ckpt = Checkpoint.open(dst)
+    for shard in ckpt.shards:
+        with safe_open(dst / shard, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for name in [n for n in tensors if n.endswith("mlp.gate.weight")]:
+            E, H = tensors[name].shape
+            g = torch.Generator().manual_seed(len(name))
+            tensors[name] = torch.randint(0, 256, (E, H // 2), generator=g, dtype=torch.uint8)
+            base = name.removesuffix("weight")
+            tensors[base + "weight_scale"] = torch.rand(E, H // 16, generator=g).to(torch.float8_e4m3fn)
+            tensors[base + "weight_scale_2"] = torch.tensor(0.5)
+            tensors[base + "input_scale"] = torch.tensor([0.25])
+        save_file(tensors, dst / shard, metadata={"format": "pt"})
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    for shard in ckpt.shards:
+        with safe_open(dst / shard, "pt") as f:
+            index["weight_map"].update({k: shard for k in f.keys()})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_quantized_router_rows_sliced_in_weight_and_scales(checkpoints, tmp_path):
+    src = _quantize_routers_nvfp4(checkpoints["qwen3_moe"], tmp_path / "src")
+    keep = [0, 3, 4, 6]
+    assert cli("apply", write_mask(src, keep, tmp_path / "m.json"), src, tmp_path / "out", "-q").returncode == 0
+    inp, out = output_tensors(src), output_tensors(tmp_path / "out")
+    routers = {n for n in inp if ".mlp.gate." in n}
+    assert len(routers) == 4 * 3 and routers <= set(out)
+    for name in routers:
+        path, info = out[name]
+        with safe_open(inp[name][0], "pt") as f:
+            t = f.get_tensor(name)
+        if t.dim() and t.shape[0] == 8:
+            t = t.view(torch.uint8)[keep]
+            assert info.shape[0] == len(keep)
+        want = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert tensor_bytes(path, name) == want, name
+
+
+def test_block_quantized_router_spanning_experts_refused(checkpoints, tmp_path):
+    """A block scale shared by several experts' rows cannot follow a row slice."""
+    src = _quantize_routers_nvfp4(checkpoints["qwen3_moe"], tmp_path / "src")
+    from safetensors.torch import save_file
+
+    ckpt = Checkpoint.open(src)
+    name = "model.layers.1.mlp.gate.weight_scale"
+    shard = ckpt.weight_map[name]
+    with safe_open(src / shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[name] = torch.ones(2, 1)  # [ceil(E/4), ...]: rows of 4 experts share a scale
+    save_file(tensors, src / shard, metadata={"format": "pt"})
+    r = cli("apply", write_mask(src, [0, 3, 4, 6], tmp_path / "m.json"), src, tmp_path / "out", "-q")
+    assert r.returncode != 0 and "re-quantizing the router" in r.stderr
+    assert not (tmp_path / "out").exists()
