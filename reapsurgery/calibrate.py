@@ -19,7 +19,8 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import ReapError
-from .observe import ExpertStats, Observer, is_experts_module, observing
+from .layouts import Layout
+from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from .saliency import LayerStats, Saliency
 from .streaming import StreamedModel
 
@@ -110,14 +111,18 @@ def calibrate(
     provenance: dict | None = None,
     bar: BarFactory | None = None,
     on_layer: Callable[[int, StreamedModel], None] | None = None,
+    layout: Layout | None = None,
 ) -> Saliency:
-    """Per-expert REAP statistics of every MoE layer, measured on `samples` (token id lists)."""
+    """Per-expert REAP statistics of every MoE layer, measured on `samples` (token id lists).
+
+    `layout` (a user's layout file) replaces the built-in one chosen from config.json."""
     if not samples:
         raise ReapError(None, "no calibration samples")
-    ckpt = Checkpoint.open(ckpt_path)
+    ckpt = Checkpoint.open(ckpt_path, layout)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)
+    attach_router_hooks(streamed.model)
     names = {id(m): n for n, m in streamed.model.named_modules() if is_experts_module(m)}
     experts_layer = {n: i for i, layer in enumerate(streamed.layers) for m in layer.modules()
                      if is_experts_module(m) for n in [names[id(m)]]}

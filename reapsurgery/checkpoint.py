@@ -69,9 +69,14 @@ class Checkpoint:
         for key in ("num_hidden_layers",):
             if not isinstance(ckpt.cfg.get(key), int):
                 raise ReapError(path / "config.json", f"config has no integer {key!r}")
-        if not isinstance(ckpt.num_experts, int) or ckpt.num_experts < 1:
+        try:
+            num_experts, top_k = ckpt.num_experts, ckpt.top_k
+            ckpt.moe_layers
+        except ReapError as e:
+            raise ReapError(path / "config.json", e.message) from None
+        if not isinstance(num_experts, int) or num_experts < 1:
             raise ReapError(path / "config.json", f"config has no routed-expert count (looked for {', '.join(layout.num_experts_keys)})")
-        if not isinstance(ckpt.top_k, int):
+        if not isinstance(top_k, int):
             raise ReapError(path / "config.json", f"config has no experts-per-token count (looked for {', '.join(layout.top_k_keys)})")
         return ckpt
 

@@ -47,9 +47,8 @@ def account(tensors: Iterable[tuple[str, str, tuple[int, ...], int]], layout: La
     for name, dtype, shape, n in tensors:
         count += 1
         elements = math.prod(shape)
-        layer = layout.layer_of(name)
         role = layout.classify(name)
-        if layer is not None and layer >= num_hidden_layers:
+        if layout.is_mtp(name, num_hidden_layers):
             cat = "mtp"
         elif role is None:
             cat = "other"
@@ -84,8 +83,8 @@ def checkpoint_account(ckpt: Checkpoint) -> dict[str, Any]:
 
 # -- per kind -----------------------------------------------------------------------
 
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    ckpt = Checkpoint.open(path)
+def inspect_checkpoint(path: str | Path, layout: Layout | None = None) -> dict[str, Any]:
+    ckpt = Checkpoint.open(path, layout)
     fp = ckpt.fingerprint()
     return {
         "kind": "checkpoint",
@@ -99,7 +98,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     }
 
 
-def inspect_mask(path: str | Path, ckpt_path: str | Path | None = None) -> dict[str, Any]:
+def inspect_mask(path: str | Path, ckpt_path: str | Path | None = None, layout: Layout | None = None) -> dict[str, Any]:
     """A mask's contents; with a checkpoint, the size before and after applying it."""
     path = Path(path)
     mask = load_mask(path)
@@ -124,15 +123,15 @@ def inspect_mask(path: str | Path, ckpt_path: str | Path | None = None) -> dict[
         "size": None,
     }
     if ckpt_path is not None:
-        facts["size"] = mask_size(mask, path, ckpt_path)
+        facts["size"] = mask_size(mask, path, ckpt_path, layout)
     return facts
 
 
-def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path) -> dict[str, Any]:
+def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, layout: Layout | None = None) -> dict[str, Any]:
     """Params and bytes of the checkpoint before and after applying the mask (exact: surgery's own plan)."""
     from .surgery import plan_surgery
 
-    ckpt = Checkpoint.open(ckpt_path)
+    ckpt = Checkpoint.open(ckpt_path, layout)
     plan = plan_surgery(ckpt, mask, Path(mask_path))
     before = checkpoint_account(ckpt)
     after = account(((t.name, t.dtype, t.shape, t.nbytes) for s in plan.shards for t in s.tensors),
@@ -144,6 +143,7 @@ def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path) -> dict[
         "shards_after": len(plan.shards),
         "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
         "dropped_layers": plan.dropped_layers,
+        "dropped_prefixes": plan.dropped_prefixes,
     }
 
 
@@ -208,14 +208,16 @@ def file_kind(path: str | Path) -> str:
                           f"expected {MASK_FORMAT!r} or {SALIENCY_FORMAT!r})")
 
 
-def inspect_path(path: str | Path, ckpt: str | Path | None = None, method: str = "reap") -> dict[str, Any]:
+def inspect_path(path: str | Path, ckpt: str | Path | None = None, method: str = "reap",
+                 layout: Layout | None = None) -> dict[str, Any]:
+    """`layout` (a user's layout file) replaces the built-in one for the checkpoint read."""
     kind = file_kind(path)
     if kind == "checkpoint":
         if ckpt is not None:
             raise ReapError(ckpt, "--ckpt goes with a mask file, not a checkpoint")
-        return inspect_checkpoint(path)
+        return inspect_checkpoint(path, layout)
     if kind == "mask":
-        return inspect_mask(path, ckpt)
+        return inspect_mask(path, ckpt, layout)
     if ckpt is not None:
         raise ReapError(ckpt, "--ckpt goes with a mask file, not a saliency file")
     return inspect_saliency(path, method)
@@ -224,12 +226,12 @@ def inspect_path(path: str | Path, ckpt: str | Path | None = None, method: str =
 # -- apply --dry-run ------------------------------------------------------------------
 
 def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_path: str | Path,
-                  overwrite: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, layout: Layout | None = None) -> dict[str, Any]:
     """What `apply` would write to out_path, after the same checks; creates nothing."""
     from .outdir import check_output
     from .surgery import MASK_COPY, WEIGHT_SUFFIXES, plan_surgery
 
-    ckpt = Checkpoint.open(ckpt_path)
+    ckpt = Checkpoint.open(ckpt_path, layout)
     out_path = Path(out_path)
     check_output(ckpt.path, out_path, overwrite)
     plan = plan_surgery(ckpt, mask, Path(mask_path))
@@ -257,6 +259,7 @@ def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_
         "bytes_before": sum(info.nbytes for _, info in ckpt.tensors().values()),
         "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
         "dropped_layers": plan.dropped_layers,
+        "dropped_prefixes": plan.dropped_prefixes,
         "written": ["config.json", "README.md", MASK_COPY] + ([INDEX] if writes_index else []),
         "copied": copied,
         "skipped": skipped,

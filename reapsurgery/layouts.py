@@ -4,6 +4,32 @@ A layout names the config keys that count routed experts and experts per token,
 which decoder layers are MoE, and the tensor-name patterns of routers, per-expert
 tensors and stacked expert tensors with their expert axis. Adding a family means
 adding an entry, not code.
+
+Fields of an entry (all config keys are read from the text config where one is nested):
+
+- ``architectures``: ``architectures[0]`` values it covers (the entry's name is a model_type).
+- ``num_experts`` / ``top_k``: config keys, first present wins; every one present is rewritten.
+  A key may hold a per-layer list (older Hunyuan configs): when every entry is equal it is
+  that number, otherwise the checkpoint is refused (one mask keeps one count everywhere).
+- ``groups``: ``n_group`` / ``topk_group`` keys of a group-limited router and
+  ``min_per_group``, the fewest experts a group may keep (2 where a group's score is the
+  sum of its top two).
+- ``moe_layers``: which decoder layers have routed experts. Each field names a config key;
+  the conditions combine (a layer is MoE when all hold):
+  ``list`` (explicit indices; wins when present), ``type_list`` + ``moe_type`` (a per-layer
+  list of names, MoE where the entry equals ``moe_type``; wins when present),
+  ``first_dense`` (layers below it are dense), ``last_moe`` (layers above it are dense;
+  -1 means the last layer), ``sparse_step`` (MoE where (i + 1) % step == 0),
+  ``dense_list`` (indices of dense layers).
+- ``defaults``: values of config keys that transformers assumes when config.json lacks them
+  (e.g. GLM-4.5's ``first_k_dense_replace`` is 1 unless said otherwise).
+- ``layer_prefix``: where decoder layer tensors live (``{layer}``), a string or a list.
+- ``routers`` / ``stacked_experts``: name pattern -> expert axis; ``experts``: per-expert
+  name prefixes with ``{expert}``. Patterns are relative to the layer prefix; ``*`` is one
+  name component.
+- ``mtp_layers``: config key counting multi-token-prediction layers (stored as layers
+  ``num_hidden_layers..``, dropped by apply and set to 0); ``mtp_prefixes``: name prefixes of
+  MTP tensors stored outside the layer stack (Qwen3-Next's ``mtp.``), dropped too.
 """
 
 from __future__ import annotations
@@ -46,72 +72,104 @@ class Layout:
     num_experts_keys: tuple[str, ...]
     top_k_keys: tuple[str, ...]
     moe_layer_rule: dict[str, str]
-    layer_prefix: str
+    layer_prefixes: tuple[str, ...]
     routers: dict[str, int]
     experts: tuple[str, ...]
     stacked: dict[str, int]
     groups: dict[str, Any] | None
     mtp_key: str | None
+    mtp_prefixes: tuple[str, ...] = ()
+    defaults: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> "Layout":
         try:
+            prefix = d["layer_prefix"]
+            rule = dict(d.get("moe_layers", {}))
+            unknown = set(rule) - MOE_RULE_FIELDS
+            if unknown:
+                raise ReapError(None, f"layout {name!r}: unknown moe_layers fields {sorted(unknown)}; "
+                                      f"known: {', '.join(sorted(MOE_RULE_FIELDS))}")
             return cls(
                 name=name,
                 architectures=tuple(d.get("architectures", ())),
                 num_experts_keys=tuple(d["num_experts"]),
                 top_k_keys=tuple(d["top_k"]),
-                moe_layer_rule=dict(d.get("moe_layers", {})),
-                layer_prefix=d["layer_prefix"],
+                moe_layer_rule=rule,
+                layer_prefixes=(prefix,) if isinstance(prefix, str) else tuple(prefix),
                 routers=dict(d.get("routers", {})),
                 experts=tuple(d.get("experts", ())),
                 stacked=dict(d.get("stacked_experts", {})),
                 groups=d.get("groups"),
                 mtp_key=d.get("mtp_layers"),
+                mtp_prefixes=tuple(d.get("mtp_prefixes", ())),
+                defaults=dict(d.get("defaults", {})),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ReapError(None, f"layout {name!r} is missing or malforms field {e}") from None
 
+    @property
+    def layer_prefix(self) -> str:
+        return self.layer_prefixes[0]
+
     def __post_init__(self) -> None:
-        prefix = _pattern(self.layer_prefix)
-        object.__setattr__(self, "_regexes", (
-            re.compile(prefix),
-            [re.compile(prefix + _pattern(p)) for p in self.experts],
-            [(re.compile(prefix + _pattern(p)), a) for p, a in self.stacked.items()],
-            [(re.compile(prefix + _pattern(p)), a) for p, a in self.routers.items()],
-        ))
+        regexes = []
+        for text in self.layer_prefixes:
+            prefix = _pattern(text)
+            regexes.append((
+                re.compile(prefix),
+                [re.compile(prefix + _pattern(p)) for p in self.experts],
+                [(re.compile(prefix + _pattern(p)), a) for p, a in self.stacked.items()],
+                [(re.compile(prefix + _pattern(p)), a) for p, a in self.routers.items()],
+            ))
+        object.__setattr__(self, "_regexes", regexes)
 
     # -- tensor names -------------------------------------------------------
 
     def layer_of(self, name: str) -> int | None:
-        m = self._regexes[0].match(name)
-        return int(m.group("layer")) if m else None
+        for prefix, *_ in self._regexes:
+            m = prefix.match(name)
+            if m:
+                return int(m.group("layer"))
+        return None
+
+    def is_mtp(self, name: str, num_hidden_layers: int) -> bool:
+        """A multi-token-prediction tensor: a layer past the decoder stack, or under an MTP prefix."""
+        layer = self.layer_of(name)
+        return (layer is not None and layer >= num_hidden_layers) or name.startswith(self.mtp_prefixes or ("\0",))
 
     def classify(self, name: str) -> TensorRole | None:
         """The tensor's role if it is a router or routed-expert tensor, else None."""
-        prefix, experts, stacked, routers = self._regexes
-        m = prefix.match(name)
-        if not m:
+        for prefix, experts, stacked, routers in self._regexes:
+            m = prefix.match(name)
+            if not m:
+                continue
+            layer = int(m.group("layer"))
+            for rx in experts:
+                e = rx.match(name)
+                if e:
+                    return TensorRole(layer, "expert", int(e.group("expert")), span=e.span("expert"))
+            for rx, axis in routers:
+                if rx.fullmatch(name):
+                    return TensorRole(layer, "router", axis=axis)
+            for rx, axis in stacked:
+                if rx.fullmatch(name):
+                    return TensorRole(layer, "stacked", axis=axis)
             return None
-        layer = int(m.group("layer"))
-        for rx in experts:
-            e = rx.match(name)
-            if e:
-                return TensorRole(layer, "expert", int(e.group("expert")), span=e.span("expert"))
-        for rx, axis in routers:
-            if rx.fullmatch(name):
-                return TensorRole(layer, "router", axis=axis)
-        for rx, axis in stacked:
-            if rx.fullmatch(name):
-                return TensorRole(layer, "stacked", axis=axis)
         return None
 
     # -- config -------------------------------------------------------------
     def num_experts(self, cfg: dict) -> int | None:
-        return _first(cfg, self.num_experts_keys)
+        return _uniform(_first(cfg, self.num_experts_keys), self.num_experts_keys)
 
     def top_k(self, cfg: dict) -> int | None:
-        return _first(cfg, self.top_k_keys)
+        return _uniform(_first(cfg, self.top_k_keys), self.top_k_keys)
+
+    def _get(self, cfg: dict, field: str) -> Any:
+        """The config value of the key that rule field `field` names, or the layout's default for it."""
+        key = self.moe_layer_rule[field]
+        value = cfg.get(key)
+        return (self.defaults or {}).get(key) if value is None else value
 
     def n_group(self, cfg: dict) -> int | None:
         return cfg.get(self.groups["n_group"]) if self.groups else None
@@ -125,17 +183,52 @@ class Layout:
         rule = self.moe_layer_rule
         if "list" in rule and cfg.get(rule["list"]) is not None:
             return sorted(int(i) for i in cfg[rule["list"]])
-        layers = range(n)
+        if "type_list" in rule and cfg.get(rule["type_list"]) is not None:
+            types = cfg[rule["type_list"]]
+            if len(types) != n:
+                raise ReapError(None, f"config {rule['type_list']} has {len(types)} entries for {n} layers")
+            return [i for i, t in enumerate(types) if t == rule.get("moe_type", "sparse")]
+        layers = list(range(n))
         if "first_dense" in rule:
-            k = cfg.get(rule["first_dense"]) or 0
+            k = self._get(cfg, "first_dense") or 0
             layers = [i for i in layers if i >= k]
+        if "last_moe" in rule:
+            last = self._get(cfg, "last_moe")
+            last = n - 1 if last is None or last < 0 else last
+            layers = [i for i in layers if i <= last]
         if "sparse_step" in rule:
-            step = cfg.get(rule["sparse_step"]) or 1
+            step = self._get(cfg, "sparse_step") or 1
             layers = [i for i in layers if (i + 1) % step == 0]
         if "dense_list" in rule:
-            dense = set(cfg.get(rule["dense_list"]) or ())
+            dense = set(self._get(cfg, "dense_list") or ())
             layers = [i for i in layers if i not in dense]
-        return list(layers)
+        return layers
+
+    def describe(self) -> dict[str, Any]:
+        """The layout as plain facts: which checkpoints it covers and which config keys it reads."""
+        return {
+            "name": self.name,
+            "architectures": list(self.architectures),
+            "num_experts": list(self.num_experts_keys),
+            "top_k": list(self.top_k_keys),
+            "moe_layers": dict(self.moe_layer_rule),
+            "groups": dict(self.groups) if self.groups else None,
+            "mtp_layers": self.mtp_key,
+            "layer_prefix": list(self.layer_prefixes),
+        }
+
+
+MOE_RULE_FIELDS = {"list", "type_list", "moe_type", "first_dense", "last_moe", "sparse_step", "dense_list"}
+
+
+def _uniform(value: Any, keys: tuple[str, ...]) -> Any:
+    """A per-layer list of equal counts is that count; unequal ones cannot be pruned to one mask."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) and v == value[0] for v in value):
+            return value[0]
+        raise ReapError(None, f"config {'/'.join(keys)} differs per layer ({value}); reapsurgery needs "
+                              "the same count in every layer")
+    return value
 
 
 def _first(cfg: dict, keys: tuple[str, ...]) -> Any:
@@ -162,6 +255,11 @@ def load_layout_file(path: str) -> Layout:
         return Layout.from_dict(d.get("name", path), d)
     except ReapError as e:
         raise ReapError(path, e.message) from None
+
+
+def describe_layouts() -> list[dict[str, Any]]:
+    """Every built-in family, for `reapsurgery architectures`."""
+    return [layout.describe() for _, layout in sorted(builtin_layouts().items())]
 
 
 def text_config(config: dict) -> dict:

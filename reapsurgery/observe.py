@@ -116,6 +116,65 @@ def observed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 ExpertsInterface.register(IMPL_NAME, observed_experts_forward)
 
 
-def is_experts_module(m: nn.Module) -> bool:
+def _is_interface_experts(m: nn.Module) -> bool:
     """Modules wrapped by transformers' use_experts_implementation carry these attributes."""
     return hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(m, "num_experts")
+
+
+def is_experts_module(m: nn.Module) -> bool:
+    """Routed experts observed here: through ExpertsInterface, or by `attach_router_hooks`."""
+    return _is_interface_experts(m) or getattr(m, SCALED_INPUT, False)
+
+
+# -- experts outside ExpertsInterface ---------------------------------------------------
+
+SCALED_INPUT = "_reapsurgery_scaled_input"
+
+
+def attach_router_hooks(model: nn.Module) -> int:
+    """Observe MoE blocks that transformers runs outside ExpertsInterface; returns how many.
+
+    One family does this in transformers 5: Llama-4. Its block has `router` (an nn.Linear with
+    `top_k` that returns sigmoid scores, 0 outside the top-k, and the logits) and `experts`
+    (every expert run densely on [E*T, H] inputs already multiplied by their score). There,
+    g is the router's sigmoid score of a routed pair and f the expert's output on the token
+    itself (unscaled, as every other family's f): recorded from a hook on the router, whose
+    input is the block's tokens, by calling the experts module on the routed pairs only.
+    """
+    count = 0
+    for block in model.modules():
+        experts, router = getattr(block, "experts", None), getattr(block, "router", None)
+        if (experts is None or router is None or _is_interface_experts(experts)
+                or not isinstance(router, nn.Linear) or not hasattr(router, "top_k")
+                or not hasattr(experts, "num_experts")):
+            continue
+        setattr(experts, SCALED_INPUT, True)
+        router.register_forward_hook(lambda mod, args, out, experts=experts: _record_scaled_input(experts, mod, args, out))
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def _record_scaled_input(experts: nn.Module, router: nn.Module, args: tuple, out: tuple) -> None:
+    observer = _ACTIVE
+    if observer is None:
+        return
+    hidden = args[0].reshape(-1, args[0].shape[-1])
+    scores, logits = out
+    top_k_index = torch.topk(logits, router.top_k, dim=-1).indices  # the router's own selection
+    top_k_weights = scores.gather(1, top_k_index)
+    E, (n, k) = experts.num_experts, top_k_index.shape
+    ids = top_k_index.reshape(-1)
+    # the experts module takes [E * c, H]: c rows per expert; put each routed pair in its expert's rows
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=E)
+    c = max(int(counts.max()), 1)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_ids = ids[order]
+    rank = torch.arange(ids.numel(), device=ids.device) - starts[sorted_ids]
+    rows = torch.zeros(E, c, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    rows[sorted_ids, rank] = hidden.repeat_interleave(k, dim=0)[order]
+    out_rows = experts(rows.reshape(E * c, -1)).reshape(E, c, -1)
+    f = torch.empty(ids.numel(), out_rows.shape[-1], dtype=out_rows.dtype, device=out_rows.device)
+    f[order] = out_rows[sorted_ids, rank]
+    observer.record(experts, f, top_k_index, top_k_weights)

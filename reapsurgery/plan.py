@@ -36,6 +36,7 @@ from .saliency import LayerStats, Saliency
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
+    from .layouts import Layout
 
 METHODS = ("reap", "frequency", "weighted-frequency", "ean-sum", "ean-mean", "weighted-ean")
 METHOD_HELP = {
@@ -363,12 +364,15 @@ def plan_for_checkpoint(saliency: Saliency, saliency_path: str | Path, ckpt: "Ch
                      source=saliency_path, **options)
 
 
-def plan_from_files(saliency_path: str | Path, ckpt_path: str | Path | None = None, **options) -> Plan:
-    """Load saliency.json and plan; with a checkpoint, check it matches and use its router's facts."""
+def plan_from_files(saliency_path: str | Path, ckpt_path: str | Path | None = None, layout: "Layout | None" = None,
+                    **options) -> Plan:
+    """Load saliency.json and plan; with a checkpoint, check it matches and use its router's facts.
+
+    `layout` (a user's layout file) replaces the built-in one for the checkpoint."""
     from .checkpoint import Checkpoint
     from .saliency import load_saliency
 
     saliency = load_saliency(saliency_path)
     if ckpt_path is None:
         return plan_mask(saliency, source=saliency_path, **options)
-    return plan_for_checkpoint(saliency, saliency_path, Checkpoint.open(ckpt_path), **options)
+    return plan_for_checkpoint(saliency, saliency_path, Checkpoint.open(ckpt_path, layout), **options)

@@ -32,6 +32,16 @@ def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = Fal
     return model.eval()
 
 
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers: `get_decoder()`, or where that returns a wrapper
+    without them (Llama4ForCausalLM answers itself), its shallowest submodule with a `layers` list."""
+    decoder = model.get_decoder()
+    for _, module in decoder.named_modules():
+        if isinstance(getattr(module, "layers", None), nn.ModuleList):
+            return module
+    raise ReapError(None, f"{type(model).__name__}: no decoder layer list found")
+
+
 class LayoutConverter:
     """Converts any subset of checkpoint tensors to the model's parameter layout.
 
@@ -95,7 +105,7 @@ class StreamedModel:
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
         self.model = build_skeleton(ckpt.path, dtype, trust_remote_code)
         self.converter = LayoutConverter(self.model)
-        self.decoder = self.model.get_decoder()
+        self.decoder = find_decoder(self.model)
         self.layers = self.decoder.layers
         names = {id(m): n for n, m in self.model.named_modules()}
         decoder_prefix = names[id(self.decoder)] + "." if names[id(self.decoder)] else ""

@@ -17,6 +17,7 @@ from typing import Callable
 
 from .checkpoint import INDEX, SINGLE, Checkpoint
 from .errors import ReapError
+from .layouts import Layout
 from .mask import Mask, check_fingerprint
 from .modelcard import pruned_card
 from .outdir import check_output, staged_output
@@ -60,6 +61,7 @@ class SurgeryPlan:
     moe_layers: list[int]
     dropped_layers: list[int] = field(default_factory=list)
     config_changes: dict[str, tuple] = field(default_factory=dict)
+    dropped_prefixes: list[str] = field(default_factory=list)  # MTP tensors outside the layer stack
 
     @property
     def total_size(self) -> int:
@@ -78,6 +80,7 @@ class ApplyResult:
     dropped_layers: list[int]
     config_changes: dict[str, tuple]
     skipped: list[str]
+    dropped_prefixes: list[str] = field(default_factory=list)
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -132,6 +135,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     seen_experts: dict[int, set[int]] = {l: set() for l in moe_layers}
     routers: dict[int, int] = {l: 0 for l in moe_layers}
     dropped_layers: set[int] = set()
+    dropped_prefixes: set[str] = set()
     per_shard: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
 
     for name, (shard, info) in tensors.items():
@@ -144,6 +148,11 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
             if mtp_count or role is not None:
                 dropped_layers.add(layer)
                 continue
+        mtp_prefix = next((p for p in layout.mtp_prefixes if name.startswith(p)), None)
+        if mtp_prefix is not None:
+            # MTP blocks stored outside the layer stack (Qwen3-Next's mtp.*) hold experts too
+            dropped_prefixes.add(mtp_prefix)
+            continue
         if role is None:
             per_shard[shard].append(OutTensor(name, info.dtype, info.shape, [(base + info.start, info.nbytes)]))
             continue
@@ -184,8 +193,8 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     for i, shard in enumerate(shards, 1):
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
 
-    config, changes = rewrite_config(ckpt, kept, bool(dropped_layers), mask.layers)
-    return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes)
+    config, changes = rewrite_config(ckpt, kept, bool(dropped_layers or dropped_prefixes), mask.layers)
+    return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes))
 
 
 def _check_groups(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> None:
@@ -218,8 +227,14 @@ def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
     changes: dict[str, tuple] = {}
     for prefix, d in targets:
         for key in ckpt.layout.num_experts_keys:
-            if isinstance(d.get(key), int) and d[key] != kept:
-                changes[prefix + key] = (d[key], kept)
+            value = d.get(key)
+            if isinstance(value, list):  # per-layer counts, all equal (Checkpoint.open checked)
+                new = [kept] * len(value)
+                if value != new:
+                    changes[prefix + key] = (value, new)
+                    d[key] = new
+            elif isinstance(value, int) and value != kept:
+                changes[prefix + key] = (value, kept)
                 d[key] = kept
         mtp = ckpt.layout.mtp_key
         if dropped_mtp and mtp and d.get(mtp):
@@ -285,10 +300,13 @@ def apply_mask(
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[SurgeryPlan], None] | None = None,
+    layout: Layout | None = None,
 ) -> ApplyResult:
-    """Write the pruned checkpoint to out_path; the output appears only once complete."""
+    """Write the pruned checkpoint to out_path; the output appears only once complete.
+
+    `layout` overrides the built-in layout chosen from config.json (a user's layout file)."""
     mask_path, out_path = Path(mask_path), Path(out_path)
-    ckpt = Checkpoint.open(ckpt_path)
+    ckpt = Checkpoint.open(ckpt_path, layout)
     check_output(ckpt.path, out_path, overwrite)
     plan = plan_surgery(ckpt, mask, mask_path)
     if on_plan:
@@ -317,4 +335,5 @@ def apply_mask(
         dropped_layers=plan.dropped_layers,
         config_changes=plan.config_changes,
         skipped=skipped,
+        dropped_prefixes=plan.dropped_prefixes,
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .errors import ReapError
+from .layouts import Layout
 
 
 @dataclass
@@ -24,9 +25,9 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(path: str | Path) -> VerifyReport:
+def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
     """Every defect found, not just the first; raises ReapError only when nothing can be read."""
-    ckpt = Checkpoint.open(path)
+    ckpt = Checkpoint.open(path, layout)
     report = VerifyReport(ckpt.path, shards=len(ckpt.shards), num_experts=ckpt.num_experts,
                           moe_layers=len(ckpt.moe_layers))
     try:

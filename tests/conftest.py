@@ -18,13 +18,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+class _Checkpoints(dict):
+    """Builds each fixture on first use, so a targeted test run builds only what it touches."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, key: str) -> Path:
+        if key == "single_file":
+            path = build("qwen3_moe", self.root / key, seed=1, single_file=True)
+        elif key in FAMILIES:
+            path = build(key, self.root / key)
+        else:
+            raise KeyError(key)
+        self[key] = path
+        return path
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """family -> checkpoint dir; plus 'single_file' (one model.safetensors, no index)."""
-    root = tmp_path_factory.mktemp("ckpts")
-    out = {family: build(family, root / family) for family in FAMILIES}
-    out["single_file"] = build("qwen3_moe", root / "single_file", seed=1, single_file=True)
-    return out
+    """family -> checkpoint dir (every family of fixtures.build.FAMILIES); plus 'single_file'
+    (one model.safetensors, no index). Built lazily, once per session."""
+    return _Checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
 def tree_hash(path: Path) -> dict[str, str]:

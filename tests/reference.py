@@ -7,13 +7,36 @@ from pathlib import Path
 import torch
 
 
+def model_class(path: Path):
+    """The class config.json names (architectures[0]): the multimodal class for Llama-4, so that
+    every tensor of the checkpoint has a place and none is missing."""
+    import json
+
+    import transformers
+
+    arch = (json.loads((Path(path) / "config.json").read_text()).get("architectures") or [None])[0]
+    return getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
+
+
 def load(path: Path, quantization_config=None):
     """fp32 model; a quantized checkpoint is loaded with `quantization_config` (e.g. dequantize=True)."""
-    from transformers import AutoModelForCausalLM
-
     extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **extra)
+    model, info = model_class(path).from_pretrained(path, dtype=torch.float32, output_loading_info=True, **extra)
+    # Parameters memory-mapped from a shard sit wherever the file puts them; some CPU kernels
+    # (grouped_mm for Granite's experts) round differently by address alignment. Fresh copies
+    # make the comparison one of values, as between two models built in memory.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     return model.eval(), info
+
+
+def decoder_layers(model):
+    """The decoder layer list (Llama4ForCausalLM.get_decoder() answers the wrapper itself)."""
+    for _, module in model.get_decoder().named_modules():
+        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList):
+            return module.layers
+    raise AssertionError(f"{type(model).__name__} has no layer list")
 
 
 def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantization_config=None):
@@ -25,7 +48,7 @@ def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantiz
     Independent of reapsurgery's layouts: the expert axis of every parameter is found by
     comparing the shapes of the full model with those of a model built for n_kept experts.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     full, _ = load(src, quantization_config)
     config = AutoConfig.from_pretrained(src)
@@ -37,7 +60,7 @@ def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantiz
             setattr(text, attr, n_kept)
     if hasattr(text, "num_nextn_predict_layers"):
         text.num_nextn_predict_layers = 0
-    small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    small = model_class(src)._from_config(config, dtype=torch.float32)
     target = small.state_dict()
     state = {}
     for name, tensor in full.state_dict().items():
@@ -55,4 +78,12 @@ def logits(model, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 12), generator=g)
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return text_model(model)(input_ids=ids).logits
+
+
+def text_model(model):
+    """What runs text: the model, or a multimodal model's language model. Llama4ForConditionalGeneration's
+    text-only forward fails in transformers 5.24 (its output object asks the language model's output
+    for 'image_outputs'); without images it only runs that language model, so run it directly."""
+    lm = getattr(model, "language_model", None)
+    return lm if lm is not None and hasattr(lm, "lm_head") else model

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from fixtures import build
 from reapsurgery.checkpoint import Checkpoint
 from tests.conftest import tree_hash
 from tests.helpers import cli, write_mask
@@ -18,7 +19,7 @@ MASKS = {
     "keep_half": lambda E, k: [0, 2, 5, 7],  # two per group of 4: valid for group-limited routers
     "keep_top_k": lambda E, k: [1, 6],  # top_k experts, one per group
 }
-FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "single_file"]
+FAMILIES = [*build.FAMILIES, "single_file"]
 
 
 def tensor_bytes(path, name) -> bytes:
@@ -37,8 +38,8 @@ def test_pruned_checkpoint_matches_in_memory_pruning(checkpoints, tmp_path, fami
     src = checkpoints[family]
     ckpt = Checkpoint.open(src)
     keep = MASKS[mask_name](ckpt.num_experts, ckpt.top_k)
-    if family == "deepseek_v3" and mask_name == "keep_top_k":
-        keep = [1, 2, 5, 6]  # this router needs two experts per group
+    if mask_name == "keep_top_k" and (ckpt.layout.n_group(ckpt.cfg) or 1) > 1:
+        keep = [1, 2, 5, 6]  # group-limited routers: top_k reachable through topk_group=1 group
     mask = write_mask(src, keep, tmp_path / "mask.json")
     before = tree_hash(src)
 
@@ -63,9 +64,8 @@ def test_every_output_tensor_is_a_byte_slice_of_the_input(checkpoints, tmp_path,
     expected: dict[str, bytes] = {}
     for name, path in inp.items():
         role = ckpt.layout.classify(name)
-        layer = ckpt.layout.layer_of(name)
-        if layer is not None and layer >= ckpt.num_hidden_layers:
-            continue  # MTP layer: dropped
+        if ckpt.layout.is_mtp(name, ckpt.num_hidden_layers):
+            continue  # MTP layer or mtp.* tensor: dropped
         if role is None:
             expected[name] = tensor_bytes(path, name)
         elif role.kind == "expert":
@@ -87,7 +87,7 @@ def test_keep_all_reproduces_every_tensor_byte_for_byte(checkpoints, tmp_path, f
     mask = write_mask(src, list(range(ckpt.num_experts)), tmp_path / "m.json")
     assert cli("apply", mask, src, tmp_path / "out", "-q").returncode == 0
     inp, out = all_tensors(src), all_tensors(tmp_path / "out")
-    decoder = {n for n in inp if (ckpt.layout.layer_of(n) or 0) < ckpt.num_hidden_layers}
+    decoder = {n for n in inp if not ckpt.layout.is_mtp(n, ckpt.num_hidden_layers)}
     assert set(out) == decoder
     for name in out:
         assert tensor_bytes(out[name], name) == tensor_bytes(inp[name], name), name

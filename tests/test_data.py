@@ -36,7 +36,10 @@ def as_set(data: CalibrationData) -> set[tuple[int, ...]]:
 
 
 def test_fixture_checkpoints_load_a_tokenizer_within_the_model_vocab(checkpoints):
-    for family, path in checkpoints.items():
+    from fixtures.build import FAMILIES
+
+    for family in [*FAMILIES, "single_file"]:
+        path = checkpoints[family]
         t = AutoTokenizer.from_pretrained(path)
         ids = t("Grüße, 世界! <|im_end|>")["input_ids"]
         assert t.bos_token and t.eos_token and t.pad_token and t.chat_template, family
