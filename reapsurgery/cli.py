@@ -98,6 +98,22 @@ def _plan_kwargs(opts: dict) -> dict:
                 preserve_outliers=opts["preserve_outliers"], pins=parse_pins(opts["pins"]), strict=opts["strict"])
 
 
+LAYOUT_HELP = ("A layout file (JSON, the fields of an entry of reapsurgery/layouts.json) describing the "
+               "checkpoint's MoE tensors, for a family reapsurgery does not know or to override the built-in one.")
+
+
+def layout_option(fn):
+    """Add --layout FILE to a command that opens a checkpoint."""
+    return click.option("--layout", "layout_file", type=click.Path(path_type=Path), metavar="FILE",
+                        help=LAYOUT_HELP)(fn)
+
+
+def _layout(path: Path | None):
+    from .layouts import load_layout_file
+
+    return load_layout_file(str(path)) if path is not None else None
+
+
 def _table(rows: list[tuple], indent: str = "  ") -> None:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -136,8 +152,9 @@ def _echo_plan(plan, table: bool = True) -> None:
 @plan_options
 @click.option("--ckpt", type=click.Path(path_type=Path),
               help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
+@layout_option
 @one_line_errors
-def plan(saliency: Path, output: Path, ckpt: Path | None, **opts) -> None:
+def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | None, **opts) -> None:
     """Choose the experts each MoE layer keeps from SALIENCY; write a mask.
 
     \b
@@ -158,7 +175,7 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, **opts) -> None:
     """
     from .plan import plan_from_files, save_mask
 
-    result = plan_from_files(saliency, ckpt, **_plan_kwargs(opts))
+    result = plan_from_files(saliency, ckpt, layout=_layout(layout_file), **_plan_kwargs(opts))
     save_mask(result.mask, output)
     _echo_plan(result)
     click.echo(f"wrote {output} (sha256 {result.mask.sha256})")
@@ -176,6 +193,8 @@ def _echo_preview(p: dict) -> None:
         click.echo(f"  config.json: {key} {old} -> {new}")
     if p["dropped_layers"]:
         click.echo(f"  would drop multi-token-prediction layers {p['dropped_layers']} (not run by transformers)")
+    for prefix in p.get("dropped_prefixes", []):
+        click.echo(f"  would drop multi-token-prediction tensors {prefix}* (not run by transformers)")
     click.echo(f"  would write: {' '.join(p['written'])}")
     if p["copied"]:
         click.echo(f"  would copy: {' '.join(p['copied'])}")
@@ -194,8 +213,10 @@ def _echo_preview(p: dict) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Print what would be written (shards, bytes, config changes) and write nothing, not even OUT.")
 @plan_options
+@layout_option
 @one_line_errors
-def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_run: bool, **opts) -> None:
+def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_run: bool,
+          layout_file: Path | None, **opts) -> None:
     """Write CKPT with only the experts MASK keeps into OUT.
 
     MASK_OR_SALIENCY is a mask.json, or a saliency.json together with --sparsity
@@ -214,13 +235,14 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
     from .saliency import is_saliency_file
     from .surgery import apply_mask
 
+    layout = _layout(layout_file)
     if is_saliency_file(mask):
         if opts["sparsity"] is None and opts["keep"] is None:
             raise ReapError(mask, "is a saliency file: pass --sparsity F or --keep N to choose how many experts "
                                   "to keep (or make a mask with `reapsurgery plan` first)")
         from .plan import plan_from_files
 
-        planned = plan_from_files(mask, ckpt, **_plan_kwargs(opts))
+        planned = plan_from_files(mask, ckpt, layout=layout, **_plan_kwargs(opts))
         chosen = planned.mask
     else:
         given = [flag for key, flag in PLAN_FLAGS.items() if opts[key] not in (None, False)]
@@ -233,7 +255,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
     if dry_run:
         from .inspect import apply_preview
 
-        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite)
+        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout)
         if planned:
             _echo_plan(planned)
         _echo_preview(preview)
@@ -256,7 +278,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
 
     try:
         result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite,
-                            progress=progress, on_plan=on_plan)
+                            progress=progress, on_plan=on_plan, layout=layout)
     finally:
         if bar is not None:
             bar.close()
@@ -269,18 +291,21 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
         click.echo(f"  config.json: {key} {old} -> {new}")
     if result.dropped_layers:
         click.echo(f"  dropped multi-token-prediction layers {result.dropped_layers} (not run by transformers)")
+    for prefix in result.dropped_prefixes:
+        click.echo(f"  dropped multi-token-prediction tensors {prefix}* (not run by transformers)")
     for path in result.skipped:
         click.echo(f"  not copied (weights reapsurgery does not prune): {path}")
 
 
 @main.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
+@layout_option
 @one_line_errors
-def verify(ckpt: Path) -> None:
+def verify(ckpt: Path, layout_file: Path | None) -> None:
     """Check that a checkpoint's index, shard headers, expert tensors and config agree."""
     from .verify import verify as run_verify
 
-    report = run_verify(ckpt)
+    report = run_verify(ckpt, _layout(layout_file))
     if not report.ok:
         for problem in report.problems:
             click.echo(f"error: {ckpt}: {problem}", err=True)
@@ -306,10 +331,11 @@ def verify(ckpt: Path) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@layout_option
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
               max_length: int, seed: int, batch_size: int, device: str, dtype: str, resume: bool,
-              trust_remote_code: bool, quiet: bool) -> None:
+              trust_remote_code: bool, quiet: bool, layout_file: Path | None) -> None:
     """Measure per-expert REAP saliency of CKPT on calibration text.
 
     Loads one decoder layer at a time from the shards into a transformers model built
@@ -330,7 +356,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     saliency = run_calibrate(
         ckpt, data.samples, batch_size=batch_size, device=device, dtype=dtype,
         state_dir=Path(f"{output}.resume"), resume=resume, trust_remote_code=trust_remote_code,
-        provenance=provenance, bar=partial(tqdm, disable=quiet),
+        provenance=provenance, bar=partial(tqdm, disable=quiet), layout=_layout(layout_file),
     )
     saliency.save(output)
     cal = saliency.calibration
@@ -442,6 +468,8 @@ def _echo_mask(f: dict) -> None:
             click.echo(f"config.json: {key} {old} -> {new}")
         if size["dropped_layers"]:
             click.echo(f"drops multi-token-prediction layers {size['dropped_layers']}")
+        for prefix in size.get("dropped_prefixes", []):
+            click.echo(f"drops multi-token-prediction tensors {prefix}*")
     click.echo("kept experts per layer:")
     _table([(f"{layer}:", " ".join(map(str, kept))) for layer, kept in f["layers"].items()])
 
@@ -476,8 +504,9 @@ def _echo_saliency(f: dict) -> None:
 @click.option("--method", type=click.Choice(METHODS), default="reap", show_default=True,
               help="For a saliency file: the score whose spread is shown.")
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON, for scripts.")
+@layout_option
 @one_line_errors
-def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool) -> None:
+def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layout_file: Path | None) -> None:
     """Describe a checkpoint, a saliency file or a mask.
 
     \b
@@ -494,11 +523,46 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool) -> No
 
     from .inspect import inspect_path
 
-    facts = inspect_path(path, ckpt, method)
+    facts = inspect_path(path, ckpt, method, _layout(layout_file))
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
     {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency}[facts["kind"]](facts)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the layouts' facts as JSON, for scripts.")
+def architectures(as_json: bool) -> None:
+    """List the MoE families reapsurgery knows, with the config keys each reads.
+
+    \b
+    A checkpoint's family is found from config.json: model_type (of the text config
+    where one is nested), then architectures[0]. For another family, describe its
+    MoE tensors in a layout file and pass it with --layout (see the README).
+    """
+    import json
+
+    from .layouts import describe_layouts
+
+    rows = describe_layouts()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+
+    def rule(r: dict) -> str:
+        parts = [f"{k}={v}" for k, v in r["moe_layers"].items()]
+        return ", ".join(parts) or "every layer"
+
+    table = [("model_type", "architectures", "expert count", "top-k", "MoE layers", "groups, MTP")]
+    for r in rows:
+        extra = []
+        if r["groups"]:
+            extra.append(f"{r['groups']['n_group']}/{r['groups']['topk_group']}")
+        if r["mtp_layers"]:
+            extra.append(r["mtp_layers"])
+        table.append((r["name"], " ".join(r["architectures"]), " ".join(r["num_experts"]), " ".join(r["top_k"]),
+                      rule(r), ", ".join(extra) or "-"))
+    _table(table, indent="")
 
 
 if __name__ == "__main__":

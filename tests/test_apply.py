@@ -196,3 +196,15 @@ def test_fallback_copies_are_identical(checkpoints, tmp_path, monkeypatch, disab
     apply_mask(load_mask(mask), mask, src, tmp_path / "fallback")
     for shard in (tmp_path / "kernel").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "fallback" / shard.name).read_bytes()
+
+
+def test_mtp_tensors_outside_the_layer_stack_are_dropped(checkpoints, tmp_path):
+    """Qwen3-Next keeps its multi-token-prediction block (with a full MoE) under mtp.*."""
+    src = checkpoints["qwen3_next"]
+    assert any(n.startswith("mtp.layers.0.mlp.experts.") for n in all_tensors(src))
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    r = cli("apply", mask, src, tmp_path / "dry", "--dry-run")
+    assert r.returncode == 0 and "would drop multi-token-prediction tensors mtp.*" in r.stdout
+    r = cli("apply", mask, src, tmp_path / "out", "-q")
+    assert r.returncode == 0 and "dropped multi-token-prediction tensors mtp.*" in r.stdout
+    assert not [n for n in all_tensors(tmp_path / "out") if n.startswith("mtp.")]

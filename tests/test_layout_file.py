@@ -1,0 +1,70 @@
+"""A family outside the built-in table, described by a layout file: every command that opens a
+checkpoint takes it with --layout, and the pruned checkpoint equals in-memory pruning."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import torch
+from click.testing import CliRunner
+
+from reapsurgery import layouts
+from reapsurgery.cli import main
+from reapsurgery.mask import load_mask
+from tests.reference import load, logits, pruned_in_memory
+
+FAMILY = "olmoe"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_layout_file_for_a_family_missing_from_the_builtin_table(checkpoints, tmp_path, monkeypatch):
+    src = checkpoints[FAMILY]
+    table = json.loads(resources.files("reapsurgery").joinpath("layouts.json").read_text())
+    layout_file = tmp_path / "my_layout.json"
+    layout_file.write_text(json.dumps({"name": "my-olmoe", **table[FAMILY]}))
+    builtin = layouts.builtin_layouts()
+    monkeypatch.setattr(layouts, "builtin_layouts", lambda: {k: v for k, v in builtin.items() if k != FAMILY})
+
+    r = run("inspect", src)
+    assert r.exit_code == 2
+    assert "unsupported architecture 'OlmoeForCausalLM'" in r.stderr and "--layout" in r.stderr
+    assert run("architectures").output.count(FAMILY) == 0
+
+    r = run("inspect", src, "--layout", layout_file)
+    assert r.exit_code == 0, r.output
+    assert "my-olmoe" in r.output
+
+    sal = tmp_path / "saliency.json"
+    r = run("calibrate", src, "-o", sal, "--num-samples", 4, "--max-length", 24, "--device", "cpu", "-q",
+            "--layout", layout_file)
+    assert r.exit_code == 0, r.output
+    mask = tmp_path / "mask.json"
+    r = run("plan", sal, "--keep", 4, "--ckpt", src, "-o", mask, "--layout", layout_file)
+    assert r.exit_code == 0, r.output
+    r = run("inspect", mask, "--ckpt", src, "--layout", layout_file)
+    assert r.exit_code == 0, r.output
+
+    out = tmp_path / "out"
+    assert run("apply", mask, src, out, "-q").exit_code == 2  # no layout: refused, nothing written
+    assert not out.exists()
+    assert run("apply", mask, src, tmp_path / "dry", "--dry-run", "--layout", layout_file).exit_code == 0
+    r = run("apply", mask, src, out, "-q", "--layout", layout_file)
+    assert r.exit_code == 0, r.output
+    assert run("verify", out, "--layout", layout_file).exit_code == 0
+
+    pruned, info = load(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    keep = load_mask(mask).layers
+    reference = pruned_in_memory(src, keep, 4)
+    assert torch.equal(logits(pruned), logits(reference))
+
+
+def test_unreadable_layout_file_is_one_line(checkpoints, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = run("inspect", checkpoints[FAMILY], "--layout", bad)
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {bad}: invalid JSON")
