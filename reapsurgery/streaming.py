@@ -19,6 +19,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from .checkpoint import Checkpoint
+from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from .errors import ReapError
 from .observe import IMPL_NAME
 
@@ -26,6 +27,7 @@ from .observe import IMPL_NAME
 def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model class for the checkpoint's config, with every tensor on the meta device."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    strip_quantization(config)  # built unquantized; quantized layers are dequantised as they are read
     config._experts_implementation = IMPL_NAME  # recurses into sub-configs
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -112,7 +114,7 @@ class StreamedModel:
         self.layers_prefix = names[id(self.layers)] + "."
         self.layer_keys: dict[int, list[str]] = {i: [] for i in range(len(self.layers))}
         self.outer_keys: list[str] = []
-        for key in ckpt.weight_map:
+        for key in logical_keys(ckpt):  # a quantized weight's scales are read with it
             target, _ = self.converter.target(key)
             if target.startswith(self.layers_prefix):
                 i = int(target[len(self.layers_prefix):].split(".")[0])
@@ -156,7 +158,7 @@ class StreamedModel:
 
     def _convert(self, keys: list[str], what: str) -> dict[str, torch.Tensor]:
         try:
-            converted = self.converter.convert(read_tensors(self.ckpt, keys))
+            converted = self.converter.convert(read_layer_tensors(self.ckpt, keys))
         except KeyError as e:
             raise ReapError(self.ckpt.path, f"{what}: checkpoint tensor {e} has no place in the model") from None
         return {k: v.to(self.device) for k, v in converted.items()}

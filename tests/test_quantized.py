@@ -297,3 +297,40 @@ def test_block_quantized_router_spanning_experts_refused(checkpoints, tmp_path):
     r = cli("apply", write_mask(src, [0, 3, 4, 6], tmp_path / "m.json"), src, tmp_path / "out", "-q")
     assert r.returncode != 0 and "re-quantizing the router" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- calibration on quantized checkpoints ------------------------------------------
+
+def _dequantised_twin(src, dst, quantization_config):
+    """The quantized checkpoint as transformers dequantises it, saved unquantized."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model, _ = load(src, quantization_config)
+    config = AutoConfig.from_pretrained(src)
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.save_pretrained(dst, max_shard_size="24KB")
+    return dst
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "gpt_oss_mxfp4"])
+def test_calibration_on_quantized_equals_dequantised_twin(fp8, mxfp4, tmp_path, family):
+    from reapsurgery.calibrate import calibrate
+    from reapsurgery.streaming import StreamedModel
+    from tests.test_calibrate import assert_stats_close, texts
+
+    src, qc = (mxfp4, mxfp4_dequantize()) if family == "gpt_oss_mxfp4" else (fp8[family], fp8_dequantize())
+    twin = _dequantised_twin(src, tmp_path / "twin", qc)
+    loaded: list[set] = []
+
+    def on_layer(i, streamed: StreamedModel):
+        loaded.append({n for n, p in streamed.layers[i].named_parameters()})
+        assert all(p.dtype == torch.float32 for p in streamed.layers[i].parameters())
+
+    samples = texts()
+    q = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", on_layer=on_layer)
+    t = calibrate(twin, samples, batch_size=2, device="cpu", dtype="float32")
+    assert q.model == t.model
+    assert_stats_close(q.layers, {k: v.to_json() for k, v in t.layers.items()})
+    assert not any("scale" in n or n.endswith(("_blocks", "_scales")) for names in loaded for n in names)
