@@ -53,3 +53,27 @@ def test_both_forms_calibrate_to_the_same_saliency(checkpoints, tmp_path):
     b = calibrate(stacked, texts(), batch_size=2, device="cpu", dtype="float32")
     assert a.model == b.model
     assert {l: s.to_json() for l, s in a.layers.items()} == {l: s.to_json() for l, s in b.layers.items()}
+
+
+def test_llama4_text_only_checkpoint(tmp_path):
+    """Llama4ForCausalLM saves the text model alone: model.layers.*, model_type llama4_text."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from fixtures.build import FAMILIES, perturb, save_tokenizer
+
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig(**FAMILIES["llama4"]["text_config"]))
+    perturb(model, 0)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="24KB")
+    save_tokenizer(src)
+    ckpt = Checkpoint.open(src)
+    assert ckpt.layout.name == "llama4" and ckpt.fingerprint()["model_type"] == "llama4_text"
+    assert any(n.startswith("model.layers.1.feed_forward.experts.") for n in ckpt.weight_map)
+    keep = [1, 3, 4, 6]
+    r = cli("apply", write_mask(src, keep, tmp_path / "m.json"), src, tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+    pruned, info = load(tmp_path / "out")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    reference = pruned_in_memory(src, {l: keep for l in ckpt.moe_layers}, len(keep))
+    assert torch.equal(logits(pruned), logits(reference))
