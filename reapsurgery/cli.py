@@ -438,9 +438,19 @@ def _echo_sizes(columns: list[tuple[str, dict]]) -> None:
 ACTIVE_NOTE = "(params: stored tensor elements; active: non-expert + top_k/E of routed-expert params, mtp excluded)"
 
 
+def _quant(q: dict | None) -> str:
+    if not q:
+        return "none"
+    details = [str(q[k]) for k in ("fmt", "format", "quant_algo") if q.get(k)]
+    if q.get("weight_block_size"):
+        details.append("blocks " + "x".join(map(str, q["weight_block_size"])))
+    return f"{q.get('method')}" + (f" ({', '.join(details)})" if details else "")
+
+
 def _echo_checkpoint(f: dict) -> None:
     _table([("checkpoint", f["path"]), ("layout", f"{f['layout']}, {f['shards']} shard(s)"),
-            *_model_rows(f["model"], f["topk_group"])], indent="")
+            *_model_rows(f["model"], f["topk_group"]),
+            ("quantization", _quant(f.get("quantization")))], indent="")
     click.echo("size:")
     _echo_sizes([("", f["size"])])
     click.echo(ACTIVE_NOTE)
@@ -463,6 +473,9 @@ def _echo_mask(f: dict) -> None:
     if size:
         click.echo(f"size, applied to {size['checkpoint']}:")
         _echo_sizes([("before", size["before"]), ("after", size["after"])])
+        if "bytes_saved" in size:
+            click.echo(f"bytes saved: {_human(size['bytes_saved'])}" + (
+                f" (in its own format, {_quant(size['quantization'])})" if size.get("quantization") else ""))
         click.echo(ACTIVE_NOTE)
         for key, (old, new) in size["config_changes"].items():
             click.echo(f"config.json: {key} {old} -> {new}")

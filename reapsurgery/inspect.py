@@ -30,6 +30,7 @@ from .errors import ReapError
 from .layouts import Layout
 from .mask import MASK_FORMAT, Mask, load_mask
 from .plan import expert_scores, super_experts
+from .quant import quantization_info
 from .saliency import SALIENCY_FORMAT, Saliency, load_saliency
 
 CATEGORIES = ("routed_experts", "routers", "mtp", "other")
@@ -94,6 +95,7 @@ def inspect_checkpoint(path: str | Path, layout: Layout | None = None) -> dict[s
         "topk_group": ckpt.layout.topk_group(ckpt.cfg),
         "dense_layers": [l for l in range(ckpt.num_hidden_layers) if l not in set(fp["moe_layers"])],
         "shards": len(ckpt.shards),
+        "quantization": quantization_info(ckpt.config, ckpt.path),
         "size": checkpoint_account(ckpt),
     }
 
@@ -141,6 +143,8 @@ def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, layout: 
         "before": before,
         "after": after,
         "shards_after": len(plan.shards),
+        "bytes_saved": before["bytes"] - after["bytes"],
+        "quantization": quantization_info(ckpt.config, ckpt.path),
         "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
         "dropped_layers": plan.dropped_layers,
         "dropped_prefixes": plan.dropped_prefixes,

@@ -334,3 +334,22 @@ def test_calibration_on_quantized_equals_dequantised_twin(fp8, mxfp4, tmp_path, 
     assert q.model == t.model
     assert_stats_close(q.layers, {k: v.to_json() for k, v in t.layers.items()})
     assert not any("scale" in n or n.endswith(("_blocks", "_scales")) for names in loaded for n in names)
+
+
+def test_inspect_reports_quantization_and_bytes_saved(fp8, mxfp4, checkpoints, tmp_path):
+    src = fp8["deepseek_v3"]
+    r = cli("inspect", src, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["quantization"] == {"method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    assert json.loads(cli("inspect", mxfp4, "--json").stdout)["quantization"] == {"method": "mxfp4"}
+    assert json.loads(cli("inspect", checkpoints["qwen3_moe"], "--json").stdout)["quantization"] is None
+    assert "quantization    fp8 (e4m3, blocks 128x128)" in cli("inspect", src).stdout
+
+    mask = write_mask(src, [1, 2, 5, 6], tmp_path / "m.json")
+    size = json.loads(cli("inspect", mask, "--ckpt", src, "--json").stdout)["size"]
+    assert cli("apply", mask, src, tmp_path / "out", "-q").returncode == 0
+    written = sum(info.nbytes for _, info in output_tensors(tmp_path / "out").values())
+    before = sum(info.nbytes for _, info in output_tensors(src).values())
+    assert size["bytes_saved"] == before - written > 0
+    assert size["quantization"]["method"] == "fp8"
+    assert "bytes saved: " in cli("inspect", mask, "--ckpt", src).stdout
