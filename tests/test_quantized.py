@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fixtures.quantize import build_gpt_oss_for_mxfp4, to_fp8_block, to_mxfp4
+from fixtures.quantize import build_gpt_oss_for_mxfp4, to_compressed_tensors, to_fp8_block, to_mxfp4
 from reapsurgery.checkpoint import Checkpoint
 from tests.conftest import tree_hash
 from tests.helpers import cli, write_mask
@@ -353,3 +353,58 @@ def test_inspect_reports_quantization_and_bytes_saved(fp8, mxfp4, checkpoints, t
     assert size["bytes_saved"] == before - written > 0
     assert size["quantization"]["method"] == "fp8"
     assert "bytes saved: " in cli("inspect", mask, "--ckpt", src).stdout
+
+
+# -- compressed-tensors (llm-compressor output), made with the compressed-tensors library ----
+
+CT_CASES = [("qwen3_moe", "W4A16"), ("deepseek_v3", "W4A16"), ("mixtral", "FP8_DYNAMIC"), ("deepseek_v3", "FP8_DYNAMIC")]
+
+
+def ct_dequantize():
+    from transformers import CompressedTensorsConfig
+
+    return CompressedTensorsConfig(dequantize=True)
+
+
+@pytest.fixture(scope="session")
+def compressed(checkpoints, tmp_path_factory) -> dict:
+    pytest.importorskip("compressed_tensors")
+    root = tmp_path_factory.mktemp("ct")
+    return {(f, s): to_compressed_tensors(checkpoints[f], root / f"{f}-{s}", s) for f, s in CT_CASES}
+
+
+def test_compressed_tensors_fixture_layout(compressed):
+    t = output_tensors(compressed[("qwen3_moe", "W4A16")])
+    p = "model.layers.1.mlp.experts.3.up_proj."
+    assert (t[p + "weight_packed"][1].dtype, t[p + "weight_packed"][1].shape) == ("I32", (16, 4))  # 32 int4 per row
+    assert t[p + "weight_scale"][1].shape == (16, 2) and t[p + "weight_shape"][1].dtype == "I64"
+    assert t[p + "weight_packed"][0] != t[p + "weight_scale"][0]
+    assert p + "weight" not in t and t["model.layers.1.mlp.gate.weight"][1].dtype == "F32"
+    qc = json.loads((compressed[("qwen3_moe", "W4A16")] / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert "model.layers.1.mlp.gate" in qc["ignore"]
+    t = output_tensors(compressed[("mixtral", "FP8_DYNAMIC")])
+    assert t["model.layers.1.block_sparse_moe.experts.3.w1.weight"][1].dtype == "F8_E4M3"
+    assert t["model.layers.1.block_sparse_moe.experts.3.w1.weight_scale"][1].shape == (16, 1)
+
+
+@pytest.mark.parametrize("case", CT_CASES, ids=lambda c: "-".join(c))
+def test_compressed_tensors_pruned_checkpoint_matches_in_memory_pruning(compressed, tmp_path, case):
+    src = compressed[case]
+    ckpt = Checkpoint.open(src)
+    keep = KEEP[case[0]]
+    r = cli("apply", write_mask(src, keep, tmp_path / "mask.json"), src, tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == \
+        json.loads((src / "config.json").read_text())["quantization_config"]
+    expected = expected_output_bytes(src, keep)
+    got = output_tensors(out)
+    assert set(got) == set(expected)
+    for name, (path, _) in got.items():
+        assert hashlib.sha256(tensor_bytes(path, name)).digest() == hashlib.sha256(expected[name]).digest(), name
+
+    pruned, info = load(out, ct_dequantize())
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    reference = pruned_in_memory(src, {l: keep for l in ckpt.moe_layers}, len(keep), ct_dequantize())
+    assert torch.equal(logits(pruned), logits(reference))
