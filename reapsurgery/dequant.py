@@ -9,6 +9,9 @@ companions never reach the model. Nothing else of the checkpoint is ever dequant
   expanded over `weight_block_size` blocks (edge blocks cut, as the FP8 kernels compute).
 - MXFP4 (gpt-oss): `X_blocks` + `X_scales` -> `X`, with transformers' own
   `convert_moe_packed_tensors`.
+- compressed-tensors (llm-compressor): `X.weight_packed` or `X.weight` with `X.weight_scale`,
+  `X.weight_zero_point`, `X.weight_shape`, ... -> `X.weight`, with the `compressed-tensors`
+  library's own decompressor for the module's format and scheme (the library must be installed).
 
 Activation quantization (static FP8 input scales, NVFP4 input scales) is not simulated: the
 weights are what the quantized model holds, the activations stay in the compute dtype.
@@ -25,8 +28,9 @@ from safetensors import safe_open
 from .checkpoint import Checkpoint
 from .errors import ReapError
 
-SUPPORTED = ("fp8", "mxfp4")
-ACTIVATION_COMPANIONS = ("input_scale", "activation_scale")
+SUPPORTED = ("fp8", "mxfp4", "compressed-tensors")
+ACTIVATION_COMPANIONS = ("input_scale", "activation_scale", "input_global_scale", "input_zero_point", "output_scale")
+CT_COMPANIONS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale")
 
 
 def quantization_config(config: dict) -> dict | None:
@@ -53,6 +57,7 @@ class Dequantizer:
     block: tuple[int, int] | None
     # logical (full-precision) key -> the checkpoint keys it is made from, the quantized one first
     sources: dict[str, list[str]] = field(default_factory=dict)
+    qc: dict = field(default_factory=dict)
 
     @classmethod
     def for_checkpoint(cls, ckpt: Checkpoint) -> "Dequantizer | None":
@@ -67,8 +72,22 @@ class Dequantizer:
         block = tuple(qc["weight_block_size"]) if method == "fp8" and qc.get("weight_block_size") else None
         keys = set(ckpt.weight_map)
         sources: dict[str, list[str]] = {}
+        if method == "compressed-tensors":
+            try:
+                import compressed_tensors  # noqa: F401
+            except ImportError:
+                raise ReapError(ckpt.path / "config.json", "calibrating a compressed-tensors checkpoint needs the "
+                                "compressed-tensors library: pip install compressed-tensors") from None
         for key in sorted(keys):
-            if method == "fp8":
+            if method == "compressed-tensors":
+                module, _, leaf = key.rpartition(".")
+                if leaf in CT_COMPANIONS + ACTIVATION_COMPANIONS and (f"{module}.weight" in keys or f"{module}.weight_packed" in keys):
+                    continue
+                if leaf in ("weight", "weight_packed") and f"{module}.weight_scale" in keys:
+                    sources[f"{module}.weight"] = [key] + [f"{module}.{c}" for c in CT_COMPANIONS if f"{module}.{c}" in keys]
+                else:
+                    sources[key] = [key]
+            elif method == "fp8":
                 if key.endswith("_scale_inv"):
                     if key.removesuffix("_scale_inv") not in keys:
                         raise ReapError(ckpt.path, f"scale {key!r} has no weight {key.removesuffix('_scale_inv')!r}")
@@ -86,7 +105,7 @@ class Dequantizer:
                     sources[base] = [key, base + "_scales"]
                 else:
                     sources[key] = [key]
-        return cls(method, block, sources)
+        return cls(method, block, sources, qc)
 
     def make(self, key: str, raw: dict[str, torch.Tensor]) -> torch.Tensor:
         names = self.sources[key]
@@ -94,9 +113,36 @@ class Dequantizer:
             return raw[names[0]]
         if self.method == "fp8":
             return dequantize_fp8_block(raw[names[0]], raw[names[1]], self.block)
+        if self.method == "compressed-tensors":
+            return self._decompress(key, {n.rpartition(".")[2]: raw[n] for n in names})
         from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
         return convert_moe_packed_tensors(raw[names[0]], raw[names[1]], dtype=torch.float32)
+
+    def _decompress(self, key: str, local: dict[str, torch.Tensor]) -> torch.Tensor:
+        """compressed-tensors: the library's own decompressor for the module's format and scheme."""
+        from compressed_tensors.compressors import BaseCompressor
+
+        scheme = _ct_scheme(self.qc, key.removesuffix(".weight"))
+        compressor = BaseCompressor.get_value_from_registry(scheme.format or self.qc.get("format"))
+        return compressor.decompress(local, scheme)["weight"].to(torch.float32)
+
+
+def _ct_scheme(qc: dict, module: str):
+    """The config group that quantizes `module`: one whose `re:` targets match it, else one
+    targeting a class (Linear), as compressed-tensors assigns them."""
+    import re
+
+    from compressed_tensors.quantization import QuantizationScheme
+
+    groups = list((qc.get("config_groups") or {}).values())
+    for group in groups:
+        if any(t.startswith("re:") and re.match(t[3:], module) for t in group.get("targets", [])):
+            return QuantizationScheme.model_validate(group)
+    for group in groups:
+        if any(not t.startswith("re:") for t in group.get("targets", [])):
+            return QuantizationScheme.model_validate(group)
+    raise ReapError(None, f"no compressed-tensors config group covers {module!r}")
 
 
 def dequantize_fp8_block(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:

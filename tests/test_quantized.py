@@ -314,13 +314,20 @@ def _dequantised_twin(src, dst, quantization_config):
     return dst
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "gpt_oss_mxfp4"])
-def test_calibration_on_quantized_equals_dequantised_twin(fp8, mxfp4, tmp_path, family):
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "gpt_oss_mxfp4", "ct-qwen3_moe-W4A16",
+                                    "ct-deepseek_v3-FP8_DYNAMIC"])
+def test_calibration_on_quantized_equals_dequantised_twin(request, fp8, mxfp4, tmp_path, family):
     from reapsurgery.calibrate import calibrate
     from reapsurgery.streaming import StreamedModel
     from tests.test_calibrate import assert_stats_close, texts
 
-    src, qc = (mxfp4, mxfp4_dequantize()) if family == "gpt_oss_mxfp4" else (fp8[family], fp8_dequantize())
+    if family.startswith("ct-"):
+        _, fam, scheme = family.split("-")
+        src, qc = request.getfixturevalue("compressed")[(fam, scheme)], ct_dequantize()
+    elif family == "gpt_oss_mxfp4":
+        src, qc = mxfp4, mxfp4_dequantize()
+    else:
+        src, qc = fp8[family], fp8_dequantize()
     twin = _dequantised_twin(src, tmp_path / "twin", qc)
     loaded: list[set] = []
 
@@ -408,3 +415,18 @@ def test_compressed_tensors_pruned_checkpoint_matches_in_memory_pruning(compress
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     reference = pruned_in_memory(src, {l: keep for l in ckpt.moe_layers}, len(keep), ct_dequantize())
     assert torch.equal(logits(pruned), logits(reference))
+
+
+def test_calibration_refuses_a_quantization_it_cannot_dequantise(fp8, tmp_path):
+    import shutil
+
+    from reapsurgery.calibrate import calibrate
+    from reapsurgery.errors import ReapError
+
+    src = tmp_path / "src"
+    shutil.copytree(fp8["qwen3_moe"], src)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ReapError, match="cannot dequantise quant_method 'gptq'"):
+        calibrate(src, [[1, 2, 3]], device="cpu", dtype="float32")
