@@ -430,3 +430,41 @@ def test_calibration_refuses_a_quantization_it_cannot_dequantise(fp8, tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(ReapError, match="cannot dequantise quant_method 'gptq'"):
         calibrate(src, [[1, 2, 3]], device="cpu", dtype="float32")
+
+
+def test_fp8_block_dequantisation_follows_the_block_definition():
+    """Edge blocks are cut, not stretched: weight[i, j] * scale_inv[i // bo, j // bi]."""
+    from reapsurgery.dequant import dequantize_fp8_block
+
+    from fixtures.quantize import fp8_block_quantize
+
+    g = torch.Generator().manual_seed(0)
+    for shape, block in [((40, 72), (16, 32)), ((200, 136), (128, 128)), ((3, 8, 20), (8, 8))]:
+        w = torch.randn(*shape, generator=g)
+        if w.dim() == 3:
+            pairs = [fp8_block_quantize(x, block) for x in w]
+            q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        else:
+            q, s = fp8_block_quantize(w, block)
+        got = dequantize_fp8_block(q, s, block)
+        want = torch.empty(q.shape)
+        for idx in torch.cartesian_prod(*[torch.arange(n) for n in q.shape]).tolist():
+            *lead, i, j = idx
+            want[tuple(idx)] = q[tuple(idx)].float() * s[(*lead, i // block[0], j // block[1])]
+        assert torch.equal(got, want), shape
+        assert (got - w).abs().max() <= 0.07 * w.abs().max()
+
+
+def test_calibration_on_fp8_with_small_blocks_equals_dequantised_twin(checkpoints, tmp_path):
+    """16x16 blocks give real scale grids (and edge blocks: kv_a_proj_with_mqa has 24 rows)."""
+    from fixtures.quantize import dequantized_twin
+    from reapsurgery.calibrate import calibrate
+    from tests.test_calibrate import assert_stats_close, texts
+
+    src = to_fp8_block(checkpoints["deepseek_v3"], tmp_path / "fp8", block=(16, 16))
+    t = output_tensors(src)
+    assert t["model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv"][1].shape == (2, 2)
+    twin = dequantized_twin(src, tmp_path / "twin")
+    q = calibrate(src, texts(), batch_size=2, device="cpu", dtype="float32")
+    d = calibrate(twin, texts(), batch_size=2, device="cpu", dtype="float32")
+    assert_stats_close(q.layers, {k: v.to_json() for k, v in d.layers.items()})
