@@ -1,0 +1,853 @@
+#!/usr/bin/env python
+"""Benchmark `reapsurgery calibrate`: peak RSS against the checkpoint size, wall time against
+what a user does without it (from_pretrained + one plain forward pass over the same tokens).
+
+One run does this and prints a table, then one JSON line (the last line of stdout):
+
+1. Builds a real, random-weight Qwen3-MoE checkpoint (16 layers x 64 experts, top-4,
+   per-expert tensor names as transformers saves them, shards of at most 1 GB as
+   save_pretrained(max_shard_size="1GB") cuts them) of about --size-gb GiB in --dtype
+   (default float32, see below). It is not built in memory: the config comes from
+   AutoConfig.for_model("qwen3_moe", ...), the tensor names are checked against a tiny
+   model that transformers builds and saves itself, and the big one is written shard by
+   shard with safetensors save_file (weights N(0, 0.02), norms 1). The baseline run
+   below loads it with from_pretrained and fails on any missing/unexpected tensor.
+2. Writes --samples rows of --tokens random token ids (seeded) to tokens.jsonl, so no
+   tokenizer is needed and every sample has the same length (no padding anywhere).
+3. Times, in separate processes started the same way (wall from process start, peak
+   RSS of that process alone via GNU time, see bench_apply.run_measured), alternating
+   which goes first, --repeat times, page cache warmed before each:
+     calibrate: reapsurgery calibrate CKPT -o sal.json --dataset tokens.jsonl
+                --num-samples N --max-length T --device cpu --dtype D --batch-size 8 -q
+     baseline:  AutoModelForCausalLM.from_pretrained(CKPT, dtype=D) and one forward pass
+                over the same samples in the same batches of 8 (use_cache=False; only the
+                last position's logits, logits_to_keep=1, since calibrate computes no
+                logits; --full-logits computes them all).
+4. Reports calibrate peak RSS / checkpoint size (target <= 0.25) and calibrate wall /
+   baseline wall (target <= 1.3). If a target is missed (or --profile always), runs the
+   same calibrate command once more in-process with timers wrapped around reapsurgery's
+   phases (skeleton, shard reads, conversion, layer forward, experts, observer, state
+   save) and an RSS sampler, and prints where the time and the peak memory go.
+
+    python benchmarks/bench_calibrate.py                       # ~4 GiB float32, 16 x 256 tokens
+    python benchmarks/bench_calibrate.py --size-gb 1 --repeat 1 --profile never
+
+Why float32 by default: on CPUs without AVX512-BF16/AMX, PyTorch's bfloat16 GEMM is one to
+two orders of magnitude slower than float32 (the machine line prints both rates, measured;
+0.9 vs ~130 GFLOP/s on a 2-core AMD EPYC VM), so a bfloat16 forward of a 4 GiB model takes
+far too long on such a machine. --dtype bfloat16 builds the checkpoint and runs both
+processes in bfloat16 (half the build cost and disk) where the CPU has bfloat16 GEMMs.
+Both wall times include Python start-up and imports. Sizes are GiB (2**30 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+
+from bench_apply import (  # noqa: E402  (same directory; light: no torch at import)
+    GiB, MiB, TIME, dir_bytes, fs_sync, machine_info, med, reapsurgery_cmd, run_measured, synth_layer, warm,
+)
+
+LAYERS = 16
+# Qwen3-MoE-shaped: 64 experts, top-4; moe_intermediate_size is solved for the size asked.
+ARCH = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+            intermediate_size=3072, num_experts=64, num_experts_per_tok=4, vocab_size=32768,
+            max_position_embeddings=4096, tie_word_embeddings=False, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[], initializer_range=0.02, rms_norm_eps=1e-6)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+SHARD_BYTES = 10**9  # save_pretrained's "1GB"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+           TQDM_DISABLE="1")
+RSS_TARGET = 0.25
+WALL_TARGET = 1.3
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def tensor_order(c: dict, layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a Qwen3-MoE checkpoint as transformers saves it, in module order."""
+    H, V = c["hidden_size"], c["vocab_size"]
+    order = [("model.embed_tokens.weight", (V, H))]
+    for L in range(layers):
+        order += synth_layer(L, c)
+    order += [("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
+    return order
+
+
+def arch_for(size_gib: float, dtype: str, layers: int = LAYERS) -> dict:
+    """ARCH with moe_intermediate_size (a multiple of 16) chosen so the weights are ~size_gib."""
+    c = dict(ARCH, moe_intermediate_size=16)
+    nbytes = DTYPE_BYTES[dtype]
+    base = sum(math.prod(s) for _, s in tensor_order(c, layers))
+    per_unit = layers * 3 * c["num_experts"] * c["hidden_size"]  # params per unit of moe_intermediate_size
+    want = size_gib * GiB / nbytes
+    units = max(16, round((want - base + 16 * per_unit) / per_unit / 16) * 16)
+    return dict(ARCH, moe_intermediate_size=units)
+
+
+def shard_plan(order, nbytes: int, limit: int = SHARD_BYTES) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Split in module order like save_pretrained: a new shard when the next tensor would overflow."""
+    shards: list[list] = [[]]
+    cur = 0
+    for name, shape in order:
+        n = nbytes * math.prod(shape)
+        if shards[-1] and cur + n > limit:
+            shards.append([])
+            cur = 0
+        shards[-1].append((name, shape))
+        cur += n
+    return shards
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")
+
+
+def check_names_against_transformers(work: Path) -> str:
+    """A tiny Qwen3-MoE built and saved by transformers itself has exactly our names and shapes."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tiny = dict(ARCH, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                vocab_size=128)
+    cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2, **tiny)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    out = work / "tiny-names"
+    model.save_pretrained(out)
+    got = {}
+    for p in sorted(out.glob("*.safetensors")):
+        with safe_open(p, "pt") as f:
+            for k in f.keys():
+                got[k] = tuple(f.get_slice(k).get_shape())
+    ours = dict(tensor_order(tiny, 2))
+    shutil.rmtree(out)
+    if got != ours:
+        only_t = sorted(set(got) - set(ours))[:4]
+        only_o = sorted(set(ours) - set(got))[:4]
+        bad = [k for k in set(got) & set(ours) if got[k] != ours[k]][:4]
+        raise SystemExit(f"tensor names differ from transformers' save_pretrained: only there {only_t}, "
+                         f"only here {only_o}, shapes {bad}")
+    return f"names/shapes equal to transformers' save_pretrained of a tiny model ({len(got)} tensors)"
+
+
+def helper_build(out: str, size_gib: float, dtype: str, seed: int) -> None:
+    """Child process: write the checkpoint shard by shard; prints a JSON description."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    names_check = check_names_against_transformers(out.parent)
+    c = arch_for(size_gib, dtype)
+    cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=LAYERS, dtype=dtype, **c)
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    cfg.save_pretrained(out)
+    tdt = getattr(torch, dtype)
+    nbytes = DTYPE_BYTES[dtype]
+    order = tensor_order(c, LAYERS)
+    shards = shard_plan(order, nbytes)
+    g = torch.Generator().manual_seed(seed)
+    std = c["initializer_range"]
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        data = {}
+        for name, shape in tensors:
+            if _is_norm(name):
+                t = torch.ones(shape, dtype=tdt)
+            else:
+                t = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=g).to(tdt)
+            data[name] = t
+            weight_map[name] = fname
+            total += t.numel() * nbytes
+        save_file(data, str(out / fname), metadata={"format": "pt"})
+        del data
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# random Qwen3-MoE (bench_calibrate.py)\n")
+    Path(f"{out}.build.json").write_text(json.dumps({"arch": c, "layers": LAYERS, "shards": len(shards),
+                                                    "tensor_bytes": total, "tensors": len(order),
+                                                    "names_check": names_check}))
+
+
+def write_tokens(path: Path, samples: int, tokens: int, vocab: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(samples):
+            f.write(json.dumps({"input_ids": [rnd.randrange(vocab) for _ in range(tokens)]}) + "\n")
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def _now_rss() -> dict:
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[k] = int(v.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def helper_baseline(ckpt: str, data: str, dtype: str, batch: int, num: int, length: int, seed: int,
+                    full_logits: bool, out_json: str) -> None:
+    """Child process: from_pretrained + one forward pass over the calibration samples."""
+    t0 = time.perf_counter()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reapsurgery.data import load_samples  # the very samples, order and batches calibrate uses
+
+    t_import = time.perf_counter()
+    samples = load_samples(data, ckpt, num_samples=num, max_length=length, seed=seed).samples
+    model, info = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), output_loading_info=True)
+    model.eval()
+    problems = {k: v for k, v in info.items() if v}  # missing, unexpected, mismatched keys, errors
+    if problems:
+        raise SystemExit(f"from_pretrained did not load the checkpoint cleanly: {str(problems)[:500]}")
+    t_load = time.perf_counter()
+    rss_loaded = _now_rss()
+    finite = True
+    with torch.no_grad():
+        for s in range(0, len(samples), batch):
+            chunk = samples[s:s + batch]
+            width = max(len(x) for x in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            am = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, x in enumerate(chunk):
+                ids[i, :len(x)] = torch.tensor(x)
+                am[i, :len(x)] = 1
+            out = model(input_ids=ids, attention_mask=am, use_cache=False, logits_to_keep=0 if full_logits else 1)
+            finite = finite and bool(torch.isfinite(out.logits).all())
+    t_fwd = time.perf_counter()
+    Path(out_json).write_text(json.dumps({
+        "import_s": t_import - t0, "load_s": t_load - t_import, "forward_s": t_fwd - t_load,
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "rss_after_load_mib": rss_loaded.get("VmRSS"), "finite_logits": finite,
+        "tokens": sum(len(x) for x in samples),
+    }))
+
+
+def _shard_rss_mib() -> float:
+    """Resident pages of mapped *.safetensors files (safetensors' get_tensor returns mmap-backed tensors)."""
+    total, cur = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    cur = line.rstrip().endswith(".safetensors")
+                elif cur and head == "Rss:":
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total / 1024
+
+
+class _Timers:
+    """Inclusive wall time per named phase, plus an RSS sampler that attributes the peak to a phase."""
+
+    def __init__(self):
+        self.t: dict[str, list] = {}
+        self.stack: list[str] = ["start-up"]
+        self.peak = {"VmRSS": 0.0}
+        self.peak_phase = ""
+        self.layer_rss: list[dict] = []
+        self.mem: dict = {}
+        self._stop = False
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop:
+            r = _now_rss()
+            if r.get("VmRSS", 0) > self.peak["VmRSS"]:
+                self.peak, self.peak_phase = r, " > ".join(self.stack[-3:])
+            time.sleep(0.002)
+
+    def wrap(self, owner, attr: str, label: str, after=None):
+        fn = getattr(owner, attr, None)
+        if fn is None:  # reapsurgery changed: time what is still there
+            return None
+
+        def timed(*a, **k):
+            self.stack.append(label)
+            t = time.perf_counter()
+            try:
+                res = fn(*a, **k)
+            finally:
+                e = self.t.setdefault(label, [0.0, 0])
+                e[0] += time.perf_counter() - t
+                e[1] += 1
+                self.stack.pop()
+            if after:
+                after(a, k, res)
+            return res
+
+        setattr(owner, attr, timed)
+        return fn
+
+
+def _storage_bytes(objs) -> int:
+    """Bytes of the distinct tensor storages reachable in nested tuples/lists/dicts."""
+    import torch
+
+    seen, total = set(), 0
+
+    def walk(o):
+        nonlocal total
+        if isinstance(o, torch.Tensor):
+            if o.is_meta:
+                return
+            key = o.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += o.untyped_storage().nbytes()
+        elif isinstance(o, (list, tuple)):
+            for x in o:
+                walk(x)
+        elif isinstance(o, dict):
+            for x in o.values():
+                walk(x)
+
+    walk(objs)
+    return total
+
+
+def helper_profile(cli_args: list[str], out_json: str, cprofile: str | None) -> None:
+    """Child process: the same `reapsurgery calibrate` command, in-process, with phase timers."""
+    t0 = time.perf_counter()
+    T = _Timers()
+    T.thread.start()
+    import torch
+    from transformers.integrations import moe as tmoe
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as mq
+
+    import reapsurgery.calibrate as cal
+    import reapsurgery.data as data
+    import reapsurgery.observe as obs
+    import reapsurgery.saliency as sal
+    import reapsurgery.streaming as st
+    from reapsurgery.cli import main
+
+    t_import = time.perf_counter()
+    T.mem["after_imports"] = _now_rss()
+    T.stack = ["run"]
+    T.wrap(data, "load_samples", "load_samples (read tokens.jsonl)")
+    T.wrap(cal, "calibrate", "calibrate() total")
+    T.wrap(st, "build_skeleton", "build_skeleton (from_config on meta)")
+    T.wrap(st.LayoutConverter, "__init__", "LayoutConverter init (meta state_dict)")
+    T.wrap(st.StreamedModel, "__init__", "StreamedModel init (skeleton + key map)")
+    T.wrap(st.StreamedModel, "load_outer", "load_outer (embeddings)")
+
+    def calls_after(a, k, res):
+        h, calls = res
+        T.mem["hidden_bytes"] = T.mem.get("hidden_bytes", 0) + h.untyped_storage().nbytes()
+        T.mem["layer_call_args_bytes"] = T.mem.get("layer_call_args_bytes", 0) + _storage_bytes(calls)
+
+    T.wrap(st.StreamedModel, "layer_calls", "layer_calls (embed + record layer inputs)", calls_after)
+    # shard reads: read_layer_tensors (dequantising where quantized) in newer versions, read_tensors before
+    T.wrap(st, "read_layer_tensors" if hasattr(st, "read_layer_tensors") else "read_tensors",
+           "read shards (safe_open + get_tensor: mmap views)")
+    T.wrap(st.LayoutConverter, "convert", "LayoutConverter.convert (rename + stack experts)")
+
+    # /proc/self/smaps walks every mapping (~60 ms here): read it on a few layers only, and time it
+    smaps_label = "(benchmark's own /proc/self/smaps reads, inside the phases above)"
+
+    def sampled(i) -> bool:
+        return i == 0 or i % 4 == 3
+
+    def shard_rss() -> float:
+        t = time.perf_counter()
+        v = _shard_rss_mib()
+        e = T.t.setdefault(smaps_label, [0.0, 0])
+        e[0] += time.perf_counter() - t
+        e[1] += 1
+        return v
+
+    def loaded(a, k, res):
+        T.layer_rss.append({"layer": a[1], **_now_rss()})
+        if sampled(a[1]):
+            T.layer_rss[-1]["shard_mapped"] = shard_rss()
+
+    def forwarded(a, k, res):
+        r = T.layer_rss[-1] if T.layer_rss else None
+        if r is not None and "in_forward" not in r:
+            r["in_forward"] = _now_rss()
+            if sampled(r["layer"]):
+                r["shard_mapped_in_forward"] = shard_rss()
+
+    def released(a, k, res):
+        if T.layer_rss:
+            T.layer_rss[-1]["after_release"] = _now_rss()
+            if sampled(a[1]):
+                T.layer_rss[-1]["after_release"]["shard_mapped"] = shard_rss()
+
+    T.wrap(st.StreamedModel, "load_layer", "load_layer (read + convert + load_state_dict)", loaded)
+    T.wrap(st.StreamedModel, "release_layer", "release_layer (to_empty meta)", released)
+    T.wrap(mq.Qwen3MoeDecoderLayer, "forward", "decoder layer forward", forwarded)
+    T.wrap(mq.Qwen3MoeAttention, "forward", "attention (projections + sdpa + rope)")
+    T.wrap(mq.Qwen3MoeSparseMoeBlock, "forward", "sparse MoE block (router + experts)")
+    # The experts interface dispatches by name at call time: wrap the registered functions.
+    reg = tmoe.ExpertsInterface._global_mapping
+    for name, label in ((obs.IMPL_NAME, "experts: observed_experts_forward (all)"),
+                        ("grouped_mm", "experts: grouped_mm over the n*k pairs")):
+        fn = reg.get(name)
+        if fn is None:
+            continue
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            T.stack.append(_label)
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                e = T.t.setdefault(_label, [0.0, 0])
+                e[0] += time.perf_counter() - t
+                e[1] += 1
+                T.stack.pop()
+
+        reg[name] = timed
+    T.wrap(obs.Observer, "record", "experts: Observer.record (float64 statistics)")
+
+    def saved(a, k, res):
+        T.mem["state_hidden_bytes"] = _storage_bytes(a[3])
+
+    T.wrap(cal._State, "save", "_State.save (torch.save hidden + json) per layer", saved)
+    T.wrap(sal.Saliency, "save", "Saliency.save (sal.json)")
+    prof = None
+    if cprofile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    try:
+        main.main(args=cli_args, prog_name="reapsurgery", standalone_mode=False)
+    finally:
+        if prof:
+            prof.disable()
+            prof.dump_stats(cprofile)
+        T._stop = True
+        T.thread.join()
+    t_end = time.perf_counter()
+    Path(out_json).write_text(json.dumps({
+        "import_s": t_import - t0, "run_s": t_end - t_import, "timers": T.t, "peak": T.peak,
+        "peak_phase": T.peak_phase, "layer_rss": T.layer_rss, "mem": T.mem,
+        "torch_threads": torch.get_num_threads(),
+    }))
+
+
+def helper_gemm() -> None:
+    """Child process: float32 vs bfloat16 GEMM rate of this CPU (explains the default dtype)."""
+    import torch
+
+    out = {}
+    for name in ("float32", "bfloat16"):
+        dt = getattr(torch, name)
+        a, w = torch.randn(256, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
+        a @ w
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 0.4:
+            a @ w
+            n += 1
+        out[name] = round(2 * 256 * 1024 * 1024 * n / (time.perf_counter() - t) / 1e9, 1)
+    print(json.dumps(out))
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def calibrate_cmd(args, ck: Path, data: Path, out: Path) -> list[str]:
+    return ["calibrate", str(ck), "-o", str(out), "--dataset", str(data), "--num-samples", str(args.samples),
+            "--max-length", str(args.tokens), "--device", "cpu", "--dtype", args.dtype,
+            "--batch-size", str(args.batch_size), "-q"]
+
+
+def check_saliency(path: Path, layers: int, tokens: int) -> str:
+    s = json.loads(path.read_text())
+    if len(s["layers"]) != layers:
+        return f"BAD: {len(s['layers'])} MoE layers, expected {layers}"
+    bad = [k for k, v in s["layers"].items() if v["tokens"] != tokens]
+    if bad:
+        return f"BAD: layers {bad[:3]} saw another token count than {tokens}"
+    vals = [x for v in s["layers"].values() for key in ("gate_sum", "norm_sum", "reap_sum") for x in v[key]]
+    if not all(math.isfinite(x) for x in vals):
+        return "BAD: non-finite statistics"
+    routed = sum(1 for v in s["layers"].values() for c in v["count"] if c > 0)
+    total = sum(len(v["count"]) for v in s["layers"].values())
+    return f"ok ({layers} MoE layers, {tokens} tokens each, {routed}/{total} experts routed, all sums finite)"
+
+
+def run_profile(args, ck: Path, data: Path, work: Path, log: Path) -> dict:
+    out = work / "sal-profile.json"
+    pj = work / "profile.json"
+    cprof = work / "calibrate.prof" if args.cprofile else None
+    cmd = [sys.executable, str(HERE), "--_profile", str(pj), *(["--_cprofile", str(cprof)] if cprof else []),
+           "--", *calibrate_cmd(args, ck, data, out)]
+    warm(ck)
+    m = run_measured(cmd, log, ENV)
+    p = json.loads(pj.read_text())
+    p["wall_s"], p["rss_mib"] = m["wall_s"], m["rss_mib"]
+    if cprof:
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        pstats.Stats(str(cprof), stream=buf).sort_stats("tottime").print_stats(25)
+        p["cprofile_top"] = buf.getvalue()
+    shutil.rmtree(work / "sal-profile.json.resume", ignore_errors=True)
+    return p
+
+
+def bench(args, work: Path, log: Path) -> dict:
+    ck = work / "qwen3-moe-random"
+    print(f"[build] random-weight Qwen3-MoE, {LAYERS} layers x {ARCH['num_experts']} experts, top-"
+          f"{ARCH['num_experts_per_tok']}, {args.dtype}, ~{args.size_gb:g} GiB in {ck} ...", flush=True)
+    t = time.perf_counter()
+    m = run_measured([sys.executable, str(HERE), "--_build", str(ck), "--size-gb", str(args.size_gb),
+                      "--dtype", args.dtype, "--seed", str(args.seed)], log, ENV)
+    desc = json.loads(Path(f"{ck}.build.json").read_text())
+    sync_s = fs_sync(work)
+    size = dir_bytes(ck)
+    weights = sum(p.stat().st_size for p in ck.glob("*.safetensors"))
+    a = desc["arch"]
+    print(f"  built {size / GiB:.2f} GiB ({weights / GiB:.2f} GiB in {desc['shards']} shards, {desc['tensors']} "
+          f"tensors) in {time.perf_counter() - t:.1f}s (+{sync_s:.1f}s sync), builder peak RSS {m['rss_mib']:.0f} MiB",
+          flush=True)
+    print(f"  hidden {a['hidden_size']}, moe_intermediate {a['moe_intermediate_size']}, heads "
+          f"{a['num_attention_heads']}/{a['num_key_value_heads']}x{a['head_dim']}, vocab {a['vocab_size']}; "
+          f"{desc['names_check']}", flush=True)
+    data = work / "tokens.jsonl"
+    write_tokens(data, args.samples, args.tokens, a["vocab_size"], args.seed)
+    tokens = args.samples * args.tokens
+
+    runs: dict[str, list] = {"calibrate": [], "baseline": []}
+    check = base_info = None
+    for r in range(args.repeat):
+        order = ["calibrate", "baseline"] if r % 2 == 0 else ["baseline", "calibrate"]
+        for op in order:
+            out = work / f"sal-{r}.json"
+            bj = work / f"baseline-{r}.json"
+            if op == "calibrate":
+                cmd = reapsurgery_cmd() + calibrate_cmd(args, ck, data, out)
+            else:
+                cmd = [sys.executable, str(HERE), "--_baseline", str(ck), str(data), args.dtype, str(args.batch_size),
+                       str(args.samples), str(args.tokens), str(args.seed), str(int(args.full_logits)), str(bj)]
+            warm(ck)
+            load0 = os.getloadavg()[0]
+            m = run_measured(cmd, log, ENV)
+            m["loadavg_1m_before"] = load0
+            # CPU share of the machine that other processes took while this one ran (ours: its own cpu seconds)
+            own = 100.0 * (m["user_s"] + m["sys_s"]) / (m["wall_s"] * (os.cpu_count() or 1))
+            m["others_busy_pct"] = max(0.0, m["machine_busy_pct"] - own)
+            m["order"] = order.index(op)
+            runs[op].append(m)
+            extra = ""
+            if op == "calibrate":
+                if check is None:
+                    check = check_saliency(out, LAYERS, tokens)
+                out.unlink(missing_ok=True)
+                shutil.rmtree(Path(f"{out}.resume"), ignore_errors=True)
+            else:
+                b = json.loads(bj.read_text())
+                m.update({k: b[k] for k in ("import_s", "load_s", "forward_s")})
+                base_info = base_info or b
+                extra = f"  (imports {b['import_s']:.1f}s, load {b['load_s']:.1f}s, forward {b['forward_s']:.1f}s)"
+            print(f"  rep {r + 1} {op:9s}: {m['wall_s']:7.2f}s  peak RSS {m['rss_mib']:7.0f} MiB  user "
+                  f"{m['user_s']:.1f}s sys {m['sys_s']:.1f}s  machine busy {m['machine_busy_pct']:3.0f}% (others "
+                  f"{m['others_busy_pct']:3.0f}%)  load {load0:.2f}{extra}", flush=True)
+        print(f"  saliency check: {check}", flush=True)
+
+    c, b = runs["calibrate"], runs["baseline"]
+    res = {
+        "checkpoint_bytes": size, "weight_bytes": weights, "shards": desc["shards"], "arch": a,
+        "layers": LAYERS, "dtype": args.dtype, "samples": args.samples, "tokens_per_sample": args.tokens,
+        "batch_size": args.batch_size, "tokens": tokens,
+        "calibrate_s": med([m["wall_s"] for m in c]), "baseline_s": med([m["wall_s"] for m in b]),
+        "calibrate_rss_mib": max(m["rss_mib"] for m in c), "baseline_rss_mib": max(m["rss_mib"] for m in b),
+        "calibrate_cpu_s": med([m["user_s"] + m["sys_s"] for m in c]),
+        "baseline_cpu_s": med([m["user_s"] + m["sys_s"] for m in b]),
+        "baseline_load_s": med([m["load_s"] for m in b]), "baseline_forward_s": med([m["forward_s"] for m in b]),
+        "baseline_import_s": med([m["import_s"] for m in b]),
+        "baseline_experts_implementation": base_info["experts_implementation"],
+        "baseline_attn_implementation": base_info["attn_implementation"],
+        "baseline_finite_logits": base_info["finite_logits"],
+        "saliency_check": check,
+        "machine_busy_pct": med([m["machine_busy_pct"] for m in c + b]),
+        "others_busy_pct": med([m["others_busy_pct"] for m in c + b]),
+        "paired_ratio": med([x["wall_s"] / y["wall_s"] for x, y in zip(c, b)]),
+        # what calibrate keeps for every sample between layers: hidden states [N, T, H] in the compute dtype
+        "hidden_states_bytes": tokens * a["hidden_size"] * DTYPE_BYTES[args.dtype],
+        "runs": runs,
+    }
+    res["rss_ratio"] = res["calibrate_rss_mib"] * MiB / weights
+    res["wall_ratio"] = res["calibrate_s"] / res["baseline_s"]
+    res["cpu_ratio"] = res["calibrate_cpu_s"] / res["baseline_cpu_s"]
+    res["targets"] = {"rss_ratio_le_0.25": res["rss_ratio"] <= RSS_TARGET,
+                      "wall_ratio_le_1.3": res["wall_ratio"] <= WALL_TARGET}
+    missed = not all(res["targets"].values())
+    if args.profile == "always" or (args.profile == "auto" and missed):
+        print("\n[profile] the same calibrate command in-process with phase timers and an RSS sampler ...", flush=True)
+        res["profile"] = run_profile(args, ck, data, work, log)
+        print(f"  {res['profile']['wall_s']:.2f}s, peak RSS {res['profile']['rss_mib']:.0f} MiB", flush=True)
+    if not args.keep:
+        shutil.rmtree(ck, ignore_errors=True)
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+PHASES = [
+    # (label, indent) in the order they nest; times are inclusive
+    ("load_samples (read tokens.jsonl)", 1),
+    ("calibrate() total", 1),
+    ("StreamedModel init (skeleton + key map)", 2),
+    ("build_skeleton (from_config on meta)", 3),
+    ("LayoutConverter init (meta state_dict)", 3),
+    ("load_outer (embeddings)", 2),
+    ("layer_calls (embed + record layer inputs)", 2),
+    ("load_layer (read + convert + load_state_dict)", 2),
+    ("read shards (safe_open + get_tensor: mmap views)", 3),
+    ("LayoutConverter.convert (rename + stack experts)", 3),
+    ("decoder layer forward", 2),
+    ("attention (projections + sdpa + rope)", 3),
+    ("sparse MoE block (router + experts)", 3),
+    ("experts: observed_experts_forward (all)", 4),
+    ("experts: grouped_mm over the n*k pairs", 5),
+    ("experts: Observer.record (float64 statistics)", 5),
+    ("release_layer (to_empty meta)", 2),
+    ("_State.save (torch.save hidden + json) per layer", 2),
+    ("Saliency.save (sal.json)", 1),
+    ("(benchmark's own /proc/self/smaps reads, inside the phases above)", 1),
+]
+
+
+def report_profile(p: dict, res: dict) -> None:
+    pr = print
+    pr(f"\n3) where calibrate's time and memory go (one extra run of the same command in-process, phase timers; "
+       f"{p['wall_s']:.1f}s wall from process start, {p['rss_mib']:.0f} MiB peak RSS)")
+    pr(f"   {'python start-up + imports (torch, transformers, reapsurgery)':<58} {p['import_s']:7.2f}s")
+    t = p["timers"]
+    tt = lambda k: t.get(k, [0.0])[0]  # noqa: E731
+    for label, indent in PHASES:
+        if label in t:
+            s, n = t[label]
+            pr(f"   {'  ' * (indent - 1) + label:<58} {s:7.2f}s  x{n}")
+        if label.startswith("experts: Observer.record"):
+            rest = tt("experts: observed_experts_forward (all)") - tt("experts: grouped_mm over the n*k pairs") \
+                - tt("experts: Observer.record (float64 statistics)")
+            pr(f"   {'  ' * (indent - 1) + 'experts: rest (repeat_interleave, weighting, sum)':<58} {rest:7.2f}s")
+    pk, mem, lr = p["peak"], p["mem"], p["layer_rss"]
+    imp = mem.get("after_imports", {})
+    pr(f"   peak RSS {pk.get('VmRSS', 0):.0f} MiB (sampled every 2 ms; anon {pk.get('RssAnon', 0):.0f}, file-backed "
+       f"{pk.get('RssFile', 0):.0f} MiB) during: {p['peak_phase']}")
+    pr(f"   after imports: {imp.get('VmRSS', 0):.0f} MiB (anon {imp.get('RssAnon', 0):.0f}, file-backed "
+       f"{imp.get('RssFile', 0):.0f}: shared libraries; more library pages are touched by the first forward)")
+    if lr:
+        pr(f"   {'layer':>5} | {'after load_layer: anon  file  shard-mapped':>44} | {'in forward: shard-mapped':>24} | "
+           f"{'after release: anon  shard-mapped':>34}")
+        for r in lr:
+            if "shard_mapped" in r:
+                rel = r.get("after_release", {})
+                pr(f"   {r['layer']:>5} | {r.get('RssAnon', 0):>30.0f} {r.get('RssFile', 0):>5.0f} "
+                   f"{r.get('shard_mapped', 0):>13.0f} | {r.get('shard_mapped_in_forward', 0):>24.0f} | "
+                   f"{rel.get('RssAnon', 0):>25.0f} {rel.get('shard_mapped', 0):>13.0f}")
+        rel = [r["after_release"]["RssAnon"] for r in lr if "after_release" in r]
+        fwd = max(r.get("shard_mapped_in_forward", 0) for r in lr)
+        if rel:
+            pr(f"   anon after release_layer grows {rel[0]:.0f} -> {max(rel):.0f} MiB over the layers (+{max(rel) - rel[0]:.0f}: "
+               f"freed layer memory the allocator keeps); up to {fwd:.0f} MiB of shard pages stay mapped during "
+               f"the layer's forward (counted in RSS)")
+    pr(f"   kept between layers: hidden states {mem.get('hidden_bytes', 0) / MiB:.1f} MiB, recorded layer arguments "
+       f"(rotary cos/sin, masks) {mem.get('layer_call_args_bytes', 0) / MiB:.1f} MiB; "
+       f"_State.save writes {mem.get('state_hidden_bytes', 0) / MiB:.1f} MiB per layer")
+    if p.get("cprofile_top"):
+        pr("   cProfile, top 25 by own time:")
+        for line in p["cprofile_top"].splitlines():
+            if line.strip():
+                pr("     " + line)
+
+
+def report(args, machine: dict, res: dict, floor: dict, total_s: float) -> None:
+    pr = print
+    pr("\n" + "=" * 100)
+    pr("reapsurgery calibrate benchmark")
+    pr(f"machine: {machine['nproc']} cpus ({machine['sched_cpus']} usable), {machine['mem_total_gib']} GiB RAM, "
+       f"{machine['cpu']}; GEMM float32 {machine['gemm_gflops'].get('float32')} GFLOP/s, bfloat16 "
+       f"{machine['gemm_gflops'].get('bfloat16')} GFLOP/s (torch, all threads)")
+    pr(f"         workdir {machine['workdir']} on {machine['fstype']} ({machine['disk_free_gib']} GiB free), "
+       f"kernel {machine['kernel']}, python {machine['python']}, torch {machine['torch']}, "
+       f"transformers {machine['transformers']}")
+    pr(f"         load average at start {machine['loadavg_start']}, at end {machine['loadavg_end']}; "
+       f"machine CPU busy during the timed runs {res['machine_busy_pct']:.0f}%, of which other processes "
+       f"{res['others_busy_pct']:.0f}% (medians)")
+    a = res["arch"]
+    pr(f"checkpoint: Qwen3-MoE, {res['layers']} layers x {a['num_experts']} experts, top-{a['num_experts_per_tok']}, "
+       f"hidden {a['hidden_size']}, moe_intermediate {a['moe_intermediate_size']}, vocab {a['vocab_size']}, "
+       f"{res['dtype']}, random N(0, 0.02) weights")
+    pr(f"            {res['checkpoint_bytes'] / GiB:.2f} GiB on disk ({res['weight_bytes'] / GiB:.2f} GiB of weights "
+       f"in {res['shards']} shards)")
+    pr(f"data: {res['samples']} samples x {res['tokens_per_sample']} tokens = {res['tokens']} tokens (random ids, "
+       f"no padding), batch size {res['batch_size']}, compute dtype {res['dtype']} on cpu; repeat {args.repeat} "
+       f"(median wall, max RSS; order alternated), page cache warm")
+    pr(f"floor: `reapsurgery --version` {floor['version']['wall_s']:.2f}s / {floor['version']['rss_mib']:.0f} MiB; "
+       f"`python -c 'import torch, transformers'` {floor['imports']['wall_s']:.2f}s / "
+       f"{floor['imports']['rss_mib']:.0f} MiB")
+
+    pr("\n1) peak RSS (each process alone, GNU time %M)")
+    rr = res["rss_ratio"]
+    pr(f"   calibrate {res['calibrate_rss_mib']:8.0f} MiB = {rr:.3f} x checkpoint weights   target <= {RSS_TARGET}: "
+       f"{'ok' if rr <= RSS_TARGET else 'MISSED'}")
+    pr(f"   baseline  {res['baseline_rss_mib']:8.0f} MiB = {res['baseline_rss_mib'] * MiB / res['weight_bytes']:.3f} "
+       f"x checkpoint weights")
+    pr(f"   hidden states calibrate keeps for all samples: {res['tokens']} tokens x {a['hidden_size']} x "
+       f"{DTYPE_BYTES[res['dtype']]} B = {res['hidden_states_bytes'] / MiB:.1f} MiB "
+       f"(grows with samples x tokens: 512 x 2048 tokens at this hidden size would be "
+       f"{512 * 2048 * a['hidden_size'] * DTYPE_BYTES[res['dtype']] / GiB:.1f} GiB)")
+
+    pr("\n2) wall time from process start")
+    wr = res["wall_ratio"]
+    pr(f"   calibrate {res['calibrate_s']:7.2f}s   (cpu {res['calibrate_cpu_s']:.1f}s)")
+    pr(f"   baseline  {res['baseline_s']:7.2f}s   (cpu {res['baseline_cpu_s']:.1f}s; imports "
+       f"{res['baseline_import_s']:.1f}s, from_pretrained {res['baseline_load_s']:.1f}s, forward "
+       f"{res['baseline_forward_s']:.1f}s; experts {res['baseline_experts_implementation']}, attention "
+       f"{res['baseline_attn_implementation']}, {'all' if args.full_logits else 'last-position'} logits)")
+    pr(f"   calibrate / baseline = {wr:.2f} (median of back-to-back pairs {res['paired_ratio']:.2f}; cpu-time ratio "
+       f"{res['cpu_ratio']:.2f})   target <= {WALL_TARGET}: {'ok' if wr <= WALL_TARGET else 'MISSED'}")
+    for op in ("calibrate", "baseline"):
+        pr(f"   {op} runs: " + ", ".join(f"{m['wall_s']:.2f}s/{m['rss_mib']:.0f} MiB (load {m['loadavg_1m_before']:.1f})"
+                                     for m in res["runs"][op]))
+    pr(f"   output check: calibrate {res['saliency_check']}; baseline: from_pretrained loaded every tensor (no "
+       f"missing/unexpected/mismatched keys), logits {'finite' if res['baseline_finite_logits'] else 'NOT FINITE'}")
+    if res["others_busy_pct"] > 10:
+        pr(f"   WARNING: other processes took {res['others_busy_pct']:.0f}% of the machine's CPU time during the "
+           f"timed runs (median): wall times are noisy; prefer the paired and cpu-time ratios, or rerun on a "
+           f"quiet machine")
+    if res.get("profile"):
+        report_profile(res["profile"], res)
+    pr(f"\ntotal benchmark time {total_s:.0f}s")
+
+    strip = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
+    summary = {
+        "bench": "reapsurgery.calibrate",
+        "machine": machine,
+        "settings": {"size_gib": args.size_gb, "dtype": args.dtype, "samples": args.samples, "tokens": args.tokens,
+                     "batch_size": args.batch_size, "repeat": args.repeat, "seed": args.seed,
+                     "full_logits": args.full_logits},
+        "result": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+                   if k not in ("runs", "profile")}
+        | {f"{op}_runs": [strip({k: m[k] for k in ("wall_s", "rss_mib", "user_s", "sys_s", "machine_busy_pct",
+                                                  "others_busy_pct", "loadavg_1m_before", "order")})
+                         for m in res["runs"][op]]
+           for op in ("calibrate", "baseline")},
+        "profile": None if not res.get("profile") else {
+            "wall_s": round(res["profile"]["wall_s"], 2), "rss_mib": round(res["profile"]["rss_mib"], 1),
+            "import_s": round(res["profile"]["import_s"], 2),
+            "timers_s": {k: round(v[0], 3) for k, v in res["profile"]["timers"].items()},
+            "peak": res["profile"]["peak"], "peak_phase": res["profile"]["peak_phase"],
+            "mem": res["profile"]["mem"]},
+        "floor": floor,
+        "targets": res["targets"],
+        "total_s": round(total_s, 1),
+    }
+    print(json.dumps(summary, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size, GiB (default 4)")
+    ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
+                    help="checkpoint and compute dtype (default float32; see above)")
+    ap.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per sample (default 256)")
+    ap.add_argument("--batch-size", type=int, default=8, help="samples per forward batch (default 8, calibrate's)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs of each command (median; order alternated)")
+    ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
+                    help="extra in-process calibrate run with phase timers: when a target is missed (auto)")
+    ap.add_argument("--cprofile", action="store_true", help="also run that profile under cProfile (slower)")
+    ap.add_argument("--full-logits", action="store_true", help="baseline computes logits at every position")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch directory (default: /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--_build", dest="build", help=argparse.SUPPRESS)
+    ap.add_argument("--_baseline", dest="baseline", nargs=9, help=argparse.SUPPRESS)
+    ap.add_argument("--_profile", dest="profile_json", help=argparse.SUPPRESS)
+    ap.add_argument("--_cprofile", dest="cprofile_out", help=argparse.SUPPRESS)
+    ap.add_argument("--_gemm", dest="gemm", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.build:
+        return helper_build(args.build, args.size_gb, args.dtype, args.seed)
+    if args.baseline:
+        ck, data, dtype, batch, n, t, seed, full, out = args.baseline
+        return helper_baseline(ck, data, dtype, int(batch), int(n), int(t), int(seed), full == "1", out)
+    if args.profile_json:
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        return helper_profile(rest, args.profile_json, args.cprofile_out)
+    if args.gemm:
+        return helper_gemm()
+
+    parent = args.workdir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="reapsurgery-bench-cal-", dir=parent))
+    log = work / "commands.log"
+    machine = machine_info(work)
+    machine.pop("cp", None)
+    print(f"scratch {work} (log of every command: {log})", flush=True)
+    t0 = time.perf_counter()
+    try:
+        need = args.size_gb * 1.1 + 1
+        if machine["disk_free_gib"] < need:
+            raise SystemExit(f"{work}: {machine['disk_free_gib']} GiB free, this run needs about {need:.0f} GiB")
+        if machine["mem_total_gib"] < args.size_gb * 1.6 + 2:
+            print(f"WARNING: {machine['mem_total_gib']} GiB RAM; the baseline holds the whole model in memory",
+                  flush=True)
+        vers = subprocess.run([sys.executable, "-c", "import torch, transformers; print(torch.__version__, "
+                               "transformers.__version__)"], capture_output=True, text=True, env=ENV).stdout.split()
+        machine["torch"], machine["transformers"] = (vers + ["?", "?"])[:2]
+        gemm = subprocess.run([sys.executable, str(HERE), "--_gemm"], capture_output=True, text=True, env=ENV)
+        machine["gemm_gflops"] = json.loads(gemm.stdout) if gemm.returncode == 0 else {}
+        floor = {
+            "version": run_measured(reapsurgery_cmd() + ["--version"], log),
+            "imports": run_measured([sys.executable, "-c", "import torch, transformers"], log, ENV),
+        }
+        floor = {k: {"wall_s": round(v["wall_s"], 3), "rss_mib": round(v["rss_mib"], 1)} for k, v in floor.items()}
+        res = bench(args, work, log)
+        machine["loadavg_end"] = list(os.getloadavg())
+        machine["rss_method"] = "GNU time %M" if TIME else "VmHWM poll"
+        report(args, machine, res, floor, time.perf_counter() - t0)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
