@@ -144,6 +144,7 @@ def calibrate(
         hidden.append(h)
         calls.append(c)
         masks.append(am.reshape(-1).bool().to(dev))
+    streamed.release_embeddings()
     start, stats = 0, {}
     if resume:
         loaded = state.load()

@@ -59,10 +59,11 @@ class Observer:
         mask = mask.to(f.device)
         ids = top_k_index.reshape(-1)
         valid = mask.repeat_interleave(k) & (ids >= 0) & (ids < module.num_experts)  # padding, EP sentinels
-        e = ids[valid]
-        g = top_k_weights.reshape(-1)[valid].double()
-        fv = f[valid].double()
-        norm = torch.linalg.vector_norm(fv, dim=-1)
+        everything = bool(valid.all())  # no padding: skip the copies that indexing makes
+        e = ids if everything else ids[valid]
+        g = (top_k_weights.reshape(-1) if everything else top_k_weights.reshape(-1)[valid]).double()
+        fv = f if everything else f[valid]
+        norm = torch.linalg.vector_norm(fv, dim=-1, dtype=torch.float64)  # accumulated in float64
         s = self.stats.get(name)
         if s is None:
             s = self.stats[name] = ExpertStats.zeros(module.num_experts, f.device)
@@ -72,7 +73,7 @@ class Observer:
         s.norm_sum.index_add_(0, e, norm)
         s.reap_sum.index_add_(0, e, g * norm)
         if e.numel():
-            s.max_activation.scatter_reduce_(0, e, fv.amax(-1), reduce="amax")
+            s.max_activation.scatter_reduce_(0, e, fv.amax(-1).double(), reduce="amax")
 
 
 _ACTIVE: Observer | None = None

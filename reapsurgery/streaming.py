@@ -8,6 +8,7 @@ forward, run with the layers replaced by recording stubs).
 
 from __future__ import annotations
 
+import ctypes
 from copy import deepcopy
 from pathlib import Path
 
@@ -152,6 +153,12 @@ class StreamedModel:
 
     def release_layer(self, i: int) -> None:
         self.layers[i].to_empty(device="meta")
+        _return_freed_memory()
+
+    def release_embeddings(self) -> None:
+        """Once every batch's layer-0 inputs are recorded, the embeddings are not needed."""
+        self.model.get_input_embeddings().to_empty(device="meta")
+        _return_freed_memory()
 
     def resident_layers(self) -> list[int]:
         return [i for i, l in enumerate(self.layers) if any(not t.is_meta for t in [*l.parameters(), *l.buffers()])]
@@ -161,7 +168,10 @@ class StreamedModel:
             converted = self.converter.convert(read_layer_tensors(self.ckpt, keys))
         except KeyError as e:
             raise ReapError(self.ckpt.path, f"{what}: checkpoint tensor {e} has no place in the model") from None
-        return {k: v.to(self.device) for k, v in converted.items()}
+        # Tensors that were only renamed still view the shard's memory map; copy them so the
+        # mapping (and every page the layer touched) goes away once the layer is converted.
+        return {k: (v.clone() if _is_file_backed(v) and v.device == self.device else v.to(self.device))
+                for k, v in converted.items()}
 
     def _init_nonpersistent_buffers(self, root: nn.Module) -> None:
         """Buffers absent from checkpoints (rotary inv_freq) are recomputed as from_pretrained does."""
@@ -198,6 +208,19 @@ class StreamedModel:
         hidden = args0[0] if args0 else kwargs0["hidden_states"]
         calls = [(args[1:], {k: v for k, v in kw.items() if k != "hidden_states"}) for args, kw in sink]
         return hidden, calls
+
+
+def _is_file_backed(t: torch.Tensor) -> bool:
+    """True for tensors whose storage is a safetensors memory map (not allocated by torch)."""
+    return not t.untyped_storage().resizable()
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps mid-sized frees otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Stop(Exception):
