@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from reapsurgery.checkpoint import Checkpoint
 from reapsurgery.mask import Mask
 
@@ -18,3 +21,30 @@ def write_mask(ckpt: Path, keep: list[int] | dict[int, list[int]], path: Path) -
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "reapsurgery.cli", *map(str, args)],
                           capture_output=True, text=True)
+
+
+def tensor_bytes(path, name) -> bytes:
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def expected_output_bytes(src: Path, keep: list[int]) -> dict[str, bytes]:
+    """What every output tensor must hold, by name: the input's bytes or their retained slice."""
+    ckpt = Checkpoint.open(src)
+    expected = {}
+    for name, (shard, _) in ckpt.tensors().items():
+        path = src / shard
+        role = ckpt.layout.classify(name)
+        if ckpt.layout.is_mtp(name, ckpt.num_hidden_layers):
+            continue  # MTP layer or mtp.* tensor: dropped
+        if role is None:
+            expected[name] = tensor_bytes(path, name)
+        elif role.kind == "expert":
+            if role.expert in keep:
+                expected[role.renamed(name, keep.index(role.expert))] = tensor_bytes(path, name)
+        else:
+            with safe_open(path, "pt") as f:
+                t = f.get_tensor(name)
+            t = t.view(torch.uint8) if t.element_size() == 1 else t
+            expected[name] = t.index_select(role.axis, torch.tensor(keep)).contiguous().view(torch.uint8).numpy().tobytes()
+    return expected

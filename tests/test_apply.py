@@ -11,7 +11,7 @@ from safetensors import safe_open
 from fixtures import build
 from reapsurgery.checkpoint import Checkpoint
 from tests.conftest import tree_hash
-from tests.helpers import cli, write_mask
+from tests.helpers import cli, expected_output_bytes, tensor_bytes, write_mask
 from tests.reference import load, logits, pruned_in_memory
 
 MASKS = {
@@ -23,11 +23,6 @@ FAMILIES = [*build.FAMILIES, "single_file"]
 # keep_all is proven byte for byte for every family below; loading it as well is kept for these
 KEEP_ALL_LOADED = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "llama4", "single_file"]
 LOGIT_CASES = [(f, m) for f in FAMILIES for m in MASKS if m != "keep_all" or f in KEEP_ALL_LOADED]
-
-
-def tensor_bytes(path, name) -> bytes:
-    with safe_open(path, "pt") as f:
-        return f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def all_tensors(ckpt_dir):
@@ -59,24 +54,10 @@ def test_pruned_checkpoint_matches_in_memory_pruning(checkpoints, tmp_path, fami
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_output_tensor_is_a_byte_slice_of_the_input(checkpoints, tmp_path, family):
     src = checkpoints[family]
-    ckpt = Checkpoint.open(src)
     keep = [0, 2, 5, 7]
     assert cli("apply", write_mask(src, keep, tmp_path / "m.json"), src, tmp_path / "out", "-q").returncode == 0
-    inp, out = all_tensors(src), all_tensors(tmp_path / "out")
-    expected: dict[str, bytes] = {}
-    for name, path in inp.items():
-        role = ckpt.layout.classify(name)
-        if ckpt.layout.is_mtp(name, ckpt.num_hidden_layers):
-            continue  # MTP layer or mtp.* tensor: dropped
-        if role is None:
-            expected[name] = tensor_bytes(path, name)
-        elif role.kind == "expert":
-            if role.expert in keep:
-                expected[role.renamed(name, keep.index(role.expert))] = tensor_bytes(path, name)
-        else:
-            with safe_open(path, "pt") as f:
-                t = f.get_tensor(name).index_select(role.axis, torch.tensor(keep))
-            expected[name] = t.contiguous().view(torch.uint8).numpy().tobytes()
+    out = all_tensors(tmp_path / "out")
+    expected = expected_output_bytes(src, keep)
     assert set(out) == set(expected)
     for name, path in out.items():
         assert hashlib.sha256(tensor_bytes(path, name)).digest() == hashlib.sha256(expected[name]).digest(), name

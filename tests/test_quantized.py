@@ -13,7 +13,7 @@ from safetensors import safe_open
 from fixtures.quantize import build_gpt_oss_for_mxfp4, to_compressed_tensors, to_fp8_block, to_mxfp4
 from reapsurgery.checkpoint import Checkpoint
 from tests.conftest import tree_hash
-from tests.helpers import cli, write_mask
+from tests.helpers import cli, expected_output_bytes, tensor_bytes, write_mask
 from tests.reference import load, logits, pruned_in_memory
 
 pytest.importorskip("accelerate", reason="transformers needs accelerate to load FP8 checkpoints")
@@ -44,33 +44,6 @@ def mxfp4(tmp_path_factory):
 def fp8(checkpoints, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fp8")
     return {f: to_fp8_block(checkpoints[f], root / f) for f in FP8_FAMILIES}
-
-
-def tensor_bytes(path, name) -> bytes:
-    with safe_open(path, "pt") as f:
-        return f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def expected_output_bytes(src, keep) -> dict[str, bytes]:
-    """What every output tensor must hold, by name: the input's bytes or their retained slice."""
-    ckpt = Checkpoint.open(src)
-    expected = {}
-    for name, (shard, _) in ckpt.tensors().items():
-        path = src / shard
-        role, layer = ckpt.layout.classify(name), ckpt.layout.layer_of(name)
-        if layer is not None and layer >= ckpt.num_hidden_layers:
-            continue  # MTP layer: dropped
-        if role is None:
-            expected[name] = tensor_bytes(path, name)
-        elif role.kind == "expert":
-            if role.expert in keep:
-                expected[role.renamed(name, keep.index(role.expert))] = tensor_bytes(path, name)
-        else:
-            with safe_open(path, "pt") as f:
-                t = f.get_tensor(name)
-            t = t.view(torch.uint8) if t.element_size() == 1 else t
-            expected[name] = t.index_select(role.axis, torch.tensor(keep)).contiguous().view(torch.uint8).numpy().tobytes()
-    return expected
 
 
 def output_tensors(path) -> dict[str, tuple]:
