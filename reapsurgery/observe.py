@@ -164,7 +164,7 @@ def _record_scaled_input(experts: nn.Module, router: nn.Module, args: tuple, out
     scores, logits = out
     top_k_index = torch.topk(logits, router.top_k, dim=-1).indices  # the router's own selection
     top_k_weights = scores.gather(1, top_k_index)
-    E, (n, k) = experts.num_experts, top_k_index.shape
+    E, k = experts.num_experts, top_k_index.shape[1]
     ids = top_k_index.reshape(-1)
     # the experts module takes [E * c, H]: c rows per expert; put each routed pair in its expert's rows
     order = torch.argsort(ids, stable=True)

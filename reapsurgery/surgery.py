@@ -116,7 +116,6 @@ def slice_ranges(info: TensorInfo, base: int, axis: int, kept: list[int], n_expe
 def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     """Check the mask against the checkpoint and compute every output tensor; writes nothing."""
     check_fingerprint(mask.model, ckpt.fingerprint(), mask_path, ckpt.path)
-    cfg_path = ckpt.path / "config.json"
     E, top_k, moe_layers = ckpt.num_experts, ckpt.top_k, ckpt.moe_layers
     missing = sorted(set(moe_layers) - set(mask.layers))
     extra = sorted(set(mask.layers) - set(moe_layers))

@@ -68,7 +68,7 @@ def test_out_not_empty_unless_overwrite(src, tmp_path):
 def test_fingerprint_mismatch_names_field(src, tmp_path):
     m = good_mask(src, tmp_path)
     m["model"]["num_hidden_layers"] = 61
-    line = run_refused(src, tmp_path, m, "mask.json", "num_hidden_layers", "61", "3")
+    run_refused(src, tmp_path, m, "mask.json", "num_hidden_layers", "61", "3")
     m = good_mask(src, tmp_path)
     m["model"]["architecture"] = "Qwen3MoeForCausalLM"
     run_refused(src, tmp_path, m, "architecture", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
@@ -145,7 +145,6 @@ def test_missing_mask_and_missing_checkpoint(src, tmp_path):
 def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):
     """A crash while writing shards leaves neither OUT nor a partial directory behind."""
     from reapsurgery import surgery
-    from reapsurgery.errors import ReapError
     from reapsurgery.mask import load_mask
 
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
