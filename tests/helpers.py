@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,19 @@ def expected_output_bytes(src: Path, keep: list[int]) -> dict[str, bytes]:
             t = t.view(torch.uint8) if t.element_size() == 1 else t
             expected[name] = t.index_select(role.axis, torch.tensor(keep)).contiguous().view(torch.uint8).numpy().tobytes()
     return expected
+
+
+def output_tensors(path: Path) -> dict[str, tuple]:
+    """name -> (shard path, TensorInfo) for every tensor of a checkpoint."""
+    c = Checkpoint.open(path)
+    return {name: (path / shard, info) for name, (shard, info) in c.tensors().items()}
+
+
+def assert_output_is_input_slices(src: Path, out: Path, keep: list[int]) -> dict[str, tuple]:
+    """Every output tensor holds exactly the input's bytes or their retained slice; returns the output's tensors."""
+    expected = expected_output_bytes(src, keep)
+    got = output_tensors(out)
+    assert set(got) == set(expected)
+    for name, (path, _) in got.items():
+        assert hashlib.sha256(tensor_bytes(path, name)).digest() == hashlib.sha256(expected[name]).digest(), name
+    return got
