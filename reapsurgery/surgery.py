@@ -21,8 +21,9 @@ from .layouts import Layout
 from .mask import Mask, check_fingerprint
 from .modelcard import pruned_card
 from .outdir import check_output, staged_output
-from .quant import rewrite_hf_quant_config, rewrite_quantization_config, router_companion
+from .quant import rewrite_hf_quant_config, rewrite_quantization_config
 from .safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
+from .verify import expert_tensor_problems, tensor_role
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 MASK_COPY = "reapsurgery.mask.json"
@@ -129,10 +130,10 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
 
     layout = ckpt.layout
     tensors = ckpt.tensors()
-    moe = set(moe_layers)
+    problems = expert_tensor_problems(ckpt, tensors)
+    if problems:
+        raise ReapError(*problems[0])
     mtp_count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
-    seen_experts: dict[int, set[int]] = {l: set() for l in moe_layers}
-    routers: dict[int, int] = {l: 0 for l in moe_layers}
     dropped_layers: set[int] = set()
     dropped_prefixes: set[str] = set()
     per_shard: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
@@ -140,7 +141,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     for name, (shard, info) in tensors.items():
         base = ckpt.header(shard).data_offset
         layer = layout.layer_of(name)
-        role = layout.classify(name) or router_companion(layout, name, info.shape, E)  # quantized routers' scales
+        role = tensor_role(ckpt, name, info)
         if layer is not None and layer >= ckpt.num_hidden_layers:
             # Layers past the decoder stack are multi-token-prediction blocks that transformers
             # does not run; keeping them would leave experts with the old count.
@@ -152,34 +153,18 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
             # MTP blocks stored outside the layer stack (Qwen3-Next's mtp.*) hold experts too
             dropped_prefixes.add(mtp_prefix)
             continue
+        whole = [(base + info.start, info.nbytes)]
         if role is None:
-            per_shard[shard].append(OutTensor(name, info.dtype, info.shape, [(base + info.start, info.nbytes)]))
+            per_shard[shard].append(OutTensor(name, info.dtype, info.shape, whole))
             continue
-        if role.layer not in moe:
-            raise ReapError(ckpt.path / shard, f"tensor {name!r} is an expert or router tensor but config.json says layer {role.layer} is not an MoE layer")
         keep = mask.layers[role.layer]
         if role.kind == "expert":
-            if role.expert >= E:
-                raise ReapError(ckpt.path / shard, f"tensor {name!r} names expert {role.expert} but config.json says {E} experts")
-            seen_experts[role.layer].add(role.expert)
             if role.expert in keep:
-                new = role.renamed(name, keep.index(role.expert))
-                per_shard[shard].append(OutTensor(new, info.dtype, info.shape, [(base + info.start, info.nbytes)]))
+                per_shard[shard].append(OutTensor(role.renamed(name, keep.index(role.expert)), info.dtype, info.shape, whole))
             continue
         axis = role.axis
-        if axis >= len(info.shape) or info.shape[axis] != E:
-            raise ReapError(ckpt.path / shard, f"tensor {name!r} has shape {list(info.shape)}; expected {E} experts on axis {axis}")
-        if role.kind == "router":
-            routers[role.layer] += 1
         shape = info.shape[:axis] + (kept,) + info.shape[axis + 1 :]
         per_shard[shard].append(OutTensor(name, info.dtype, shape, slice_ranges(info, base, axis, keep, E)))
-
-    for layer in moe_layers:
-        if not routers[layer]:
-            raise ReapError(ckpt.path, f"MoE layer {layer} has no router tensor matching the {layout.name} layout")
-        if seen_experts[layer] and seen_experts[layer] != set(range(E)):
-            absent = sorted(set(range(E)) - seen_experts[layer])
-            raise ReapError(ckpt.path, f"MoE layer {layer} lacks tensors of experts {absent[:8]}")
 
     shards = []
     for source in ckpt.shards:

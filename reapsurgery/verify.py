@@ -7,7 +7,9 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .errors import ReapError
-from .layouts import Layout
+from .layouts import Layout, TensorRole
+from .quant import router_companion
+from .safetensors_io import TensorInfo
 
 
 @dataclass
@@ -41,27 +43,47 @@ def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
     if ckpt.index_metadata is not None and declared != report.total_size:
         report.problems.append(f"index metadata.total_size is {declared}, tensors hold {report.total_size} bytes")
 
-    E, layout = ckpt.num_experts, ckpt.layout
+    report.problems += [msg if where == ckpt.path else f"{where.name}: {msg}"
+                        for where, msg in expert_tensor_problems(ckpt, tensors)]
+    return report
+
+
+def tensor_role(ckpt: Checkpoint, name: str, info: TensorInfo) -> TensorRole | None:
+    """The role of an expert, router or quantized-router companion tensor; None for any other."""
+    return ckpt.layout.classify(name) or router_companion(ckpt.layout, name, info.shape, ckpt.num_experts)
+
+
+def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]]) -> list[tuple[Path, str]]:
+    """Where expert and router tensors disagree with config.json, as (file, problem).
+
+    Multi-token-prediction tensors are left out: transformers does not run them and apply drops them.
+    """
+    E = ckpt.num_experts
     moe = set(ckpt.moe_layers)
     experts: dict[int, set[int]] = {l: set() for l in moe}
     routers = {l: 0 for l in moe}
+    problems: list[tuple[Path, str]] = []
     for name, (shard, info) in sorted(tensors.items()):
-        role = layout.classify(name)
+        if ckpt.layout.is_mtp(name, ckpt.num_hidden_layers):
+            continue
+        role = tensor_role(ckpt, name, info)
         if role is None:
             continue
         if role.layer not in moe:
-            report.problems.append(f"{shard}: {name} is an expert or router tensor in non-MoE layer {role.layer}")
+            problems.append((ckpt.path / shard, f"tensor {name!r} is an expert or router tensor but config.json says "
+                                                f"layer {role.layer} is not an MoE layer"))
         elif role.kind == "expert":
             experts[role.layer].add(role.expert)
         elif role.axis >= len(info.shape) or info.shape[role.axis] != E:
-            report.problems.append(f"{shard}: {name} has shape {list(info.shape)}, config says {E} experts (axis {role.axis})")
+            problems.append((ckpt.path / shard, f"tensor {name!r} has shape {list(info.shape)}; config says {E} "
+                                                f"experts, expected on axis {role.axis}"))
         elif role.kind == "router":
             routers[role.layer] += 1
     for layer in sorted(moe):
         if not routers[layer]:
-            report.problems.append(f"MoE layer {layer} has no router tensor")
+            problems.append((ckpt.path, f"MoE layer {layer} has no router tensor matching the {ckpt.layout.name} layout"))
         if experts[layer] and experts[layer] != set(range(E)):
-            report.problems.append(
-                f"MoE layer {layer} has per-expert tensors for experts {sorted(experts[layer])[:5]}... "
-                f"({len(experts[layer])} experts), config says {E}")
-    return report
+            absent, extra = sorted(set(range(E)) - experts[layer]), sorted(experts[layer] - set(range(E)))
+            detail = f"lacks tensors of experts {absent[:8]}" if absent else f"has tensors of experts {extra[:8]}"
+            problems.append((ckpt.path, f"MoE layer {layer} {detail}; config says {E} experts"))
+    return problems

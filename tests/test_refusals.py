@@ -176,3 +176,5 @@ def test_verify_reports_inconsistent_checkpoint(checkpoints, tmp_path):
     r = cli("verify", out)
     assert r.returncode == 2 and "config says 8" in r.stderr and "Traceback" not in r.stderr
     assert cli("verify", src).returncode == 0
+    mtp = cli("verify", checkpoints["deepseek_v3"])  # hub layout: an MTP layer past the decoder stack
+    assert mtp.returncode == 0, mtp.stderr
