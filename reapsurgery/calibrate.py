@@ -20,6 +20,7 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .errors import ReapError
 from .layouts import Layout
+from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from .saliency import LayerStats, Saliency
 from .streaming import StreamedModel
@@ -112,10 +113,15 @@ def calibrate(
     bar: BarFactory | None = None,
     on_layer: Callable[[int, StreamedModel], None] | None = None,
     layout: Layout | None = None,
+    mtp: str = "drop",
 ) -> Saliency:
     """Per-expert REAP statistics of every MoE layer, measured on `samples` (token id lists).
 
-    `layout` (a user's layout file) replaces the built-in one chosen from config.json."""
+    `layout` (a user's layout file) replaces the built-in one chosen from config.json.
+    mtp="calibrate" also measures the multi-token-prediction layers stored past the stack
+    (their statistics then make plan and apply keep them); "drop" leaves them out."""
+    if mtp not in ("drop", "calibrate"):
+        raise ReapError(None, f"--mtp {mtp}: choose drop or calibrate")
     if not samples:
         raise ReapError(None, "no calibration samples")
     ckpt = Checkpoint.open(ckpt_path, layout)
@@ -131,10 +137,11 @@ def calibrate(
         raise ReapError(ckpt.path / "config.json",
                         f"transformers builds MoE layers {moe_layers} but the {ckpt.layout.name} layout says {ckpt.moe_layers}")
     dense_layers = [i for i in range(len(streamed.layers)) if i not in moe_layers]
+    extra_layers = mtp_layers(streamed) if mtp == "calibrate" else []
 
     pad_id = streamed.model.config.get_text_config().pad_token_id or 0
     batches = make_batches(samples, batch_size, pad_id)
-    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), samples, batch_size, str(dt)]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), samples, batch_size, str(dt), extra_layers]).encode()).hexdigest()
     state = _State(Path(state_dir) if state_dir else None, key)
 
     streamed.load_outer()
@@ -154,24 +161,42 @@ def calibrate(
 
     observer = Observer(names=names)
     n_layers = len(streamed.layers)
-    outer = bar(total=n_layers, initial=start, desc="layers", unit="layer") if bar else None
+    total = n_layers + len(extra_layers)
+    outer = bar(total=total, initial=start, desc="layers", unit="layer") if bar else None
     with observing(observer):
-        for i in range(start, n_layers):
-            streamed.load_layer(i)
+        for i in range(start, total):
+            if i < n_layers:
+                module = streamed.load_layer(i)
+                calls_of, run = i, lambda b, h, args, kwargs: module(h, *args, **kwargs)
+            else:  # a multi-token-prediction block, run like the stack's last MoE layer
+                calls_of = moe_layers[-1]
+                module = load_mtp_block(streamed, i, calls_of)
+                observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
+                experts_layer[f"mtp.{i}"] = i
+                first = i == n_layers
+                norm = streamed.final_norm()
+
+                def run(b, h, args, kwargs, module=module, first=first, norm=norm):
+                    return module(norm(h) if first else h, batches[b][0].to(dev), *args, **kwargs)
             if on_layer:
                 on_layer(i, streamed)
             inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
             for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
-                args, kwargs = layer_calls[i]
-                observer.token_mask = masks[b]
-                out = streamed.layers[i](h, *args, **kwargs)
+                args, kwargs = layer_calls[calls_of]
+                observer.token_mask = (masks[b] if i < n_layers
+                                       else counted_positions(batches[b][1], i - n_layers + 1).to(dev))
+                out = run(b, h, args, kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
                 if inner:
                     inner.update(1)
             if inner:
                 inner.close()
             observer.token_mask = None
-            streamed.release_layer(i)
+            if i < n_layers:
+                streamed.release_layer(i)
+            else:
+                module.to_empty(device="meta")
+            del module
             for name, s in list(observer.stats.items()):
                 stats[experts_layer[name]] = _layer_stats(s)
                 del observer.stats[name]
@@ -187,6 +212,7 @@ def calibrate(
         "tokens": sum(len(s) for s in samples),
         "batch_size": batch_size,
         "dtype": str(dt).removeprefix("torch."),
+        "mtp": mtp,
         "device": dev.type,
         "reapsurgery": __version__,
     }

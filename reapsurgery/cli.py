@@ -181,6 +181,20 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | No
     click.echo(f"wrote {output} (sha256 {result.mask.sha256})")
 
 
+def _echo_mtp(dropped: list[int], prefixes: list[str], kept: list[int], notes: list[str], would: str, indent: str) -> None:
+    """What happens to multi-token-prediction layers: dropped (default) or kept and pruned."""
+    drop, keep = ("would drop", "would keep") if would else ("dropped", "kept")
+    if dropped:
+        click.echo(f"{indent}{drop} multi-token-prediction layers {dropped} (not run by transformers; "
+                   "`calibrate --mtp calibrate` measures and keeps them)")
+    for prefix in prefixes:
+        click.echo(f"{indent}{drop} multi-token-prediction tensors {prefix}* (not run by transformers)")
+    if kept:
+        click.echo(f"{indent}{keep} multi-token-prediction layers {kept}, pruned with the mask like the others")
+    for note in notes:
+        click.echo(f"{indent}note: {note}")
+
+
 def _echo_preview(p: dict) -> None:
     click.echo(
         f"dry run: would write {p['out']}: {p['experts_before']} -> {p['experts_after']} experts in "
@@ -191,10 +205,7 @@ def _echo_preview(p: dict) -> None:
            [(s["name"], s["source"], s["tensors"], _human(s["bytes"])) for s in p["shards"]])
     for key, (old, new) in p["config_changes"].items():
         click.echo(f"  config.json: {key} {old} -> {new}")
-    if p["dropped_layers"]:
-        click.echo(f"  would drop multi-token-prediction layers {p['dropped_layers']} (not run by transformers)")
-    for prefix in p.get("dropped_prefixes", []):
-        click.echo(f"  would drop multi-token-prediction tensors {prefix}* (not run by transformers)")
+    _echo_mtp(p["dropped_layers"], p["dropped_prefixes"], p["kept_mtp_layers"], p["notes"], "would ", "  ")
     click.echo(f"  would write: {' '.join(p['written'])}")
     if p["copied"]:
         click.echo(f"  would copy: {' '.join(p['copied'])}")
@@ -289,10 +300,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
     )
     for key, (old, new) in result.config_changes.items():
         click.echo(f"  config.json: {key} {old} -> {new}")
-    if result.dropped_layers:
-        click.echo(f"  dropped multi-token-prediction layers {result.dropped_layers} (not run by transformers)")
-    for prefix in result.dropped_prefixes:
-        click.echo(f"  dropped multi-token-prediction tensors {prefix}* (not run by transformers)")
+    _echo_mtp(result.dropped_layers, result.dropped_prefixes, result.kept_mtp_layers, result.notes, "", "  ")
     for path in result.skipped:
         click.echo(f"  not copied (weights reapsurgery does not prune): {path}")
 
@@ -330,12 +338,16 @@ def verify(ckpt: Path, layout_file: Path | None) -> None:
               help="Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code.")
+@click.option("--mtp", type=click.Choice(["drop", "calibrate"]), default="drop", show_default=True,
+              help="Multi-token-prediction layers stored past the decoder stack (DeepSeek-V3, GLM-4.x): "
+                   "'drop' leaves them out, and apply drops them; 'calibrate' measures their experts from the "
+                   "MTP block's own inputs, and plan/apply prune and keep them (for speculative decoding).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @layout_option
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
               max_length: int, seed: int, batch_size: int, device: str, dtype: str, resume: bool,
-              trust_remote_code: bool, quiet: bool, layout_file: Path | None) -> None:
+              trust_remote_code: bool, mtp: str, quiet: bool, layout_file: Path | None) -> None:
     """Measure per-expert REAP saliency of CKPT on calibration text.
 
     Loads one decoder layer at a time from the shards into a transformers model built
@@ -356,12 +368,13 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     saliency = run_calibrate(
         ckpt, data.samples, batch_size=batch_size, device=device, dtype=dtype,
         state_dir=Path(f"{output}.resume"), resume=resume, trust_remote_code=trust_remote_code,
-        provenance=provenance, bar=partial(tqdm, disable=quiet), layout=_layout(layout_file),
+        provenance=provenance, bar=partial(tqdm, disable=quiet), layout=_layout(layout_file), mtp=mtp,
     )
     saliency.save(output)
     cal = saliency.calibration
     never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
-    click.echo(f"wrote {output}: {len(saliency.layers)} MoE layers, {cal['samples']} samples, "
+    mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
+    click.echo(f"wrote {output}: {len(saliency.layers)} MoE layers{mtp_note}, {cal['samples']} samples, "
                f"{cal['tokens']} tokens on {cal['device']} ({cal['dtype']}); {never} (layer, expert) pairs never routed")
 
 
@@ -479,10 +492,7 @@ def _echo_mask(f: dict) -> None:
         click.echo(ACTIVE_NOTE)
         for key, (old, new) in size["config_changes"].items():
             click.echo(f"config.json: {key} {old} -> {new}")
-        if size["dropped_layers"]:
-            click.echo(f"drops multi-token-prediction layers {size['dropped_layers']}")
-        for prefix in size.get("dropped_prefixes", []):
-            click.echo(f"drops multi-token-prediction tensors {prefix}*")
+        _echo_mtp(size["dropped_layers"], size["dropped_prefixes"], size["kept_mtp_layers"], size["notes"], "would ", "")
     click.echo("kept experts per layer:")
     _table([(f"{layer}:", " ".join(map(str, kept))) for layer, kept in f["layers"].items()])
 

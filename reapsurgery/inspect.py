@@ -148,6 +148,8 @@ def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, layout: 
         "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
         "dropped_layers": plan.dropped_layers,
         "dropped_prefixes": plan.dropped_prefixes,
+        "kept_mtp_layers": plan.kept_mtp_layers,
+        "notes": plan.notes,
     }
 
 
@@ -179,8 +181,8 @@ def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap"
             "never_routed": [e for e, s in enumerate(scores) if s is None],
             "scores": spread,
         }
-    supers, threshold = super_experts(sal.layers)
-    outliers, _ = super_experts(sal.layers, all_layers=True)
+    supers, threshold = super_experts(sal.layers, num_hidden_layers=sal.model["num_hidden_layers"])
+    outliers, _ = super_experts(sal.layers, True, sal.model["num_hidden_layers"])
     return {
         "kind": "saliency",
         "path": None if path is None else str(path),
@@ -264,6 +266,8 @@ def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_
         "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
         "dropped_layers": plan.dropped_layers,
         "dropped_prefixes": plan.dropped_prefixes,
+        "kept_mtp_layers": plan.kept_mtp_layers,
+        "notes": plan.notes,
         "written": ["config.json", "README.md", MASK_COPY] + ([INDEX] if writes_index else []),
         "copied": copied,
         "skipped": skipped,

@@ -30,6 +30,11 @@ Fields of an entry (all config keys are read from the text config where one is n
 - ``mtp_layers``: config key counting multi-token-prediction layers (stored as layers
   ``num_hidden_layers..``, dropped by apply and set to 0); ``mtp_prefixes``: name prefixes of
   MTP tensors stored outside the layer stack (Qwen3-Next's ``mtp.``), dropped too.
+- ``mtp_block``: the modules an MTP layer holds besides a decoder layer, relative to its layer
+  prefix: ``embed_norm``, ``hidden_norm`` (RMSNorms), ``proj`` (the [H, 2H] linear over the
+  concatenated normed embedding and hidden state), ``embed`` (its own copy of the embeddings,
+  when stored) and ``head``. With it, ``calibrate --mtp calibrate`` measures the MTP layers'
+  experts and apply keeps them; without it they can only be dropped.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Layout:
     mtp_key: str | None
     mtp_prefixes: tuple[str, ...] = ()
     defaults: dict[str, Any] | None = None
+    mtp_block: dict[str, str] | None = None
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> "Layout":
@@ -104,6 +110,7 @@ class Layout:
                 mtp_key=d.get("mtp_layers"),
                 mtp_prefixes=tuple(d.get("mtp_prefixes", ())),
                 defaults=dict(d.get("defaults", {})),
+                mtp_block=_mtp_block(name, d.get("mtp_block")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ReapError(None, f"layout {name!r} is missing or malforms field {e}") from None
@@ -132,6 +139,23 @@ class Layout:
             if m:
                 return int(m.group("layer"))
         return None
+
+    def split_layer(self, name: str) -> tuple[int, str] | None:
+        """(layer, name within the layer) for a tensor under a layer prefix."""
+        for prefix, *_ in self._regexes:
+            m = prefix.match(name)
+            if m:
+                return int(m.group("layer")), name[m.end():]
+        return None
+
+    def with_layer(self, name: str, layer: int) -> str:
+        """The same tensor name in another layer."""
+        for prefix, *_ in self._regexes:
+            m = prefix.match(name)
+            if m:
+                a, b = m.span("layer")
+                return name[:a] + str(layer) + name[b:]
+        raise ValueError(f"{name!r} is not a layer tensor")
 
     def is_mtp(self, name: str, num_hidden_layers: int) -> bool:
         """A multi-token-prediction tensor: a layer past the decoder stack, or under an MTP prefix."""
@@ -214,8 +238,22 @@ class Layout:
             "moe_layers": dict(self.moe_layer_rule),
             "groups": dict(self.groups) if self.groups else None,
             "mtp_layers": self.mtp_key,
+            "mtp_block": dict(self.mtp_block) if self.mtp_block else None,
             "layer_prefix": list(self.layer_prefixes),
         }
+
+
+MTP_BLOCK_FIELDS = {"embed_norm", "hidden_norm", "proj", "embed", "head"}
+MTP_BLOCK_REQUIRED = {"embed_norm", "hidden_norm", "proj"}
+
+
+def _mtp_block(name: str, d: Any) -> dict[str, str] | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not MTP_BLOCK_REQUIRED <= set(d) or not set(d) <= MTP_BLOCK_FIELDS:
+        raise ReapError(None, f"layout {name!r}: mtp_block needs {', '.join(sorted(MTP_BLOCK_REQUIRED))} "
+                              f"(and may name {', '.join(sorted(MTP_BLOCK_FIELDS - MTP_BLOCK_REQUIRED))})")
+    return dict(d)
 
 
 MOE_RULE_FIELDS = {"list", "type_list", "moe_type", "first_dense", "last_moe", "sparse_step", "dense_list"}

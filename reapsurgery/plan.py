@@ -120,20 +120,23 @@ def quantile(values: list[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
-def super_experts(layers: dict[int, LayerStats], all_layers: bool = False) -> tuple[dict[int, list[int]], float | None]:
+def super_experts(layers: dict[int, LayerStats], all_layers: bool = False,
+                  num_hidden_layers: int | None = None) -> tuple[dict[int, list[int]], float | None]:
     """Experts whose max activation is an outlier, per layer, and the threshold used.
 
     The REAP reference's rule: max activation above both the 99.5th percentile of every
     expert's max activation (all MoE layers together) and a tenth of the largest one;
     only in the first 75% of MoE layers unless all_layers. An expert never routed has no
-    max activation and counts as 0 (the reference's starting value).
+    max activation and counts as 0 (the reference's starting value). Multi-token-prediction
+    layers (from num_hidden_layers on) leave the threshold and the stack's choice unchanged;
+    they are searched with all_layers only.
     """
-    order = sorted(layers)
-    values = [a if a is not None else 0.0 for l in order for a in layers[l].max_activation]
+    stack = sorted(l for l in layers if num_hidden_layers is None or l < num_hidden_layers)
+    values = [a if a is not None else 0.0 for l in stack for a in layers[l].max_activation]
     if not values:
         return {}, None
     threshold = max(quantile(values, SUPER_QUANTILE), max(values) * SUPER_FRACTION)
-    considered = order if all_layers else order[: int(len(order) * SUPER_LAYER_SHARE)]
+    considered = sorted(layers) if all_layers else stack[: int(len(stack) * SUPER_LAYER_SHARE)]
     found = {}
     for l in considered:
         hits = [e for e, a in enumerate(layers[l].max_activation) if a is not None and a > threshold]
@@ -210,7 +213,7 @@ def plan_mask(
         raise ReapError(None, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     moe_layers = list(model["moe_layers"])
     missing = sorted(set(moe_layers) - set(saliency.layers))
-    extra = sorted(set(saliency.layers) - set(moe_layers))
+    extra = sorted(l for l in set(saliency.layers) - set(moe_layers) if l not in saliency.mtp_layers)
     if missing or extra:
         detail = f"has no statistics for MoE layers {missing}" if missing else f"has statistics for layers {extra} that are not MoE layers"
         raise ReapError(where, f"saliency {detail} (fingerprint moe_layers: {moe_layers})")
@@ -272,7 +275,7 @@ def plan_mask(
     supers: dict[int, list[int]] = {}
     threshold = None
     if preserve_super_experts or preserve_outliers:
-        supers, threshold = super_experts(saliency.layers, all_layers=preserve_outliers)
+        supers, threshold = super_experts(saliency.layers, preserve_outliers, model["num_hidden_layers"])
 
     layers: dict[int, LayerPlan] = {}
     for l in sorted(saliency.layers):
@@ -324,6 +327,10 @@ def plan_mask(
     }
     if groups > 1:
         provenance["n_group"] = groups
+    if saliency.mtp_layers:
+        provenance["mtp_layers"] = saliency.mtp_layers
+        notes.append(f"multi-token-prediction layers {saliency.mtp_layers} have statistics: the mask covers them, "
+                     "and apply keeps and prunes them")
     mask = Mask(dict(model), {l: p.kept for l, p in layers.items()}, provenance)
     mask = replace(mask, sha256=hashlib.sha256(mask_bytes(mask)).hexdigest())
     return Plan(mask, method, E, top_k, drop, requested, n_group, layers, threshold, notes)

@@ -67,6 +67,11 @@ class Saliency:
     dense_layers: list[int] = field(default_factory=list)
     sha256: str | None = None
 
+    @property
+    def mtp_layers(self) -> list[int]:
+        """Layers past the decoder stack: multi-token-prediction blocks (calibrate --mtp calibrate)."""
+        return sorted(l for l in self.layers if l >= self.model["num_hidden_layers"])
+
     def to_json(self) -> dict:
         return {
             "format": SALIENCY_FORMAT,

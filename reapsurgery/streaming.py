@@ -115,12 +115,15 @@ class StreamedModel:
         self.layers_prefix = names[id(self.layers)] + "."
         self.layer_keys: dict[int, list[str]] = {i: [] for i in range(len(self.layers))}
         self.outer_keys: list[str] = []
+        self.mtp_keys: dict[int, list[str]] = {}  # layers past the stack: multi-token-prediction blocks
         for key in logical_keys(ckpt):  # a quantized weight's scales are read with it
             target, _ = self.converter.target(key)
             if target.startswith(self.layers_prefix):
                 i = int(target[len(self.layers_prefix):].split(".")[0])
-                if i in self.layer_keys:  # layers past the stack (MTP) are not run by transformers
+                if i in self.layer_keys:
                     self.layer_keys[i].append(key)
+                else:  # layers past the stack (MTP) are not run by transformers
+                    self.mtp_keys.setdefault(i, []).append(key)
             elif target.startswith(decoder_prefix) and target in self.converter.meta:
                 self.outer_keys.append(key)
 
@@ -139,17 +142,27 @@ class StreamedModel:
                 self._init_nonpersistent_buffers(child)
 
     def load_layer(self, i: int) -> nn.Module:
-        layer = self.layers[i]
-        converted = self._convert(self.layer_keys[i], f"layer {i}")
-        prefix = f"{self.layers_prefix}{i}."
+        return self.fill_layer(self.layers[i], self.layer_keys[i], i, f"decoder layer {i}")
+
+    def fill_layer(self, layer: nn.Module, keys: list[str], as_layer: int, what: str, rename=None) -> nn.Module:
+        """Load `keys` into `layer`, converted as the tensors of decoder layer `as_layer`."""
+        converted = self._convert(keys, what, rename)
+        prefix = f"{self.layers_prefix}{as_layer}."
         local = {k[len(prefix):]: v for k, v in converted.items()}
         try:
             layer.load_state_dict(local, strict=True, assign=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[-1].strip()
-            raise ReapError(self.ckpt.path, f"decoder layer {i} does not match the model class: {first}") from None
+            raise ReapError(self.ckpt.path, f"{what} does not match the model class: {first}") from None
         self._init_nonpersistent_buffers(layer)
         return layer
+
+    def final_norm(self) -> nn.Module:
+        """The decoder's last norm (loaded with the embeddings, kept for the whole run)."""
+        norm = getattr(self.decoder, "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise ReapError(self.ckpt.path, f"{type(self.decoder).__name__} has no final norm")
+        return norm
 
     def release_layer(self, i: int) -> None:
         self.layers[i].to_empty(device="meta")
@@ -163,9 +176,13 @@ class StreamedModel:
     def resident_layers(self) -> list[int]:
         return [i for i, l in enumerate(self.layers) if any(not t.is_meta for t in [*l.parameters(), *l.buffers()])]
 
-    def _convert(self, keys: list[str], what: str) -> dict[str, torch.Tensor]:
+    def _convert(self, keys: list[str], what: str, rename=None) -> dict[str, torch.Tensor]:
+        """Read, dequantise and convert `keys`; `rename` maps a key to the name it converts as."""
         try:
-            converted = self.converter.convert(read_layer_tensors(self.ckpt, keys))
+            tensors = read_layer_tensors(self.ckpt, keys)
+            if rename is not None:
+                tensors = {rename(k): v for k, v in tensors.items()}
+            converted = self.converter.convert(tensors)
         except KeyError as e:
             raise ReapError(self.ckpt.path, f"{what}: checkpoint tensor {e} has no place in the model") from None
         # Tensors that were only renamed still view the shard's memory map; copy them so the

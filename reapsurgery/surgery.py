@@ -63,6 +63,8 @@ class SurgeryPlan:
     dropped_layers: list[int] = field(default_factory=list)
     config_changes: dict[str, tuple] = field(default_factory=dict)
     dropped_prefixes: list[str] = field(default_factory=list)  # MTP tensors outside the layer stack
+    kept_mtp_layers: list[int] = field(default_factory=list)  # pruned with the mask, like the stack
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_size(self) -> int:
@@ -82,6 +84,8 @@ class ApplyResult:
     config_changes: dict[str, tuple]
     skipped: list[str]
     dropped_prefixes: list[str] = field(default_factory=list)
+    kept_mtp_layers: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -117,9 +121,9 @@ def slice_ranges(info: TensorInfo, base: int, axis: int, kept: list[int], n_expe
 def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     """Check the mask against the checkpoint and compute every output tensor; writes nothing."""
     check_fingerprint(mask.model, ckpt.fingerprint(), mask_path, ckpt.path)
-    E, top_k, moe_layers = ckpt.num_experts, ckpt.top_k, ckpt.moe_layers
+    E, top_k, moe_layers, n = ckpt.num_experts, ckpt.top_k, ckpt.moe_layers, ckpt.num_hidden_layers
     missing = sorted(set(moe_layers) - set(mask.layers))
-    extra = sorted(set(mask.layers) - set(moe_layers))
+    extra = sorted(l for l in set(mask.layers) - set(moe_layers) if l < n)  # past the stack: MTP layers
     if missing or extra:
         detail = f"lacks MoE layers {missing}" if missing else f"names layers {extra} that are not MoE layers"
         raise ReapError(mask_path, f"mask {detail} of checkpoint {ckpt.path}")
@@ -134,6 +138,12 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     if problems:
         raise ReapError(*problems[0])
     mtp_count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
+    kept_mtp = _kept_mtp_layers(ckpt, tensors, mask, mask_path)
+    notes = []
+    unmatched = sorted(l for l in mask.layers if l >= n and l not in kept_mtp)
+    if unmatched:
+        notes.append(f"the mask has experts for multi-token-prediction layers {unmatched}, which this checkpoint "
+                     "does not store: nothing to keep there")
     dropped_layers: set[int] = set()
     dropped_prefixes: set[str] = set()
     per_shard: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
@@ -142,9 +152,10 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
         base = ckpt.header(shard).data_offset
         layer = layout.layer_of(name)
         role = tensor_role(ckpt, name, info)
-        if layer is not None and layer >= ckpt.num_hidden_layers:
+        if layer is not None and layer >= n and layer not in kept_mtp:
             # Layers past the decoder stack are multi-token-prediction blocks that transformers
-            # does not run; keeping them would leave experts with the old count.
+            # does not run; kept unpruned they would have the old expert count. A mask measured
+            # with `calibrate --mtp calibrate` covers them, and they are pruned like the others.
             if mtp_count or role is not None:
                 dropped_layers.add(layer)
                 continue
@@ -178,7 +189,20 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
 
     config, changes = rewrite_config(ckpt, kept, bool(dropped_layers or dropped_prefixes), mask.layers)
-    return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes))
+    return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes),
+                       sorted(kept_mtp), notes)
+
+
+def _kept_mtp_layers(ckpt: Checkpoint, tensors: dict, mask: Mask, mask_path: Path) -> set[int]:
+    """MTP layers (past the stack) with routed experts that the mask covers: all of them or none."""
+    n = ckpt.num_hidden_layers
+    on_disk = {role.layer for name, (_, info) in tensors.items()
+               if (role := tensor_role(ckpt, name, info)) is not None and role.layer >= n}
+    covered = on_disk & set(mask.layers)
+    if covered and covered != on_disk:
+        raise ReapError(mask_path, f"the mask covers multi-token-prediction layers {sorted(covered)} but not "
+                                   f"{sorted(on_disk - covered)}; they are kept or dropped together")
+    return covered
 
 
 def _check_groups(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> None:
@@ -320,4 +344,6 @@ def apply_mask(
         config_changes=plan.config_changes,
         skipped=skipped,
         dropped_prefixes=plan.dropped_prefixes,
+        kept_mtp_layers=plan.kept_mtp_layers,
+        notes=plan.notes,
     )

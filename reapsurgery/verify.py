@@ -56,19 +56,21 @@ def tensor_role(ckpt: Checkpoint, name: str, info: TensorInfo) -> TensorRole | N
 def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]]) -> list[tuple[Path, str]]:
     """Where expert and router tensors disagree with config.json, as (file, problem).
 
-    Multi-token-prediction tensors are left out: transformers does not run them and apply drops them.
+    Layers stored past the decoder stack (multi-token prediction) are checked like MoE layers:
+    whether kept or dropped, none may be left with another expert count. MTP tensors outside
+    the layer stack (Qwen3-Next's mtp.*) are left out: apply always drops them.
     """
-    E = ckpt.num_experts
-    moe = set(ckpt.moe_layers)
+    E, n = ckpt.num_experts, ckpt.num_hidden_layers
+    roles = {}
+    for name, (shard, info) in sorted(tensors.items()):
+        role = tensor_role(ckpt, name, info)
+        if role is not None and not name.startswith(ckpt.layout.mtp_prefixes or ("\0",)):
+            roles[name] = (shard, info, role)
+    moe = set(ckpt.moe_layers) | {role.layer for _, _, role in roles.values() if role.layer >= n}
     experts: dict[int, set[int]] = {l: set() for l in moe}
     routers = {l: 0 for l in moe}
     problems: list[tuple[Path, str]] = []
-    for name, (shard, info) in sorted(tensors.items()):
-        if ckpt.layout.is_mtp(name, ckpt.num_hidden_layers):
-            continue
-        role = tensor_role(ckpt, name, info)
-        if role is None:
-            continue
+    for name, (shard, info, role) in roles.items():
         if role.layer not in moe:
             problems.append((ckpt.path / shard, f"tensor {name!r} is an expert or router tensor but config.json says "
                                                 f"layer {role.layer} is not an MoE layer"))

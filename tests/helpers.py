@@ -29,14 +29,16 @@ def tensor_bytes(path, name) -> bytes:
         return f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def expected_output_bytes(src: Path, keep: list[int]) -> dict[str, bytes]:
-    """What every output tensor must hold, by name: the input's bytes or their retained slice."""
+def expected_output_bytes(src: Path, keep: list[int], keep_mtp: bool = False) -> dict[str, bytes]:
+    """What every output tensor must hold, by name: the input's bytes or their retained slice.
+    MTP layers past the stack are dropped, or with keep_mtp sliced like the others."""
     ckpt = Checkpoint.open(src)
     expected = {}
     for name, (shard, _) in ckpt.tensors().items():
         path = src / shard
         role = ckpt.layout.classify(name)
-        if ckpt.layout.is_mtp(name, ckpt.num_hidden_layers):
+        past_stack = (ckpt.layout.layer_of(name) or 0) >= ckpt.num_hidden_layers
+        if ckpt.layout.is_mtp(name, ckpt.num_hidden_layers) and not (keep_mtp and past_stack):
             continue  # MTP layer or mtp.* tensor: dropped
         if role is None:
             expected[name] = tensor_bytes(path, name)
@@ -57,9 +59,9 @@ def output_tensors(path: Path) -> dict[str, tuple]:
     return {name: (path / shard, info) for name, (shard, info) in c.tensors().items()}
 
 
-def assert_output_is_input_slices(src: Path, out: Path, keep: list[int]) -> dict[str, tuple]:
+def assert_output_is_input_slices(src: Path, out: Path, keep: list[int], keep_mtp: bool = False) -> dict[str, tuple]:
     """Every output tensor holds exactly the input's bytes or their retained slice; returns the output's tensors."""
-    expected = expected_output_bytes(src, keep)
+    expected = expected_output_bytes(src, keep, keep_mtp)
     got = output_tensors(out)
     assert set(got) == set(expected)
     for name, (path, _) in got.items():

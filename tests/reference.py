@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+RTOL = 1e-5  # statistics: float64 sums of float32 values computed in another order
+
 
 def model_class(path: Path):
     """The class config.json names (architectures[0]): the multimodal class for Llama-4, so that
@@ -18,9 +20,12 @@ def model_class(path: Path):
     return getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
 
 
-def load(path: Path, quantization_config=None):
-    """fp32 model; a quantized checkpoint is loaded with `quantization_config` (e.g. dequantize=True)."""
+def load(path: Path, quantization_config=None, config=None):
+    """fp32 model; a quantized checkpoint is loaded with `quantization_config` (e.g. dequantize=True);
+    `config` replaces the checkpoint's own."""
     extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    if config is not None:
+        extra["config"] = config
     model, info = model_class(path).from_pretrained(path, dtype=torch.float32, output_loading_info=True, **extra)
     # Parameters memory-mapped from a shard sit wherever the file puts them; some CPU kernels
     # (grouped_mm for Granite's experts) round differently by address alignment. Fresh copies
@@ -39,7 +44,7 @@ def decoder_layers(model):
     raise AssertionError(f"{type(model).__name__} has no layer list")
 
 
-def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantization_config=None):
+def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantization_config=None, config=None):
     """The source model loaded normally, with dropped experts removed from its parameters.
 
     A quantized source is loaded with `quantization_config` (which must dequantise: the
@@ -50,16 +55,16 @@ def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantiz
     """
     from transformers import AutoConfig
 
-    full, _ = load(src, quantization_config)
-    config = AutoConfig.from_pretrained(src)
+    import copy
+
+    full, _ = load(src, quantization_config, config)
+    config = copy.deepcopy(config) if config is not None else AutoConfig.from_pretrained(src)
     if quantization_config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
     text = getattr(config, "text_config", None) or config
     for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
         if hasattr(text, attr):
             setattr(text, attr, n_kept)
-    if hasattr(text, "num_nextn_predict_layers"):
-        text.num_nextn_predict_layers = 0
     small = model_class(src)._from_config(config, dtype=torch.float32)
     target = small.state_dict()
     state = {}
@@ -87,3 +92,96 @@ def text_model(model):
     for 'image_outputs'); without images it only runs that language model, so run it directly."""
     lm = getattr(model, "language_model", None)
     return lm if lm is not None and hasattr(lm, "lm_head") else model
+
+
+def _scaled_input_routing(block, args, out):
+    """Llama-4 (outside ExpertsInterface): the router returns sigmoid scores (0 outside the top-k)
+    and logits, and the block multiplies tokens by their score before running every expert. g is
+    a routed pair's score, f the expert's output on the unscaled token, computed here from the
+    expert's weights."""
+    hidden = args[0]
+    scores, logits = out
+    idx = torch.topk(logits, block.router.top_k, dim=-1).indices
+    ex = block.experts
+
+    def unweighted(hidden_rep, flat_idx):
+        rows = []
+        for x, e in zip(hidden_rep, flat_idx.reshape(-1).tolist()):
+            gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+            rows.append((up * ex.act_fn(gate)) @ ex.down_proj[e])
+        return torch.stack(rows)
+
+    return hidden, idx, scores.gather(1, idx), unweighted
+
+
+def reference_stats(src, samples, model=None, uncounted_tail: dict[int, int] | None = None):
+    """Statistics from the full model (from_pretrained, default experts implementation), one
+    unpadded sample at a time: the experts' real routing is captured by a forward hook, and each
+    routed pair's unweighted output is recomputed by calling the expert module with weight 1.
+
+    `model` replaces the one loaded from `src`; `uncounted_tail` {layer: n} leaves each sample's
+    last n tokens out of that layer's statistics (an MTP layer has no input there)."""
+    if model is None:
+        model, _ = load(src)
+    uncounted_tail = uncounted_tail or {}
+    experts = {n: m for n, m in model.named_modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts")}
+    scaled = {n: m for n, m in model.named_modules()
+              if hasattr(m, "router") and hasattr(m, "experts") and not hasattr(m.experts, "has_gate")}
+    layer_of = {n: int(n.split("layers.")[1].split(".")[0]) for n in [*experts, *scaled]}
+    stats = {}
+    captured = []
+    hooks = [m.register_forward_hook(
+        lambda mod, args, out, n=n: captured.append((n, mod.num_experts, *args,
+                                                     lambda h, i, mod=mod: mod(h, i, torch.ones(i.numel(), 1)))))
+        for n, m in experts.items()]
+    hooks += [m.router.register_forward_hook(
+        lambda mod, args, out, n=n, m=m: captured.append((n, m.experts.num_experts, *_scaled_input_routing(m, args, out))))
+        for n, m in scaled.items()]
+    outputs = []
+    layer_hooks = [l.register_forward_hook(lambda m, a, out, i=i: outputs.append((i, out[0] if isinstance(out, tuple) else out)))
+                   for i, l in enumerate(decoder_layers(model))]
+    per_layer_hidden = {}
+    with torch.no_grad():
+        for sample in samples:
+            captured.clear()
+            outputs.clear()
+            text_model(model)(input_ids=torch.tensor([sample]))
+            for i, out in outputs:
+                per_layer_hidden.setdefault(i, []).append(out[0])
+            routed = list(captured)  # calling the experts below fires the hook again
+            for name, E, hidden, idx, weights, unweighted in routed:
+                tail = uncounted_tail.get(layer_of[name], 0)
+                if tail:
+                    hidden, idx, weights = hidden[:-tail], idx[:-tail], weights[:-tail]
+                s = stats.setdefault(layer_of[name], {"tokens": 0, "count": [0.0] * E, "gate_sum": [0.0] * E,
+                                                      "norm_sum": [0.0] * E, "reap_sum": [0.0] * E,
+                                                      "max_activation": [None] * E})
+                s["tokens"] += hidden.shape[0]
+                k = idx.shape[1]
+                # each routed pair through the expert alone, weight 1: its unweighted output
+                f = unweighted(hidden.repeat_interleave(k, 0), idx.reshape(-1, 1)).double()
+                for p, (e, g) in enumerate(zip(idx.reshape(-1).tolist(), weights.reshape(-1).tolist())):
+                    norm = float(f[p].norm())
+                    s["count"][e] += 1
+                    s["gate_sum"][e] += g
+                    s["norm_sum"][e] += norm
+                    s["reap_sum"][e] += g * norm
+                    m = float(f[p].max())
+                    s["max_activation"][e] = m if s["max_activation"][e] is None else max(m, s["max_activation"][e])
+    for h in hooks + layer_hooks:
+        h.remove()
+    return stats, per_layer_hidden
+
+
+def assert_stats_close(layers, ref):
+    assert sorted(layers) == sorted(ref)
+    for layer, r in ref.items():
+        mine = layers[layer].to_json()
+        assert mine["tokens"] == r["tokens"]
+        assert mine["count"] == r["count"]
+        for key in ("gate_sum", "norm_sum", "reap_sum"):
+            torch.testing.assert_close(torch.tensor(mine[key]), torch.tensor(r[key]), rtol=RTOL, atol=1e-6)
+        assert [v is None for v in mine["max_activation"]] == [v is None for v in r["max_activation"]]
+        seen = [i for i, v in enumerate(r["max_activation"]) if v is not None]
+        torch.testing.assert_close(torch.tensor([mine["max_activation"][i] for i in seen]),
+                                   torch.tensor([r["max_activation"][i] for i in seen]), rtol=RTOL, atol=1e-6)

@@ -10,10 +10,9 @@ import torch
 from fixtures.build import FAMILIES
 from reapsurgery.calibrate import calibrate
 from reapsurgery.checkpoint import Checkpoint
-from tests.reference import decoder_layers, load, text_model
+from tests.reference import RTOL, assert_stats_close, reference_stats
 
 LENGTHS = [7, 12, 3, 10, 5]
-RTOL = 1e-5
 # transformers' own forward is not batch-invariant for Qwen3-Next's linear attention (its reference
 # gated-delta-rule kernel: a padded batch differs from one sample by up to 2e-5), so the comparison
 # with unpadded single samples runs unpadded there; padding is covered by test_padding_never_counts
@@ -23,91 +22,6 @@ BATCH_SIZE = {"qwen3_next": 1}
 def texts(seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 300, (n,), generator=g).tolist() for n in LENGTHS]
-
-
-def _scaled_input_routing(block, args, out):
-    """Llama-4 (outside ExpertsInterface): the router returns sigmoid scores (0 outside the top-k)
-    and logits, and the block multiplies tokens by their score before running every expert. g is
-    a routed pair's score, f the expert's output on the unscaled token, computed here from the
-    expert's weights."""
-    hidden = args[0]
-    scores, logits = out
-    idx = torch.topk(logits, block.router.top_k, dim=-1).indices
-    ex = block.experts
-
-    def unweighted(hidden_rep, flat_idx):
-        rows = []
-        for x, e in zip(hidden_rep, flat_idx.reshape(-1).tolist()):
-            gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
-            rows.append((up * ex.act_fn(gate)) @ ex.down_proj[e])
-        return torch.stack(rows)
-
-    return hidden, idx, scores.gather(1, idx), unweighted
-
-
-def reference_stats(src, samples):
-    """Statistics from the full model (from_pretrained, default experts implementation), one
-    unpadded sample at a time: the experts' real routing is captured by a forward hook, and each
-    routed pair's unweighted output is recomputed by calling the expert module with weight 1."""
-    model, _ = load(src)
-    experts = {n: m for n, m in model.named_modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts")}
-    scaled = {n: m for n, m in model.named_modules()
-              if hasattr(m, "router") and hasattr(m, "experts") and not hasattr(m.experts, "has_gate")}
-    layer_of = {n: int(n.split("layers.")[1].split(".")[0]) for n in [*experts, *scaled]}
-    stats = {}
-    captured = []
-    hooks = [m.register_forward_hook(
-        lambda mod, args, out, n=n: captured.append((n, mod.num_experts, *args,
-                                                     lambda h, i, mod=mod: mod(h, i, torch.ones(i.numel(), 1)))))
-        for n, m in experts.items()]
-    hooks += [m.router.register_forward_hook(
-        lambda mod, args, out, n=n, m=m: captured.append((n, m.experts.num_experts, *_scaled_input_routing(m, args, out))))
-        for n, m in scaled.items()]
-    outputs = []
-    layer_hooks = [l.register_forward_hook(lambda m, a, out, i=i: outputs.append((i, out[0] if isinstance(out, tuple) else out)))
-                   for i, l in enumerate(decoder_layers(model))]
-    per_layer_hidden = {}
-    with torch.no_grad():
-        for sample in samples:
-            captured.clear()
-            outputs.clear()
-            text_model(model)(input_ids=torch.tensor([sample]))
-            for i, out in outputs:
-                per_layer_hidden.setdefault(i, []).append(out[0])
-            routed = list(captured)  # calling the experts below fires the hook again
-            for name, E, hidden, idx, weights, unweighted in routed:
-                s = stats.setdefault(layer_of[name], {"tokens": 0, "count": [0.0] * E, "gate_sum": [0.0] * E,
-                                                      "norm_sum": [0.0] * E, "reap_sum": [0.0] * E,
-                                                      "max_activation": [None] * E})
-                s["tokens"] += hidden.shape[0]
-                k = idx.shape[1]
-                # each routed pair through the expert alone, weight 1: its unweighted output
-                f = unweighted(hidden.repeat_interleave(k, 0), idx.reshape(-1, 1)).double()
-                for p, (e, g) in enumerate(zip(idx.reshape(-1).tolist(), weights.reshape(-1).tolist())):
-                    norm = float(f[p].norm())
-                    s["count"][e] += 1
-                    s["gate_sum"][e] += g
-                    s["norm_sum"][e] += norm
-                    s["reap_sum"][e] += g * norm
-                    m = float(f[p].max())
-                    s["max_activation"][e] = m if s["max_activation"][e] is None else max(m, s["max_activation"][e])
-    for h in hooks + layer_hooks:
-        h.remove()
-    return stats, per_layer_hidden
-
-
-def assert_stats_close(layers, ref):
-    assert sorted(layers) == sorted(ref)
-    for layer, r in ref.items():
-        mine = layers[layer].to_json()
-        assert mine["tokens"] == r["tokens"]
-        assert mine["count"] == r["count"]
-        for key in ("gate_sum", "norm_sum", "reap_sum"):
-            torch.testing.assert_close(torch.tensor(mine[key]), torch.tensor(r[key]), rtol=RTOL, atol=1e-6)
-        assert [v is None for v in mine["max_activation"]] == [v is None for v in r["max_activation"]]
-        seen = [i for i, v in enumerate(r["max_activation"]) if v is not None]
-        torch.testing.assert_close(torch.tensor([mine["max_activation"][i] for i in seen]),
-                                   torch.tensor([r["max_activation"][i] for i in seen]), rtol=RTOL, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -1,0 +1,199 @@
+"""Multi-token-prediction layers (DeepSeek-V3, GLM-4.x): dropped by default; with
+`calibrate --mtp calibrate` measured from the MTP block's own inputs, kept and pruned by apply.
+
+The reference needs no MTP code of ours: given one more decoder layer in its config,
+transformers loads the MTP layer's decoder-layer tensors itself (its own conversion) as layer
+num_hidden_layers, and a pre-hook on that layer gives it the MTP block's input, computed here
+from the block's tensors read with safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from fixtures.build import build
+from reapsurgery.calibrate import calibrate
+from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.saliency import LayerStats, Saliency
+from reapsurgery.plan import plan_mask
+from tests.helpers import assert_output_is_input_slices, cli, output_tensors, write_mask
+from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats
+from tests.test_calibrate import texts
+
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite"]
+
+
+def mtp_as_decoder_layer(path):
+    """The checkpoint's config with one more decoder layer: the MTP layer, for transformers to load."""
+    config = AutoConfig.from_pretrained(path)
+    n = config.num_hidden_layers
+    config.num_hidden_layers = n + 1
+    for attr in ("mlp_layer_types", "layer_types"):
+        types = getattr(config, attr, None)
+        if isinstance(types, list) and len(types) == n:
+            setattr(config, attr, types + [types[-1]])
+    return config
+
+
+def mtp_tensors(path) -> dict[str, torch.Tensor]:
+    """The MTP layer's block tensors by their name in the layer (enorm.weight, eh_proj.weight, ...)."""
+    n = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    prefix = f"model.layers.{n}."
+    out = {}
+    for name, shard in index.items():
+        rel = name[len(prefix):]
+        if name.startswith(prefix) and rel.split(".")[0] in ("enorm", "hnorm", "eh_proj", "embed_tokens"):
+            with safe_open(path / shard, "pt") as f:
+                out[rel] = f.get_tensor(name)
+    return out
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def reference_with_mtp(src, samples):
+    """Statistics of every MoE layer and of the MTP layer, from transformers' own model whose extra
+    last layer is the MTP layer, fed [enorm(embed(next token)); hnorm(final_norm(h))] @ eh_proj^T."""
+    config = mtp_as_decoder_layer(src)
+    model, info = load(src, config=config)
+    n = config.num_hidden_layers - 1
+    assert not [k for k in info["missing_keys"] if f"layers.{n}." in k], info["missing_keys"]
+    w = mtp_tensors(src)
+    embed = w.get("embed_tokens.weight", model.get_input_embeddings().weight)
+    eps = config.rms_norm_eps
+    seen = {}
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.__setitem__("ids", a[0]))
+
+    def mtp_input(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        ids = seen["ids"]
+        ahead = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+        e = rms_norm(torch.nn.functional.embedding(ahead, embed), w["enorm.weight"], eps)
+        x = torch.cat([e, rms_norm(model.model.norm(h), w["hnorm.weight"], eps)], dim=-1) @ w["eh_proj.weight"].T
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    decoder_layers(model)[n].register_forward_pre_hook(mtp_input, with_kwargs=True)
+    stats, _ = reference_stats(src, samples, model=model, uncounted_tail={n: 1})
+    return stats
+
+
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_mtp_statistics_equal_the_reference(checkpoints, family):
+    src = checkpoints[family]
+    n = Checkpoint.open(src).num_hidden_layers
+    samples = texts()
+    saliency = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="calibrate")
+    assert saliency.mtp_layers == [n]
+    assert saliency.layers[n].tokens == sum(len(s) - 1 for s in samples)  # the last token has no next token
+    assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
+    default = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32")
+    assert sorted(default.layers) == sorted(set(saliency.layers) - {n})
+
+
+def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path):
+    src = checkpoints["deepseek_v3"]
+    n = Checkpoint.open(src).num_hidden_layers
+    r = cli("calibrate", src, "-o", tmp_path / "s.json", "--mtp", "calibrate", "--num-samples", "8",
+            "--max-length", "32", "-q")
+    assert r.returncode == 0 and f"multi-token-prediction layers [{n}] included" in r.stdout, r.stderr
+    r = cli("plan", tmp_path / "s.json", "--ckpt", src, "--keep", "4", "-o", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr
+    keep = {int(k): v for k, v in json.loads((tmp_path / "m.json").read_text())["layers"].items()}
+    assert sorted(keep) == [1, 2, n]
+    r = cli("apply", tmp_path / "m.json", src, tmp_path / "out", "-q")
+    assert r.returncode == 0 and f"kept multi-token-prediction layers [{n}]" in r.stdout, r.stderr
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["n_routed_experts"] == 4
+    assert cli("verify", out).returncode == 0
+
+    # transformers, as it runs the model: the MTP layer is ignored, the stack matches in-memory pruning
+    pruned, info = load(out)
+    assert not info["missing_keys"]
+    assert torch.equal(logits(pruned), logits(pruned_in_memory(src, keep, 4)))
+    # transformers with the MTP layer as a decoder layer: every tensor in place, equal to in-memory pruning
+    pruned, info = load(out, config=mtp_as_decoder_layer(out))
+    assert not info["missing_keys"]
+    reference = pruned_in_memory(src, keep, 4, config=mtp_as_decoder_layer(src))
+    assert torch.equal(logits(pruned), logits(reference))
+
+
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_mask_with_the_mtp_layer_slices_it_byte_for_byte(checkpoints, tmp_path, family):
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    keep = [0, 2, 5, 7]
+    mask = write_mask(src, {l: keep for l in [*ckpt.moe_layers, ckpt.num_hidden_layers]}, tmp_path / "m.json")
+    assert cli("apply", mask, src, tmp_path / "out", "-q").returncode == 0
+    got = assert_output_is_input_slices(src, tmp_path / "out", keep, keep_mtp=True)
+    assert any(name.startswith(f"model.layers.{ckpt.num_hidden_layers}.mlp.experts.3.") for name in got)
+    assert not any(name.startswith(f"model.layers.{ckpt.num_hidden_layers}.mlp.experts.4.") for name in got)
+
+
+def test_verify_reports_an_mtp_layer_left_with_the_old_expert_count(checkpoints, tmp_path):
+    """An output whose stack is pruned but whose MTP layer is not would break vLLM's MTP loading."""
+    src = checkpoints["deepseek_v3"]
+    n = Checkpoint.open(src).num_hidden_layers
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    assert cli("apply", mask, src, tmp_path / "out", "-q").returncode == 0
+    out = tmp_path / "out"
+    # put the source's unpruned MTP layer back, as a tool unaware of MTP layers would have kept it
+    shutil.copy(src / "model-mtp.safetensors", out / "model-mtp.safetensors")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for name, (_, info) in output_tensors(src).items():
+        if name.startswith(f"model.layers.{n}."):
+            index["weight_map"][name] = "model-mtp.safetensors"
+            index["metadata"]["total_size"] += info.nbytes
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = cli("verify", out)
+    assert r.returncode != 0
+    assert f"MoE layer {n} has tensors of experts [4, 5, 6, 7]; config says 4 experts" in r.stdout + r.stderr
+
+
+def test_mtp_calibrate_refusals(checkpoints, tmp_path):
+    r = cli("calibrate", checkpoints["qwen3_moe"], "-o", tmp_path / "s.json", "--mtp", "calibrate", "-q")
+    assert r.returncode == 2 and "config.json" in r.stderr and "describes no multi-token-prediction block" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    bare = build("deepseek_v3", tmp_path / "no_mtp", with_mtp=False)
+    r = cli("calibrate", bare, "-o", tmp_path / "s.json", "--mtp", "calibrate", "-q")
+    assert r.returncode == 2 and "no multi-token-prediction layer on disk" in r.stderr, r.stderr
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_mask_with_an_mtp_layer_on_a_fine_tune_without_one(checkpoints, tmp_path):
+    """Fine-tunes saved by transformers lose the MTP layer: the mask still applies, with a note."""
+    src = checkpoints["deepseek_v3"]
+    n = Checkpoint.open(src).num_hidden_layers
+    tuned = build("deepseek_v3", tmp_path / "tuned", seed=7, with_mtp=False)
+    mask = write_mask(src, {1: [0, 2, 5, 7], 2: [0, 2, 5, 7], n: [0, 2, 5, 7]}, tmp_path / "m.json")
+    r = cli("apply", mask, tuned, tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+    assert f"multi-token-prediction layers [{n}], which this checkpoint does not store" in r.stdout
+    assert not any(name.startswith(f"model.layers.{n}.") for name in output_tensors(tmp_path / "out"))
+
+
+def _stats(values: list[float]) -> LayerStats:
+    return LayerStats(10, [1.0] * len(values), [0.5] * len(values), list(values), list(values), list(values))
+
+
+def test_mtp_layers_leave_the_stack_plan_unchanged():
+    """Super experts are found among the stack's layers; an outlier in the MTP layer moves nothing."""
+    model = {"architecture": "DeepseekV3ForCausalLM", "model_type": "deepseek_v3", "num_hidden_layers": 4,
+             "moe_layers": [0, 1, 2, 3], "num_experts": 4, "num_experts_per_tok": 1, "n_group": None}
+    stack = {l: _stats([1.0 + l, 2.0, 50.0 if l == 0 else 3.0, 4.0]) for l in range(4)}
+    with_mtp = {**stack, 4: _stats([1000.0, 1.0, 2.0, 3.0])}
+    a = plan_mask(Saliency(model, {}, stack), keep=2, preserve_super_experts=True)
+    b = plan_mask(Saliency(model, {}, with_mtp), keep=2, preserve_super_experts=True)
+    assert a.mask.layers == {l: b.mask.layers[l] for l in stack}
+    assert a.mask.provenance["preserved"] == b.mask.provenance["preserved"]
+    assert b.mask.provenance["preserved"]["super_experts"] == {"0": [2]}
+    assert b.mask.layers[4] == [0, 3] and b.mask.provenance["mtp_layers"] == [4]
