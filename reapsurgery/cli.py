@@ -582,7 +582,7 @@ def architectures(as_json: bool) -> None:
         if r["groups"]:
             extra.append(f"{r['groups']['n_group']}/{r['groups']['topk_group']}")
         if r["mtp_layers"]:
-            extra.append(r["mtp_layers"])
+            extra.append(r["mtp_layers"] + (" (--mtp calibrate)" if r["mtp_block"] else ""))
         table.append((r["name"], " ".join(r["architectures"]), " ".join(r["num_experts"]), " ".join(r["top_k"]),
                       rule(r), ", ".join(extra) or "-"))
     _table(table, indent="")

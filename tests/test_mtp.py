@@ -30,22 +30,21 @@ MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite"]
 
 
 def mtp_as_decoder_layer(path):
-    """The checkpoint's config with one more decoder layer: the MTP layer, for transformers to load."""
+    """The checkpoint's config with its MTP layers as more decoder layers, for transformers to load."""
     config = AutoConfig.from_pretrained(path)
-    n = config.num_hidden_layers
-    config.num_hidden_layers = n + 1
+    n, depths = config.num_hidden_layers, config.num_nextn_predict_layers
+    config.num_hidden_layers = n + depths
     for attr in ("mlp_layer_types", "layer_types"):
         types = getattr(config, attr, None)
         if isinstance(types, list) and len(types) == n:
-            setattr(config, attr, types + [types[-1]])
+            setattr(config, attr, types + [types[-1]] * depths)
     return config
 
 
-def mtp_tensors(path) -> dict[str, torch.Tensor]:
-    """The MTP layer's block tensors by their name in the layer (enorm.weight, eh_proj.weight, ...)."""
-    n = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+def mtp_tensors(path, layer: int) -> dict[str, torch.Tensor]:
+    """An MTP layer's block tensors by their name in the layer (enorm.weight, eh_proj.weight, ...)."""
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    prefix = f"model.layers.{n}."
+    prefix = f"model.layers.{layer}."
     out = {}
     for name, shard in index.items():
         rel = name[len(prefix):]
@@ -61,28 +60,33 @@ def rms_norm(x, weight, eps):
 
 
 def reference_with_mtp(src, samples):
-    """Statistics of every MoE layer and of the MTP layer, from transformers' own model whose extra
-    last layer is the MTP layer, fed [enorm(embed(next token)); hnorm(final_norm(h))] @ eh_proj^T."""
+    """Statistics of every MoE layer and of the MTP layers, from transformers' own model whose extra
+    last layers are the MTP layers. Depth d (layer n+d-1) is fed, at position t,
+    [enorm(embed(token t+d)); hnorm(h)] @ eh_proj^T, where h is the previous depth's output at t
+    (the main model's, through its final norm, for d = 1)."""
     config = mtp_as_decoder_layer(src)
     model, info = load(src, config=config)
-    n = config.num_hidden_layers - 1
-    assert not [k for k in info["missing_keys"] if f"layers.{n}." in k], info["missing_keys"]
-    w = mtp_tensors(src)
-    embed = w.get("embed_tokens.weight", model.get_input_embeddings().weight)
+    depths = config.num_nextn_predict_layers
+    n = config.num_hidden_layers - depths
+    assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
     eps = config.rms_norm_eps
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.__setitem__("ids", a[0]))
 
-    def mtp_input(module, args, kwargs):
+    def mtp_input(module, args, kwargs, d, w):
         h = args[0] if args else kwargs["hidden_states"]
         ids = seen["ids"]
-        ahead = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+        ahead = torch.cat([ids[:, d:], torch.zeros_like(ids[:, :d])], dim=1)[:, : ids.shape[1]]
+        embed = w.get("embed_tokens.weight", model.get_input_embeddings().weight)
         e = rms_norm(torch.nn.functional.embedding(ahead, embed), w["enorm.weight"], eps)
-        x = torch.cat([e, rms_norm(model.model.norm(h), w["hnorm.weight"], eps)], dim=-1) @ w["eh_proj.weight"].T
+        prev = model.model.norm(h) if d == 1 else h
+        x = torch.cat([e, rms_norm(prev, w["hnorm.weight"], eps)], dim=-1) @ w["eh_proj.weight"].T
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
-    decoder_layers(model)[n].register_forward_pre_hook(mtp_input, with_kwargs=True)
-    stats, _ = reference_stats(src, samples, model=model, uncounted_tail={n: 1})
+    for d in range(1, depths + 1):
+        decoder_layers(model)[n + d - 1].register_forward_pre_hook(
+            lambda m, a, kw, d=d, w=mtp_tensors(src, n + d - 1): mtp_input(m, a, kw, d, w), with_kwargs=True)
+    stats, _ = reference_stats(src, samples, model=model, uncounted_tail={n + d - 1: d for d in range(1, depths + 1)})
     return stats
 
 
@@ -97,6 +101,17 @@ def test_mtp_statistics_equal_the_reference(checkpoints, family):
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
     default = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32")
     assert sorted(default.layers) == sorted(set(saliency.layers) - {n})
+
+
+def test_two_mtp_depths_chain(tmp_path):
+    """Depth 2 reads depth 1's output and the token two ahead (no released model has two MTP
+    layers yet; the checkpoint format and the engines allow it)."""
+    src = build("glm4_moe", tmp_path / "glm", overrides={"num_nextn_predict_layers": 2})
+    samples = texts()
+    saliency = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="calibrate")
+    assert saliency.mtp_layers == [3, 4]
+    assert saliency.layers[4].tokens == sum(max(len(s) - 2, 0) for s in samples)
+    assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
 
 
 def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path):
