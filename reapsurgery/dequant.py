@@ -167,6 +167,11 @@ def _dequantizer(ckpt: Checkpoint) -> Dequantizer | None:
     return ckpt.__dict__["_dequantizer"]
 
 
+def is_quantized(ckpt: Checkpoint) -> bool:
+    """Whether reading this checkpoint dequantises (its tensors then go through read_layer_tensors)."""
+    return _dequantizer(ckpt) is not None
+
+
 def logical_keys(ckpt: Checkpoint) -> list[str]:
     """The checkpoint's tensor names as an unquantized checkpoint would have them."""
     d = _dequantizer(ckpt)

@@ -20,8 +20,9 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from .checkpoint import Checkpoint
-from .dequant import logical_keys, read_layer_tensors, strip_quantization
+from .dequant import is_quantized, logical_keys, read_layer_tensors, strip_quantization
 from .errors import ReapError
+from .fused import FusedTarget, read_fused, readable, stacks_only
 from .observe import IMPL_NAME
 
 
@@ -67,6 +68,20 @@ class LayoutConverter:
         if renamed not in self.meta and key in self.meta:
             return key, None
         return renamed, pattern
+
+    def split_fused(self, keys: list[str]) -> tuple[dict[str, FusedTarget], list[str]]:
+        """Targets that only stack (and concatenate) per-expert tensors, for `fused.read_fused`,
+        with their keys in transformers' order; and the other keys."""
+        fused: dict[str, FusedTarget] = {}
+        rest = []
+        for key in sorted(keys, key=dot_natural_key):
+            target, pattern = self.target(key)
+            converter = self.by_pattern.get(pattern) if pattern is not None else None
+            if converter is None or target not in self.meta or not stacks_only(converter):
+                rest.append(key)
+                continue
+            fused.setdefault(target, FusedTarget(target, converter)).keys.setdefault(pattern, []).append(key)
+        return fused, rest
 
     def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         groups: dict[str, WeightRenaming | WeightConverter] = {}
@@ -178,13 +193,21 @@ class StreamedModel:
 
     def _convert(self, keys: list[str], what: str, rename=None) -> dict[str, torch.Tensor]:
         """Read, dequantise and convert `keys`; `rename` maps a key to the name it converts as."""
+        source_of = {(rename(k) if rename else k): k for k in keys}  # name as converted -> checkpoint key
+        fused: dict[str, FusedTarget] = {}
+        if not is_quantized(self.ckpt):
+            fused, _ = self.converter.split_fused([n for n, k in source_of.items() if readable(self.ckpt, k)])
+            direct = {n for t in fused.values() for names in t.keys.values() for n in names}
+            keys = [k for n, k in source_of.items() if n not in direct]
         try:
             tensors = read_layer_tensors(self.ckpt, keys)
-            if rename is not None:
-                tensors = {rename(k): v for k, v in tensors.items()}
-            converted = self.converter.convert(tensors)
+            converted = self.converter.convert({(rename(k) if rename else k): v for k, v in tensors.items()})
         except KeyError as e:
             raise ReapError(self.ckpt.path, f"{what}: checkpoint tensor {e} has no place in the model") from None
+        del tensors
+        for name, target in fused.items():
+            converted[name] = read_fused(self.ckpt, target, source_of, self.converter.meta[name].dtype,
+                                         self.converter.meta[name].shape)
         # Tensors that were only renamed still view the shard's memory map; copy them so the
         # mapping (and every page the layer touched) goes away once the layer is converted.
         return {k: (v.clone() if _is_file_backed(v) and v.device == self.device else v.to(self.device))

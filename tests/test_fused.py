@@ -1,0 +1,44 @@
+"""Expert tensors read straight into their fused layout equal what transformers' from_pretrained loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures.build import FAMILIES, build_model
+from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.fused import read_fused
+from reapsurgery.streaming import StreamedModel
+from tests.reference import load
+
+STACKED_ON_DISK = {"gpt_oss", "llama4", "granitemoe"}  # nothing to fuse: already one tensor per projection
+
+
+def fused_equals_loaded(src, dtype: torch.dtype) -> int:
+    """Compares every fused expert tensor with the parameter from_pretrained gives; returns how many."""
+    ckpt = Checkpoint.open(src)
+    streamed = StreamedModel(ckpt, dtype, torch.device("cpu"))
+    loaded = load(src)[0].state_dict()  # float32
+    count = 0
+    for layer in ckpt.moe_layers:
+        keys = streamed.layer_keys[layer]
+        fused, rest = streamed.converter.split_fused(keys)
+        direct = {k for t in fused.values() for names in t.keys.values() for k in names}
+        assert set(rest) == set(keys) - direct
+        for name, target in fused.items():
+            got = read_fused(ckpt, target, {k: k for k in keys}, dtype, streamed.converter.meta[name].shape)
+            assert got.dtype == dtype and torch.equal(got.float(), loaded[name]), name
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - STACKED_ON_DISK))
+def test_fused_read_equals_from_pretrained(checkpoints, family):
+    assert fused_equals_loaded(checkpoints[family], torch.float32) == 2 * len(Checkpoint.open(checkpoints[family]).moe_layers)
+
+
+def test_fused_read_converts_dtype_and_orders_experts_naturally(tmp_path):
+    """A bfloat16 checkpoint calibrated in float32, with experts 10 and 11 (after 9, not after 1)."""
+    model = build_model("qwen3_moe", overrides={"num_experts": 12}).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16", max_shard_size="24KB")
+    assert fused_equals_loaded(tmp_path / "bf16", torch.float32) == 6
