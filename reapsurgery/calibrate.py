@@ -165,37 +165,36 @@ def calibrate(
     outer = bar(total=total, initial=start, desc="layers", unit="layer") if bar else None
     with observing(observer):
         for i in range(start, total):
-            if i < n_layers:
-                module = streamed.load_layer(i)
-                calls_of, run = i, lambda b, h, args, kwargs: module(h, *args, **kwargs)
-            else:  # a multi-token-prediction block, run like the stack's last MoE layer
-                calls_of = moe_layers[-1]
+            mtp = i >= n_layers  # a multi-token-prediction block, run with the stack's last MoE layer's inputs
+            calls_of = moe_layers[-1] if mtp else i
+            if mtp:
                 module = load_mtp_block(streamed, i, calls_of)
                 observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
                 experts_layer[f"mtp.{i}"] = i
-                first = i == n_layers
-                norm = streamed.final_norm()
-
-                def run(b, h, args, kwargs, module=module, first=first, norm=norm):
-                    return module(norm(h) if first else h, batches[b][0].to(dev), *args, **kwargs)
+            else:
+                module = streamed.load_layer(i)
             if on_layer:
                 on_layer(i, streamed)
             inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
             for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
                 args, kwargs = layer_calls[calls_of]
-                observer.token_mask = (masks[b] if i < n_layers
-                                       else counted_positions(batches[b][1], i - n_layers + 1).to(dev))
-                out = run(b, h, args, kwargs)
+                if mtp:
+                    ids, am = batches[b]
+                    observer.token_mask = counted_positions(am, module.depth).to(dev)
+                    out = module(h, ids.to(dev), *args, **kwargs)
+                else:
+                    observer.token_mask = masks[b]
+                    out = module(h, *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
                 if inner:
                     inner.update(1)
             if inner:
                 inner.close()
             observer.token_mask = None
-            if i < n_layers:
-                streamed.release_layer(i)
-            else:
+            if mtp:
                 module.to_empty(device="meta")
+            else:
+                streamed.release_layer(i)
             del module
             for name, s in list(observer.stats.items()):
                 stats[experts_layer[name]] = _layer_stats(s)

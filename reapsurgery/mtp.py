@@ -74,17 +74,20 @@ def _parts(streamed: StreamedModel, i: int) -> tuple[list[str], dict[str, str]]:
 
 
 class MtpBlock(nn.Module):
-    def __init__(self, layer: nn.Module, embed_norm: nn.Module, hidden_norm: nn.Module,
+    """forward(h, input_ids, *layer_args): h is the previous depth's output (the stack's last
+    layer's output, before the final norm, for depth 1)."""
+
+    def __init__(self, layer: nn.Module, embed_norm: nn.Module, hidden_norm: nn.Module, final_norm: nn.Module,
                  proj: torch.Tensor, embed: torch.Tensor, depth: int):
         super().__init__()
-        self.layer, self.embed_norm, self.hidden_norm = layer, embed_norm, hidden_norm
+        self.layer, self.embed_norm, self.hidden_norm, self.final_norm = layer, embed_norm, hidden_norm, final_norm
         self.proj, self.embed, self.depth = proj, embed, depth
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ahead = torch.zeros_like(input_ids)
         ahead[:, : -self.depth] = input_ids[:, self.depth :]
         e = self.embed_norm(F.embedding(ahead, self.embed))
-        x = F.linear(torch.cat([e, self.hidden_norm(hidden)], dim=-1), self.proj)
+        x = F.linear(torch.cat([e, self.hidden_norm(self.final_norm(hidden))], dim=-1), self.proj)
         out = self.layer(x, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -114,7 +117,9 @@ def load_mtp_block(streamed: StreamedModel, i: int, template: int) -> MtpBlock:
         norm = copy.deepcopy(streamed.final_norm())
         norm.weight = nn.Parameter(w[key], requires_grad=False)
         norms.append(norm)
-    return MtpBlock(layer, *norms, w[extras["proj"]], w[embed_key], depth=i - ckpt.num_hidden_layers + 1)
+    depth = i - ckpt.num_hidden_layers + 1
+    final_norm = copy.deepcopy(streamed.final_norm()) if depth == 1 else nn.Identity()
+    return MtpBlock(layer, *norms, final_norm, w[extras["proj"]], w[embed_key], depth)
 
 
 def _embedding_key(streamed: StreamedModel) -> str:
