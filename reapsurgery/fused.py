@@ -3,22 +3,25 @@
 transformers v5 stacks a layer's per-expert tensors (`MergeModulelist`) and, for gate and up,
 concatenates the stacks (`Concatenate`); done on tensors read first, a layer's experts sit in
 memory up to three times at once (the tensors read, the stacks, their concatenation). Here the
-fused tensor is allocated once and each expert's bytes are read (pread, no memory map) into its
+fused tensor is allocated once and each expert's tensor is read (pread, no memory map) into its
 slot: slot e of a stack is the e-th key of its source pattern in transformers' own key order,
 and concatenation follows the converter's source-pattern order, as those two operations do.
-Only converters made of exactly these operations, on unquantized tensors, take this path;
-everything else goes through transformers' conversion.
+A quantized checkpoint's experts are dequantised a few at a time into the fused tensor (in the
+compute dtype), instead of all of them in float32 first. Only converters made of exactly these
+operations take this path; everything else goes through transformers' conversion.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
 from .checkpoint import Checkpoint
+from .dequant import is_quantized, read_layer_tensors
 from .errors import ReapError
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -43,40 +46,47 @@ def stacks_only(converter: WeightConverter) -> bool:
     return len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1
 
 
+def readable(ckpt: Checkpoint, key: str) -> bool:
+    """Stored unquantized in a dtype this reader knows, or quantized (dequantised as read)."""
+    if is_quantized(ckpt):
+        return True
+    return _info(ckpt, key)[1].dtype in TORCH_DTYPES
+
+
 def read_fused(ckpt: Checkpoint, target: FusedTarget, source_of: dict[str, str], dtype: torch.dtype,
                want: torch.Size) -> torch.Tensor:
-    """The fused tensor of `target`, built in `dtype`; `source_of` maps a key as converted to its
-    name in the checkpoint. Raises ReapError when the pieces do not make a tensor of shape `want`."""
+    """The fused tensor of `target`, of shape `want` in `dtype`; `source_of` maps a key as converted
+    to its name in the checkpoint. Raises ReapError when the experts do not make that tensor."""
     patterns = [p for p in target.converter.source_patterns if p in target.keys]
-    infos = {k: _info(ckpt, source_of[k]) for p in patterns for k in target.keys[p]}
-    counts = {len(target.keys[p]) for p in patterns}
-    shapes = {p: {infos[k][1].shape for k in target.keys[p]} for p in patterns}
     ops = target.converter.operations
     axis = ops[1].dim - 1 if len(ops) == 2 else None  # concatenation axis within one expert
-    if len(counts) != 1 or any(len(s) != 1 for s in shapes.values()):
-        raise ReapError(ckpt.path, f"{target.name}: expert tensors differ in number or shape across experts")
-    n, per = counts.pop(), [next(iter(shapes[p])) for p in patterns]
-    shape = list(per[0])
-    if axis is not None:
-        shape[axis] = sum(s[axis] for s in per)
-    if torch.Size([n, *shape]) != want:
-        raise ReapError(ckpt.path, f"{target.name}: checkpoint experts make shape {[n, *shape]}, the model "
-                                   f"expects {list(want)}")
-    out = torch.empty((n, *shape), dtype=dtype)
+    out = torch.empty(want, dtype=dtype)
+
+    def bad(msg: str) -> ReapError:
+        return ReapError(ckpt.path, f"{target.name}: {msg}; the model expects {list(want)}")
+
     offset = 0
-    with _Reader(ckpt) as reader:
-        for p, s in zip(patterns, per):
-            for e, key in enumerate(target.keys[p]):
-                slot = out[e] if axis is None else out[e].narrow(axis, offset, s[axis])
-                slot.copy_(reader.read(*infos[key]))
-            offset += s[axis] if axis is not None else 0
+    with _Pieces(ckpt) as pieces:
+        for p in patterns:
+            keys = target.keys[p]
+            if len(keys) != want[0]:
+                raise bad(f"{len(keys)} experts' tensors match {p}")
+            size = None
+            for e, (key, piece) in enumerate(pieces.read([source_of[k] for k in keys])):
+                if axis is None:
+                    slot = out[e]
+                else:
+                    size = piece.shape[axis] if size is None else size
+                    if piece.dim() != out.dim() - 1 or offset + size > want[axis + 1]:
+                        raise bad(f"{key} has shape {list(piece.shape)}")
+                    slot = out[e].narrow(axis, offset, size)
+                if piece.shape != slot.shape:
+                    raise bad(f"{key} has shape {list(piece.shape)}")
+                slot.copy_(piece)
+            offset += size or 0
+    if axis is not None and offset != want[axis + 1]:
+        raise bad(f"its experts' tensors add up to {offset} along dimension {axis + 1}")
     return out
-
-
-def readable(ckpt: Checkpoint, key: str) -> bool:
-    """Stored in a dtype this reader knows (an unquantized float)."""
-    _, info = _info(ckpt, key)
-    return info.dtype in TORCH_DTYPES
 
 
 def _info(ckpt: Checkpoint, key: str):
@@ -84,20 +94,33 @@ def _info(ckpt: Checkpoint, key: str):
     return shard, ckpt.header(shard).tensors[key]
 
 
-class _Reader:
-    """pread into one reusable buffer per size; one open file per shard."""
+class _Pieces:
+    """One expert's tensor at a time: pread into a reusable buffer (one open file per shard), or,
+    for a quantized checkpoint, dequantised a few experts at a time."""
+
+    CHUNK = 16
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt, self.fds, self.buffers = ckpt, {}, {}
 
-    def __enter__(self) -> "_Reader":
+    def __enter__(self) -> "_Pieces":
         return self
 
     def __exit__(self, *exc) -> None:
         for fd in self.fds.values():
             os.close(fd)
 
-    def read(self, shard: str, info) -> torch.Tensor:
+    def read(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        if is_quantized(self.ckpt):
+            for s in range(0, len(keys), self.CHUNK):
+                chunk = read_layer_tensors(self.ckpt, keys[s : s + self.CHUNK])
+                for key in keys[s : s + self.CHUNK]:
+                    yield key, chunk.pop(key)
+        else:
+            for key in keys:
+                yield key, self._pread(*_info(self.ckpt, key))
+
+    def _pread(self, shard: str, info) -> torch.Tensor:
         if shard not in self.fds:
             self.fds[shard] = os.open(self.ckpt.path / shard, os.O_RDONLY)
         buf = self.buffers.get(info.nbytes)

@@ -20,7 +20,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from .checkpoint import Checkpoint
-from .dequant import is_quantized, logical_keys, read_layer_tensors, strip_quantization
+from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from .errors import ReapError
 from .fused import FusedTarget, read_fused, readable, stacks_only
 from .observe import IMPL_NAME
@@ -194,11 +194,9 @@ class StreamedModel:
     def _convert(self, keys: list[str], what: str, rename=None) -> dict[str, torch.Tensor]:
         """Read, dequantise and convert `keys`; `rename` maps a key to the name it converts as."""
         source_of = {(rename(k) if rename else k): k for k in keys}  # name as converted -> checkpoint key
-        fused: dict[str, FusedTarget] = {}
-        if not is_quantized(self.ckpt):
-            fused, _ = self.converter.split_fused([n for n, k in source_of.items() if readable(self.ckpt, k)])
-            direct = {n for t in fused.values() for names in t.keys.values() for n in names}
-            keys = [k for n, k in source_of.items() if n not in direct]
+        fused, _ = self.converter.split_fused([n for n, k in source_of.items() if readable(self.ckpt, k)])
+        direct = {n for t in fused.values() for names in t.keys.values() for n in names}
+        keys = [k for n, k in source_of.items() if n not in direct]
         try:
             tensors = read_layer_tensors(self.ckpt, keys)
             converted = self.converter.convert({(rename(k) if rename else k): v for k, v in tensors.items()})

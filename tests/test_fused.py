@@ -14,11 +14,11 @@ from tests.reference import load
 STACKED_ON_DISK = {"gpt_oss", "llama4", "granitemoe"}  # nothing to fuse: already one tensor per projection
 
 
-def fused_equals_loaded(src, dtype: torch.dtype) -> int:
+def fused_equals_loaded(src, dtype: torch.dtype, quantization_config=None) -> int:
     """Compares every fused expert tensor with the parameter from_pretrained gives; returns how many."""
     ckpt = Checkpoint.open(src)
     streamed = StreamedModel(ckpt, dtype, torch.device("cpu"))
-    loaded = load(src)[0].state_dict()  # float32
+    loaded = load(src, quantization_config)[0].state_dict()  # float32
     count = 0
     for layer in ckpt.moe_layers:
         keys = streamed.layer_keys[layer]
@@ -42,3 +42,12 @@ def test_fused_read_converts_dtype_and_orders_experts_naturally(tmp_path):
     model = build_model("qwen3_moe", overrides={"num_experts": 12}).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16", max_shard_size="24KB")
     assert fused_equals_loaded(tmp_path / "bf16", torch.float32) == 6
+
+
+def test_fused_read_dequantises_expert_by_expert(checkpoints, tmp_path):
+    """Block-FP8 experts, dequantised a few at a time into the fused tensor, equal transformers' dequantisation."""
+    from fixtures.quantize import to_fp8_block
+    from tests.test_quantized import fp8_dequantize
+
+    src = to_fp8_block(checkpoints["qwen3_moe"], tmp_path / "fp8")
+    assert fused_equals_loaded(src, torch.float32, fp8_dequantize()) == 6
