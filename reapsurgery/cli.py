@@ -362,6 +362,11 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     from .calibrate import calibrate as run_calibrate
     from .data import load_samples
 
+    if mtp == "calibrate":  # refuse before the data and the model are loaded
+        from .checkpoint import Checkpoint
+        from .mtp import mtp_layers_on_disk
+
+        mtp_layers_on_disk(Checkpoint.open(ckpt, _layout(layout_file)))
     data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
                         text_field=text_field)
     provenance = {"dataset": data.description, "max_length": max_length, "seed": seed}

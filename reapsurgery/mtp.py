@@ -24,31 +24,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .dequant import read_layer_tensors
 from .errors import ReapError
 from .layouts import MTP_BLOCK_REQUIRED
 from .streaming import StreamedModel
 
 
-def mtp_layers(streamed: StreamedModel) -> list[int]:
-    """The MTP layers to calibrate, checked: consecutive after the stack, each with routed experts
-    and the block modules the layout names."""
-    ckpt, layout = streamed.ckpt, streamed.ckpt.layout
-    config = ckpt.path / "config.json"
+def mtp_layers_on_disk(ckpt: Checkpoint) -> list[int]:
+    """Layers stored past the decoder stack, read from the index alone (no model built);
+    refuses when there are none or the family's layout cannot calibrate them."""
+    layout, n = ckpt.layout, ckpt.num_hidden_layers
     if not layout.mtp_block:
-        raise ReapError(config, f"--mtp calibrate: the {layout.name} layout describes no multi-token-prediction "
-                                "block (mtp_block); its MTP tensors can only be dropped")
-    layers = sorted(streamed.mtp_keys)
-    n = ckpt.num_hidden_layers
+        raise ReapError(ckpt.path / "config.json", f"--mtp calibrate: the {layout.name} layout describes no "
+                                                   "multi-token-prediction block (mtp_block); its MTP tensors can only be dropped")
+    layers = sorted({l for name in ckpt.weight_map if (l := layout.layer_of(name)) is not None and l >= n})
     if not layers:
         count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
         raise ReapError(ckpt.path, f"--mtp calibrate: no multi-token-prediction layer on disk (no layer {n} or later; "
                                    f"config {layout.mtp_key}={count})")
+    return layers
+
+
+def mtp_layers(streamed: StreamedModel) -> list[int]:
+    """The MTP layers to calibrate, checked: consecutive after the stack, each with routed experts
+    and the block modules the layout names."""
+    ckpt, layout = streamed.ckpt, streamed.ckpt.layout
+    layers = mtp_layers_on_disk(ckpt)
+    n = ckpt.num_hidden_layers
     if layers != list(range(n, n + len(layers))):
         raise ReapError(ckpt.path, f"--mtp calibrate: multi-token-prediction layers {layers} do not follow the "
                                    f"{n} decoder layers")
     for i in layers:
-        if not any((role := layout.classify(k)) is not None and role.kind == "router" for k in streamed.mtp_keys[i]):
+        if not any((role := layout.classify(k)) is not None and role.kind == "router" for k in streamed.mtp_keys.get(i, [])):
             raise ReapError(ckpt.path, f"--mtp calibrate: multi-token-prediction layer {i} has no router "
                                        f"matching the {layout.name} layout, so no routed experts to measure")
         found = set(_parts(streamed, i)[1])
