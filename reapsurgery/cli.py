@@ -507,6 +507,9 @@ def _echo_saliency(f: dict) -> None:
     described = ", ".join(f"{k} {cal[k]}" for k in ("dataset", "samples", "tokens", "max_length", "dtype", "device")
                           if cal.get(k) is not None)
     rows = [("saliency", f["path"]), ("sha256", f["sha256"]), *_model_rows(f["model"])]
+    mtp = [int(l) for l in f["layers"] if int(l) >= f["model"]["num_hidden_layers"]]
+    if mtp:
+        rows.append(("mtp layers", f"{_spans(mtp)} (calibrated with --mtp calibrate: plan and apply keep them)"))
     if described:
         rows.append(("calibration", described))
     _table(rows, indent="")

@@ -120,6 +120,8 @@ def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(c
     r = cli("calibrate", src, "-o", tmp_path / "s.json", "--mtp", "calibrate", "--num-samples", "8",
             "--max-length", "32", "-q")
     assert r.returncode == 0 and f"multi-token-prediction layers [{n}] included" in r.stdout, r.stderr
+    r = cli("inspect", tmp_path / "s.json")
+    assert r.returncode == 0 and f"mtp layers      {n} (calibrated with --mtp calibrate" in r.stdout, r.stdout
     r = cli("plan", tmp_path / "s.json", "--ckpt", src, "--keep", "4", "-o", tmp_path / "m.json")
     assert r.returncode == 0, r.stderr
     keep = {int(k): v for k, v in json.loads((tmp_path / "m.json").read_text())["layers"].items()}
