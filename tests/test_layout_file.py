@@ -68,3 +68,13 @@ def test_unreadable_layout_file_is_one_line(checkpoints, tmp_path):
     bad.write_text("{not json")
     r = run("inspect", checkpoints[FAMILY], "--layout", bad)
     assert r.exit_code == 2 and r.stderr.startswith(f"error: {bad}: invalid JSON")
+
+
+def test_layout_file_with_a_malformed_mtp_block_is_one_line(checkpoints, tmp_path):
+    table = json.loads(resources.files("reapsurgery").joinpath("layouts.json").read_text())
+    entry = dict(table["deepseek_v3"], mtp_block={"embed_norm": "enorm", "hidden_norm": "hnorm"})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(entry))
+    r = run("inspect", checkpoints["deepseek_v3"], "--layout", bad)
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {bad}: ") and "mtp_block needs" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
