@@ -165,9 +165,9 @@ def calibrate(
     outer = bar(total=total, initial=start, desc="layers", unit="layer") if bar else None
     with observing(observer):
         for i in range(start, total):
-            mtp = i >= n_layers  # a multi-token-prediction block, run with the stack's last MoE layer's inputs
-            calls_of = moe_layers[-1] if mtp else i
-            if mtp:
+            in_mtp = i >= n_layers  # a multi-token-prediction block, run with the stack's last MoE layer's inputs
+            calls_of = moe_layers[-1] if in_mtp else i
+            if in_mtp:
                 module = load_mtp_block(streamed, i, calls_of)
                 observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
                 experts_layer[f"mtp.{i}"] = i
@@ -178,7 +178,7 @@ def calibrate(
             inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
             for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
                 args, kwargs = layer_calls[calls_of]
-                if mtp:
+                if in_mtp:
                     ids, am = batches[b]
                     observer.token_mask = counted_positions(am, module.depth).to(dev)
                     out = module(h, ids.to(dev), *args, **kwargs)
@@ -191,7 +191,7 @@ def calibrate(
             if inner:
                 inner.close()
             observer.token_mask = None
-            if mtp:
+            if in_mtp:
                 module.to_empty(device="meta")
             else:
                 streamed.release_layer(i)

@@ -96,11 +96,11 @@ def test_mtp_statistics_equal_the_reference(checkpoints, family):
     n = Checkpoint.open(src).num_hidden_layers
     samples = texts()
     saliency = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="calibrate")
-    assert saliency.mtp_layers == [n]
+    assert saliency.mtp_layers == [n] and saliency.calibration["mtp"] == "calibrate"
     assert saliency.layers[n].tokens == sum(len(s) - 1 for s in samples)  # the last token has no next token
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
     default = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32")
-    assert sorted(default.layers) == sorted(set(saliency.layers) - {n})
+    assert sorted(default.layers) == sorted(set(saliency.layers) - {n}) and default.calibration["mtp"] == "drop"
 
 
 def test_two_mtp_depths_chain(tmp_path):
