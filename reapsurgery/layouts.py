@@ -133,34 +133,38 @@ class Layout:
 
     # -- tensor names -------------------------------------------------------
 
-    def layer_of(self, name: str) -> int | None:
+    def _layer_match(self, name: str) -> re.Match | None:
         for prefix, *_ in self._regexes:
             m = prefix.match(name)
             if m:
-                return int(m.group("layer"))
+                return m
         return None
+
+    def layer_of(self, name: str) -> int | None:
+        m = self._layer_match(name)
+        return int(m.group("layer")) if m else None
 
     def split_layer(self, name: str) -> tuple[int, str] | None:
         """(layer, name within the layer) for a tensor under a layer prefix."""
-        for prefix, *_ in self._regexes:
-            m = prefix.match(name)
-            if m:
-                return int(m.group("layer")), name[m.end():]
-        return None
+        m = self._layer_match(name)
+        return (int(m.group("layer")), name[m.end():]) if m else None
 
     def with_layer(self, name: str, layer: int) -> str:
         """The same tensor name in another layer."""
-        for prefix, *_ in self._regexes:
-            m = prefix.match(name)
-            if m:
-                a, b = m.span("layer")
-                return name[:a] + str(layer) + name[b:]
-        raise ValueError(f"{name!r} is not a layer tensor")
+        m = self._layer_match(name)
+        if m is None:
+            raise ValueError(f"{name!r} is not a layer tensor")
+        a, b = m.span("layer")
+        return name[:a] + str(layer) + name[b:]
+
+    def mtp_prefix_of(self, name: str) -> str | None:
+        """The MTP prefix (outside the layer stack) the tensor lives under, if any."""
+        return next((p for p in self.mtp_prefixes if name.startswith(p)), None)
 
     def is_mtp(self, name: str, num_hidden_layers: int) -> bool:
         """A multi-token-prediction tensor: a layer past the decoder stack, or under an MTP prefix."""
         layer = self.layer_of(name)
-        return (layer is not None and layer >= num_hidden_layers) or name.startswith(self.mtp_prefixes or ("\0",))
+        return (layer is not None and layer >= num_hidden_layers) or self.mtp_prefix_of(name) is not None
 
     def classify(self, name: str) -> TensorRole | None:
         """The tensor's role if it is a router or routed-expert tensor, else None."""

@@ -17,13 +17,13 @@ from typing import Callable
 
 from .checkpoint import INDEX, SINGLE, Checkpoint
 from .errors import ReapError
-from .layouts import Layout
+from .layouts import Layout, TensorRole
 from .mask import Mask, check_fingerprint
 from .modelcard import pruned_card
 from .outdir import check_output, staged_output
 from .quant import rewrite_hf_quant_config, rewrite_quantization_config
 from .safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
-from .verify import expert_tensor_problems, tensor_role
+from .verify import expert_tensor_problems, tensor_roles
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 MASK_COPY = "reapsurgery.mask.json"
@@ -134,11 +134,12 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
 
     layout = ckpt.layout
     tensors = ckpt.tensors()
-    problems = expert_tensor_problems(ckpt, tensors)
+    roles = tensor_roles(ckpt, tensors)
+    problems = expert_tensor_problems(ckpt, tensors, roles)
     if problems:
         raise ReapError(*problems[0])
     mtp_count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
-    kept_mtp = _kept_mtp_layers(ckpt, tensors, mask, mask_path)
+    kept_mtp = _kept_mtp_layers(ckpt, roles, mask, mask_path)
     notes = []
     unmatched = sorted(l for l in mask.layers if l >= n and l not in kept_mtp)
     if unmatched:
@@ -151,7 +152,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     for name, (shard, info) in tensors.items():
         base = ckpt.header(shard).data_offset
         layer = layout.layer_of(name)
-        role = tensor_role(ckpt, name, info)
+        role = roles.get(name)
         if layer is not None and layer >= n and layer not in kept_mtp:
             # Layers past the decoder stack are multi-token-prediction blocks that transformers
             # does not run; kept unpruned they would have the old expert count. A mask measured
@@ -159,7 +160,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
             if mtp_count or role is not None:
                 dropped_layers.add(layer)
                 continue
-        mtp_prefix = next((p for p in layout.mtp_prefixes if name.startswith(p)), None)
+        mtp_prefix = layout.mtp_prefix_of(name)
         if mtp_prefix is not None:
             # MTP blocks stored outside the layer stack (Qwen3-Next's mtp.*) hold experts too
             dropped_prefixes.add(mtp_prefix)
@@ -193,11 +194,9 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
                        sorted(kept_mtp), notes)
 
 
-def _kept_mtp_layers(ckpt: Checkpoint, tensors: dict, mask: Mask, mask_path: Path) -> set[int]:
+def _kept_mtp_layers(ckpt: Checkpoint, roles: dict[str, TensorRole], mask: Mask, mask_path: Path) -> set[int]:
     """MTP layers (past the stack) with routed experts that the mask covers: all of them or none."""
-    n = ckpt.num_hidden_layers
-    on_disk = {role.layer for name, (_, info) in tensors.items()
-               if (role := tensor_role(ckpt, name, info)) is not None and role.layer >= n}
+    on_disk = {role.layer for role in roles.values() if role.layer >= ckpt.num_hidden_layers}
     covered = on_disk & set(mask.layers)
     if covered and covered != on_disk:
         raise ReapError(mask_path, f"the mask covers multi-token-prediction layers {sorted(covered)} but not "

@@ -53,7 +53,13 @@ def tensor_role(ckpt: Checkpoint, name: str, info: TensorInfo) -> TensorRole | N
     return ckpt.layout.classify(name) or router_companion(ckpt.layout, name, info.shape, ckpt.num_experts)
 
 
-def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]]) -> list[tuple[Path, str]]:
+def tensor_roles(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]]) -> dict[str, TensorRole]:
+    """The role of every expert, router or router-companion tensor, by name (one pass over the names)."""
+    return {name: role for name, (_, info) in tensors.items() if (role := tensor_role(ckpt, name, info)) is not None}
+
+
+def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]],
+                           roles: dict[str, TensorRole] | None = None) -> list[tuple[Path, str]]:
     """Where expert and router tensors disagree with config.json, as (file, problem).
 
     Layers stored past the decoder stack (multi-token prediction) are checked like MoE layers:
@@ -61,16 +67,14 @@ def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, Tenso
     the layer stack (Qwen3-Next's mtp.*) are left out: apply always drops them.
     """
     E, n = ckpt.num_experts, ckpt.num_hidden_layers
-    roles = {}
-    for name, (shard, info) in sorted(tensors.items()):
-        role = tensor_role(ckpt, name, info)
-        if role is not None and not name.startswith(ckpt.layout.mtp_prefixes or ("\0",)):
-            roles[name] = (shard, info, role)
-    moe = set(ckpt.moe_layers) | {role.layer for _, _, role in roles.values() if role.layer >= n}
+    roles = tensor_roles(ckpt, tensors) if roles is None else roles
+    checked = {name: (*tensors[name], role) for name, role in sorted(roles.items())
+               if ckpt.layout.mtp_prefix_of(name) is None}
+    moe = set(ckpt.moe_layers) | {role.layer for _, _, role in checked.values() if role.layer >= n}
     experts: dict[int, set[int]] = {l: set() for l in moe}
     routers = {l: 0 for l in moe}
     problems: list[tuple[Path, str]] = []
-    for name, (shard, info, role) in roles.items():
+    for name, (shard, info, role) in checked.items():
         if role.layer not in moe:
             problems.append((ckpt.path / shard, f"tensor {name!r} is an expert or router tensor but config.json says "
                                                 f"layer {role.layer} is not an MoE layer"))
