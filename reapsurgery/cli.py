@@ -181,9 +181,9 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | No
     click.echo(f"wrote {output} (sha256 {result.mask.sha256})")
 
 
-def _echo_mtp(dropped: list[int], prefixes: list[str], kept: list[int], notes: list[str], would: str, indent: str) -> None:
+def _echo_mtp(dropped: list[int], prefixes: list[str], kept: list[int], notes: list[str], preview: bool, indent: str) -> None:
     """What happens to multi-token-prediction layers: dropped (default) or kept and pruned."""
-    drop, keep = ("would drop", "would keep") if would else ("dropped", "kept")
+    drop, keep = ("would drop", "would keep") if preview else ("dropped", "kept")
     if dropped:
         click.echo(f"{indent}{drop} multi-token-prediction layers {dropped} (not run by transformers; "
                    "`calibrate --mtp calibrate` measures and keeps them)")
@@ -205,7 +205,7 @@ def _echo_preview(p: dict) -> None:
            [(s["name"], s["source"], s["tensors"], _human(s["bytes"])) for s in p["shards"]])
     for key, (old, new) in p["config_changes"].items():
         click.echo(f"  config.json: {key} {old} -> {new}")
-    _echo_mtp(p["dropped_layers"], p["dropped_prefixes"], p["kept_mtp_layers"], p["notes"], "would ", "  ")
+    _echo_mtp(p["dropped_layers"], p["dropped_prefixes"], p["kept_mtp_layers"], p["notes"], True, "  ")
     click.echo(f"  would write: {' '.join(p['written'])}")
     if p["copied"]:
         click.echo(f"  would copy: {' '.join(p['copied'])}")
@@ -300,7 +300,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
     )
     for key, (old, new) in result.config_changes.items():
         click.echo(f"  config.json: {key} {old} -> {new}")
-    _echo_mtp(result.dropped_layers, result.dropped_prefixes, result.kept_mtp_layers, result.notes, "", "  ")
+    _echo_mtp(result.dropped_layers, result.dropped_prefixes, result.kept_mtp_layers, result.notes, False, "  ")
     for path in result.skipped:
         click.echo(f"  not copied (weights reapsurgery does not prune): {path}")
 
@@ -497,7 +497,7 @@ def _echo_mask(f: dict) -> None:
         click.echo(ACTIVE_NOTE)
         for key, (old, new) in size["config_changes"].items():
             click.echo(f"config.json: {key} {old} -> {new}")
-        _echo_mtp(size["dropped_layers"], size["dropped_prefixes"], size["kept_mtp_layers"], size["notes"], "would ", "")
+        _echo_mtp(size["dropped_layers"], size["dropped_prefixes"], size["kept_mtp_layers"], size["notes"], True, "")
     click.echo("kept experts per layer:")
     _table([(f"{layer}:", " ".join(map(str, kept))) for layer, kept in f["layers"].items()])
 
