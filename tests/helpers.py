@@ -24,6 +24,17 @@ def cli(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def apply_leaving_source_untouched(mask: Path, src: Path, out: Path) -> subprocess.CompletedProcess:
+    """`reapsurgery apply -q`, asserted to succeed without changing a byte of the source."""
+    from tests.conftest import tree_hash
+
+    before = tree_hash(src)
+    r = cli("apply", mask, src, out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert tree_hash(src) == before
+    return r
+
+
 def tensor_bytes(path, name) -> bytes:
     with safe_open(path, "pt") as f:
         return f.get_tensor(name).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

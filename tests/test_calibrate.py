@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fixtures.build import FAMILIES
+from fixtures.build import FAMILIES, build
 from reapsurgery.calibrate import calibrate
 from reapsurgery.checkpoint import Checkpoint
 from tests.reference import RTOL, assert_stats_close, reference_stats
@@ -66,25 +66,32 @@ def test_padding_never_counts(checkpoints, family):
             torch.testing.assert_close(torch.tensor(a[key]), torch.tensor(b[key]), rtol=RTOL, atol=1e-6)
 
 
-def test_resume_after_crash_gives_identical_output(checkpoints, tmp_path):
-    src = checkpoints["qwen3_moe"]
+# crash in a decoder layer; and, with two chained MTP layers, in the second MTP layer
+RESUME_CASES = {"decoder": ("qwen3_moe", None, {}, 2),
+                "mtp": ("glm4_moe", {"num_nextn_predict_layers": 2}, {"mtp": "calibrate"}, 4)}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_after_crash_gives_identical_output(checkpoints, tmp_path, case):
+    family, overrides, options, crash_at = RESUME_CASES[case]
+    src = build(family, tmp_path / family, overrides=overrides) if overrides else checkpoints[family]
     samples = texts()
     state = tmp_path / "s.json.resume"
-    whole = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32")
+    run = dict(batch_size=2, device="cpu", dtype="float32", **options)
+    whole = calibrate(src, samples, **run)
 
     class Crash(Exception):
         pass
 
-    def crash_at_2(i, streamed):
-        if i == 2:
+    def crash(i, streamed):
+        if i == crash_at:
             raise Crash
 
     with pytest.raises(Crash):
-        calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", state_dir=state, on_layer=crash_at_2)
-    assert json.loads((state / "state.json").read_text())["next_layer"] == 2
+        calibrate(src, samples, state_dir=state, on_layer=crash, **run)
+    assert json.loads((state / "state.json").read_text())["next_layer"] == crash_at
     started = []
-    resumed = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", state_dir=state, resume=True,
-                        on_layer=lambda i, s: started.append(i))
-    assert started == [2]  # finished layers were not recomputed
+    resumed = calibrate(src, samples, state_dir=state, resume=True, on_layer=lambda i, s: started.append(i), **run)
+    assert started == [crash_at]  # finished layers were not recomputed
     assert resumed.to_json() == whole.to_json()
     assert not state.exists()  # cleaned up after success
