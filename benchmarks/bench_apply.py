@@ -168,7 +168,7 @@ class _Filler:
 
 def build_synthetic(out: Path, size_gib: float, shard_gib: float, seed: int = 0) -> dict:
     """Write a Qwen3-MoE-shaped checkpoint of ~size_gib GiB; returns a description."""
-    from reapsurgery.safetensors_io import encode_header, write_order
+    from reapsurgery.common.safetensors_io import encode_header, write_order
 
     c = dict(SYNTH)
     layers = synth_layers_for(int(size_gib * GiB), c)
@@ -345,8 +345,8 @@ def reapsurgery_cmd() -> list[str]:
 
 
 def make_mask(ckpt: Path, path: Path, kind: str, seed: int) -> list[int]:
-    from reapsurgery.checkpoint import Checkpoint
-    from reapsurgery.mask import Mask
+    from reapsurgery.common.checkpoint import Checkpoint
+    from reapsurgery.common.mask import Mask
 
     c = Checkpoint.open(ckpt)
     E = c.num_experts
@@ -363,9 +363,9 @@ def make_mask(ckpt: Path, path: Path, kind: str, seed: int) -> list[int]:
 
 def check_synthetic_output(src: Path, out: Path, mask_path: Path) -> str:
     """Header-level verify plus a byte comparison of a few retained tensors and one router."""
-    from reapsurgery.checkpoint import Checkpoint
-    from reapsurgery.mask import load_mask
-    from reapsurgery.verify import verify
+    from reapsurgery.common.checkpoint import Checkpoint
+    from reapsurgery.common.mask import load_mask
+    from reapsurgery.surgery.verify import verify
 
     rep = verify(out)
     if not rep.ok:
@@ -445,7 +445,7 @@ def helper_inmemory(ckpt: str, mask_path: str, out: str) -> None:
 
 def compare_outputs(a: Path, b: Path) -> str:
     """Same tensor names, dtypes, shapes and bytes in two checkpoints (reads raw bytes, no torch)."""
-    from reapsurgery.checkpoint import Checkpoint
+    from reapsurgery.common.checkpoint import Checkpoint
 
     ca, cb = Checkpoint.open(a), Checkpoint.open(b)
     ta, tb = ca.tensors(), cb.tensors()

@@ -218,7 +218,7 @@ def helper_baseline(ckpt: str, data: str, dtype: str, batch: int, num: int, leng
     import torch
     from transformers import AutoModelForCausalLM
 
-    from reapsurgery.data import load_samples  # the very samples, order and batches calibrate uses
+    from reapsurgery.calibration.data import load_samples  # the very samples, order and batches calibrate uses
 
     t_import = time.perf_counter()
     samples = load_samples(data, ckpt, num_samples=num, max_length=length, seed=seed).samples
@@ -345,11 +345,11 @@ def helper_profile(cli_args: list[str], out_json: str, cprofile: str | None) -> 
     from transformers.integrations import moe as tmoe
     from transformers.models.qwen3_moe import modeling_qwen3_moe as mq
 
-    import reapsurgery.calibrate as cal
-    import reapsurgery.data as data
-    import reapsurgery.observe as obs
-    import reapsurgery.saliency as sal
-    import reapsurgery.streaming as st
+    import reapsurgery.calibration.calibrate as cal
+    import reapsurgery.calibration.data as data
+    import reapsurgery.calibration.observe as obs
+    import reapsurgery.common.saliency as sal
+    import reapsurgery.calibration.streaming as st
     from reapsurgery.cli import main
 
     t_import = time.perf_counter()
@@ -751,7 +751,7 @@ def report(args, machine: dict, res: dict, floor: dict, total_s: float) -> None:
 
     strip = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
     summary = {
-        "bench": "reapsurgery.calibrate",
+        "bench": "reapsurgery.calibration.calibrate",
         "machine": machine,
         "settings": {"size_gib": args.size_gb, "dtype": args.dtype, "samples": args.samples, "tokens": args.tokens,
                      "batch_size": args.batch_size, "repeat": args.repeat, "seed": args.seed,

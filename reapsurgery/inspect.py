@@ -20,18 +20,17 @@ Counting rules:
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from .checkpoint import INDEX, Checkpoint, read_json
+from .common.checkpoint import Checkpoint, read_json
 from .errors import ReapError
-from .layouts import Layout
-from .mask import MASK_FORMAT, Mask, load_mask
+from .common.layouts import Layout
+from .common.mask import MASK_FORMAT, Mask, load_mask
 from .plan import expert_scores, super_experts
-from .quant import quantization_info
-from .saliency import SALIENCY_FORMAT, Saliency, load_saliency
+from .common.quant import quantization_info
+from .common.saliency import SALIENCY_FORMAT, Saliency, load_saliency
 
 CATEGORIES = ("routed_experts", "routers", "mtp", "other")
 
@@ -131,7 +130,7 @@ def inspect_mask(path: str | Path, ckpt_path: str | Path | None = None, layout: 
 
 def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, layout: Layout | None = None) -> dict[str, Any]:
     """Params and bytes of the checkpoint before and after applying the mask (exact: surgery's own plan)."""
-    from .surgery import plan_surgery
+    from .surgery.apply import plan_surgery
 
     ckpt = Checkpoint.open(ckpt_path, layout)
     plan = plan_surgery(ckpt, mask, Path(mask_path))
@@ -227,48 +226,3 @@ def inspect_path(path: str | Path, ckpt: str | Path | None = None, method: str =
     if ckpt is not None:
         raise ReapError(ckpt, "--ckpt goes with a mask file, not a saliency file")
     return inspect_saliency(path, method)
-
-
-# -- apply --dry-run ------------------------------------------------------------------
-
-def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_path: str | Path,
-                  overwrite: bool = False, layout: Layout | None = None) -> dict[str, Any]:
-    """What `apply` would write to out_path, after the same checks; creates nothing."""
-    from .outdir import check_output
-    from .surgery import MASK_COPY, WEIGHT_SUFFIXES, plan_surgery
-
-    ckpt = Checkpoint.open(ckpt_path, layout)
-    out_path = Path(out_path)
-    check_output(ckpt.path, out_path, overwrite)
-    plan = plan_surgery(ckpt, mask, Path(mask_path))
-    handled = {"config.json", "README.md", INDEX, *ckpt.shards}
-    copied, skipped = [], []
-    for root, dirs, files in os.walk(ckpt.path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_root = Path(root).relative_to(ckpt.path)
-        for fname in sorted(files):
-            rel = str(rel_root / fname)
-            if rel in handled or fname.startswith("."):
-                continue
-            (skipped if fname.endswith(WEIGHT_SUFFIXES) else copied).append(rel)
-    writes_index = not (len(plan.shards) == 1 and ckpt.index_metadata is None)
-    return {
-        "out": str(out_path),
-        "replaces_existing": out_path.is_dir() and any(out_path.iterdir()),
-        "checkpoint": str(ckpt.path),
-        "experts_before": plan.experts_before,
-        "experts_after": plan.kept,
-        "moe_layers": len(plan.moe_layers),
-        "shards": [{"name": s.name, "source": s.source, "tensors": len(s.tensors), "bytes": s.nbytes}
-                   for s in plan.shards],
-        "bytes": plan.total_size,
-        "bytes_before": sum(info.nbytes for _, info in ckpt.tensors().values()),
-        "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
-        "dropped_layers": plan.dropped_layers,
-        "dropped_prefixes": plan.dropped_prefixes,
-        "kept_mtp_layers": plan.kept_mtp_layers,
-        "notes": plan.notes,
-        "written": ["config.json", "README.md", MASK_COPY] + ([INDEX] if writes_index else []),
-        "copied": copied,
-        "skipped": skipped,
-    }

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ReapError
-from .mask import Mask, check_fingerprint
-from .saliency import LayerStats, Saliency
+from .common.mask import Mask, check_fingerprint
+from .common.saliency import LayerStats, Saliency
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .layouts import Layout
+    from .common.checkpoint import Checkpoint
+    from .common.layouts import Layout
 
 METHODS = ("reap", "frequency", "weighted-frequency", "ean-sum", "ean-mean", "weighted-ean")
 METHOD_HELP = {
@@ -178,7 +178,7 @@ def parse_pins(text: str | None) -> dict[int, set[int]]:
 
 def _group_layout_facts(model: dict) -> int:
     """min_per_group of the built-in layout for this model type (1 if unknown)."""
-    from .layouts import builtin_layouts
+    from .common.layouts import builtin_layouts
 
     layout = builtin_layouts().get(model.get("model_type"))
     return int((layout.groups or {}).get("min_per_group", 1)) if layout else 1
@@ -376,8 +376,8 @@ def plan_from_files(saliency_path: str | Path, ckpt_path: str | Path | None = No
     """Load saliency.json and plan; with a checkpoint, check it matches and use its router's facts.
 
     `layout` (a user's layout file) replaces the built-in one for the checkpoint."""
-    from .checkpoint import Checkpoint
-    from .saliency import load_saliency
+    from .common.checkpoint import Checkpoint
+    from .common.saliency import load_saliency
 
     saliency = load_saliency(saliency_path)
     if ckpt_path is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from reapsurgery.checkpoint import Checkpoint
-from reapsurgery.saliency import LayerStats, Saliency
+from reapsurgery.common.checkpoint import Checkpoint
+from reapsurgery.common.saliency import LayerStats, Saliency
 
 
 def fingerprint(E: int = 8, top_k: int = 2, layers=(0, 1, 2), n_group=None,

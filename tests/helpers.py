@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from reapsurgery.checkpoint import Checkpoint
-from reapsurgery.mask import Mask
+from reapsurgery.common.checkpoint import Checkpoint
+from reapsurgery.common.mask import Mask
 
 
 def write_mask(ckpt: Path, keep: list[int] | dict[int, list[int]], path: Path) -> Path:
@@ -20,7 +20,7 @@ def write_mask(ckpt: Path, keep: list[int] | dict[int, list[int]], path: Path) -
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reapsurgery.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "reapsurgery", *map(str, args)],
                           capture_output=True, text=True)
 
 

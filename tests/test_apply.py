@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from fixtures import build
-from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.common.checkpoint import Checkpoint
 from tests.helpers import (apply_leaving_source_untouched, assert_output_is_input_slices, cli, output_tensors,
                            tensor_bytes, write_mask)
 from tests.reference import load, logits, pruned_in_memory
@@ -129,7 +129,7 @@ def test_config_aliases_rewritten_including_nested_text_config(checkpoints, tmp_
 
 def test_output_shards_are_aligned(checkpoints, tmp_path):
     """Every tensor starts at a multiple of its element size, so loaders can memory-map it."""
-    from reapsurgery.safetensors_io import DTYPE_BITS, read_header
+    from reapsurgery.common.safetensors_io import DTYPE_BITS, read_header
 
     src = checkpoints["gpt_oss"]
     assert cli("apply", write_mask(src, [1, 3, 4], tmp_path / "m.json"), src, tmp_path / "out", "-q").returncode == 0
@@ -159,9 +159,9 @@ def test_apply_does_not_import_torch(checkpoints, tmp_path):
 @pytest.mark.parametrize("disabled", [("copy_file_range",), ("copy_file_range", "sendfile")])
 def test_fallback_copies_are_identical(checkpoints, tmp_path, monkeypatch, disabled):
     """Across filesystems copy_file_range fails; sendfile or a buffered copy must give the same bytes."""
-    from reapsurgery import safetensors_io
-    from reapsurgery.mask import load_mask
-    from reapsurgery.surgery import apply_mask
+    from reapsurgery.common import safetensors_io
+    from reapsurgery.common.mask import load_mask
+    from reapsurgery.surgery.apply import apply_mask
 
     src = checkpoints["gpt_oss"]
     mask = write_mask(src, [0, 3, 4, 7], tmp_path / "m.json")

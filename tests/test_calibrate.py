@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fixtures.build import FAMILIES, build
-from reapsurgery.calibrate import calibrate
-from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.calibration.calibrate import calibrate
+from reapsurgery.common.checkpoint import Checkpoint
 from tests.reference import RTOL, assert_stats_close, reference_stats
 
 LENGTHS = [7, 12, 3, 10, 5]

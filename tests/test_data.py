@@ -10,7 +10,7 @@ import types
 import pytest
 from transformers import AutoTokenizer
 
-from reapsurgery.data import BUILTIN_NAME, CalibrationData, load_samples
+from reapsurgery.calibration.data import BUILTIN_NAME, CalibrationData, load_samples
 from reapsurgery.errors import ReapError
 
 VOCAB = 320  # the fixture models' vocab_size

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fixtures.build import build
-from reapsurgery.calibrate import calibrate
-from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.calibration.calibrate import calibrate
+from reapsurgery.common.checkpoint import Checkpoint
 from tests.helpers import cli, write_mask
 from tests.reference import load, logits, pruned_in_memory
 from tests.test_calibrate import texts

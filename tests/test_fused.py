@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fixtures.build import FAMILIES, build_model
-from reapsurgery.checkpoint import Checkpoint
-from reapsurgery.fused import read_fused
-from reapsurgery.streaming import StreamedModel
+from reapsurgery.common.checkpoint import Checkpoint
+from reapsurgery.calibration.fused import read_fused
+from reapsurgery.calibration.streaming import StreamedModel
 from tests.reference import load
 
 STACKED_ON_DISK = {"gpt_oss", "llama4", "granitemoe"}  # nothing to fuse: already one tensor per projection

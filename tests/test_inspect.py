@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.common.checkpoint import Checkpoint
 from tests.handmade import by_reap, fingerprint, for_checkpoint, saliency, stats
 from tests.helpers import cli, write_mask
 from tests.reference import load

@@ -9,9 +9,9 @@ from importlib import resources
 import torch
 from click.testing import CliRunner
 
-from reapsurgery import layouts
+from reapsurgery.common import layouts
 from reapsurgery.cli import main
-from reapsurgery.mask import load_mask
+from reapsurgery.common.mask import load_mask
 from tests.reference import load, logits, pruned_in_memory
 
 FAMILY = "olmoe"
@@ -23,7 +23,7 @@ def run(*args):
 
 def test_layout_file_for_a_family_missing_from_the_builtin_table(checkpoints, tmp_path, monkeypatch):
     src = checkpoints[FAMILY]
-    table = json.loads(resources.files("reapsurgery").joinpath("layouts.json").read_text())
+    table = json.loads(resources.files("reapsurgery.common").joinpath("layouts.json").read_text())
     layout_file = tmp_path / "my_layout.json"
     layout_file.write_text(json.dumps({"name": "my-olmoe", **table[FAMILY]}))
     builtin = layouts.builtin_layouts()
@@ -71,7 +71,7 @@ def test_unreadable_layout_file_is_one_line(checkpoints, tmp_path):
 
 
 def test_layout_file_with_a_malformed_mtp_block_is_one_line(checkpoints, tmp_path):
-    table = json.loads(resources.files("reapsurgery").joinpath("layouts.json").read_text())
+    table = json.loads(resources.files("reapsurgery.common").joinpath("layouts.json").read_text())
     entry = dict(table["deepseek_v3"], mtp_block={"embed_norm": "enorm", "hidden_norm": "hnorm"})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(entry))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fixtures.build import FAMILIES
-from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.errors import ReapError
-from reapsurgery.layouts import Layout, builtin_layouts, describe_layouts
+from reapsurgery.common.layouts import Layout, builtin_layouts, describe_layouts
 from tests.helpers import cli, write_mask
 
 # config variants that move the MoE layers; None removes the key (transformers' default applies)
@@ -38,7 +38,7 @@ def transformers_moe_layers(family: str, kwargs: dict) -> list[int]:
     """Decoder layers with routed experts in the model transformers builds (on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from reapsurgery.observe import attach_router_hooks, is_experts_module
+    from reapsurgery.calibration.observe import attach_router_hooks, is_experts_module
     from tests.reference import decoder_layers
 
     config = AutoConfig.for_model(family, **kwargs)

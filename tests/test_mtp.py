@@ -18,9 +18,9 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from fixtures.build import build
-from reapsurgery.calibrate import calibrate
-from reapsurgery.checkpoint import Checkpoint
-from reapsurgery.saliency import LayerStats, Saliency
+from reapsurgery.calibration.calibrate import calibrate
+from reapsurgery.common.checkpoint import Checkpoint
+from reapsurgery.common.saliency import LayerStats, Saliency
 from reapsurgery.plan import plan_mask
 from tests.helpers import assert_output_is_input_slices, cli, output_tensors, write_mask
 from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.errors import ReapError
-from reapsurgery.mask import load_mask
+from reapsurgery.common.mask import load_mask
 from reapsurgery.plan import METHODS, drop_count, expert_scores, parse_pins, plan_mask, super_experts
 from tests.conftest import tree_hash
 from tests.handmade import by_reap, fingerprint, for_checkpoint, saliency, stats

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from fixtures.quantize import build_gpt_oss_for_mxfp4, to_compressed_tensors, to_fp8_block, to_mxfp4
-from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.common.checkpoint import Checkpoint
 from tests.helpers import (apply_leaving_source_untouched, assert_output_is_input_slices, cli, output_tensors,
                            tensor_bytes, write_mask)
 from tests.reference import load, logits, pruned_in_memory
@@ -132,8 +132,8 @@ def test_mxfp4_pruned_checkpoint_matches_in_memory_pruning(mxfp4, tmp_path, keep
 # -- quantization settings that name experts ---------------------------------------
 
 def test_module_names_follow_their_experts():
-    from reapsurgery.layouts import builtin_layouts
-    from reapsurgery.quant import rename_module
+    from reapsurgery.common.layouts import builtin_layouts
+    from reapsurgery.common.quant import rename_module
 
     layout = builtin_layouts()["deepseek_v3"]
     keep = {1: [1, 2, 5, 6], 2: [0, 3, 4, 7]}
@@ -271,8 +271,8 @@ def _dequantised_twin(src, dst, quantization_config):
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "gpt_oss_mxfp4", "ct-qwen3_moe-W4A16",
                                     "ct-deepseek_v3-FP8_DYNAMIC"])
 def test_calibration_on_quantized_equals_dequantised_twin(request, fp8, mxfp4, tmp_path, family):
-    from reapsurgery.calibrate import calibrate
-    from reapsurgery.streaming import StreamedModel
+    from reapsurgery.calibration.calibrate import calibrate
+    from reapsurgery.calibration.streaming import StreamedModel
     from tests.test_calibrate import assert_stats_close, texts
 
     if family.startswith("ct-"):
@@ -373,7 +373,7 @@ def test_compressed_tensors_pruned_checkpoint_matches_in_memory_pruning(compress
 def test_calibration_refuses_a_quantization_it_cannot_dequantise(fp8, tmp_path):
     import shutil
 
-    from reapsurgery.calibrate import calibrate
+    from reapsurgery.calibration.calibrate import calibrate
     from reapsurgery.errors import ReapError
 
     src = tmp_path / "src"
@@ -387,7 +387,7 @@ def test_calibration_refuses_a_quantization_it_cannot_dequantise(fp8, tmp_path):
 
 def test_fp8_block_dequantisation_follows_the_block_definition():
     """Edge blocks are cut, not stretched: weight[i, j] * scale_inv[i // bo, j // bi]."""
-    from reapsurgery.dequant import dequantize_fp8_block
+    from reapsurgery.calibration.dequant import dequantize_fp8_block
 
     from fixtures.quantize import fp8_block_quantize
 
@@ -411,7 +411,7 @@ def test_fp8_block_dequantisation_follows_the_block_definition():
 def test_calibration_on_fp8_with_small_blocks_equals_dequantised_twin(checkpoints, tmp_path):
     """16x16 blocks give real scale grids (and edge blocks: kv_a_proj_with_mqa has 24 rows)."""
     from fixtures.quantize import dequantized_twin
-    from reapsurgery.calibrate import calibrate
+    from reapsurgery.calibration.calibrate import calibrate
     from tests.test_calibrate import assert_stats_close, texts
 
     src = to_fp8_block(checkpoints["deepseek_v3"], tmp_path / "fp8", block=(16, 16))
@@ -428,7 +428,7 @@ def test_nvfp4_layers_dequantised_with_their_global_scale(compressed, checkpoint
     weight_global_scale F32 [1]; calibration reads each expert back close to the original weights.
     (transformers 5.24's CompressedTensorsDequantize drops weight_global_scale for fused experts,
     so its dequantised experts are off by that factor; dense layers are right.)"""
-    from reapsurgery.dequant import read_layer_tensors
+    from reapsurgery.calibration.dequant import read_layer_tensors
 
     src = compressed[("qwen3_moe", "NVFP4A16")]
     t = output_tensors(src)

@@ -144,8 +144,8 @@ def test_missing_mask_and_missing_checkpoint(src, tmp_path):
 
 def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):
     """A crash while writing shards leaves neither OUT nor a partial directory behind."""
-    from reapsurgery import surgery
-    from reapsurgery.mask import load_mask
+    from reapsurgery.surgery import apply as surgery
+    from reapsurgery.common.mask import load_mask
 
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
     calls = {"n": 0}

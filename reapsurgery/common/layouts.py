@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from .errors import ReapError
+from ..errors import ReapError
 
 
 @dataclass(frozen=True)
@@ -323,5 +323,5 @@ def layout_for(config: dict, config_path: str) -> Layout:
         config_path,
         f"unsupported architecture {arch!r} (model_type {config.get('model_type')!r}); "
         f"supported: {', '.join(sorted(layouts))}. To add one, describe its MoE tensors in a "
-        "layout file (see reapsurgery/layouts.json) and pass it with --layout",
+        "layout file (see reapsurgery/common/layouts.json) and pass it with --layout",
     )

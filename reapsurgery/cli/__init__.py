@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import ReapError
+from .. import __version__
+from ..errors import ReapError
 
 EXIT_BAD_INPUT = 2
 
@@ -58,7 +58,7 @@ def main() -> None:
 
 # -- planning: options shared by `plan` and `apply` ------------------------------
 
-from .plan import METHODS  # noqa: E402  (light: no torch)
+from ..plan import METHODS  # noqa: E402  (light: no torch)
 
 PLAN_FLAGS = {"sparsity": "--sparsity", "keep": "--keep", "method": "--method",
               "preserve_super_experts": "--preserve-super-experts", "preserve_outliers": "--preserve-outliers",
@@ -91,14 +91,14 @@ def plan_options(fn):
 
 
 def _plan_kwargs(opts: dict) -> dict:
-    from .plan import parse_pins
+    from ..plan import parse_pins
 
     return dict(sparsity=opts["sparsity"], keep=opts["keep"], method=opts["method"] or "reap",
                 preserve_super_experts=opts["preserve_super_experts"],
                 preserve_outliers=opts["preserve_outliers"], pins=parse_pins(opts["pins"]), strict=opts["strict"])
 
 
-LAYOUT_HELP = ("A layout file (JSON, the fields of an entry of reapsurgery/layouts.json) describing the "
+LAYOUT_HELP = ("A layout file (JSON, the fields of an entry of reapsurgery/common/layouts.json) describing the "
                "checkpoint's MoE tensors, for a family reapsurgery does not know or to override the built-in one.")
 
 
@@ -109,7 +109,7 @@ def layout_option(fn):
 
 
 def _layout(path: Path | None):
-    from .layouts import load_layout_file
+    from ..common.layouts import load_layout_file
 
     return load_layout_file(str(path)) if path is not None else None
 
@@ -173,7 +173,7 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | No
     anything, a plan that leaves fewer experts (or fewer reachable through
     topk_group groups) than num_experts_per_tok.
     """
-    from .plan import plan_from_files, save_mask
+    from ..plan import plan_from_files, save_mask
 
     result = plan_from_files(saliency, ckpt, layout=_layout(layout_file), **_plan_kwargs(opts))
     save_mask(result.mask, output)
@@ -242,16 +242,16 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
     """
     from tqdm import tqdm
 
-    from .mask import load_mask
-    from .saliency import is_saliency_file
-    from .surgery import apply_mask
+    from ..common.mask import load_mask
+    from ..common.saliency import is_saliency_file
+    from ..surgery.apply import apply_mask
 
     layout = _layout(layout_file)
     if is_saliency_file(mask):
         if opts["sparsity"] is None and opts["keep"] is None:
             raise ReapError(mask, "is a saliency file: pass --sparsity F or --keep N to choose how many experts "
                                   "to keep (or make a mask with `reapsurgery plan` first)")
-        from .plan import plan_from_files
+        from ..plan import plan_from_files
 
         planned = plan_from_files(mask, ckpt, layout=layout, **_plan_kwargs(opts))
         chosen = planned.mask
@@ -264,7 +264,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
         planned = None
 
     if dry_run:
-        from .inspect import apply_preview
+        from ..surgery.preview import apply_preview
 
         preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout)
         if planned:
@@ -311,7 +311,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
 @one_line_errors
 def verify(ckpt: Path, layout_file: Path | None) -> None:
     """Check that a checkpoint's index, shard headers, expert tensors and config agree."""
-    from .verify import verify as run_verify
+    from ..surgery.verify import verify as run_verify
 
     report = run_verify(ckpt, _layout(layout_file))
     if not report.ok:
@@ -359,12 +359,12 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 
     from tqdm import tqdm
 
-    from .calibrate import calibrate as run_calibrate
-    from .data import load_samples
+    from ..calibration.calibrate import calibrate as run_calibrate
+    from ..calibration.data import load_samples
 
     if mtp == "calibrate":  # refuse before the data and the model are loaded
-        from .checkpoint import Checkpoint
-        from .mtp import mtp_layers_on_disk
+        from ..common.checkpoint import Checkpoint
+        from ..calibration.mtp import mtp_layers_on_disk
 
         mtp_layers_on_disk(Checkpoint.open(ckpt, _layout(layout_file)))
     data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
@@ -389,7 +389,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 @one_line_errors
 def merge_saliency(files: tuple[Path, ...], output: Path) -> None:
     """Sum the statistics of calibration runs on the same model (e.g. several datasets)."""
-    from .saliency import load_saliency, merge_saliency as merge
+    from ..common.saliency import load_saliency, merge_saliency as merge
 
     merged = merge([load_saliency(f) for f in files], list(files))
     merged.save(output)
@@ -552,7 +552,7 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
     """
     import json
 
-    from .inspect import inspect_path
+    from ..inspect import inspect_path
 
     facts = inspect_path(path, ckpt, method, _layout(layout_file))
     if as_json:
@@ -573,7 +573,7 @@ def architectures(as_json: bool) -> None:
     """
     import json
 
-    from .layouts import describe_layouts
+    from ..common.layouts import describe_layouts
 
     rows = describe_layouts()
     if as_json:
@@ -595,6 +595,3 @@ def architectures(as_json: bool) -> None:
                       rule(r), ", ".join(extra) or "-"))
     _table(table, indent="")
 
-
-if __name__ == "__main__":
-    main()

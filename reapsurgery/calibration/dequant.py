@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from .checkpoint import Checkpoint
-from .errors import ReapError
+from ..common.checkpoint import Checkpoint
+from ..errors import ReapError
 
 SUPPORTED = ("fp8", "mxfp4", "compressed-tensors")
 ACTIVATION_COMPANIONS = ("input_scale", "activation_scale", "input_global_scale", "input_zero_point", "output_scale")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import FINGERPRINT_FIELDS, read_json
-from .errors import ReapError
+from ..errors import ReapError
 
 MASK_FORMAT = "reapsurgery.mask"
 

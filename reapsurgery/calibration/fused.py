@@ -20,9 +20,9 @@ from typing import Iterator
 import torch
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
-from .checkpoint import Checkpoint
+from ..common.checkpoint import Checkpoint
 from .dequant import is_quantized, read_layer_tensors
-from .errors import ReapError
+from ..errors import ReapError
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 

@@ -19,9 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
-from .checkpoint import Checkpoint
+from ..common.checkpoint import Checkpoint
 from .dequant import logical_keys, read_layer_tensors, strip_quantization
-from .errors import ReapError
+from ..errors import ReapError
 from .fused import FusedTarget, read_fused, readable, stacks_only
 from .observe import IMPL_NAME
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint
+from ..common.checkpoint import Checkpoint
 from .dequant import read_layer_tensors
-from .errors import ReapError
-from .layouts import MTP_BLOCK_REQUIRED
+from ..errors import ReapError
+from ..common.layouts import MTP_BLOCK_REQUIRED
 from .streaming import StreamedModel
 
 

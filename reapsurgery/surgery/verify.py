@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import Checkpoint
-from .errors import ReapError
-from .layouts import Layout, TensorRole
-from .quant import router_companion
-from .safetensors_io import TensorInfo
+from ..common.checkpoint import Checkpoint
+from ..errors import ReapError
+from ..common.layouts import Layout, TensorRole
+from ..common.quant import router_companion
+from ..common.safetensors_io import TensorInfo
 
 
 @dataclass

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import ReapError
+from ..errors import ReapError
 
 TEXT_FIELDS = ("text", "content", "prompt")
 BUILTIN_NAME = "builtin:reapsurgery-default"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ReapError
+from ..errors import ReapError
 
 # Bits per element; F4/F6 shapes count logical elements.
 DTYPE_BITS = {

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import FINGERPRINT_FIELDS, read_json
-from .errors import ReapError
+from ..errors import ReapError
 from .mask import check_fingerprint
 
 SALIENCY_FORMAT = "reapsurgery.saliency"

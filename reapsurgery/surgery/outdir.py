@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ReapError
+from ..errors import ReapError
 
 
 def check_output(src: Path, out: Path, overwrite: bool) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ReapError
+from ..errors import ReapError
 from .layouts import Layout, layout_for, text_config
 from .safetensors_io import ShardHeader, TensorInfo, read_header
 

@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__
-from .checkpoint import Checkpoint
-from .errors import ReapError
-from .layouts import Layout
+from .. import __version__
+from ..common.checkpoint import Checkpoint
+from ..errors import ReapError
+from ..common.layouts import Layout
 from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
-from .saliency import LayerStats, Saliency
+from ..common.saliency import LayerStats, Saliency
 from .streaming import StreamedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

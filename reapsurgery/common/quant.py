@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import ReapError
+from ..errors import ReapError
 from .layouts import Layout, TensorRole
 
 NAME_LIST_KEYS = ("ignore", "modules_to_not_convert", "ignored_layers", "exclude_modules", "targets",

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import INDEX, SINGLE, Checkpoint
-from .errors import ReapError
-from .layouts import Layout, TensorRole
-from .mask import Mask, check_fingerprint
+from ..common.checkpoint import INDEX, SINGLE, Checkpoint
+from ..errors import ReapError
+from ..common.layouts import Layout, TensorRole
+from ..common.mask import Mask, check_fingerprint
 from .modelcard import pruned_card
 from .outdir import check_output, staged_output
-from .quant import rewrite_hf_quant_config, rewrite_quantization_config
-from .safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
+from ..common.quant import rewrite_hf_quant_config, rewrite_quantization_config
+from ..common.safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
 from .verify import expert_tensor_problems, tensor_roles
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -325,7 +325,8 @@ def apply_mask(
             f.write("\n")
         source_card = ckpt.path / "README.md"
         card = source_card.read_text() if source_card.is_file() else None
-        (tmp / "README.md").write_text(pruned_card(card, ckpt, plan, mask))
+        (tmp / "README.md").write_text(
+            pruned_card(card, ckpt, mask, plan.experts_before, len(plan.moe_layers), plan.dropped_layers))
         mask.save(tmp / MASK_COPY)
         handled = {"config.json", "README.md", INDEX, *ckpt.shards}
         handled |= rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)

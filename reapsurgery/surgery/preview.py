@@ -1,0 +1,53 @@
+"""What `apply --dry-run` reports: the output apply would write, after the same checks, creating nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..common.checkpoint import INDEX, Checkpoint
+from ..common.layouts import Layout
+from ..common.mask import Mask
+from .apply import MASK_COPY, WEIGHT_SUFFIXES, plan_surgery
+from .outdir import check_output
+
+
+def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_path: str | Path,
+                  overwrite: bool = False, layout: Layout | None = None) -> dict[str, Any]:
+    """What `apply` would write to out_path, after the same checks; creates nothing."""
+    ckpt = Checkpoint.open(ckpt_path, layout)
+    out_path = Path(out_path)
+    check_output(ckpt.path, out_path, overwrite)
+    plan = plan_surgery(ckpt, mask, Path(mask_path))
+    handled = {"config.json", "README.md", INDEX, *ckpt.shards}
+    copied, skipped = [], []
+    for root, dirs, files in os.walk(ckpt.path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_root = Path(root).relative_to(ckpt.path)
+        for fname in sorted(files):
+            rel = str(rel_root / fname)
+            if rel in handled or fname.startswith("."):
+                continue
+            (skipped if fname.endswith(WEIGHT_SUFFIXES) else copied).append(rel)
+    writes_index = not (len(plan.shards) == 1 and ckpt.index_metadata is None)
+    return {
+        "out": str(out_path),
+        "replaces_existing": out_path.is_dir() and any(out_path.iterdir()),
+        "checkpoint": str(ckpt.path),
+        "experts_before": plan.experts_before,
+        "experts_after": plan.kept,
+        "moe_layers": len(plan.moe_layers),
+        "shards": [{"name": s.name, "source": s.source, "tensors": len(s.tensors), "bytes": s.nbytes}
+                   for s in plan.shards],
+        "bytes": plan.total_size,
+        "bytes_before": sum(info.nbytes for _, info in ckpt.tensors().values()),
+        "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
+        "dropped_layers": plan.dropped_layers,
+        "dropped_prefixes": plan.dropped_prefixes,
+        "kept_mtp_layers": plan.kept_mtp_layers,
+        "notes": plan.notes,
+        "written": ["config.json", "README.md", MASK_COPY] + ([INDEX] if writes_index else []),
+        "copied": copied,
+        "skipped": skipped,
+    }
