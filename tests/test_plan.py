@@ -388,7 +388,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(checkpoints, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     for shard in set(index["weight_map"].values()):
         assert shard in r.stdout
-    from reapsurgery.cli import _human
+    from reapsurgery.cli.common import human as _human
 
     assert f"{_human(index['metadata']['total_size'])} (was" in r.stdout
     # a dry run refuses what the real run would refuse

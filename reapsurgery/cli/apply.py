@@ -1,0 +1,141 @@
+"""`reapsurgery apply` and `verify`: the surgery stage's commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import ReapError
+from .common import (EXIT_BAD_INPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, layout_from, plan_kwargs, table,
+                     layout_option, one_line_errors, plan_options)
+
+
+def _echo_preview(p: dict) -> None:
+    click.echo(
+        f"dry run: would write {p['out']}: {p['experts_before']} -> {p['experts_after']} experts in "
+        f"{p['moe_layers']} MoE layers, {len(p['shards'])} shard(s), {human(p['bytes'])} "
+        f"(was {human(p['bytes_before'])}); nothing was written"
+    )
+    table([("shard", "from", "tensors", "bytes")] +
+           [(s["name"], s["source"], s["tensors"], human(s["bytes"])) for s in p["shards"]])
+    for key, (old, new) in p["config_changes"].items():
+        click.echo(f"  config.json: {key} {old} -> {new}")
+    echo_mtp(p["dropped_layers"], p["dropped_prefixes"], p["kept_mtp_layers"], p["notes"], True, "  ")
+    click.echo(f"  would write: {' '.join(p['written'])}")
+    if p["copied"]:
+        click.echo(f"  would copy: {' '.join(p['copied'])}")
+    for path in p["skipped"]:
+        click.echo(f"  would not copy (weights reapsurgery does not prune): {path}")
+    if p["replaces_existing"]:
+        click.echo(f"  would replace the existing contents of {p['out']} (--overwrite)")
+
+
+@click.command()
+@click.argument("mask", metavar="MASK_OR_SALIENCY", type=click.Path(path_type=Path))
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would be written (shards, bytes, config changes) and write nothing, not even OUT.")
+@plan_options
+@layout_option
+@one_line_errors
+def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_run: bool,
+          layout_file: Path | None, **opts) -> None:
+    """Write CKPT with only the experts MASK keeps into OUT.
+
+    MASK_OR_SALIENCY is a mask.json, or a saliency.json together with --sparsity
+    or --keep (and the other options of `reapsurgery plan`) to plan the mask
+    here; the mask used is stored in OUT either way.
+
+    Streams the safetensors shards once, copying byte ranges: dropped experts'
+    tensors are left out, retained ones renumbered 0..E'-1 in their original
+    order, routers and stacked expert tensors sliced. config.json, the index and
+    the model card are rewritten; other files are copied. CKPT is never written,
+    and OUT appears only once complete.
+    """
+    from tqdm import tqdm
+
+    from ..common.mask import load_mask
+    from ..common.saliency import is_saliency_file
+    from ..surgery.apply import apply_mask
+
+    layout = layout_from(layout_file)
+    if is_saliency_file(mask):
+        if opts["sparsity"] is None and opts["keep"] is None:
+            raise ReapError(mask, "is a saliency file: pass --sparsity F or --keep N to choose how many experts "
+                                  "to keep (or make a mask with `reapsurgery plan` first)")
+        from ..plan import plan_from_files
+
+        planned = plan_from_files(mask, ckpt, layout=layout, **plan_kwargs(opts))
+        chosen = planned.mask
+    else:
+        given = [flag for key, flag in PLAN_FLAGS.items() if opts[key] not in (None, False)]
+        if given:
+            raise ReapError(mask, f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to a "
+                                  "saliency file; this is a mask (its experts are already chosen)")
+        chosen = load_mask(mask)
+        planned = None
+
+    if dry_run:
+        from ..surgery.preview import apply_preview
+
+        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout)
+        if planned:
+            echo_plan(planned)
+        _echo_preview(preview)
+        return
+
+    total = 0
+    bar = None
+
+    def progress(n: int) -> None:
+        nonlocal bar
+        if bar is None:  # created on the first write, so refusals print nothing but the error
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=quiet)
+        bar.update(n)
+
+    def on_plan(plan) -> None:  # called once every check has passed, before anything is written
+        nonlocal total
+        total = plan.total_size
+        if planned:
+            echo_plan(planned, with_table=not quiet)
+
+    try:
+        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite,
+                            progress=progress, on_plan=on_plan, layout=layout)
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(
+        f"wrote {result.out}: {result.experts_before} -> {result.experts_after} experts in "
+        f"{result.moe_layers} MoE layers, {result.shards} shard(s), "
+        f"{human(result.bytes_written)} (was {human(result.bytes_before)})"
+    )
+    for key, (old, new) in result.config_changes.items():
+        click.echo(f"  config.json: {key} {old} -> {new}")
+    echo_mtp(result.dropped_layers, result.dropped_prefixes, result.kept_mtp_layers, result.notes, False, "  ")
+    for path in result.skipped:
+        click.echo(f"  not copied (weights reapsurgery does not prune): {path}")
+
+
+@click.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@layout_option
+@one_line_errors
+def verify(ckpt: Path, layout_file: Path | None) -> None:
+    """Check that a checkpoint's index, shard headers, expert tensors and config agree."""
+    from ..surgery.verify import verify as run_verify
+
+    report = run_verify(ckpt, layout_from(layout_file))
+    if not report.ok:
+        for problem in report.problems:
+            click.echo(f"error: {ckpt}: {problem}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(
+        f"ok: {ckpt}: {report.tensors} tensors in {report.shards} shard(s), {human(report.total_size)}, "
+        f"{report.moe_layers} MoE layers with {report.num_experts} experts each"
+    )

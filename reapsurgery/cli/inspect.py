@@ -1,0 +1,209 @@
+"""`reapsurgery inspect` and `architectures`: facts about files and families, formatted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..plan import METHODS
+from .common import echo_mtp, fmt, human, layout_from, layout_option, one_line_errors, table
+
+
+
+def _count(n) -> str:
+    """Parameter count, e.g. 1.23B, 45.6M."""
+    if n is None:
+        return "-"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+def _spans(indices: list[int]) -> str:
+    out: list[str] = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
+
+
+def _model_rows(model: dict, topk_group=None) -> list[tuple[str, str]]:
+    moe = model["moe_layers"]
+    groups = f", n_group {model['n_group']}" if model.get("n_group") is not None else ""
+    if topk_group is not None:
+        groups += f", topk_group {topk_group}"
+    dense = [l for l in range(model["num_hidden_layers"]) if l not in set(moe)]
+    return [
+        ("architecture", f"{model['architecture']} ({model['model_type']})"),
+        ("decoder layers", f"{model['num_hidden_layers']}: MoE {_spans(moe)} ({len(moe)})"
+                           + (f", dense {_spans(dense)}" if dense else "")),
+        ("routed experts", f"{model['num_experts']} per MoE layer, top-k {model['num_experts_per_tok']}{groups}"),
+    ]
+
+
+def _echo_sizes(columns: list[tuple[str, dict]]) -> None:
+    """Params and bytes side by side for one or more accounts (e.g. before / after)."""
+    def cat(a, c, k):
+        return a["by_category"][c][k]
+
+    rows = [("", *(name for name, _ in columns))] if len(columns) > 1 else []
+    rows.append(("params", *(_count(a["params"]) for _, a in columns)))
+    rows.append(("active params/token", *(_count(a["active_params"]) for _, a in columns)))
+    rows.append(("bytes", *(human(a["bytes"]) for _, a in columns)))
+    for c, label in (("routed_experts", "routed experts"), ("routers", "routers"), ("mtp", "mtp layers"),
+                     ("other", "everything else")):
+        if any(cat(a, c, "params") for _, a in columns):
+            rows.append((f"  {label}", *(f"{_count(cat(a, c, 'params'))} / {human(cat(a, c, 'bytes'))}"
+                                         for _, a in columns)))
+    rows.append(("tensors", *(a["tensors"] for _, a in columns)))
+    dtypes = sorted({d for _, a in columns for d in a["dtypes"]})
+    rows.append(("dtypes", *(" ".join(f"{d}:{human(a['dtypes'][d]['bytes'])}" for d in dtypes if d in a["dtypes"])
+                             for _, a in columns)))
+    table(rows)
+
+
+ACTIVE_NOTE = "(params: stored tensor elements; active: non-expert + top_k/E of routed-expert params, mtp excluded)"
+
+
+def _quant(q: dict | None) -> str:
+    if not q:
+        return "none"
+    details = [str(q[k]) for k in ("fmt", "format", "quant_algo") if q.get(k)]
+    if q.get("weight_block_size"):
+        details.append("blocks " + "x".join(map(str, q["weight_block_size"])))
+    return f"{q.get('method')}" + (f" ({', '.join(details)})" if details else "")
+
+
+def _echo_checkpoint(f: dict) -> None:
+    table([("checkpoint", f["path"]), ("layout", f"{f['layout']}, {f['shards']} shard(s)"),
+            *_model_rows(f["model"], f["topk_group"]),
+            ("quantization", _quant(f.get("quantization")))], indent="")
+    click.echo("size:")
+    _echo_sizes([("", f["size"])])
+    click.echo(ACTIVE_NOTE)
+
+
+def _echo_mask(f: dict) -> None:
+    prov = f["provenance"]
+    rows = [("mask", f["path"]), ("sha256", f["sha256"]), *_model_rows(f["model"]),
+            ("kept", f"{f['experts_before']} -> {f['experts_after']} routed experts in each of {f['moe_layers']} "
+                     f"MoE layers (sparsity {fmt(f['sparsity'])})"),
+            ("method", prov.get("method", "-"))]
+    if prov.get("saliency_sha256"):
+        rows.append(("saliency sha256", prov["saliency_sha256"]))
+    size = f["size"]
+    if not size:
+        share = f["active_expert_share"]
+        rows.append(("size", f"routed-expert params kept: {f['routed_expert_share_kept']:.1%}; a token uses "
+                             f"{share['before']:.1%} -> {share['after']:.1%} of them; pass --ckpt CKPT for bytes and params"))
+    table(rows, indent="")
+    if size:
+        click.echo(f"size, applied to {size['checkpoint']}:")
+        _echo_sizes([("before", size["before"]), ("after", size["after"])])
+        if "bytes_saved" in size:
+            click.echo(f"bytes saved: {human(size['bytes_saved'])}" + (
+                f" (in its own format, {_quant(size['quantization'])})" if size.get("quantization") else ""))
+        click.echo(ACTIVE_NOTE)
+        for key, (old, new) in size["config_changes"].items():
+            click.echo(f"config.json: {key} {old} -> {new}")
+        echo_mtp(size["dropped_layers"], size["dropped_prefixes"], size["kept_mtp_layers"], size["notes"], True, "")
+    click.echo("kept experts per layer:")
+    table([(f"{layer}:", " ".join(map(str, kept))) for layer, kept in f["layers"].items()])
+
+
+def _echo_saliency(f: dict) -> None:
+    cal = f["calibration"]
+    described = ", ".join(f"{k} {cal[k]}" for k in ("dataset", "samples", "tokens", "max_length", "dtype", "device")
+                          if cal.get(k) is not None)
+    rows = [("saliency", f["path"]), ("sha256", f["sha256"]), *_model_rows(f["model"])]
+    mtp = [int(l) for l in f["layers"] if int(l) >= f["model"]["num_hidden_layers"]]
+    if mtp:
+        rows.append(("mtp layers", f"{_spans(mtp)} (calibrated with --mtp calibrate: plan and apply keep them)"))
+    if described:
+        rows.append(("calibration", described))
+    table(rows, indent="")
+    click.echo(f"{f['method']} scores per layer, over the experts routed at least once:")
+    rows = [("layer", "tokens", "routed pairs", "never routed", "min", "median", "max", "max/min")]
+    for layer, l in f["layers"].items():
+        s = l["scores"] or {}
+        never = l["never_routed"]
+        listed = " ".join(map(str, never[:8])) + (" ..." if len(never) > 8 else "")
+        rows.append((layer, _count(l["tokens"]), _count(l["routed_pairs"]), f"{len(never)}" + (f" ({listed})" if never else ""),
+                     fmt(s.get("min")), fmt(s.get("median")), fmt(s.get("max")), fmt(s.get("max_over_min"))))
+    table(rows)
+    sup = f["super_experts"]
+    for label, key in (("first 75% of MoE layers", "first_75_percent"), ("all MoE layers", "all_layers")):
+        found = " ".join(f"{l}:{e}" for l, es in sup[key].items() for e in es) or "none"
+        click.echo(f"super experts, {label} (max activation > {fmt(sup['threshold'])}): {found}")
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--ckpt", type=click.Path(path_type=Path),
+              help="For a mask: the checkpoint, to compute bytes and parameters before and after.")
+@click.option("--method", type=click.Choice(METHODS), default="reap", show_default=True,
+              help="For a saliency file: the score whose spread is shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON, for scripts.")
+@layout_option
+@one_line_errors
+def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layout_file: Path | None) -> None:
+    """Describe a checkpoint, a saliency file or a mask.
+
+    \b
+    checkpoint: architecture, MoE layers, experts and top-k, parameter and byte
+                counts (total, active per token, by kind and dtype)
+    saliency:   per-layer tokens, never-routed experts, spread of scores, super experts
+    mask:       experts kept; with --ckpt, size before and after (bytes, params,
+                active params) exactly as `apply` would write it
+
+    Active params = non-expert params + top_k/E of the routed-expert params: roughly
+    what one token uses. Only headers and config are read.
+    """
+    import json
+
+    from ..inspect import inspect_path
+
+    facts = inspect_path(path, ckpt, method, layout_from(layout_file))
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency}[facts["kind"]](facts)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the layouts' facts as JSON, for scripts.")
+def architectures(as_json: bool) -> None:
+    """List the MoE families reapsurgery knows, with the config keys each reads.
+
+    \b
+    A checkpoint's family is found from config.json: model_type (of the text config
+    where one is nested), then architectures[0]. For another family, describe its
+    MoE tensors in a layout file and pass it with --layout (see the README).
+    """
+    import json
+
+    from ..common.layouts import describe_layouts
+
+    rows = describe_layouts()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+
+    def rule(r: dict) -> str:
+        parts = [f"{k}={v}" for k, v in r["moe_layers"].items()]
+        return ", ".join(parts) or "every layer"
+
+    rows_out = [("model_type", "architectures", "expert count", "top-k", "MoE layers", "groups, MTP")]
+    for r in rows:
+        extra = []
+        if r["groups"]:
+            extra.append(f"{r['groups']['n_group']}/{r['groups']['topk_group']}")
+        if r["mtp_layers"]:
+            extra.append(r["mtp_layers"] + (" (--mtp calibrate)" if r["mtp_block"] else ""))
+        rows_out.append((r["name"], " ".join(r["architectures"]), " ".join(r["num_experts"]), " ".join(r["top_k"]),
+                      rule(r), ", ".join(extra) or "-"))
+    table(rows_out, indent="")

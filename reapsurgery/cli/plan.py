@@ -1,0 +1,44 @@
+"""`reapsurgery plan`: saliency.json -> mask.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import echo_plan, layout_from, plan_kwargs, layout_option, one_line_errors, plan_options
+
+
+@click.command()
+@click.argument("saliency", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write mask.json.")
+@plan_options
+@click.option("--ckpt", type=click.Path(path_type=Path),
+              help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
+@layout_option
+@one_line_errors
+def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | None, **opts) -> None:
+    """Choose the experts each MoE layer keeps from SALIENCY; write a mask.
+
+    \b
+    Methods (score per expert, from the saliency statistics; the highest are kept):
+      reap                reap_sum / count  (mean of gate * ||output|| over routed tokens)
+      frequency           count             (tokens routed to the expert)
+      weighted-frequency  gate_sum          (sum of gate weights)
+      ean-sum             norm_sum          (sum of ||output||)
+      ean-mean            norm_sum / count  (mean of ||output||)
+      weighted-ean        reap_sum          (sum of gate * ||output||)
+
+    Pinned (--preserve) and super experts are always kept; experts never routed
+    during calibration are dropped first; equal scores keep the lower index, so
+    the same inputs always give the same mask. Group-limited routers (n_group > 1)
+    lose the same number of experts in every group. Refuses, before writing
+    anything, a plan that leaves fewer experts (or fewer reachable through
+    topk_group groups) than num_experts_per_tok.
+    """
+    from ..plan import plan_from_files, save_mask
+
+    result = plan_from_files(saliency, ckpt, layout=layout_from(layout_file), **plan_kwargs(opts))
+    save_mask(result.mask, output)
+    echo_plan(result)
+    click.echo(f"wrote {output} (sha256 {result.mask.sha256})")
