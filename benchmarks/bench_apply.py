@@ -11,7 +11,7 @@ One run does four things and prints a table, then one JSON line (the last line o
    Before every timed command the source is read once (page cache warm) and the
    filesystem is synced, so both start from the same state; "+sync" columns also count
    the writeback of what the command left dirty.
-3. Reports the peak RSS of the apply process alone (run under GNU time, see run_measured)
+3. Reports the peak RSS of the apply process alone (run under GNU time, see common.run_measured)
    for each size, so that flatness in checkpoint size is visible.
 4. Builds a real (random-weight) Qwen3-MoE checkpoint with transformers and compares
    what users do today (from_pretrained, index_select the fused experts and router,
@@ -31,20 +31,19 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-GiB = 1 << 30
-MiB = 1 << 20
 HERE = Path(__file__).resolve()
-REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+
+from common import (  # noqa: E402  (this directory; standard library only at import)
+    GiB, HF_ENV, MiB, RSS_METHOD, alternated, dir_bytes, drop_scratch, fs_sync, machine_info, make_scratch, max_of,
+    med_of, need_disk, paired_ratio, print_header, print_machine, reap, reapsurgery_cmd, rmtree, rounded,
+    run_measured, run_warm, shard_plan, synth_layer, tensor_order,
+)
 
 # Synthetic checkpoint: Qwen3-30B-A3B per-layer shapes, 64 experts, smaller vocab so that
 # experts hold >90% of the bytes as in real MoE checkpoints.
@@ -59,81 +58,7 @@ REAL = dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=384,
             norm_topk_prob=True)
 
 
-# --------------------------------------------------------------------------- machine
-
-
-def machine_info(workdir: Path) -> dict:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = 0
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    fstype = "?"
-    try:
-        fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(workdir)],
-                                capture_output=True, text=True, check=True).stdout.split("\n")[0].strip() or "?"
-    except (OSError, subprocess.CalledProcessError):
-        best = ""
-        real = str(workdir.resolve())
-        for line in open("/proc/mounts"):
-            parts = line.split()
-            if len(parts) > 2 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")) \
-                    and len(parts[1]) >= len(best):
-                best, fstype = parts[1], parts[2]
-    try:
-        cp_version = subprocess.run(["cp", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        cp_version = "?"
-    free = shutil.disk_usage(workdir).free
-    return {
-        "nproc": os.cpu_count(),
-        "sched_cpus": len(os.sched_getaffinity(0)),
-        "mem_total_gib": round(mem / GiB, 1),
-        "cpu": cpu,
-        "workdir": str(workdir),
-        "fstype": fstype,
-        "disk_free_gib": round(free / GiB, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "cp": cp_version,
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
 # --------------------------------------------------------------------------- synthetic checkpoint
-
-
-def synth_layer(L: int, c: dict) -> list[tuple[str, tuple[int, ...]]]:
-    H, I, E = c["hidden_size"], c["moe_intermediate_size"], c["num_experts"]
-    nh, nkv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
-    p = f"model.layers.{L}."
-    out = [
-        (p + "self_attn.q_proj.weight", (nh * hd, H)),
-        (p + "self_attn.k_proj.weight", (nkv * hd, H)),
-        (p + "self_attn.v_proj.weight", (nkv * hd, H)),
-        (p + "self_attn.o_proj.weight", (H, nh * hd)),
-        (p + "self_attn.q_norm.weight", (hd,)),
-        (p + "self_attn.k_norm.weight", (hd,)),
-        (p + "mlp.gate.weight", (E, H)),
-    ]
-    for e in range(E):
-        out += [
-            (p + f"mlp.experts.{e}.gate_proj.weight", (I, H)),
-            (p + f"mlp.experts.{e}.up_proj.weight", (I, H)),
-            (p + f"mlp.experts.{e}.down_proj.weight", (H, I)),
-        ]
-    out += [(p + "input_layernorm.weight", (H,)), (p + "post_attention_layernorm.weight", (H,))]
-    return out
 
 
 def _nbytes(shape) -> int:
@@ -168,27 +93,11 @@ class _Filler:
 
 def build_synthetic(out: Path, size_gib: float, shard_gib: float, seed: int = 0) -> dict:
     """Write a Qwen3-MoE-shaped checkpoint of ~size_gib GiB; returns a description."""
-    from reapsurgery.common.safetensors_io import encode_header, write_order
+    sio = reap("safetensors_io")
 
     c = dict(SYNTH)
     layers = synth_layers_for(int(size_gib * GiB), c)
-    H, V = c["hidden_size"], c["vocab_size"]
-    order = [("model.embed_tokens.weight", (V, H))]
-    for L in range(layers):
-        order += synth_layer(L, c)
-    order += [("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
-
-    # Split like transformers' save_pretrained: module order, a new shard when the next tensor overflows.
-    limit = int(shard_gib * GiB)
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    cur = 0
-    for name, shape in order:
-        n = _nbytes(shape)
-        if shards[-1] and cur + n > limit:
-            shards.append([])
-            cur = 0
-        shards[-1].append((name, shape))
-        cur += n
+    shards = shard_plan(tensor_order(c, layers), 2, int(shard_gib * GiB))  # BF16
 
     out.mkdir(parents=True)
     filler = _Filler(seed)
@@ -196,12 +105,12 @@ def build_synthetic(out: Path, size_gib: float, shard_gib: float, seed: int = 0)
     total = 0
     for i, tensors in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        idx = write_order([(n, "BF16") for n, _ in tensors])
+        idx = sio.write_order([(n, "BF16") for n, _ in tensors])
         entries = [(tensors[j][0], "BF16", tensors[j][1], _nbytes(tensors[j][1])) for j in idx]
         data = sum(e[3] for e in entries)
         fd = os.open(out / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, encode_header(entries, {"format": "pt"}))
+            os.write(fd, sio.encode_header(entries, {"format": "pt"}))
             filler.write(fd, data)
         finally:
             os.close(fd)
@@ -232,121 +141,12 @@ def build_synthetic(out: Path, size_gib: float, shard_gib: float, seed: int = 0)
 # --------------------------------------------------------------------------- helpers
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def weight_files(path: Path) -> list[Path]:
     return sorted(p for p in Path(path).iterdir() if p.suffix == ".safetensors")
 
 
-def warm(path: Path) -> None:
-    """Read every file under path once so the timed command reads from the page cache."""
-    buf = bytearray(8 * MiB)
-    for p in sorted(Path(path).rglob("*")):
-        if p.is_file():
-            with open(p, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
-
-
-def fs_sync(path: Path) -> float:
-    t = time.perf_counter()
-    subprocess.run(["sync", "-f", str(path)], check=False)
-    return time.perf_counter() - t
-
-
-def rmtree(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-
-
-TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    total = sum(v[:8])
-    return total - idle, total
-
-
-def _vm_hwm_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run one child; wall time and the peak RSS of that process alone.
-
-    A child's rusage ru_maxrss starts from the hiwater RSS of the process it was forked
-    from (Linux records the old mm's peak at exec), so os.wait4 on a direct child of this
-    benchmark, which holds a 128 MiB random pool, would report >= that. The command is
-    therefore run under GNU time (a ~1 MiB process), whose wait4 of the grandchild gives
-    its own peak. Without /usr/bin/time, /proc/PID/status VmHWM is polled instead.
-    """
-    tfile = log.with_suffix(".time")
-    full = [TIME, "-o", str(tfile), "-f", "%M %U %S %I %O %F"] + cmd if TIME else cmd
-    with open(log, "ab") as f:
-        f.write(("$ " + " ".join(cmd) + "\n").encode())
-        f.flush()
-        busy0, total0 = cpu_ticks()
-        t0 = time.perf_counter()
-        p = subprocess.Popen(full, stdout=f, stderr=subprocess.STDOUT, env=env)
-        hwm = 0
-        while True:
-            pid, status, ru = os.wait4(p.pid, 0 if TIME else os.WNOHANG)
-            if pid:
-                break
-            hwm = max(hwm, _vm_hwm_kib(p.pid))
-            time.sleep(0.005)
-        wall = time.perf_counter() - t0
-        busy1, total1 = cpu_ticks()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n--- log tail ---\n{tail}")
-    if TIME:
-        fields = tfile.read_text().split()[-6:]
-        rss_kib, user, sys_, inb, outb, majflt = int(fields[0]), float(fields[1]), float(fields[2]), \
-            int(fields[3]), int(fields[4]), int(fields[5])
-        method = "GNU time %M"
-    else:
-        rss_kib, user, sys_ = hwm, ru.ru_utime, ru.ru_stime
-        inb, outb, majflt = ru.ru_inblock, ru.ru_oublock, ru.ru_majflt
-        method = "VmHWM poll"
-    # Share of the machine's CPUs busy during the run; the command itself can fill at most one.
-    busy = 100.0 * (busy1 - busy0) / (total1 - total0) if total1 > total0 else float("nan")
-    return {"wall_s": wall, "rss_mib": rss_kib / 1024, "user_s": user, "sys_s": sys_, "machine_busy_pct": busy,
-            "majflt": majflt, "inblock": inb, "oublock": outb, "rss_method": method}
-
-
-def reapsurgery_cmd() -> list[str]:
-    """The console script installed next to this interpreter.
-
-    Not `shutil.which`: under pyenv that finds a bash shim that runs ~25 processes
-    (~0.2 s) before Python starts, which is not reapsurgery's cost.
-    """
-    exe = Path(sys.executable).parent / "reapsurgery"
-    if exe.is_file() and os.access(exe, os.X_OK):
-        return [str(exe)]
-    return [sys.executable, "-c", "import sys; from reapsurgery.cli import main; sys.argv[0] = 'reapsurgery'; main()"]
-
-
 def make_mask(ckpt: Path, path: Path, kind: str, seed: int) -> list[int]:
-    from reapsurgery.common.checkpoint import Checkpoint
-    from reapsurgery.common.mask import Mask
+    Checkpoint, Mask = reap("checkpoint").Checkpoint, reap("mask").Mask
 
     c = Checkpoint.open(ckpt)
     E = c.num_experts
@@ -363,9 +163,7 @@ def make_mask(ckpt: Path, path: Path, kind: str, seed: int) -> list[int]:
 
 def check_synthetic_output(src: Path, out: Path, mask_path: Path) -> str:
     """Header-level verify plus a byte comparison of a few retained tensors and one router."""
-    from reapsurgery.common.checkpoint import Checkpoint
-    from reapsurgery.common.mask import load_mask
-    from reapsurgery.surgery.verify import verify
+    Checkpoint, load_mask, verify = reap("checkpoint").Checkpoint, reap("mask").load_mask, reap("verify").verify
 
     rep = verify(out)
     if not rep.ok:
@@ -400,10 +198,6 @@ def check_synthetic_output(src: Path, out: Path, mask_path: Path) -> str:
     if a != read(s, st, "lm_head.weight", 0, 1 << 20):
         return "MISMATCH lm_head"
     return f"ok (verify ok, {rep.tensors} tensors, {checks} expert tensors + router + lm_head byte-equal)"
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 # --------------------------------------------------------------------------- subprocess helpers
@@ -445,7 +239,7 @@ def helper_inmemory(ckpt: str, mask_path: str, out: str) -> None:
 
 def compare_outputs(a: Path, b: Path) -> str:
     """Same tensor names, dtypes, shapes and bytes in two checkpoints (reads raw bytes, no torch)."""
-    from reapsurgery.common.checkpoint import Checkpoint
+    Checkpoint = reap("checkpoint").Checkpoint
 
     ca, cb = Checkpoint.open(a), Checkpoint.open(b)
     ta, tb = ca.tensors(), cb.tensors()
@@ -469,6 +263,12 @@ def compare_outputs(a: Path, b: Path) -> str:
 # --------------------------------------------------------------------------- benchmark phases
 
 
+def print_rep(r: int, op: str, width: int, m: dict) -> None:
+    print(f"  rep {r + 1} {op:{width}s}: {m['wall_s']:6.2f}s (+sync {m['sync_s']:5.2f}s)  "
+          f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s  "
+          f"machine busy {m['machine_busy_pct']:3.0f}%", flush=True)
+
+
 def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
     ck = (args.input_work or work) / f"synth-{size:g}g"
     print(f"\n[size {size:g} GiB] building synthetic checkpoint in {ck} ...", flush=True)
@@ -485,8 +285,7 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
     last_apply: Path | None = None
     check = None
     n = 0
-    for r in range(args.repeat):
-        order = ["apply", "cp"] if (r % 2 == 0 or last_apply is None) else ["cp", "apply"]
+    for r, order in alternated(args.repeat, "apply", "cp"):
         for op in order:
             n += 1
             target = work / f"{op}-{size:g}g-{n}"
@@ -494,16 +293,10 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
                 src, cmd = ck, reapsurgery_cmd() + ["apply", str(mask), str(ck), str(target)]
             else:
                 src, cmd = last_apply, ["cp", "-r", str(last_apply), str(target)]
-            warm(src)
-            fs_sync(work)
-            m = run_measured(cmd, log)
-            m["sync_s"] = fs_sync(work)
-            m["wall_sync_s"] = m["wall_s"] + m["sync_s"]
+            m = run_warm(cmd, log, src, sync=work)
             m["order"] = order.index(op)
             runs[op].append(m)
-            print(f"  rep {r + 1} {op:5s}: {m['wall_s']:6.2f}s (+sync {m['sync_s']:5.2f}s)  "
-                  f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s  "
-                  f"machine busy {m['machine_busy_pct']:3.0f}%", flush=True)
+            print_rep(r, op, 5, m)
             if op == "apply":
                 if check is None:
                     check = check_synthetic_output(ck, target, mask)
@@ -521,8 +314,6 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
     fs_sync(work)
 
     a, c = runs["apply"], runs["cp"]
-    # Each rep runs apply and cp back to back, so their ratio shares that moment's noise.
-    paired = [x["wall_s"] / y["wall_s"] for x, y in zip(a, c)]
     res = {
         "size_gib": size,
         "input_bytes": desc["file_bytes"],
@@ -531,19 +322,19 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
         "shards": desc["shards"],
         "output_bytes": out_bytes,
         "output_weight_bytes": out_weights,
-        "apply_s": med([m["wall_s"] for m in a]),
-        "cp_s": med([m["wall_s"] for m in c]),
-        "apply_sync_s": med([m["wall_sync_s"] for m in a]),
-        "cp_sync_s": med([m["wall_sync_s"] for m in c]),
-        "apply_rss_mib": max(m["rss_mib"] for m in a),
-        "cp_rss_mib": max(m["rss_mib"] for m in c),
-        "apply_user_s": med([m["user_s"] for m in a]),
-        "apply_sys_s": med([m["sys_s"] for m in a]),
-        "cp_user_s": med([m["user_s"] for m in c]),
-        "cp_sys_s": med([m["sys_s"] for m in c]),
+        "apply_s": med_of(a, "wall_s"),
+        "cp_s": med_of(c, "wall_s"),
+        "apply_sync_s": med_of(a, "wall_sync_s"),
+        "cp_sync_s": med_of(c, "wall_sync_s"),
+        "apply_rss_mib": max_of(a, "rss_mib"),
+        "cp_rss_mib": max_of(c, "rss_mib"),
+        "apply_user_s": med_of(a, "user_s"),
+        "apply_sys_s": med_of(a, "sys_s"),
+        "cp_user_s": med_of(c, "user_s"),
+        "cp_sys_s": med_of(c, "sys_s"),
         "check": check,
-        "machine_busy_pct": med([m["machine_busy_pct"] for m in a + c]),
-        "ratio_paired": med(paired),
+        "machine_busy_pct": med_of(a + c, "machine_busy_pct"),
+        "ratio_paired": paired_ratio(a, c),
         "ratio_min": min(m["wall_s"] for m in a) / min(m["wall_s"] for m in c),
         "runs": runs,
     }
@@ -558,9 +349,9 @@ def bench_real(args, work: Path, log: Path) -> dict:
     ck = work / "real-qwen3-moe"
     print(f"\n[real model] building random-weight Qwen3-MoE ({args.real_layers} layers) with transformers in {ck} ...",
           flush=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
     t = time.perf_counter()
-    run_measured([sys.executable, str(HERE), "--_build-real", str(ck), "--real-layers", str(args.real_layers)], log, env)
+    run_measured([sys.executable, str(HERE), "--_build-real", str(ck), "--real-layers", str(args.real_layers)], log,
+                 HF_ENV)
     fs_sync(work)
     size = dir_bytes(ck)
     print(f"  built {size / MiB:.0f} MiB in {time.perf_counter() - t:.1f}s", flush=True)
@@ -569,23 +360,16 @@ def bench_real(args, work: Path, log: Path) -> dict:
 
     runs = {"inmemory": [], "apply": []}
     same = None
-    for r in range(args.repeat):
-        order = ["inmemory", "apply"] if r % 2 == 0 else ["apply", "inmemory"]
+    for r, order in alternated(args.repeat, "inmemory", "apply"):
         for op in order:
             target = work / f"real-{op}-{r}"
             if op == "apply":
                 cmd = reapsurgery_cmd() + ["apply", str(mask), str(ck), str(target)]
             else:
                 cmd = [sys.executable, str(HERE), "--_inmemory", str(ck), str(mask), str(target)]
-            warm(ck)
-            fs_sync(work)
-            m = run_measured(cmd, log, env)
-            m["sync_s"] = fs_sync(work)
-            m["wall_sync_s"] = m["wall_s"] + m["sync_s"]
+            m = run_warm(cmd, log, ck, HF_ENV, sync=work)
             runs[op].append(m)
-            print(f"  rep {r + 1} {op:8s}: {m['wall_s']:6.2f}s (+sync {m['sync_s']:5.2f}s)  "
-                  f"rss {m['rss_mib']:7.1f} MiB  user {m['user_s']:.2f}s sys {m['sys_s']:.2f}s  "
-                  f"machine busy {m['machine_busy_pct']:3.0f}%", flush=True)
+            print_rep(r, op, 8, m)
         if same is None:
             same = compare_outputs(work / f"real-apply-{r}", work / f"real-inmemory-{r}")
             print(f"  outputs: {same}", flush=True)
@@ -600,12 +384,12 @@ def bench_real(args, work: Path, log: Path) -> dict:
         "layers": args.real_layers,
         "num_experts": REAL["num_experts"],
         "output_bytes": out_bytes,
-        "inmemory_s": med([m["wall_s"] for m in b]),
-        "apply_s": med([m["wall_s"] for m in a]),
-        "inmemory_rss_mib": max(m["rss_mib"] for m in b),
-        "apply_rss_mib": max(m["rss_mib"] for m in a),
-        "inmemory_sync_s": med([m["wall_sync_s"] for m in b]),
-        "apply_sync_s": med([m["wall_sync_s"] for m in a]),
+        "inmemory_s": med_of(b, "wall_s"),
+        "apply_s": med_of(a, "wall_s"),
+        "inmemory_rss_mib": max_of(b, "rss_mib"),
+        "apply_rss_mib": max_of(a, "rss_mib"),
+        "inmemory_sync_s": med_of(b, "wall_sync_s"),
+        "apply_sync_s": med_of(a, "wall_sync_s"),
         "outputs": same,
         "runs": runs,
     }
@@ -634,13 +418,7 @@ def marginal(sizes: list[dict]) -> dict | None:
 
 def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | None, total_s: float) -> None:
     p = print
-    p("\n" + "=" * 100)
-    p("reapsurgery apply benchmark")
-    p(f"machine: {machine['nproc']} cpus ({machine['sched_cpus']} usable), {machine['mem_total_gib']} GiB RAM, "
-      f"{machine['cpu']}")
-    p(f"         workdir {machine['workdir']} on {machine['fstype']} ({machine['disk_free_gib']} GiB free), "
-      f"kernel {machine['kernel']}, python {machine['python']}, {machine['cp']}")
-    p(f"         load average at start {machine['loadavg_start']}, at end {machine['loadavg_end']}")
+    print_machine("reapsurgery apply benchmark", machine, tools=f", {machine['cp']}")
     p(f"settings: mask={args.mask} half (50% sparsity), shards {args.shard_gb:g} GiB, repeat {args.repeat} "
       f"(median; order alternated), warm input, sync before each run")
     p(f"interpreter floor: `reapsurgery --version` peak RSS {floor['rss_mib']:.1f} MiB, {floor['wall_s']:.2f}s (median of 3) "
@@ -653,8 +431,7 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
     hdr = (f"{'input':>9} {'layers':>6} {'shards':>6} {'output':>9} | {'apply s':>8} {'cp s':>7} {'ratio':>6} | "
            f"{'apply+sync':>10} {'cp+sync':>8} {'ratio':>6} | {'apply MB/s':>10} {'cp MB/s':>8} | "
            f"{'apply usr/sys s':>15} {'cp usr/sys s':>13}")
-    p(hdr)
-    p("-" * len(hdr))
+    print_header(hdr)
     for r in sizes:
         p(f"{r['input_bytes'] / GiB:7.2f}Gi {r['layers']:>6} {r['shards']:>6} {r['output_bytes'] / GiB:7.2f}Gi | "
           f"{r['apply_s']:8.2f} {r['cp_s']:7.2f} {r['ratio']:6.2f} | {r['apply_sync_s']:10.2f} {r['cp_sync_s']:8.2f} "
@@ -681,8 +458,7 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
 
     p(f"\n2) apply peak RSS as the checkpoint grows (the apply process alone, via {floor['rss_method']})")
     hdr = f"{'input':>9} {'output':>9} | {'apply peak RSS':>14} | {'cp peak RSS':>11} | target <= 150 MiB"
-    p(hdr)
-    p("-" * len(hdr))
+    print_header(hdr)
     for r in sizes:
         ok = "ok" if r["apply_rss_mib"] <= 150 else "OVER"
         p(f"{r['input_bytes'] / GiB:7.2f}Gi {r['output_bytes'] / GiB:7.2f}Gi | {r['apply_rss_mib']:10.1f} MiB | "
@@ -696,8 +472,7 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
         p(f"\n3) today's approach vs apply on a real random-weight Qwen3-MoE "
           f"({real['input_bytes'] / MiB:.0f} MiB, {real['layers']} layers x {real['num_experts']} experts, BF16)")
         hdr = f"{'method':<48} | {'wall s':>7} {'+sync s':>8} | {'peak RSS':>10}"
-        p(hdr)
-        p("-" * len(hdr))
+        print_header(hdr)
         p(f"{'from_pretrained + index_select + save_pretrained':<48} | {real['inmemory_s']:7.2f} "
           f"{real['inmemory_sync_s']:8.2f} | {real['inmemory_rss_mib']:6.0f} MiB")
         p(f"{'reapsurgery apply':<48} | {real['apply_s']:7.2f} {real['apply_sync_s']:8.2f} | "
@@ -713,12 +488,11 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
                      "seed": args.seed},
         "floor_rss_mib": round(floor["rss_mib"], 1),
         "floor_wall_s": round(floor["wall_s"], 3),
-        "sizes": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "runs"}
+        "sizes": [rounded(r, skip=("runs",))
                   | {"apply_runs_s": [round(m["wall_s"], 3) for m in r["runs"]["apply"]],
                      "cp_runs_s": [round(m["wall_s"], 3) for m in r["runs"]["cp"]]}
                   for r in sizes],
-        "real": None if not real else {k: (round(v, 4) if isinstance(v, float) else v)
-                                       for k, v in real.items() if k != "runs"},
+        "real": None if not real else rounded(real, skip=("runs",)),
         "marginal": None if not marginal(sizes) else {k: round(v, 4) for k, v in marginal(sizes).items()},
         "targets": {
             "ratio_le_1.1": all(r["ratio"] <= 1.1 for r in sizes),
@@ -760,26 +534,21 @@ def main() -> None:
         return helper_inmemory(*args.inmemory)
 
     args.sizes = sorted(float(s) for s in args.sizes.split(",")) if args.sizes else [args.size_gb / 2, args.size_gb]
-    parent = args.workdir or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="reapsurgery-bench-", dir=parent))
+    work = make_scratch(args.workdir, "reapsurgery-bench-")
     log = work / "commands.log"
     machine = machine_info(work)
     args.input_work = None
     if args.input_dir:
-        args.input_dir.mkdir(parents=True, exist_ok=True)
-        args.input_work = Path(tempfile.mkdtemp(prefix="reapsurgery-bench-in-", dir=args.input_dir))
+        args.input_work = make_scratch(args.input_dir, "reapsurgery-bench-in-")
         im = machine_info(args.input_work)
         machine["input_dir"], machine["input_fstype"] = str(args.input_work), im["fstype"]
     print(f"scratch {work} (log of every command: {log})", flush=True)
     t0 = time.perf_counter()
     try:
         need = max(args.sizes) * (1.6 if args.input_work else 2.6) + 2
-        if machine["disk_free_gib"] < need:
-            raise SystemExit(f"{work}: {machine['disk_free_gib']} GiB free, this run needs about {need:.0f} GiB")
+        need_disk(machine, work, need)
         floors = [run_measured(reapsurgery_cmd() + ["--version"], log) for _ in range(3)]
-        floor = {"wall_s": med([f["wall_s"] for f in floors]), "rss_mib": max(f["rss_mib"] for f in floors),
-                 "rss_method": floors[0]["rss_method"]}
+        floor = {"wall_s": med_of(floors, "wall_s"), "rss_mib": max_of(floors, "rss_mib"), "rss_method": RSS_METHOD}
         sizes: list[dict] = []
         for size in args.sizes:
             bench_size(args, work, size, log, sizes)
@@ -793,12 +562,7 @@ def main() -> None:
             r["ratio_cpu"] = (r["apply_user_s"] + r["apply_sys_s"]) / cpu_cp if cpu_cp else float("nan")
         report(args, machine, floor, sizes, real, time.perf_counter() - t0)
     finally:
-        if args.keep:
-            print(f"kept {work}" + (f" and {args.input_work}" if args.input_work else ""), file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            if args.input_work:
-                shutil.rmtree(args.input_work, ignore_errors=True)
+        drop_scratch(args.keep, work, args.input_work)
 
 
 if __name__ == "__main__":

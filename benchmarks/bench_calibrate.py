@@ -15,7 +15,7 @@ One run does this and prints a table, then one JSON line (the last line of stdou
 2. Writes --samples rows of --tokens random token ids (seeded) to tokens.jsonl, so no
    tokenizer is needed and every sample has the same length (no padding anywhere).
 3. Times, in separate processes started the same way (wall from process start, peak
-   RSS of that process alone via GNU time, see bench_apply.run_measured), alternating
+   RSS of that process alone via GNU time, see common.run_measured), alternating
    which goes first, --repeat times, page cache warmed before each:
      calibrate: reapsurgery calibrate CKPT -o sal.json --dataset tokens.jsonl
                 --num-samples N --max-length T --device cpu --dtype D --batch-size 8 -q
@@ -50,7 +50,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,8 +57,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 
-from bench_apply import (  # noqa: E402  (same directory; light: no torch at import)
-    GiB, MiB, TIME, dir_bytes, fs_sync, machine_info, med, reapsurgery_cmd, run_measured, synth_layer, warm,
+from common import (  # noqa: E402  (this directory; standard library only at import)
+    GiB, HF_ENV, MiB, RSS_METHOD, alternated, cpu_s, dir_bytes, drop_scratch, fs_sync, machine_info, make_scratch,
+    max_of, med_of, need_disk, paired_ratio, print_machine, reap, reapsurgery_cmd, rounded, run_measured, run_warm,
+    shard_plan, tensor_order,
 )
 
 LAYERS = 16
@@ -70,23 +71,12 @@ ARCH = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, hea
             decoder_sparse_step=1, mlp_only_layers=[], initializer_range=0.02, rms_norm_eps=1e-6)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 SHARD_BYTES = 10**9  # save_pretrained's "1GB"
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
-           TQDM_DISABLE="1")
+ENV = dict(HF_ENV, TQDM_DISABLE="1")
 RSS_TARGET = 0.25
 WALL_TARGET = 1.3
 
 
 # --------------------------------------------------------------------------- checkpoint
-
-
-def tensor_order(c: dict, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Every tensor of a Qwen3-MoE checkpoint as transformers saves it, in module order."""
-    H, V = c["hidden_size"], c["vocab_size"]
-    order = [("model.embed_tokens.weight", (V, H))]
-    for L in range(layers):
-        order += synth_layer(L, c)
-    order += [("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
-    return order
 
 
 def arch_for(size_gib: float, dtype: str, layers: int = LAYERS) -> dict:
@@ -98,20 +88,6 @@ def arch_for(size_gib: float, dtype: str, layers: int = LAYERS) -> dict:
     want = size_gib * GiB / nbytes
     units = max(16, round((want - base + 16 * per_unit) / per_unit / 16) * 16)
     return dict(ARCH, moe_intermediate_size=units)
-
-
-def shard_plan(order, nbytes: int, limit: int = SHARD_BYTES) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Split in module order like save_pretrained: a new shard when the next tensor would overflow."""
-    shards: list[list] = [[]]
-    cur = 0
-    for name, shape in order:
-        n = nbytes * math.prod(shape)
-        if shards[-1] and cur + n > limit:
-            shards.append([])
-            cur = 0
-        shards[-1].append((name, shape))
-        cur += n
-    return shards
 
 
 def _is_norm(name: str) -> bool:
@@ -163,7 +139,7 @@ def helper_build(out: str, size_gib: float, dtype: str, seed: int) -> None:
     tdt = getattr(torch, dtype)
     nbytes = DTYPE_BYTES[dtype]
     order = tensor_order(c, LAYERS)
-    shards = shard_plan(order, nbytes)
+    shards = shard_plan(order, nbytes, SHARD_BYTES)
     g = torch.Generator().manual_seed(seed)
     std = c["initializer_range"]
     weight_map, total = {}, 0
@@ -218,7 +194,7 @@ def helper_baseline(ckpt: str, data: str, dtype: str, batch: int, num: int, leng
     import torch
     from transformers import AutoModelForCausalLM
 
-    from reapsurgery.calibration.data import load_samples  # the very samples, order and batches calibrate uses
+    load_samples = reap("data").load_samples  # the very samples, order and batches calibrate uses
 
     t_import = time.perf_counter()
     samples = load_samples(data, ckpt, num_samples=num, max_length=length, seed=seed).samples
@@ -345,12 +321,8 @@ def helper_profile(cli_args: list[str], out_json: str, cprofile: str | None) -> 
     from transformers.integrations import moe as tmoe
     from transformers.models.qwen3_moe import modeling_qwen3_moe as mq
 
-    import reapsurgery.calibration.calibrate as cal
-    import reapsurgery.calibration.data as data
-    import reapsurgery.calibration.observe as obs
-    import reapsurgery.common.saliency as sal
-    import reapsurgery.calibration.streaming as st
-    from reapsurgery.cli import main
+    cal, data, obs, sal, st = (reap(n) for n in ("calibrate", "data", "observe", "saliency", "streaming"))
+    main = reap("cli").main
 
     t_import = time.perf_counter()
     T.mem["after_imports"] = _now_rss()
@@ -506,8 +478,7 @@ def run_profile(args, ck: Path, data: Path, work: Path, log: Path) -> dict:
     cprof = work / "calibrate.prof" if args.cprofile else None
     cmd = [sys.executable, str(HERE), "--_profile", str(pj), *(["--_cprofile", str(cprof)] if cprof else []),
            "--", *calibrate_cmd(args, ck, data, out)]
-    warm(ck)
-    m = run_measured(cmd, log, ENV)
+    m = run_warm(cmd, log, ck, ENV)
     p = json.loads(pj.read_text())
     p["wall_s"], p["rss_mib"] = m["wall_s"], m["rss_mib"]
     if cprof:
@@ -545,8 +516,7 @@ def bench(args, work: Path, log: Path) -> dict:
 
     runs: dict[str, list] = {"calibrate": [], "baseline": []}
     check = base_info = None
-    for r in range(args.repeat):
-        order = ["calibrate", "baseline"] if r % 2 == 0 else ["baseline", "calibrate"]
+    for r, order in alternated(args.repeat, "calibrate", "baseline"):
         for op in order:
             out = work / f"sal-{r}.json"
             bj = work / f"baseline-{r}.json"
@@ -555,12 +525,9 @@ def bench(args, work: Path, log: Path) -> dict:
             else:
                 cmd = [sys.executable, str(HERE), "--_baseline", str(ck), str(data), args.dtype, str(args.batch_size),
                        str(args.samples), str(args.tokens), str(args.seed), str(int(args.full_logits)), str(bj)]
-            warm(ck)
-            load0 = os.getloadavg()[0]
-            m = run_measured(cmd, log, ENV)
-            m["loadavg_1m_before"] = load0
+            m = run_warm(cmd, log, ck, ENV)
             # CPU share of the machine that other processes took while this one ran (ours: its own cpu seconds)
-            own = 100.0 * (m["user_s"] + m["sys_s"]) / (m["wall_s"] * (os.cpu_count() or 1))
+            own = 100.0 * cpu_s(m) / (m["wall_s"] * (os.cpu_count() or 1))
             m["others_busy_pct"] = max(0.0, m["machine_busy_pct"] - own)
             m["order"] = order.index(op)
             runs[op].append(m)
@@ -577,7 +544,7 @@ def bench(args, work: Path, log: Path) -> dict:
                 extra = f"  (imports {b['import_s']:.1f}s, load {b['load_s']:.1f}s, forward {b['forward_s']:.1f}s)"
             print(f"  rep {r + 1} {op:9s}: {m['wall_s']:7.2f}s  peak RSS {m['rss_mib']:7.0f} MiB  user "
                   f"{m['user_s']:.1f}s sys {m['sys_s']:.1f}s  machine busy {m['machine_busy_pct']:3.0f}% (others "
-                  f"{m['others_busy_pct']:3.0f}%)  load {load0:.2f}{extra}", flush=True)
+                  f"{m['others_busy_pct']:3.0f}%)  load {m['loadavg_1m_before']:.2f}{extra}", flush=True)
         print(f"  saliency check: {check}", flush=True)
 
     c, b = runs["calibrate"], runs["baseline"]
@@ -585,19 +552,18 @@ def bench(args, work: Path, log: Path) -> dict:
         "checkpoint_bytes": size, "weight_bytes": weights, "shards": desc["shards"], "arch": a,
         "layers": LAYERS, "dtype": args.dtype, "samples": args.samples, "tokens_per_sample": args.tokens,
         "batch_size": args.batch_size, "tokens": tokens,
-        "calibrate_s": med([m["wall_s"] for m in c]), "baseline_s": med([m["wall_s"] for m in b]),
-        "calibrate_rss_mib": max(m["rss_mib"] for m in c), "baseline_rss_mib": max(m["rss_mib"] for m in b),
-        "calibrate_cpu_s": med([m["user_s"] + m["sys_s"] for m in c]),
-        "baseline_cpu_s": med([m["user_s"] + m["sys_s"] for m in b]),
-        "baseline_load_s": med([m["load_s"] for m in b]), "baseline_forward_s": med([m["forward_s"] for m in b]),
-        "baseline_import_s": med([m["import_s"] for m in b]),
+        "calibrate_s": med_of(c, "wall_s"), "baseline_s": med_of(b, "wall_s"),
+        "calibrate_rss_mib": max_of(c, "rss_mib"), "baseline_rss_mib": max_of(b, "rss_mib"),
+        "calibrate_cpu_s": med_of(c, cpu_s), "baseline_cpu_s": med_of(b, cpu_s),
+        "baseline_load_s": med_of(b, "load_s"), "baseline_forward_s": med_of(b, "forward_s"),
+        "baseline_import_s": med_of(b, "import_s"),
         "baseline_experts_implementation": base_info["experts_implementation"],
         "baseline_attn_implementation": base_info["attn_implementation"],
         "baseline_finite_logits": base_info["finite_logits"],
         "saliency_check": check,
-        "machine_busy_pct": med([m["machine_busy_pct"] for m in c + b]),
-        "others_busy_pct": med([m["others_busy_pct"] for m in c + b]),
-        "paired_ratio": med([x["wall_s"] / y["wall_s"] for x, y in zip(c, b)]),
+        "machine_busy_pct": med_of(c + b, "machine_busy_pct"),
+        "others_busy_pct": med_of(c + b, "others_busy_pct"),
+        "paired_ratio": paired_ratio(c, b),
         # what calibrate keeps for every sample between layers: hidden states [N, T, H] in the compute dtype
         "hidden_states_bytes": tokens * a["hidden_size"] * DTYPE_BYTES[args.dtype],
         "runs": runs,
@@ -692,17 +658,12 @@ def report_profile(p: dict, res: dict) -> None:
 
 def report(args, machine: dict, res: dict, floor: dict, total_s: float) -> None:
     pr = print
-    pr("\n" + "=" * 100)
-    pr("reapsurgery calibrate benchmark")
-    pr(f"machine: {machine['nproc']} cpus ({machine['sched_cpus']} usable), {machine['mem_total_gib']} GiB RAM, "
-       f"{machine['cpu']}; GEMM float32 {machine['gemm_gflops'].get('float32')} GFLOP/s, bfloat16 "
-       f"{machine['gemm_gflops'].get('bfloat16')} GFLOP/s (torch, all threads)")
-    pr(f"         workdir {machine['workdir']} on {machine['fstype']} ({machine['disk_free_gib']} GiB free), "
-       f"kernel {machine['kernel']}, python {machine['python']}, torch {machine['torch']}, "
-       f"transformers {machine['transformers']}")
-    pr(f"         load average at start {machine['loadavg_start']}, at end {machine['loadavg_end']}; "
-       f"machine CPU busy during the timed runs {res['machine_busy_pct']:.0f}%, of which other processes "
-       f"{res['others_busy_pct']:.0f}% (medians)")
+    print_machine("reapsurgery calibrate benchmark", machine,
+                  cpu_extra=f"; GEMM float32 {machine['gemm_gflops'].get('float32')} GFLOP/s, bfloat16 "
+                            f"{machine['gemm_gflops'].get('bfloat16')} GFLOP/s (torch, all threads)",
+                  tools=f", torch {machine['torch']}, transformers {machine['transformers']}",
+                  load_extra=f"; machine CPU busy during the timed runs {res['machine_busy_pct']:.0f}%, of which "
+                             f"other processes {res['others_busy_pct']:.0f}% (medians)")
     a = res["arch"]
     pr(f"checkpoint: Qwen3-MoE, {res['layers']} layers x {a['num_experts']} experts, top-{a['num_experts_per_tok']}, "
        f"hidden {a['hidden_size']}, moe_intermediate {a['moe_intermediate_size']}, vocab {a['vocab_size']}, "
@@ -749,16 +710,14 @@ def report(args, machine: dict, res: dict, floor: dict, total_s: float) -> None:
         report_profile(res["profile"], res)
     pr(f"\ntotal benchmark time {total_s:.0f}s")
 
-    strip = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
     summary = {
-        "bench": "reapsurgery.calibration.calibrate",
+        "bench": "reapsurgery.calibrate",
         "machine": machine,
         "settings": {"size_gib": args.size_gb, "dtype": args.dtype, "samples": args.samples, "tokens": args.tokens,
                      "batch_size": args.batch_size, "repeat": args.repeat, "seed": args.seed,
                      "full_logits": args.full_logits},
-        "result": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
-                   if k not in ("runs", "profile")}
-        | {f"{op}_runs": [strip({k: m[k] for k in ("wall_s", "rss_mib", "user_s", "sys_s", "machine_busy_pct",
+        "result": rounded(res, skip=("runs", "profile"))
+        | {f"{op}_runs": [rounded({k: m[k] for k in ("wall_s", "rss_mib", "user_s", "sys_s", "machine_busy_pct",
                                                   "others_busy_pct", "loadavg_1m_before", "order")})
                          for m in res["runs"][op]]
            for op in ("calibrate", "baseline")},
@@ -813,18 +772,13 @@ def main() -> None:
     if args.gemm:
         return helper_gemm()
 
-    parent = args.workdir or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="reapsurgery-bench-cal-", dir=parent))
+    work = make_scratch(args.workdir, "reapsurgery-bench-cal-")
     log = work / "commands.log"
-    machine = machine_info(work)
-    machine.pop("cp", None)
+    machine = machine_info(work, cp=False)
     print(f"scratch {work} (log of every command: {log})", flush=True)
     t0 = time.perf_counter()
     try:
-        need = args.size_gb * 1.1 + 1
-        if machine["disk_free_gib"] < need:
-            raise SystemExit(f"{work}: {machine['disk_free_gib']} GiB free, this run needs about {need:.0f} GiB")
+        need_disk(machine, work, args.size_gb * 1.1 + 1)
         if machine["mem_total_gib"] < args.size_gb * 1.6 + 2:
             print(f"WARNING: {machine['mem_total_gib']} GiB RAM; the baseline holds the whole model in memory",
                   flush=True)
@@ -840,13 +794,10 @@ def main() -> None:
         floor = {k: {"wall_s": round(v["wall_s"], 3), "rss_mib": round(v["rss_mib"], 1)} for k, v in floor.items()}
         res = bench(args, work, log)
         machine["loadavg_end"] = list(os.getloadavg())
-        machine["rss_method"] = "GNU time %M" if TIME else "VmHWM poll"
+        machine["rss_method"] = RSS_METHOD
         report(args, machine, res, floor, time.perf_counter() - t0)
     finally:
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        drop_scratch(args.keep, work)
 
 
 if __name__ == "__main__":
