@@ -1,4 +1,4 @@
-"""mask.json: which routed experts each MoE layer keeps (format in DESIGN.md, "Files").
+"""mask.json: which routed experts each MoE layer keeps (format in docs/DESIGN.md, "Files").
 
 Users write masks by hand, so every defect gets a precise message.
 """

@@ -1,4 +1,4 @@
-"""saliency.json: per-expert sufficient statistics (format in DESIGN.md, "Files").
+"""saliency.json: per-expert sufficient statistics (format in docs/DESIGN.md, "Files").
 
 Sums, not ratios, are stored so that runs merge exactly: several datasets, ranks or a
 resumed run add up to what one run over all the data would have measured.

@@ -1,0 +1,3 @@
+"""Stage 1, measuring experts: a transformers skeleton on the meta device filled one decoder layer
+at a time, the routing observed through the experts interface, statistics into saliency.json.
+Needs torch and transformers; never imports the surgery stage."""
