@@ -38,7 +38,7 @@ from .errors import ReapError
 
 # Config keys that count experts per token, groups and MTP layers: none of them changes a shape.
 TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_k", "moe_topk",
-              "moe_top_k", "top_k", "router_top_k")
+              "moe_top_k", "top_k_experts", "router_top_k")
 GROUP_KEYS = ("n_group", "topk_group")
 MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers")
 # A group-limited router scores a group by the sum of its best two experts (DeepSeek-V3 and its
@@ -112,7 +112,12 @@ def derive_layout(config: dict, tensor_names: Iterable[str], trust_remote_code: 
                                   "derivation cannot place it (write a layout file)")
         moe_layers.add(int(name[len(layers_prefix):].split(".")[0]))
     _refuse_hash_routing(model, where)
-    stacked_params = _stacked_params(model, diff, E)
+    stacked_params, blocks = _stacked_params(model, diff, E)
+    for layer in sorted(moe_layers):
+        mine = sorted(b for b in blocks if b.startswith(f"{layers_prefix}{layer}."))
+        if len(mine) > 1:
+            raise ReapError(None, f"{where}: decoder layer {layer} has {len(mine)} separately routed expert sets "
+                                  f"({', '.join(m.rstrip('.') for m in mine)}); one mask cannot prune both")
 
     converter = LayoutConverter(model)
     logical = logical_names(tensor_names)
@@ -207,22 +212,59 @@ def _skeleton(config: dict, trust_remote_code: bool):
     """The model class for this config, every tensor on the meta device."""
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cfg = _config_object(config, cls)
+    with torch.device("meta"):
+        if cls is not None and hasattr(cls, "_from_config"):
+            return cls._from_config(cfg)
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+
+
+def _config_object(config: dict, cls):
+    """The transformers config for config.json. Older configs give some counts per layer (Hunyuan's
+    num_experts, moe_topk) where transformers now wants one int: equal entries are that int."""
+    from transformers import AutoConfig
 
     d = dict(config)
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise ReapError(None, "config.json has no model_type")
+
+    def make(d):
+        try:
+            return AutoConfig.for_model(model_type, **copy.deepcopy(d))
+        except ValueError as e:
+            # a model_type of its own on a native class (Kimi-K2: kimi_k2 on DeepseekV3ForCausalLM)
+            config_class = getattr(cls, "config_class", None)
+            if config_class is None or "Unrecognized model" not in str(e):
+                raise
+            return config_class(**copy.deepcopy(d))
+
     try:
-        cfg = AutoConfig.for_model(model_type, **d)
-    except ValueError as e:
-        raise ReapError(None, f"transformers does not know model_type {model_type!r} ({e})") from None
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    with torch.device("meta"):
-        if cls is not None and hasattr(cls, "_from_config"):
-            return cls._from_config(cfg)
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        return make(d)
+    except Exception as e:  # noqa: BLE001 - reported in one line below
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        nested = isinstance(d.get("text_config"), dict)
+        text = dict(d["text_config"]) if nested else d
+        lists = {k: v for k, v in text.items() if isinstance(v, list) and v
+                 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)}
+        for k, v in lists.items():
+            if len(set(v)) > 1 and k in str(e):
+                raise ReapError(None, f"config {k} differs per layer ({v}); reapsurgery needs the same count in "
+                                      "every layer") from None
+        if not any(k in str(e) for k in lists):
+            raise ReapError(None, f"transformers cannot build model_type {model_type!r} from this config: {first}") from None
+        text.update({k: v[0] for k, v in lists.items() if len(set(v)) == 1})
+        if nested:
+            d["text_config"] = text
+        try:
+            return make(d)
+        except Exception as e2:  # noqa: BLE001
+            raise ReapError(None, f"transformers cannot build model_type {model_type!r} from this config: "
+                                  f"{str(e2).strip().splitlines()[0]}") from None
 
 
 def _tensors(model) -> dict[str, tuple[int, ...]]:
@@ -327,10 +369,11 @@ def _shape_diff(base: dict, other: dict, E: int, where: str) -> _Diff:
     return _Diff(axes)
 
 
-def _stacked_params(model, diff: _Diff, E: int) -> set[str]:
+def _stacked_params(model, diff: _Diff, E: int) -> tuple[set[str], set[str]]:
     """Expert-indexed parameters that are expert weights: under a module that owns [E, ...]
     weights of rank 3 or more, or that transformers runs through its experts interface. The
-    others are the router's (gate weights, score-correction biases, per-expert scales)."""
+    others are the router's (gate weights, score-correction biases, per-expert scales).
+    Also the MoE blocks holding them (one per MoE layer, unless a layer routes two expert sets)."""
     from .observe import _is_interface_experts
 
     holders = set()
@@ -339,7 +382,10 @@ def _stacked_params(model, diff: _Diff, E: int) -> set[str]:
         own = [prefix + n for n, _ in module.named_parameters(recurse=False)]
         if _is_interface_experts(module) or any(n in diff.axes and len(diff.axes[n][1]) >= 3 for n in own):
             holders.add(prefix)
-    return {n for n in diff.axes if any(n.startswith(h) for h in holders)}
+    # the MoE block of a holder: its parent module; a block inside another one is that one
+    parents = {h.rstrip(".").rpartition(".")[0] + "." for h in holders}
+    blocks = {p for p in parents if not any(p != q and p.startswith(q) for q in parents)}
+    return {n for n in diff.axes if any(n.startswith(h) for h in holders)}, blocks
 
 
 def _refuse_hash_routing(model, where: str) -> None:
@@ -370,21 +416,20 @@ def _disk_axis(op, axis: int, name: str, target: str, where: str) -> int | None:
 
     for step in reversed(op.operations):
         if isinstance(step, MergeModulelist):
-            if step.dim != axis:
-                break
-            return None
-        if isinstance(step, (Concatenate, Chunk, Split, Interleave)) and step.dim != axis:
+            if step.dim == axis:
+                return None
+        elif isinstance(step, (Concatenate, Chunk, Split, Interleave)) and step.dim != axis:
             continue
-        if isinstance(step, Transpose):
-            if axis not in (step.dim0, step.dim1):
-                continue
-            if not step.check_dims:
-                axis = step.dim1 if axis == step.dim0 else step.dim0
-                continue
+        elif isinstance(step, Transpose) and axis not in (step.dim0, step.dim1):
+            continue
+        elif isinstance(step, Transpose) and not step.check_dims:
+            axis = step.dim1 if axis == step.dim0 else step.dim0
+            continue
+        # Transpose(check_dims) transposes only when the stored shape differs from the parameter's:
+        # from names alone the stored axis is undecidable
         raise ReapError(None, f"{where}: checkpoint tensor {name!r} is converted to {target!r} by "
                               f"{type(step).__name__} across its expert axis {axis}; derivation cannot follow it")
-    raise ReapError(None, f"{where}: checkpoint tensor {name!r} is stacked into {target!r} on another axis than its "
-                          f"expert axis {axis}")
+    return axis
 
 
 def _expert_prefix(rest: str, op, pattern: str | None, name: str, where: str) -> tuple[str, str]:

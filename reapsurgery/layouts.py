@@ -208,10 +208,10 @@ class Layout:
 
     def moe_layers(self, cfg: dict) -> list[int]:
         """Indices of decoder layers with routed experts, by the family's config rule."""
-        n = int(cfg["num_hidden_layers"])
         rule = self.moe_layer_rule
         if "indices" in rule:
             return sorted(int(i) for i in rule["indices"])
+        n = int(cfg["num_hidden_layers"])
         if "list" in rule and cfg.get(rule["list"]) is not None:
             return sorted(int(i) for i in cfg[rule["list"]])
         if "type_list" in rule and cfg.get(rule["type_list"]) is not None:
