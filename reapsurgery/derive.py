@@ -336,6 +336,18 @@ def _expert_keys(config: dict, model, E: int, where: str, trust_remote_code: boo
         diff = d
         keys += names + [k for k in (attr, *[a for a, c in attribute_map.items() if c == attr]) if k not in names]
     if diff is None:
+        for outer, sub in text.items():  # a count inside a nested dict (DBRX's ffn_config.moe_num_experts)
+            for key, value in (sub.items() if isinstance(sub, dict) else ()):
+                if isinstance(value, int) and not isinstance(value, bool) and value == E:
+                    bumped = copy.deepcopy(config)
+                    (bumped["text_config"] if nested else bumped)[outer][key] = E + 1
+                    try:
+                        other = _skeleton(bumped, trust_remote_code)
+                    except Exception:  # noqa: BLE001
+                        continue
+                    if set(_expert_counts(other).values()) == {E + 1} and _shape_diff(base, _tensors(other), E, where).axes:
+                        raise ReapError(None, f"{where}: the routed-expert count is {outer}.{key}, inside a nested "
+                                              "config dict that a layout cannot name")
         raise ReapError(None, f"{where}: no config key of the text config counts the {E} routed experts "
                               "(none changes the experts' shapes when raised by one)")
     present = [k for k in keys if k in text]

@@ -97,6 +97,10 @@ class Layout:
             if unknown:
                 raise ReapError(None, f"layout {name!r}: unknown moe_layers fields {sorted(unknown)}; "
                                       f"known: {', '.join(sorted(MOE_RULE_FIELDS))}")
+            indices = rule.get("indices")
+            if indices is not None and not (isinstance(indices, list)
+                                            and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+                raise ReapError(None, f"layout {name!r}: moe_layers.indices must be a list of layer numbers")
             return cls(
                 name=name,
                 architectures=tuple(d.get("architectures", ())),
