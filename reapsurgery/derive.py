@@ -85,20 +85,21 @@ class _Diff:
     axes: dict[str, tuple[int, tuple[int, ...]]]
 
 
-def derive_layout(config: dict, tensor_names: Iterable[str], trust_remote_code: bool = False) -> dict[str, Any]:
+def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     """The layout entry (the format of layouts.json) for a checkpoint with this config.json and
-    these tensor names (the index's weight_map keys). Raises ReapError where it cannot decide."""
-    import torch  # noqa: F401  (imported here: the module itself stays light)
+    these tensor names (the index's weight_map keys). Raises ReapError where it cannot decide.
 
+    Only families transformers implements itself are derived (no remote code): the skeleton is
+    the native class, also for a config whose model_type is its own (Kimi-K2's kimi_k2)."""
     config = _unquantized(config)
     text = config.get("text_config") or config
     model_type = config.get("model_type")
     arch = (config.get("architectures") or [None])[0]
     where = f"{arch or model_type}"
 
-    model = _skeleton(config, trust_remote_code)
+    model = _skeleton(config)
     E = _expert_count(model, where)
-    keys, diff = _expert_keys(config, model, E, where, trust_remote_code)
+    keys, diff = _expert_keys(config, model, E, where)
 
     from .streaming import LayoutConverter, find_decoder
 
@@ -112,7 +113,7 @@ def derive_layout(config: dict, tensor_names: Iterable[str], trust_remote_code: 
                                   "derivation cannot place it (write a layout file)")
         moe_layers.add(int(name[len(layers_prefix):].split(".")[0]))
     _refuse_hash_routing(model, where)
-    stacked_params, blocks = _stacked_params(model, diff, E)
+    stacked_params, blocks = _stacked_params(model, diff)
     for layer in sorted(moe_layers):
         mine = sorted(b for b in blocks if b.startswith(f"{layers_prefix}{layer}."))
         if len(mine) > 1:
@@ -187,12 +188,11 @@ def derive_layout(config: dict, tensor_names: Iterable[str], trust_remote_code: 
     return entry
 
 
-def derived_layout(config: dict, tensor_names: Iterable[str], name: str | None = None,
-                   trust_remote_code: bool = False):
+def derived_layout(config: dict, tensor_names: Iterable[str], name: str | None = None):
     """`derive_layout` parsed as a Layout."""
     from .layouts import Layout
 
-    entry = derive_layout(config, tensor_names, trust_remote_code)
+    entry = derive_layout(config, tensor_names)
     return Layout.from_dict(name or config.get("model_type") or "derived", entry)
 
 
@@ -208,7 +208,7 @@ def _unquantized(config: dict) -> dict:
     return config
 
 
-def _skeleton(config: dict, trust_remote_code: bool):
+def _skeleton(config: dict):
     """The model class for this config, every tensor on the meta device."""
     import torch
     import transformers
@@ -220,7 +220,7 @@ def _skeleton(config: dict, trust_remote_code: bool):
     with torch.device("meta"):
         if cls is not None and hasattr(cls, "_from_config"):
             return cls._from_config(cfg)
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(cfg)
 
 
 def _config_object(config: dict, cls):
@@ -290,7 +290,7 @@ def _expert_count(model, where: str) -> int:
     return counts.pop()
 
 
-def _expert_keys(config: dict, model, E: int, where: str, trust_remote_code: bool):
+def _expert_keys(config: dict, model, E: int, where: str):
     """Config keys that count routed experts, and the expert-indexed tensors with their axes.
 
     Candidates are the text config's int keys equal to E (and per-layer lists of E); aliases of
@@ -321,7 +321,7 @@ def _expert_keys(config: dict, model, E: int, where: str, trust_remote_code: boo
         for k in names:
             t[k] = [v + 1 for v in t[k]] if isinstance(t[k], list) else t[k] + 1
         try:
-            other = _skeleton(bumped, trust_remote_code)
+            other = _skeleton(bumped)
         except Exception:  # noqa: BLE001 - a key the model cannot be built with at E+1 does not count experts
             continue
         counts = set(_expert_counts(other).values())
@@ -342,7 +342,7 @@ def _expert_keys(config: dict, model, E: int, where: str, trust_remote_code: boo
                     bumped = copy.deepcopy(config)
                     (bumped["text_config"] if nested else bumped)[outer][key] = E + 1
                     try:
-                        other = _skeleton(bumped, trust_remote_code)
+                        other = _skeleton(bumped)
                     except Exception:  # noqa: BLE001
                         continue
                     if set(_expert_counts(other).values()) == {E + 1} and _shape_diff(base, _tensors(other), E, where).axes:
@@ -381,7 +381,7 @@ def _shape_diff(base: dict, other: dict, E: int, where: str) -> _Diff:
     return _Diff(axes)
 
 
-def _stacked_params(model, diff: _Diff, E: int) -> tuple[set[str], set[str]]:
+def _stacked_params(model, diff: _Diff) -> tuple[set[str], set[str]]:
     """Expert-indexed parameters that are expert weights: under a module that owns [E, ...]
     weights of rank 3 or more, or that transformers runs through its experts interface. The
     others are the router's (gate weights, score-correction biases, per-expert scales).

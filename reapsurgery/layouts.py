@@ -36,6 +36,8 @@ Fields of an entry (all config keys are read from the text config where one is n
   concatenated normed embedding and hidden state), ``embed`` (its own copy of the embeddings,
   when stored) and ``head``. With it, ``calibrate --mtp calibrate`` measures the MTP layers'
   experts and apply keeps them; without it they can only be dropped.
+- ``derived``: where an entry made by ``reapsurgery.derive`` came from (transformers version,
+  model class); not read.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ derived layouts ask for 2), and the MTP key where config.json does not have it.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
