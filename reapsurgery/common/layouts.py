@@ -14,8 +14,9 @@ Fields of an entry (all config keys are read from the text config where one is n
 - ``groups``: ``n_group`` / ``topk_group`` keys of a group-limited router and
   ``min_per_group``, the fewest experts a group may keep (2 where a group's score is the
   sum of its top two).
-- ``moe_layers``: which decoder layers have routed experts. Each field names a config key;
-  the conditions combine (a layer is MoE when all hold):
+- ``moe_layers``: which decoder layers have routed experts. ``indices`` is the list itself
+  (a derived layout's, read from the model transformers builds; it wins over every other field).
+  Each other field names a config key; the conditions combine (a layer is MoE when all hold):
   ``list`` (explicit indices; wins when present), ``type_list`` + ``moe_type`` (a per-layer
   list of names, MoE where the entry equals ``moe_type``; wins when present),
   ``first_dense`` (layers below it are dense), ``last_moe`` (layers above it are dense;
@@ -35,6 +36,8 @@ Fields of an entry (all config keys are read from the text config where one is n
   concatenated normed embedding and hidden state), ``embed`` (its own copy of the embeddings,
   when stored) and ``head``. With it, ``calibrate --mtp calibrate`` measures the MTP layers'
   experts and apply keeps them; without it they can only be dropped.
+- ``derived``: where an entry made by ``reapsurgery.derive`` came from (transformers version,
+  model class); not read.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class Layout:
     architectures: tuple[str, ...]
     num_experts_keys: tuple[str, ...]
     top_k_keys: tuple[str, ...]
-    moe_layer_rule: dict[str, str]
+    moe_layer_rule: dict[str, Any]  # config key names; "indices" holds the layer list itself
     layer_prefixes: tuple[str, ...]
     routers: dict[str, int]
     experts: tuple[str, ...]
@@ -96,6 +99,10 @@ class Layout:
             if unknown:
                 raise ReapError(None, f"layout {name!r}: unknown moe_layers fields {sorted(unknown)}; "
                                       f"known: {', '.join(sorted(MOE_RULE_FIELDS))}")
+            indices = rule.get("indices")
+            if indices is not None and not (isinstance(indices, list)
+                                            and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
+                raise ReapError(None, f"layout {name!r}: moe_layers.indices must be a list of layer numbers")
             return cls(
                 name=name,
                 architectures=tuple(d.get("architectures", ())),
@@ -207,8 +214,10 @@ class Layout:
 
     def moe_layers(self, cfg: dict) -> list[int]:
         """Indices of decoder layers with routed experts, by the family's config rule."""
-        n = int(cfg["num_hidden_layers"])
         rule = self.moe_layer_rule
+        if "indices" in rule:
+            return sorted(int(i) for i in rule["indices"])
+        n = int(cfg["num_hidden_layers"])
         if "list" in rule and cfg.get(rule["list"]) is not None:
             return sorted(int(i) for i in cfg[rule["list"]])
         if "type_list" in rule and cfg.get(rule["type_list"]) is not None:
@@ -260,7 +269,7 @@ def _mtp_block(name: str, d: Any) -> dict[str, str] | None:
     return dict(d)
 
 
-MOE_RULE_FIELDS = {"list", "type_list", "moe_type", "first_dense", "last_moe", "sparse_step", "dense_list"}
+MOE_RULE_FIELDS = {"indices", "list", "type_list", "moe_type", "first_dense", "last_moe", "sparse_step", "dense_list"}
 
 
 def _uniform(value: Any, keys: tuple[str, ...]) -> Any:

@@ -1,0 +1,234 @@
+"""Layouts derived from the model transformers builds (reapsurgery.derive) say what the
+hand-written entries of layouts.json say, on every built-in family's fixture.
+
+Compared: the routed-expert keys and top-k keys present in the config, the MoE layer list, the
+fingerprint, which tensors are MTP tensors, and the TensorRole of every tensor of the checkpoint
+(as verify and apply classify them, quantized companions included). Not compared, because shapes
+cannot tell them: `mtp_block` (MTP modules have no transformers class), `defaults` (a derived
+layout lists the MoE layers themselves), `groups.min_per_group` (how a group is scored is code:
+derived layouts ask for 2), and the MTP key where config.json does not have it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fixtures.build import FAMILIES, build
+from reapsurgery.checkpoint import Checkpoint
+from reapsurgery.derive import derive_layout, derived_layout, logical_names
+from reapsurgery.errors import ReapError
+from reapsurgery.layouts import Layout, builtin_layouts
+from reapsurgery.verify import tensor_roles
+
+
+def derived(path) -> Checkpoint:
+    ckpt = Checkpoint.open(path)
+    return Checkpoint.open(path, derived_layout(ckpt.config, ckpt.weight_map))
+
+
+def facts(ckpt: Checkpoint) -> dict:
+    cfg, layout = ckpt.cfg, ckpt.layout
+    n = ckpt.num_hidden_layers
+    return {
+        "num_experts keys": sorted(k for k in layout.num_experts_keys if k in cfg),
+        "top_k keys": sorted(k for k in layout.top_k_keys if k in cfg),
+        "group keys": sorted(v for k, v in (layout.groups or {}).items() if k != "min_per_group" and v in cfg),
+        "mtp key": layout.mtp_key if layout.mtp_key in cfg else None,
+        "fingerprint": ckpt.fingerprint(),
+        "mtp tensors": sorted(t for t in ckpt.weight_map if layout.is_mtp(t, n)),
+        "roles": tensor_roles(ckpt, ckpt.tensors()),
+    }
+
+
+def assert_same_facts(path, builtin: Checkpoint | None = None) -> None:
+    want = facts(builtin or Checkpoint.open(path))
+    got = facts(derived(path))
+    for key in want:
+        assert got[key] == want[key], key
+    assert want["roles"]  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_derived_layout_says_what_the_builtin_entry_says(checkpoints, family):
+    assert_same_facts(checkpoints[family])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "minimax_m2"])
+def test_derived_layout_of_the_stacked_form(tmp_path, family):
+    """save_original_format=False: transformers' fused names on disk, stacked experts."""
+    src = build(family, tmp_path / "stacked", save_original_format=False)
+    assert_same_facts(src)
+    assert {r.kind for r in facts(derived(src))["roles"].values()} == {"stacked", "router"}
+
+
+# config variants that move the MoE layers (test_layouts.VARIANTS without removed keys)
+VARIANTS = [("qwen3_moe", {"mlp_only_layers": [0, 2]}), ("qwen3_moe", {"decoder_sparse_step": 2}),
+            ("qwen2_moe", {"decoder_sparse_step": 3}), ("deepseek_v2", {"first_k_dense_replace": 2}),
+            ("deepseek_v3", {"first_k_dense_replace": 0}), ("glm4_moe", {"first_k_dense_replace": 2}),
+            ("glm4_moe_lite", {"mlp_layer_types": ["sparse", "dense", "sparse"]}),
+            ("ernie4_5_moe", {"moe_layer_start_index": 0, "moe_layer_end_index": -1, "moe_layer_interval": 2}),
+            ("ernie4_5_moe", {"moe_layer_start_index": 0, "moe_layer_end_index": 1})]
+
+
+@pytest.mark.parametrize("family,overrides", VARIANTS, ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_derived_moe_layers_follow_the_config(tmp_path, family, overrides):
+    src = build(family, tmp_path / "src", overrides=overrides, with_mtp=False)
+    assert_same_facts(src)
+
+
+def test_llama4_text_only_checkpoint(tmp_path):
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    Llama4ForCausalLM(Llama4TextConfig(**FAMILIES["llama4"]["text_config"])).save_pretrained(tmp_path, max_shard_size="24KB")
+    assert_same_facts(tmp_path)
+    assert derived(tmp_path).layout.layer_prefix == "model.layers.{layer}."
+
+
+def test_quantized_checkpoints(checkpoints, tmp_path):
+    """Derived from the names an unquantized checkpoint would have; companions follow their weight."""
+    from fixtures.quantize import build_gpt_oss_for_mxfp4, to_fp8_block, to_mxfp4
+
+    fp8 = to_fp8_block(checkpoints["deepseek_v3"], tmp_path / "fp8", block=(8, 8))
+    assert any(n.endswith("experts.3.down_proj.weight_scale_inv") for n in Checkpoint.open(fp8).weight_map)
+    assert_same_facts(fp8)
+    mxfp4 = to_mxfp4(build_gpt_oss_for_mxfp4(tmp_path / "gpt"), tmp_path / "mxfp4")
+    assert any(n.endswith("gate_up_proj_blocks") for n in Checkpoint.open(mxfp4).weight_map)
+    assert_same_facts(mxfp4)
+
+
+def test_compressed_tensors_checkpoint(checkpoints, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from fixtures.quantize import to_compressed_tensors
+
+    assert_same_facts(to_compressed_tensors(checkpoints["qwen3_moe"], tmp_path / "ct", "W4A16"))
+
+
+def test_logical_names_group_companions():
+    names = ["a.weight", "a.weight_scale_inv", "b.gate_up_proj_blocks", "b.gate_up_proj_scales",
+             "c.weight_packed", "c.weight_scale", "c.weight_shape", "d.bias"]
+    assert logical_names(names) == {"a.weight": ["a.weight", "a.weight_scale_inv"],
+                                    "b.gate_up_proj": ["b.gate_up_proj_blocks", "b.gate_up_proj_scales"],
+                                    "c.weight": ["c.weight_packed", "c.weight_scale", "c.weight_shape"],
+                                    "d.bias": ["d.bias"]}
+
+
+def test_per_layer_counts(checkpoints, tmp_path):
+    """Older Hunyuan configs give num_experts per layer: equal entries are that count, others refused."""
+    ckpt = Checkpoint.open(checkpoints["hunyuan_v1_moe"])
+    config = dict(ckpt.config, num_experts=[8, 8])
+    layout = derived_layout(config, ckpt.weight_map)
+    assert layout.num_experts(config) == 8 and "num_experts" in layout.num_experts_keys
+    with pytest.raises(ReapError, match=r"num_experts differs per layer \(\[8, 16\]\)"):
+        derive_layout(dict(ckpt.config, num_experts=[8, 16]), ckpt.weight_map)
+
+
+def test_missing_expert_tensors_refused(checkpoints):
+    ckpt = Checkpoint.open(checkpoints["qwen3_moe"])
+    names = [n for n in ckpt.weight_map if not n.startswith("model.layers.1.mlp.experts.")]
+    with pytest.raises(ReapError, match=r"no checkpoint tensor loads into the expert-indexed parameter "
+                                        r"'model\.layers\.1\.mlp\.experts\.down_proj'"):
+        derive_layout(ckpt.config, names)
+
+
+def test_an_expert_number_past_the_count_refused(checkpoints):
+    ckpt = Checkpoint.open(checkpoints["qwen3_moe"])
+    with pytest.raises(ReapError, match=r"is expert 8 of a layer with 8 routed experts"):
+        derive_layout(ckpt.config, [*ckpt.weight_map, "model.layers.0.mlp.experts.8.up_proj.weight"])
+
+
+def meta_model(model_type: str, arch: str | None = None, **kwargs):
+    """(config dict, tensor names) of a model built on the meta device, names as transformers saves them."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    with torch.device("meta"):
+        model = getattr(transformers, arch)._from_config(cfg) if arch else AutoModelForCausalLM.from_config(cfg)
+    d = cfg.to_dict()
+    d["architectures"] = [type(model).__name__]
+    return d, list(revert_weight_conversion(model, model.state_dict()))
+
+
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, head_dim=16)
+REFUSED = {
+    "dbrx": (("dbrx",), dict(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64,
+                             attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+                             ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2)),
+             r"grows by 32 per expert .*experts fused into another axis"),
+    "longcat_flash": (("longcat_flash",), dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                                vocab_size=128, num_layers=2, n_routed_experts=8, zero_expert_num=4,
+                                                moe_topk=2, expert_ffn_hidden_size=16, ffn_hidden_size=32,
+                                                q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                                                qk_nope_head_dim=8, v_head_dim=8),
+                      r"has 12 entries on its expert axis for 8 routed experts"),
+    "jetmoe": (("jetmoe",), dict(TINY, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                 intermediate_size=16, kv_channels=16),
+               r"decoder layer 0 has 2 separately routed expert sets"),
+    "llama": (("llama",), dict(TINY, num_hidden_layers=2, intermediate_size=32), r"not an MoE model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_families(case):
+    args, kwargs, message = REFUSED[case]
+    config, names = meta_model(*args, **kwargs)
+    with pytest.raises(ReapError, match=message):
+        derive_layout(config, names)
+
+
+def test_hash_routed_layers_refused():
+    """DeepSeek-V4's first layers pick experts from a token-id table (tid2eid), not a router."""
+    config, names = meta_model("deepseek_v4")
+    with pytest.raises(ReapError, match=r"tid2eid.*hash routing"):
+        derive_layout(config, names)
+
+
+def test_a_real_size_config_derives_in_seconds():
+    """Kimi-K2: 61 layers, 384 experts, 138k tensor names (block FP8) — skeletons on meta, two of them."""
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "hidden_size": 7168,
+           "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+           "num_attention_heads": 64, "num_key_value_heads": 64, "n_routed_experts": 384, "n_shared_experts": 1,
+           "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": 1536,
+           "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+           "vocab_size": 163840, "num_nextn_predict_layers": 0,
+           "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.0.mlp.gate_proj.weight"]
+    for layer in range(1, 61):
+        p = f"model.layers.{layer}."
+        names += [p + "mlp.gate.weight", p + "mlp.gate.e_score_correction_bias"]
+        names += [f"{p}mlp.experts.{e}.{w}.weight{s}" for e in range(384) for w in ("gate_proj", "up_proj", "down_proj")
+                  for s in ("", "_scale_inv")]
+    config, small = meta_model("deepseek_v3", **FAMILIES["deepseek_v3"])
+    derive_layout(config, small)  # transformers' modules imported outside the timing
+    start = time.perf_counter()
+    entry = derive_layout(cfg, names)
+    elapsed = time.perf_counter() - start
+    assert entry["moe_layers"]["indices"] == list(range(1, 61))
+    assert entry["experts"] == ["mlp.experts.{expert}."] and entry["num_experts"][0] == "n_routed_experts"
+    assert elapsed < 20, elapsed
+
+
+def test_layout_file_with_malformed_indices_refused():
+    bad = {"num_experts": ["n"], "top_k": ["k"], "layer_prefix": "model.layers.{layer}.",
+           "moe_layers": {"indices": "0,1"}}
+    with pytest.raises(ReapError, match="moe_layers.indices must be a list of layer numbers"):
+        Layout.from_dict("bad", bad)
+
+
+def test_derived_entry_is_a_layout_file(checkpoints, tmp_path):
+    """The entry is the layouts.json format: written to a file it is a --layout file."""
+    from reapsurgery.layouts import load_layout_file
+
+    ckpt = Checkpoint.open(checkpoints["mixtral"])
+    path = tmp_path / "layout.json"
+    path.write_text(json.dumps(derive_layout(ckpt.config, ckpt.weight_map)))
+    layout = load_layout_file(str(path))
+    assert layout.moe_layers(ckpt.cfg) == builtin_layouts()["mixtral"].moe_layers(ckpt.cfg)
+    assert layout.experts == ("block_sparse_moe.experts.{expert}.",)
