@@ -1,4 +1,4 @@
-"""Layouts derived from the model transformers builds (reapsurgery.derive) say what the
+"""Layouts derived from the model transformers builds (reapsurgery.common.derive) say what the
 hand-written entries of layouts.json say, on every built-in family's fixture.
 
 Compared: the routed-expert keys and top-k keys present in the config, the MoE layer list, the
@@ -17,11 +17,11 @@ import time
 import pytest
 
 from fixtures.build import FAMILIES, build
-from reapsurgery.checkpoint import Checkpoint
-from reapsurgery.derive import derive_layout, derived_layout, logical_names
+from reapsurgery.common.checkpoint import Checkpoint
+from reapsurgery.common.derive import derive_layout, derived_layout, logical_names
 from reapsurgery.errors import ReapError
-from reapsurgery.layouts import Layout, builtin_layouts
-from reapsurgery.verify import tensor_roles
+from reapsurgery.common.layouts import Layout, builtin_layouts
+from reapsurgery.surgery.verify import tensor_roles
 
 
 def derived(path) -> Checkpoint:
@@ -224,7 +224,7 @@ def test_layout_file_with_malformed_indices_refused():
 
 def test_derived_entry_is_a_layout_file(checkpoints, tmp_path):
     """The entry is the layouts.json format: written to a file it is a --layout file."""
-    from reapsurgery.layouts import load_layout_file
+    from reapsurgery.common.layouts import load_layout_file
 
     ckpt = Checkpoint.open(checkpoints["mixtral"])
     path = tmp_path / "layout.json"

@@ -1,5 +1,6 @@
-"""A family outside the built-in table, described by a layout file: every command that opens a
-checkpoint takes it with --layout, and the pruned checkpoint equals in-memory pruning."""
+"""A family outside the built-in table: every command derives its layout from transformers' model
+(with a note), a layout file given with --layout wins, and both prune to the same bytes, equal
+to in-memory pruning."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from reapsurgery.common import layouts
 from reapsurgery.cli import main
 from reapsurgery.common.mask import load_mask
+from tests.conftest import tree_hash
 from tests.reference import load, logits, pruned_in_memory
 
 FAMILY = "olmoe"
@@ -30,8 +32,8 @@ def test_layout_file_for_a_family_missing_from_the_builtin_table(checkpoints, tm
     monkeypatch.setattr(layouts, "builtin_layouts", lambda: {k: v for k, v in builtin.items() if k != FAMILY})
 
     r = run("inspect", src)
-    assert r.exit_code == 2
-    assert "unsupported architecture 'OlmoeForCausalLM'" in r.stderr and "--layout" in r.stderr
+    assert r.exit_code == 0, r.output
+    assert "no built-in layout for OlmoeForCausalLM" in r.stderr and "derived" in r.stderr
     assert run("architectures").output.count(FAMILY) == 0
 
     r = run("inspect", src, "--layout", layout_file)
@@ -49,8 +51,9 @@ def test_layout_file_for_a_family_missing_from_the_builtin_table(checkpoints, tm
     assert r.exit_code == 0, r.output
 
     out = tmp_path / "out"
-    assert run("apply", mask, src, out, "-q").exit_code == 2  # no layout: refused, nothing written
-    assert not out.exists()
+    derived_out = tmp_path / "derived_out"
+    r = run("apply", mask, src, derived_out, "-q")  # no layout: the derived one
+    assert r.exit_code == 0, r.output
     assert run("apply", mask, src, tmp_path / "dry", "--dry-run", "--layout", layout_file).exit_code == 0
     r = run("apply", mask, src, out, "-q", "--layout", layout_file)
     assert r.exit_code == 0, r.output
@@ -61,6 +64,20 @@ def test_layout_file_for_a_family_missing_from_the_builtin_table(checkpoints, tm
     keep = load_mask(mask).layers
     reference = pruned_in_memory(src, keep, 4)
     assert torch.equal(logits(pruned), logits(reference))
+    assert tree_hash(derived_out) == tree_hash(out)  # derived and written layouts: the same bytes
+
+
+def test_architectures_derive_prints_a_layout_that_layout_accepts(checkpoints, tmp_path):
+    src = checkpoints["mixtral"]
+    r = run("architectures", "--derive", src)
+    assert r.exit_code == 0, r.output
+    entry = json.loads(r.output)
+    assert entry["layer_prefix"] == "model.layers.{layer}." and "block_sparse_moe.experts.{expert}." in entry["experts"]
+    layout_file = tmp_path / "derived.json"
+    layout_file.write_text(r.output)
+    r = run("inspect", src, "--layout", layout_file, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["model"]["num_experts"] == 8
 
 
 def test_unreadable_layout_file_is_one_line(checkpoints, tmp_path):

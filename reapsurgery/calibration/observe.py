@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
+from ..common.model_map import is_interface_experts
+
 IMPL_NAME = "reapsurgery_observe"
 
 
@@ -117,14 +119,9 @@ def observed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 ExpertsInterface.register(IMPL_NAME, observed_experts_forward)
 
 
-def _is_interface_experts(m: nn.Module) -> bool:
-    """Modules wrapped by transformers' use_experts_implementation carry these attributes."""
-    return hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(m, "num_experts")
-
-
 def is_experts_module(m: nn.Module) -> bool:
     """Routed experts observed here: through ExpertsInterface, or by `attach_router_hooks`."""
-    return _is_interface_experts(m) or getattr(m, SCALED_INPUT, False)
+    return is_interface_experts(m) or getattr(m, SCALED_INPUT, False)
 
 
 # -- experts outside ExpertsInterface ---------------------------------------------------
@@ -145,7 +142,7 @@ def attach_router_hooks(model: nn.Module) -> int:
     count = 0
     for block in model.modules():
         experts, router = getattr(block, "experts", None), getattr(block, "router", None)
-        if (experts is None or router is None or _is_interface_experts(experts)
+        if (experts is None or router is None or is_interface_experts(experts)
                 or not isinstance(router, nn.Linear) or not hasattr(router, "top_k")
                 or not hasattr(experts, "num_experts")):
             continue

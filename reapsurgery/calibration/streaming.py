@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
 
 from ..common.checkpoint import Checkpoint
+from ..common.model_map import ConversionMap, find_decoder
 from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from ..errors import ReapError
 from .fused import FusedTarget, read_fused, readable, stacks_only
@@ -36,17 +36,7 @@ def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = Fal
     return model.eval()
 
 
-def find_decoder(model: nn.Module) -> nn.Module:
-    """The module holding the decoder layers: `get_decoder()`, or where that returns a wrapper
-    without them (Llama4ForCausalLM answers itself), its shallowest submodule with a `layers` list."""
-    decoder = model.get_decoder()
-    for _, module in decoder.named_modules():
-        if isinstance(getattr(module, "layers", None), nn.ModuleList):
-            return module
-    raise ReapError(None, f"{type(model).__name__}: no decoder layer list found")
-
-
-class LayoutConverter:
+class LayoutConverter(ConversionMap):
     """Converts any subset of checkpoint tensors to the model's parameter layout.
 
     Mirrors the rename/collect/convert steps of transformers' own loading
@@ -54,20 +44,6 @@ class LayoutConverter:
     Keys are sorted with transformers' `dot_natural_key` before stacking, as it does, so an
     expert's slot in a fused tensor is the same as when transformers loads the checkpoint.
     """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        mapping = get_model_conversion_mapping(model)
-        self.renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-        self.converters = [t for t in mapping if isinstance(t, WeightConverter)]
-        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
-        self.meta = model.state_dict()
-
-    def target(self, key: str) -> tuple[str, str | None]:
-        renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix, self.meta)
-        if renamed not in self.meta and key in self.meta:
-            return key, None
-        return renamed, pattern
 
     def split_fused(self, keys: list[str]) -> tuple[dict[str, FusedTarget], list[str]]:
         """Targets that only stack (and concatenate) per-expert tensors, for `fused.read_fused`,

@@ -5,6 +5,8 @@ One module per stage's commands; this one only assembles the group, in pipeline 
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from .. import __version__
@@ -12,6 +14,20 @@ from .apply import apply, verify
 from .calibrate import calibrate, merge_saliency
 from .inspect import architectures, inspect_cmd
 from .plan import plan
+
+
+class _NoteHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"note: {record.getMessage()}", err=True)  # the stderr of now, not of set-up
+
+
+def show_notes() -> None:
+    """The library's notes (logger "reapsurgery", level INFO) as `note: ...` lines on stderr."""
+    log = logging.getLogger("reapsurgery")
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+        log.addHandler(_NoteHandler())
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 class PipelineGroup(click.Group):
@@ -28,10 +44,12 @@ def main() -> None:
 
     \b
     Typical run:
-      reapsurgery plan saliency.json --sparsity 0.5 -o mask.json   # choose experts
+      reapsurgery calibrate ckpt/ -o saliency.json --dataset data.jsonl  # measure experts
+      reapsurgery plan saliency.json --sparsity 0.5 -o mask.json         # choose experts
       reapsurgery apply mask.json ckpt/ out/      # write the pruned checkpoint
       reapsurgery verify out/                     # check it is self-consistent
     """
+    show_notes()
 
 
 main.add_command(calibrate)

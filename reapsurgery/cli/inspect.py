@@ -176,16 +176,27 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the layouts' facts as JSON, for scripts.")
-def architectures(as_json: bool) -> None:
-    """List the MoE families reapsurgery knows, with the config keys each reads.
+@click.option("--derive", "derive_from", type=click.Path(path_type=Path), metavar="CKPT",
+              help="Print the layout derived from transformers' model for CKPT (JSON, accepted by --layout).")
+@one_line_errors
+def architectures(as_json: bool, derive_from: Path | None) -> None:
+    """List the MoE families with a built-in layout, with the config keys each reads.
 
     \b
     A checkpoint's family is found from config.json: model_type (of the text config
-    where one is nested), then architectures[0]. For another family, describe its
-    MoE tensors in a layout file and pass it with --layout (see the README).
+    where one is nested), then architectures[0]. Any other family that transformers
+    builds gets its layout derived from the model itself (expert-indexed tensors are
+    those whose shape follows the expert count; names come from the model's own
+    conversion mapping). `--derive CKPT` prints that layout; save it, edit it if
+    needed, and pass it with --layout to override.
     """
     import json
 
+    if derive_from is not None:
+        from ..common.checkpoint import derive_entry
+
+        click.echo(json.dumps(derive_entry(derive_from), indent=2))
+        return
     from ..common.layouts import describe_layouts
 
     rows = describe_layouts()

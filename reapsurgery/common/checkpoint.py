@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ReapError
-from .layouts import Layout, layout_for, text_config
+from .layouts import Layout, builtin_layout_for, text_config
 from .safetensors_io import ShardHeader, TensorInfo, read_header
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+log = logging.getLogger("reapsurgery")
 FINGERPRINT_FIELDS = (
     "architecture", "model_type", "num_hidden_layers", "moe_layers",
     "num_experts", "num_experts_per_tok", "n_group",
@@ -43,28 +45,8 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path, layout: Layout | None = None) -> "Checkpoint":
         path = Path(path)
-        if not path.is_dir():
-            raise ReapError(path, "not a checkpoint directory")
-        config = read_json(path / "config.json", "config.json")
-        if not isinstance(config, dict):
-            raise ReapError(path / "config.json", "config.json is not a JSON object")
-        layout = layout or layout_for(config, str(path / "config.json"))
-        index_path = path / INDEX
-        if index_path.exists():
-            index = read_json(index_path, "index")
-            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-                raise ReapError(index_path, "index has no 'weight_map' object")
-            weight_map = dict(index["weight_map"])
-            metadata = index.get("metadata") or {}
-            for shard in sorted(set(weight_map.values())):
-                if not (path / shard).is_file():
-                    raise ReapError(index_path, f"index names missing shard {shard!r}")
-        elif (path / SINGLE).is_file():
-            header = read_header(path / SINGLE)
-            weight_map = {name: SINGLE for name in header.tensors}
-            metadata = None
-        else:
-            raise ReapError(path, f"no {INDEX} and no {SINGLE}: not a safetensors checkpoint")
+        config, weight_map, metadata = read_files(path)
+        layout = layout or builtin_layout_for(config) or derived_layout_for(path, config, weight_map)
         ckpt = cls(path, config, layout, weight_map, metadata)
         for key in ("num_hidden_layers",):
             if not isinstance(ckpt.cfg.get(key), int):
@@ -144,3 +126,65 @@ class Checkpoint:
             if name not in out:
                 raise ReapError(self.path / shard, f"index lists tensor {name!r} but the shard has no such tensor")
         return out
+
+
+def read_files(path: Path) -> tuple[dict, dict[str, str], dict | None]:
+    """config.json, the tensor -> shard map and the index metadata (None for a single file)."""
+    if not path.is_dir():
+        raise ReapError(path, "not a checkpoint directory")
+    config = read_json(path / "config.json", "config.json")
+    if not isinstance(config, dict):
+        raise ReapError(path / "config.json", "config.json is not a JSON object")
+    index_path = path / INDEX
+    if index_path.exists():
+        index = read_json(index_path, "index")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ReapError(index_path, "index has no 'weight_map' object")
+        weight_map = dict(index["weight_map"])
+        metadata = index.get("metadata") or {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise ReapError(index_path, f"index names missing shard {shard!r}")
+    elif (path / SINGLE).is_file():
+        header = read_header(path / SINGLE)
+        weight_map = {name: SINGLE for name in header.tensors}
+        metadata = None
+    else:
+        raise ReapError(path, f"no {INDEX} and no {SINGLE}: not a safetensors checkpoint")
+    return config, weight_map, metadata
+
+
+def derive_entry(path: str | Path) -> dict:
+    """The layout entry transformers' model implies for this checkpoint (built-in entry or not),
+    in the format `--layout` reads."""
+    from .derive import derive_layout
+
+    path = Path(path)
+    config, weight_map, _ = read_files(path)
+    try:
+        return derive_layout(config, weight_map)
+    except ReapError as e:
+        raise ReapError(path / "config.json", e.message) from None
+
+
+_DERIVED: dict[str, Layout] = {}  # one derivation per checkpoint and process (commands open it twice)
+
+
+def derived_layout_for(path: Path, config: dict, weight_map: dict[str, str]) -> Layout:
+    """The layout transformers' own model implies, for a family without a built-in entry.
+
+    Needs torch and transformers (imported only here); says once per checkpoint that it was used."""
+    key = json.dumps([config, sorted(weight_map)], sort_keys=True, default=str)
+    if key not in _DERIVED:
+        from .derive import derived_layout
+
+        try:
+            layout = derived_layout(config, weight_map)
+        except ReapError as e:
+            raise ReapError(path / "config.json", f"no built-in layout, and {e.message}") from None
+        arch = (config.get("architectures") or [None])[0]
+        log.info("%s: no built-in layout for %s; using the one derived from transformers' %s "
+                 "(`reapsurgery architectures --derive %s` prints it)", path, arch or config.get("model_type"),
+                 layout.derived.get("model_class", "model"), path)
+        _DERIVED[key] = layout
+    return _DERIVED[key]

@@ -36,7 +36,7 @@ Fields of an entry (all config keys are read from the text config where one is n
   concatenated normed embedding and hidden state), ``embed`` (its own copy of the embeddings,
   when stored) and ``head``. With it, ``calibrate --mtp calibrate`` measures the MTP layers'
   experts and apply keeps them; without it they can only be dropped.
-- ``derived``: where an entry made by ``reapsurgery.derive`` came from (transformers version,
+- ``derived``: where an entry made by ``reapsurgery.common.derive`` came from (transformers version,
   model class); not read.
 """
 
@@ -89,6 +89,7 @@ class Layout:
     mtp_prefixes: tuple[str, ...] = ()
     defaults: dict[str, Any] | None = None
     mtp_block: dict[str, str] | None = None
+    derived: dict[str, Any] | None = None  # where a derived entry came from; None for written ones
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> "Layout":
@@ -118,6 +119,7 @@ class Layout:
                 mtp_prefixes=tuple(d.get("mtp_prefixes", ())),
                 defaults=dict(d.get("defaults", {})),
                 mtp_block=_mtp_block(name, d.get("mtp_block")),
+                derived=dict(d["derived"]) if d.get("derived") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ReapError(None, f"layout {name!r} is missing or malforms field {e}") from None
@@ -318,7 +320,8 @@ def text_config(config: dict) -> dict:
     return config.get("text_config") or config
 
 
-def layout_for(config: dict, config_path: str) -> Layout:
+def builtin_layout_for(config: dict) -> Layout | None:
+    """The built-in entry for this config's model_type (of the text config too) or architecture."""
     layouts = builtin_layouts()
     cfg = text_config(config)
     for key in (config.get("model_type"), cfg.get("model_type")):
@@ -328,9 +331,4 @@ def layout_for(config: dict, config_path: str) -> Layout:
     for layout in layouts.values():
         if arch in layout.architectures:
             return layout
-    raise ReapError(
-        config_path,
-        f"unsupported architecture {arch!r} (model_type {config.get('model_type')!r}); "
-        f"supported: {', '.join(sorted(layouts))}. To add one, describe its MoE tensors in a "
-        "layout file (see reapsurgery/common/layouts.json) and pass it with --layout",
-    )
+    return None

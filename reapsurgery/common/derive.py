@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .errors import ReapError
+from ..errors import ReapError
 
 # Config keys that count experts per token, groups and MTP layers: none of them changes a shape.
 TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_k", "moe_topk",
@@ -101,7 +101,7 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     E = _expert_count(model, where)
     keys, diff = _expert_keys(config, model, E, where)
 
-    from .streaming import LayoutConverter, find_decoder
+    from .model_map import ConversionMap, find_decoder
 
     decoder = find_decoder(model)
     module_names = {id(m): n for n, m in model.named_modules()}
@@ -120,7 +120,7 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
             raise ReapError(None, f"{where}: decoder layer {layer} has {len(mine)} separately routed expert sets "
                                   f"({', '.join(m.rstrip('.') for m in mine)}); one mask cannot prune both")
 
-    converter = LayoutConverter(model)
+    converter = ConversionMap(model)
     logical = logical_names(tensor_names)
     prefixes: dict[str, int] = {}  # on-disk layer prefix pattern -> tensors under it
     roles: dict[str, tuple[str, int | None]] = {}  # pattern relative to the layer prefix -> (kind, axis)
@@ -386,13 +386,13 @@ def _stacked_params(model, diff: _Diff) -> tuple[set[str], set[str]]:
     weights of rank 3 or more, or that transformers runs through its experts interface. The
     others are the router's (gate weights, score-correction biases, per-expert scales).
     Also the MoE blocks holding them (one per MoE layer, unless a layer routes two expert sets)."""
-    from .observe import _is_interface_experts
+    from .model_map import is_interface_experts
 
     holders = set()
     for mod_name, module in model.named_modules():
         prefix = mod_name + "." if mod_name else ""
         own = [prefix + n for n, _ in module.named_parameters(recurse=False)]
-        if _is_interface_experts(module) or any(n in diff.axes and len(diff.axes[n][1]) >= 3 for n in own):
+        if is_interface_experts(module) or any(n in diff.axes and len(diff.axes[n][1]) >= 3 for n in own):
             holders.add(prefix)
     # the MoE block of a holder: its parent module; a block inside another one is that one
     parents = {h.rstrip(".").rpartition(".")[0] + "." for h in holders}

@@ -1,0 +1,48 @@
+"""How transformers maps a checkpoint onto a model: the decoder layer list, the conversion
+mapping's target parameter for each on-disk name, and which modules are routed experts.
+
+Shared by calibration (which loads tensors through it) and layout derivation (which reads
+the model's structure from it); torch and transformers are imported here, so callers that
+must stay light import this module inside functions.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+from ..errors import ReapError
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers: `get_decoder()`, or where that returns a wrapper
+    without them (Llama4ForCausalLM answers itself), its shallowest submodule with a `layers` list."""
+    decoder = model.get_decoder()
+    for _, module in decoder.named_modules():
+        if isinstance(getattr(module, "layers", None), nn.ModuleList):
+            return module
+    raise ReapError(None, f"{type(model).__name__}: no decoder layer list found")
+
+
+def is_interface_experts(m: nn.Module) -> bool:
+    """Modules wrapped by transformers' use_experts_implementation carry these attributes."""
+    return hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(m, "num_experts")
+
+
+class ConversionMap:
+    """The model's own conversion mapping: which parameter each on-disk tensor name becomes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        mapping = get_model_conversion_mapping(model)
+        self.renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
+        self.meta = model.state_dict()
+
+    def target(self, key: str) -> tuple[str, str | None]:
+        renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix, self.meta)
+        if renamed not in self.meta and key in self.meta:
+            return key, None
+        return renamed, pattern
