@@ -20,6 +20,7 @@ from ..errors import ReapError
 from ..common.layouts import Layout, TensorRole
 from ..common.mask import Mask, check_fingerprint
 from .modelcard import pruned_card
+from .copier import coalesce, default_jobs, pieces, run_pieces
 from .outdir import check_output, staged_output
 from ..common.quant import rewrite_hf_quant_config, rewrite_quantization_config
 from ..common.safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
@@ -252,23 +253,31 @@ def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
     return config, changes
 
 
-def write_shards(plan: SurgeryPlan, src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> None:
+def write_shards(plan: SurgeryPlan, src: Path, dst: Path, progress: Callable[[int], None] | None = None,
+                 jobs: int = 1, name_of: Callable[[Path], Path] = lambda p: p) -> None:
+    """Every output shard, complete: headers first (files created at their final size), then the
+    tensor bytes, copied by `jobs` workers in pieces; adjacent source ranges become one copy."""
+    work = []
     for shard in plan.shards:
         header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors], shard.metadata)
-        src_fd = os.open(src / shard.source, os.O_RDONLY)
+        fd = os.open(dst / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            dst_fd = os.open(dst / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(dst_fd, header)
-                for t in shard.tensors:
-                    for off, n in t.ranges:
-                        copy_range(src_fd, dst_fd, off, n)
-                    if progress:
-                        progress(t.nbytes)
-            finally:
-                os.close(dst_fd)
+            os.write(fd, header)
+            os.ftruncate(fd, len(header) + shard.nbytes)
         finally:
-            os.close(src_fd)
+            os.close(fd)
+        work.append((shard, len(header)))
+
+    def all_pieces():
+        for shard, start in work:
+            yield from pieces(src / shard.source, dst / shard.name, start, shard_ranges(shard))
+
+    run_pieces(all_pieces(), jobs, progress, name_of)
+
+
+def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
+    """The source ranges of an output shard's data, in output order, each contiguous run merged."""
+    return coalesce(r for t in shard.tensors for r in t.ranges)
 
 
 def write_index(plan: SurgeryPlan, ckpt: Checkpoint, dst: Path) -> None:
@@ -308,10 +317,12 @@ def apply_mask(
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[SurgeryPlan], None] | None = None,
     layout: Layout | None = None,
+    jobs: int | None = None,
 ) -> ApplyResult:
     """Write the pruned checkpoint to out_path; the output appears only once complete.
 
-    `layout` overrides the built-in layout chosen from config.json (a user's layout file)."""
+    `layout` overrides the built-in layout chosen from config.json (a user's layout file);
+    `jobs` copy workers run at once (default: from the CPU count)."""
     mask_path, out_path = Path(mask_path), Path(out_path)
     ckpt = Checkpoint.open(ckpt_path, layout)
     check_output(ckpt.path, out_path, overwrite)
@@ -319,7 +330,7 @@ def apply_mask(
     if on_plan:
         on_plan(plan)
     with staged_output(out_path) as tmp:
-        write_shards(plan, ckpt.path, tmp, progress)
+        write_shards(plan, ckpt.path, tmp, progress, jobs or default_jobs(), lambda p: out_path / p.name)
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
