@@ -55,8 +55,9 @@ class Piece:
         return sum(n for _, n in self.ranges)
 
 
-def pieces(src: Path, dst: Path, dst_offset: int, ranges: list[tuple[int, int]], size: int = PIECE) -> Iterator[Piece]:
-    """Split coalesced ranges into work items of at most `size` output bytes."""
+def pieces(src: Path, dst: Path, dst_offset: int, ranges: list[tuple[int, int]], size: int | None = None) -> Iterator[Piece]:
+    """Split coalesced ranges into work items of at most `size` (default PIECE) output bytes."""
+    size = size or PIECE
     cur: list[tuple[int, int]] = []
     cur_n, start = 0, dst_offset
     for off, n in ranges:
