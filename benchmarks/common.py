@@ -307,6 +307,38 @@ def run_warm(cmd: list[str], log: Path, src: Path, env: dict | None = None, sync
     return m
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def can_drop_caches() -> bool:
+    """Whether this process may empty the page cache (root, and /proc/sys writable here)."""
+    try:
+        DROP_CACHES.write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_cold(cmd: list[str], log: Path, sync: Path, env: dict | None = None) -> dict:
+    """run_measured from an empty page cache (sync, then drop_caches), synced after as run_warm does."""
+    fs_sync(sync)
+    subprocess.run(["sync"], check=False)
+    DROP_CACHES.write_text("3\n")
+    load0 = os.getloadavg()[0]
+    m = run_measured(cmd, log, env)
+    m["loadavg_1m_before"] = load0
+    m["sync_s"] = fs_sync(sync)
+    m["wall_sync_s"] = m["wall_s"] + m["sync_s"]
+    return m
+
+
+def rotated(repeat: int, ops: list[str]):
+    """(rep, order) for each rep: every op back to back, the order rotating from rep to rep."""
+    for r in range(repeat):
+        k = r % len(ops)
+        yield r, ops[k:] + ops[:k]
+
+
 def alternated(repeat: int, first: str, second: str):
     """(rep, order) for each rep: the two commands back to back, which goes first alternating."""
     for r in range(repeat):

@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 
+from reapsurgery.errors import ReapError
+
 from tests.conftest import tree_hash
 from tests.helpers import cli, write_mask
 
@@ -144,12 +146,12 @@ def test_missing_mask_and_missing_checkpoint(src, tmp_path):
 
 def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):
     """A crash while writing shards leaves neither OUT nor a partial directory behind."""
-    from reapsurgery.surgery import apply as surgery
+    from reapsurgery.surgery import apply as surgery, copier
     from reapsurgery.common.mask import load_mask
 
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
     calls = {"n": 0}
-    real = surgery.copy_range
+    real = copier.copy_range
 
     def failing(*a):
         calls["n"] += 1
@@ -157,9 +159,10 @@ def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(*a)
 
-    monkeypatch.setattr(surgery, "copy_range", failing)
+    monkeypatch.setattr(copier, "copy_range", failing)
+    monkeypatch.setattr(copier, "PIECE", 4096)
     before = tree_hash(src)
-    with pytest.raises(OSError):
+    with pytest.raises(ReapError, match="No space left on device"):
         surgery.apply_mask(load_mask(mask), mask, src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -38,12 +38,15 @@ def _echo_preview(p: dict) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Copies in flight at once (worker threads); default one per CPU, between 2 and 8. "
+                   "Fast NVMe drives reach their bandwidth only with several requests outstanding.")
 @click.option("--dry-run", is_flag=True,
               help="Print what would be written (shards, bytes, config changes) and write nothing, not even OUT.")
 @plan_options
 @layout_option
 @one_line_errors
-def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_run: bool,
+def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs: int | None, dry_run: bool,
           layout_file: Path | None, **opts) -> None:
     """Write CKPT with only the experts MASK keeps into OUT.
 
@@ -106,7 +109,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, dry_r
 
     try:
         result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite,
-                            progress=progress, on_plan=on_plan, layout=layout)
+                            progress=progress, on_plan=on_plan, layout=layout, jobs=jobs)
     finally:
         if bar is not None:
             bar.close()

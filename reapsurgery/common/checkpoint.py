@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import ReapError
 from .layouts import Layout, builtin_layout_for, text_config
@@ -112,20 +113,32 @@ class Checkpoint:
     def tensors(self) -> dict[str, tuple[str, TensorInfo]]:
         """Every tensor with its shard, after checking that index and headers agree."""
         out: dict[str, tuple[str, TensorInfo]] = {}
+        for shard, header in self.shard_headers(cache=True):
+            out.update((name, (shard, info)) for name, info in header.tensors.items())
+        return out
+
+    def shard_headers(self, cache: bool = False) -> Iterator[tuple[str, ShardHeader]]:
+        """Each shard's header in turn, checked against the index; after the last, that the index
+        lists no tensor the shards lack. Without `cache`, one header is in memory at a time, so
+        a pass over 139k tensors holds a shard's worth (plan shard by shard)."""
+        seen = 0
         for shard in self.shards:
-            header = self.header(shard)
-            for name, info in header.tensors.items():
+            header = self.header(shard) if cache else self._headers.get(shard) or read_header(self.path / shard)
+            for name in header.tensors:
                 mapped = self.weight_map.get(name)
                 if mapped != shard:
                     raise ReapError(
                         self.path / shard,
                         f"tensor {name!r} is in this shard but the index maps it to {mapped!r}",
                     )
-                out[name] = (shard, info)
-        for name, shard in self.weight_map.items():
-            if name not in out:
-                raise ReapError(self.path / shard, f"index lists tensor {name!r} but the shard has no such tensor")
-        return out
+            seen += len(header.tensors)
+            yield shard, header
+        if seen != len(self.weight_map):  # every name seen was mapped to its own shard: some are missing
+            for shard in self.shards:
+                names = self.header(shard).tensors if cache else read_header(self.path / shard).tensors
+                for name, mapped in self.weight_map.items():
+                    if mapped == shard and name not in names:
+                        raise ReapError(self.path / shard, f"index lists tensor {name!r} but the shard has no such tensor")
 
 
 def read_files(path: Path) -> tuple[dict, dict[str, str], dict | None]:
@@ -140,7 +153,8 @@ def read_files(path: Path) -> tuple[dict, dict[str, str], dict | None]:
         index = read_json(index_path, "index")
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise ReapError(index_path, "index has no 'weight_map' object")
-        weight_map = dict(index["weight_map"])
+        # one string per shard, not per tensor: 139k names map to a few dozen files
+        weight_map = {k: sys.intern(v) if isinstance(v, str) else v for k, v in index["weight_map"].items()}
         metadata = index.get("metadata") or {}
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).is_file():

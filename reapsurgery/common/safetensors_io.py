@@ -28,7 +28,7 @@ MAX_HEADER = 100_000_000
 COPY_CHUNK = 8 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """One tensor of a shard: where its bytes are, relative to the data buffer."""
 

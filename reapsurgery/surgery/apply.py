@@ -17,19 +17,20 @@ from typing import Callable
 
 from ..common.checkpoint import INDEX, SINGLE, Checkpoint
 from ..errors import ReapError
-from ..common.layouts import Layout, TensorRole
+from ..common.layouts import Layout
 from ..common.mask import Mask, check_fingerprint
 from .modelcard import pruned_card
+from .copier import coalesce, default_jobs, pieces, run_pieces
 from .outdir import check_output, staged_output
 from ..common.quant import rewrite_hf_quant_config, rewrite_quantization_config
 from ..common.safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
-from .verify import expert_tensor_problems, tensor_roles
+from .verify import ExpertCheck, tensor_role
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 MASK_COPY = "reapsurgery.mask.json"
 
 
-@dataclass
+@dataclass(slots=True)
 class OutTensor:
     name: str
     dtype: str
@@ -65,6 +66,7 @@ class SurgeryPlan:
     dropped_prefixes: list[str] = field(default_factory=list)  # MTP tensors outside the layer stack
     kept_mtp_layers: list[int] = field(default_factory=list)  # pruned with the mask, like the stack
     notes: list[str] = field(default_factory=list)
+    bytes_before: int = 0  # tensor bytes of the input
 
     @property
     def total_size(self) -> int:
@@ -133,50 +135,76 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     _check_groups(ckpt, mask, mask_path)
 
     layout = ckpt.layout
-    tensors = ckpt.tensors()
-    roles = tensor_roles(ckpt, tensors)
-    problems = expert_tensor_problems(ckpt, tensors, roles)
+    mtp_count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
+    check = ExpertCheck(ckpt)
+    dropped_layers: set[int] = set()
+    dropped_prefixes: set[str] = set()
+    role_layers_past_stack: set[int] = set()
+    # Shard by shard, each tensor classified once: one header in memory at a time.
+    # Non-expert tensors of MTP layers the mask names wait until we know whether those
+    # layers hold experts (then they are kept with them), which only the last shard tells.
+    pending: list[tuple[int, str, OutTensor]] = []
+    per_shard: dict[str, list[OutTensor]] = {}
+    metadata: dict[str, dict | None] = {}
+    bytes_before = 0
+    for shard, header in ckpt.shard_headers():
+        base = header.data_offset
+        out = per_shard[shard] = []
+        metadata[shard] = header.metadata
+        for name, info in header.tensors.items():
+            bytes_before += info.nbytes
+            role = tensor_role(ckpt, name, info)
+            if role is not None:
+                check.add(name, shard, info, role)
+            layer = layout.layer_of(name)
+            if layer is not None and layer >= n:
+                # Layers past the decoder stack are multi-token-prediction blocks that transformers
+                # does not run; kept unpruned they would have the old expert count. A mask measured
+                # with `calibrate --mtp calibrate` covers them, and they are pruned like the others.
+                if role is not None:
+                    role_layers_past_stack.add(layer)
+                if layer not in mask.layers:
+                    if mtp_count or role is not None:
+                        dropped_layers.add(layer)
+                        continue
+                elif role is None and mtp_count:
+                    pending.append((layer, shard, OutTensor(name, info.dtype, info.shape, [(base + info.start, info.nbytes)])))
+                    continue
+            mtp_prefix = layout.mtp_prefix_of(name)
+            if mtp_prefix is not None:
+                # MTP blocks stored outside the layer stack (Qwen3-Next's mtp.*) hold experts too
+                dropped_prefixes.add(mtp_prefix)
+                continue
+            whole = [(base + info.start, info.nbytes)]
+            if role is None:
+                out.append(OutTensor(name, info.dtype, info.shape, whole))
+                continue
+            keep = mask.layers.get(role.layer)
+            if keep is None:
+                continue  # an expert tensor in a layer config.json calls dense: reported by the check below
+            if role.kind == "expert":
+                if role.expert in keep:
+                    out.append(OutTensor(role.renamed(name, keep.index(role.expert)), info.dtype, info.shape, whole))
+                continue
+            axis = role.axis
+            if axis >= len(info.shape) or info.shape[axis] != E:
+                continue  # reported by the check below
+            shape = info.shape[:axis] + (kept,) + info.shape[axis + 1 :]
+            out.append(OutTensor(name, info.dtype, shape, slice_ranges(info, base, axis, keep, E)))
+    problems = check.result()
     if problems:
         raise ReapError(*problems[0])
-    mtp_count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
-    kept_mtp = _kept_mtp_layers(ckpt, roles, mask, mask_path)
+    kept_mtp = _kept_mtp_layers(role_layers_past_stack, mask, mask_path)
+    for layer, shard, t in pending:
+        if layer in kept_mtp:
+            per_shard[shard].append(t)
+        else:
+            dropped_layers.add(layer)
     notes = []
     unmatched = sorted(l for l in mask.layers if l >= n and l not in kept_mtp)
     if unmatched:
         notes.append(f"the mask has experts for multi-token-prediction layers {unmatched}, which this checkpoint "
                      "does not store: nothing to keep there")
-    dropped_layers: set[int] = set()
-    dropped_prefixes: set[str] = set()
-    per_shard: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
-
-    for name, (shard, info) in tensors.items():
-        base = ckpt.header(shard).data_offset
-        layer = layout.layer_of(name)
-        role = roles.get(name)
-        if layer is not None and layer >= n and layer not in kept_mtp:
-            # Layers past the decoder stack are multi-token-prediction blocks that transformers
-            # does not run; kept unpruned they would have the old expert count. A mask measured
-            # with `calibrate --mtp calibrate` covers them, and they are pruned like the others.
-            if mtp_count or role is not None:
-                dropped_layers.add(layer)
-                continue
-        mtp_prefix = layout.mtp_prefix_of(name)
-        if mtp_prefix is not None:
-            # MTP blocks stored outside the layer stack (Qwen3-Next's mtp.*) hold experts too
-            dropped_prefixes.add(mtp_prefix)
-            continue
-        whole = [(base + info.start, info.nbytes)]
-        if role is None:
-            per_shard[shard].append(OutTensor(name, info.dtype, info.shape, whole))
-            continue
-        keep = mask.layers[role.layer]
-        if role.kind == "expert":
-            if role.expert in keep:
-                per_shard[shard].append(OutTensor(role.renamed(name, keep.index(role.expert)), info.dtype, info.shape, whole))
-            continue
-        axis = role.axis
-        shape = info.shape[:axis] + (kept,) + info.shape[axis + 1 :]
-        per_shard[shard].append(OutTensor(name, info.dtype, shape, slice_ranges(info, base, axis, keep, E)))
 
     shards = []
     for source in ckpt.shards:
@@ -184,19 +212,18 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
         if not out:
             continue
         order = write_order([(t.name, t.dtype) for t in out])
-        shards.append(OutShard(source, [out[i] for i in order], {"format": "pt", **(ckpt.header(source).metadata or {})}))
+        shards.append(OutShard(source, [out[i] for i in order], {"format": "pt", **(metadata[source] or {})}))
     n = len(shards)
     for i, shard in enumerate(shards, 1):
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
 
     config, changes = rewrite_config(ckpt, kept, bool(dropped_layers or dropped_prefixes), mask.layers)
     return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes),
-                       sorted(kept_mtp), notes)
+                       sorted(kept_mtp), notes, bytes_before)
 
 
-def _kept_mtp_layers(ckpt: Checkpoint, roles: dict[str, TensorRole], mask: Mask, mask_path: Path) -> set[int]:
+def _kept_mtp_layers(on_disk: set[int], mask: Mask, mask_path: Path) -> set[int]:
     """MTP layers (past the stack) with routed experts that the mask covers: all of them or none."""
-    on_disk = {role.layer for role in roles.values() if role.layer >= ckpt.num_hidden_layers}
     covered = on_disk & set(mask.layers)
     if covered and covered != on_disk:
         raise ReapError(mask_path, f"the mask covers multi-token-prediction layers {sorted(covered)} but not "
@@ -252,23 +279,31 @@ def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
     return config, changes
 
 
-def write_shards(plan: SurgeryPlan, src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> None:
+def write_shards(plan: SurgeryPlan, src: Path, dst: Path, progress: Callable[[int], None] | None = None,
+                 jobs: int = 1, name_of: Callable[[Path], Path] = lambda p: p) -> None:
+    """Every output shard, complete: headers first (files created at their final size), then the
+    tensor bytes, copied by `jobs` workers in pieces; adjacent source ranges become one copy."""
+    work = []
     for shard in plan.shards:
         header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors], shard.metadata)
-        src_fd = os.open(src / shard.source, os.O_RDONLY)
+        fd = os.open(dst / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            dst_fd = os.open(dst / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(dst_fd, header)
-                for t in shard.tensors:
-                    for off, n in t.ranges:
-                        copy_range(src_fd, dst_fd, off, n)
-                    if progress:
-                        progress(t.nbytes)
-            finally:
-                os.close(dst_fd)
+            os.write(fd, header)
+            os.ftruncate(fd, len(header) + shard.nbytes)
         finally:
-            os.close(src_fd)
+            os.close(fd)
+        work.append((shard, len(header)))
+
+    def all_pieces():
+        for shard, start in work:
+            yield from pieces(src / shard.source, dst / shard.name, start, shard_ranges(shard))
+
+    run_pieces(all_pieces(), jobs, progress, name_of)
+
+
+def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
+    """The source ranges of an output shard's data, in output order, each contiguous run merged."""
+    return coalesce(r for t in shard.tensors for r in t.ranges)
 
 
 def write_index(plan: SurgeryPlan, ckpt: Checkpoint, dst: Path) -> None:
@@ -308,10 +343,12 @@ def apply_mask(
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[SurgeryPlan], None] | None = None,
     layout: Layout | None = None,
+    jobs: int | None = None,
 ) -> ApplyResult:
     """Write the pruned checkpoint to out_path; the output appears only once complete.
 
-    `layout` overrides the built-in layout chosen from config.json (a user's layout file)."""
+    `layout` overrides the built-in layout chosen from config.json (a user's layout file);
+    `jobs` copy workers run at once (default: from the CPU count)."""
     mask_path, out_path = Path(mask_path), Path(out_path)
     ckpt = Checkpoint.open(ckpt_path, layout)
     check_output(ckpt.path, out_path, overwrite)
@@ -319,7 +356,7 @@ def apply_mask(
     if on_plan:
         on_plan(plan)
     with staged_output(out_path) as tmp:
-        write_shards(plan, ckpt.path, tmp, progress)
+        write_shards(plan, ckpt.path, tmp, progress, jobs or default_jobs(), lambda p: out_path / p.name)
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
@@ -336,7 +373,7 @@ def apply_mask(
         out=Path(out_path),
         shards=len(plan.shards),
         bytes_written=plan.total_size,
-        bytes_before=sum(i.nbytes for _, i in ckpt.tensors().values()),
+        bytes_before=plan.bytes_before,
         experts_before=plan.experts_before,
         experts_after=plan.kept,
         moe_layers=len(plan.moe_layers),

@@ -41,7 +41,7 @@ def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_
         "shards": [{"name": s.name, "source": s.source, "tensors": len(s.tensors), "bytes": s.nbytes}
                    for s in plan.shards],
         "bytes": plan.total_size,
-        "bytes_before": sum(info.nbytes for _, info in ckpt.tensors().values()),
+        "bytes_before": plan.bytes_before,
         "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
         "dropped_layers": plan.dropped_layers,
         "dropped_prefixes": plan.dropped_prefixes,

@@ -53,43 +53,60 @@ def tensor_role(ckpt: Checkpoint, name: str, info: TensorInfo) -> TensorRole | N
     return ckpt.layout.classify(name) or router_companion(ckpt.layout, name, info.shape, ckpt.num_experts)
 
 
-def tensor_roles(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]]) -> dict[str, TensorRole]:
-    """The role of every expert, router or router-companion tensor, by name (one pass over the names)."""
-    return {name: role for name, (_, info) in tensors.items() if (role := tensor_role(ckpt, name, info)) is not None}
+class ExpertCheck:
+    """Where expert and router tensors disagree with config.json, gathered tensor by tensor.
 
-
-def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]],
-                           roles: dict[str, TensorRole] | None = None) -> list[tuple[Path, str]]:
-    """Where expert and router tensors disagree with config.json, as (file, problem).
-
-    Layers stored past the decoder stack (multi-token prediction) are checked like MoE layers:
-    whether kept or dropped, none may be left with another expert count. MTP tensors outside
-    the layer stack (Qwen3-Next's mtp.*) are left out: apply always drops them.
+    Fed one tensor at a time (with its role, classified once by the caller), so a pass over
+    the shards can check while it plans. Layers stored past the decoder stack
+    (multi-token prediction) are checked like MoE layers: whether kept or dropped, none may be
+    left with another expert count. MTP tensors outside the layer stack (Qwen3-Next's mtp.*)
+    are left out: apply always drops them.
     """
-    E, n = ckpt.num_experts, ckpt.num_hidden_layers
-    roles = tensor_roles(ckpt, tensors) if roles is None else roles
-    checked = {name: (*tensors[name], role) for name, role in sorted(roles.items())
-               if ckpt.layout.mtp_prefix_of(name) is None}
-    moe = set(ckpt.moe_layers) | {role.layer for _, _, role in checked.values() if role.layer >= n}
-    experts: dict[int, set[int]] = {l: set() for l in moe}
-    routers = {l: 0 for l in moe}
-    problems: list[tuple[Path, str]] = []
-    for name, (shard, info, role) in checked.items():
-        if role.layer not in moe:
-            problems.append((ckpt.path / shard, f"tensor {name!r} is an expert or router tensor but config.json says "
-                                                f"layer {role.layer} is not an MoE layer"))
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt, self.E = ckpt, ckpt.num_experts
+        self.moe = set(ckpt.moe_layers)
+        self.experts: dict[int, set[int]] = {}
+        self.routers: dict[int, int] = {}
+        self.problems: list[tuple[str, Path, str]] = []  # (tensor name, file, problem): sorted by name at the end
+
+    def add(self, name: str, shard: str, info: TensorInfo, role: TensorRole) -> None:
+        ckpt = self.ckpt
+        if ckpt.layout.mtp_prefix_of(name) is not None:
+            return
+        if role.layer not in self.moe and role.layer < ckpt.num_hidden_layers:
+            self.problems.append((name, ckpt.path / shard, f"tensor {name!r} is an expert or router tensor but "
+                                  f"config.json says layer {role.layer} is not an MoE layer"))
         elif role.kind == "expert":
-            experts[role.layer].add(role.expert)
-        elif role.axis >= len(info.shape) or info.shape[role.axis] != E:
-            problems.append((ckpt.path / shard, f"tensor {name!r} has shape {list(info.shape)}; config says {E} "
-                                                f"experts, expected on axis {role.axis}"))
+            self.experts.setdefault(role.layer, set()).add(role.expert)
+        elif role.axis >= len(info.shape) or info.shape[role.axis] != self.E:
+            self.problems.append((name, ckpt.path / shard, f"tensor {name!r} has shape {list(info.shape)}; config "
+                                  f"says {self.E} experts, expected on axis {role.axis}"))
         elif role.kind == "router":
-            routers[role.layer] += 1
-    for layer in sorted(moe):
-        if not routers[layer]:
-            problems.append((ckpt.path, f"MoE layer {layer} has no router tensor matching the {ckpt.layout.name} layout"))
-        if experts[layer] and experts[layer] != set(range(E)):
-            absent, extra = sorted(set(range(E)) - experts[layer]), sorted(experts[layer] - set(range(E)))
-            detail = f"lacks tensors of experts {absent[:8]}" if absent else f"has tensors of experts {extra[:8]}"
-            problems.append((ckpt.path, f"MoE layer {layer} {detail}; config says {E} experts"))
-    return problems
+            self.routers[role.layer] = self.routers.get(role.layer, 0) + 1
+        if role.layer >= ckpt.num_hidden_layers:
+            self.experts.setdefault(role.layer, set())
+
+    def result(self) -> list[tuple[Path, str]]:
+        """Every problem as (file, problem): tensors by name, then layers in order."""
+        E, ckpt = self.E, self.ckpt
+        problems = [(where, msg) for _, where, msg in sorted(self.problems, key=lambda p: p[0])]
+        for layer in sorted(self.moe | {l for l in self.experts if l >= ckpt.num_hidden_layers}):
+            experts = self.experts.get(layer, set())
+            if not self.routers.get(layer):
+                problems.append((ckpt.path, f"MoE layer {layer} has no router tensor matching the {ckpt.layout.name} layout"))
+            if experts and experts != set(range(E)):
+                absent, extra = sorted(set(range(E)) - experts), sorted(experts - set(range(E)))
+                detail = f"lacks tensors of experts {absent[:8]}" if absent else f"has tensors of experts {extra[:8]}"
+                problems.append((ckpt.path, f"MoE layer {layer} {detail}; config says {E} experts"))
+        return problems
+
+
+def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]]) -> list[tuple[Path, str]]:
+    """Where expert and router tensors disagree with config.json, as (file, problem)."""
+    check = ExpertCheck(ckpt)
+    for name, (shard, info) in tensors.items():
+        role = tensor_role(ckpt, name, info)
+        if role is not None:
+            check.add(name, shard, info, role)
+    return check.result()
