@@ -14,7 +14,7 @@ from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.mask import load_mask
 from reapsurgery.evaluation.evaluate import evaluate
 from reapsurgery.evaluation.variants import resident, sized_variant
-from tests.helpers import apply_leaving_source_untouched, cli, write_mask
+from tests.helpers import apply_leaving_source_untouched, write_mask
 from tests.reference import decoder_layers, load, text_model
 
 LENGTHS = [7, 12, 3, 10, 5]
@@ -131,3 +131,71 @@ def test_keeping_every_expert_costs_nothing(checkpoints, tmp_path, family):
     assert got["top1_agreement"] == 1.0
     assert got["perplexity"] == pytest.approx(report["original"]["perplexity"], rel=1e-9)
     assert all(e["relative_error"] == pytest.approx(0, abs=1e-9) for e in got["layers"].values())
+
+
+def cli(*args):
+    """The command line in-process (each subprocess would pay torch's import)."""
+    from click.testing import CliRunner
+
+    from reapsurgery.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_both_forms_write_one_report_in_the_order_given(checkpoints, tmp_path):
+    src = checkpoints["qwen3_moe"]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in samples(4)))
+    sal = tmp_path / "saliency.json"
+    assert cli("calibrate", src, "-o", sal, "-q", "--num-samples", 4, "--max-length", 32).exit_code == 0
+    mask = write_mask(src, [0, 3, 4, 6], tmp_path / "m.json")
+    report = tmp_path / "report.json"
+    r = cli("evaluate", src, sal, "--mask", mask, "--sparsity", "0.25,0.5", "--dataset", data, "--batch-size", 2,
+            "--dtype", "float32", "-q", "-o", report)
+    assert r.exit_code == 0, r.output
+    got = json.loads(report.read_text())
+    assert got["format"] == "reapsurgery.evaluation" and got["version"] == 1
+    assert [v["experts_kept"] for v in got["variants"]] == [4, 6, 4]
+    assert got["variants"][0]["mask_sha256"] == load_mask(mask).sha256
+    # the planned mask is the one `plan` writes
+    planned = tmp_path / "planned.json"
+    assert cli("plan", sal, "--sparsity", 0.5, "-o", planned).exit_code == 0
+    assert got["variants"][2]["mask_sha256"] == load_mask(planned).sha256
+    assert got["data"]["predicted_positions"] == sum(n - 1 for n in LENGTHS)
+    assert "saliency.json --sparsity 0.25" in r.stdout and "original" in r.stdout
+    # the same numbers as the library gives for that mask
+    (one,) = evaluate(src, variants_for(src, [[0, 3, 4, 6]], tmp_path), samples(4), batch_size=2,
+                      device="cpu", dtype="float32").to_json()["variants"]
+    assert got["variants"][0]["kl_mean"] == pytest.approx(one["kl_mean"], rel=1e-6)  # other batches: other sums
+
+
+@pytest.mark.parametrize("args, problem", [
+    ((), "nothing to evaluate"),
+    (("--sparsity", "0.5"), "need a SALIENCY file"),
+    (("--mask", "{other}"), "does not match"),
+])
+def test_cli_refuses_in_one_line_before_running(checkpoints, tmp_path, args, problem):
+    other = write_mask(checkpoints["mixtral"], [0, 1], tmp_path / "other.json")
+    report = tmp_path / "report.json"
+    r = cli("evaluate", checkpoints["qwen3_moe"], *[a.format(other=other) for a in args], "-o", report)
+    assert r.exit_code == 2
+    assert r.output.startswith("error: ") and problem in r.output and len(r.output.strip().splitlines()) == 1
+    assert not report.exists()
+
+
+def test_plot_draws_a_png_or_says_what_is_missing(tmp_path, monkeypatch):
+    import sys
+
+    from reapsurgery.errors import ReapError
+    from reapsurgery.evaluation.report import plot_report
+
+    report = {"model": {"architecture": "X"}, "data": {"predicted_positions": 3},
+              "original": {"experts": 8, "bytes": 1 << 20, "perplexity": 2.0},
+              "variants": [{"experts_kept": 4, "bytes": 1 << 19, "perplexity": 3.0, "kl_mean": 0.1,
+                            "top1_agreement": 0.9}]}
+    pytest.importorskip("matplotlib")
+    plot_report(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ReapError, match=r"pip install 'reapsurgery\[plot\]'"):
+        plot_report(report, tmp_path / "q.png")
