@@ -21,7 +21,7 @@ from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.derive import derive_layout, derived_layout, logical_names
 from reapsurgery.errors import ReapError
 from reapsurgery.common.layouts import Layout, builtin_layouts
-from reapsurgery.surgery.verify import tensor_roles
+from reapsurgery.surgery.verify import tensor_role
 
 
 def derived(path) -> Checkpoint:
@@ -39,7 +39,8 @@ def facts(ckpt: Checkpoint) -> dict:
         "mtp key": layout.mtp_key if layout.mtp_key in cfg else None,
         "fingerprint": ckpt.fingerprint(),
         "mtp tensors": sorted(t for t in ckpt.weight_map if layout.is_mtp(t, n)),
-        "roles": tensor_roles(ckpt, ckpt.tensors()),
+        "roles": {name: role for name, (_, info) in ckpt.tensors().items()
+                  if (role := tensor_role(ckpt, name, info)) is not None},
     }
 
 

@@ -26,11 +26,16 @@ from .fused import FusedTarget, read_fused, readable, stacks_only
 from .observe import IMPL_NAME
 
 
-def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model class for the checkpoint's config, with every tensor on the meta device."""
+def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False,
+                   experts_implementation: str | None = IMPL_NAME) -> nn.Module:
+    """The model class for the checkpoint's config, with every tensor on the meta device.
+
+    Experts run through `experts_implementation` (calibration's observer by default; None:
+    transformers' own default, as from_pretrained runs them)."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     strip_quantization(config)  # built unquantized; quantized layers are dequantised as they are read
-    config._experts_implementation = IMPL_NAME  # recurses into sub-configs
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation  # recurses into sub-configs
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
@@ -95,9 +100,10 @@ def read_tensors(ckpt: Checkpoint, keys: list[str], device: str | torch.device =
 class StreamedModel:
     """The skeleton plus the knowledge of which checkpoint keys belong to which decoder layer."""
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+                 experts_implementation: str | None = IMPL_NAME):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
-        self.model = build_skeleton(ckpt.path, dtype, trust_remote_code)
+        self.model = build_skeleton(ckpt.path, dtype, trust_remote_code, experts_implementation)
         self.converter = LayoutConverter(self.model)
         self.decoder = find_decoder(self.model)
         self.layers = self.decoder.layers

@@ -12,6 +12,7 @@ import click
 from .. import __version__
 from .apply import apply, verify
 from .calibrate import calibrate, merge_saliency
+from .evaluate import evaluate
 from .inspect import architectures, inspect_cmd
 from .plan import plan
 
@@ -46,6 +47,7 @@ def main() -> None:
     Typical run:
       reapsurgery calibrate ckpt/ -o saliency.json --dataset data.jsonl  # measure experts
       reapsurgery plan saliency.json --sparsity 0.5 -o mask.json         # choose experts
+      reapsurgery evaluate ckpt/ --mask mask.json # what it costs: KL, agreement, perplexity
       reapsurgery apply mask.json ckpt/ out/      # write the pruned checkpoint
       reapsurgery verify out/                     # check it is self-consistent
     """
@@ -56,6 +58,7 @@ main.add_command(calibrate)
 main.add_command(merge_saliency)
 main.add_command(plan)
 main.add_command(apply)
+main.add_command(evaluate)
 main.add_command(verify)
 main.add_command(inspect_cmd)
 main.add_command(architectures)

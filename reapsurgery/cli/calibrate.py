@@ -6,28 +6,19 @@ from pathlib import Path
 
 import click
 
-from .common import layout_from, layout_option, one_line_errors
+from .common import data_options, layout_from, layout_option, load_data, one_line_errors, run_options
 
 
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write saliency.json.")
-@click.option("--dataset", help="Local .jsonl/.json/.parquet/.txt file or a cached hub dataset id. Default: built-in text.")
-@click.option("--text-field", help="Field holding the text (default: text, content or prompt).")
-@click.option("--num-samples", default=512, show_default=True, help="Calibration samples to use.")
-@click.option("--max-length", default=2048, show_default=True, help="Tokens per sample, at most.")
-@click.option("--seed", default=0, show_default=True, help="Seed for sample selection.")
-@click.option("--batch-size", default=8, show_default=True, help="Samples per forward batch.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="auto", show_default=True,
-              help="Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+@data_options
+@run_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code.")
 @click.option("--mtp", type=click.Choice(["drop", "calibrate"]), default="drop", show_default=True,
               help="Multi-token-prediction layers stored past the decoder stack (DeepSeek-V3, GLM-4.x): "
                    "'drop' leaves them out, and apply drops them; 'calibrate' measures their experts from the "
                    "MTP block's own inputs, and plan/apply prune and keep them (for speculative decoding).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @layout_option
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
@@ -45,16 +36,13 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     from tqdm import tqdm
 
     from ..calibration.calibrate import calibrate as run_calibrate
-    from ..calibration.data import load_samples
 
     if mtp == "calibrate":  # refuse before the data and the model are loaded
         from ..common.checkpoint import Checkpoint
         from ..calibration.mtp import mtp_layers_on_disk
 
         mtp_layers_on_disk(Checkpoint.open(ckpt, layout_from(layout_file)))
-    data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
-                        text_field=text_field)
-    provenance = {"dataset": data.description, "max_length": max_length, "seed": seed}
+    data, provenance = load_data(ckpt, dataset, text_field, num_samples, max_length, seed)
     saliency = run_calibrate(
         ckpt, data.samples, batch_size=batch_size, device=device, dtype=dtype,
         state_dir=Path(f"{output}.resume"), resume=resume, trust_remote_code=trust_remote_code,

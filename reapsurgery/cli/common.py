@@ -52,13 +52,17 @@ PLAN_FLAGS = {"sparsity": "--sparsity", "keep": "--keep", "method": "--method",
               "pins": "--preserve", "strict": "--strict"}
 
 
-def plan_options(fn):
-    """Add the planning options (--sparsity, --keep, --method, --preserve..., --strict) to a command."""
+def plan_options(fn=None, *, lists: bool = False):
+    """Add the planning options (--sparsity, --keep, --method, --preserve..., --strict) to a command.
+
+    With lists=True (`evaluate`), --sparsity and --keep take comma-separated values, one mask each."""
+    many = " Comma-separated values plan one mask each." if lists else ""
     options = [
-        click.option("--sparsity", type=float, metavar="F",
+        click.option("--sparsity", type=str if lists else float, metavar="F[,F...]" if lists else "F",
                      help="Fraction of routed experts removed from every MoE layer; experts dropped per layer = "
-                          "F*E rounded to the nearest integer (halves up)."),
-        click.option("--keep", type=int, metavar="N", help="Experts kept per MoE layer (instead of --sparsity)."),
+                          "F*E rounded to the nearest integer (halves up)." + many),
+        click.option("--keep", type=str if lists else int, metavar="N[,N...]" if lists else "N",
+                     help="Experts kept per MoE layer (instead of --sparsity)." + many),
         click.option("--method", type=click.Choice(METHODS), default=None,
                      help="Saliency score that ranks experts; default reap (see `reapsurgery plan --help`)."),
         click.option("--preserve-super-experts", is_flag=True,
@@ -72,9 +76,13 @@ def plan_options(fn):
                      help="Group-limited routers: refuse a drop count that is not a multiple of n_group "
                           "instead of rounding it to the nearest multiple."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+
+    def add(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return add(fn) if fn is not None else add
 
 
 def plan_kwargs(opts: dict) -> dict:
@@ -83,6 +91,48 @@ def plan_kwargs(opts: dict) -> dict:
     return dict(sparsity=opts["sparsity"], keep=opts["keep"], method=opts["method"] or "reap",
                 preserve_super_experts=opts["preserve_super_experts"],
                 preserve_outliers=opts["preserve_outliers"], pins=parse_pins(opts["pins"]), strict=opts["strict"])
+
+
+# -- running a model over data: options shared by `calibrate` and `evaluate` ------------
+
+
+def data_options(fn):
+    """--dataset, --text-field, --num-samples, --max-length, --seed: which token ids to run."""
+    options = [
+        click.option("--dataset", help="Local .jsonl/.json/.parquet/.txt file or a cached hub dataset id. "
+                                       "Default: built-in text."),
+        click.option("--text-field", help="Field holding the text (default: text, content or prompt)."),
+        click.option("--num-samples", default=512, show_default=True, help="Samples to use."),
+        click.option("--max-length", default=2048, show_default=True, help="Tokens per sample, at most."),
+        click.option("--seed", default=0, show_default=True, help="Seed for sample selection."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def run_options(fn):
+    """--batch-size, --device, --dtype, --trust-remote-code, --quiet: how the streamed model runs."""
+    options = [
+        click.option("--batch-size", default=8, show_default=True, help="Samples per forward batch."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", default="auto", show_default=True,
+                     help="Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int):
+    """The samples of data_options, and their provenance for the output file."""
+    from ..calibration.data import load_samples
+
+    data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
+                        text_field=text_field)
+    return data, {"dataset": data.description, "max_length": max_length, "seed": seed}
 
 
 LAYOUT_HELP = ("A layout file (JSON, the fields of an entry of reapsurgery/common/layouts.json) describing the "

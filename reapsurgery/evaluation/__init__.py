@@ -1,0 +1,1 @@
+"""Evaluating pruned variants before writing them: layer-streamed KL, agreement and perplexity."""

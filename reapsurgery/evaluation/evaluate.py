@@ -1,0 +1,182 @@
+"""Layer-streamed evaluation of pruned variants against the original model, in one pass.
+
+Each decoder layer is read from the shards once and run over every batch for the original
+model; then, for each variant in turn, the layer as the pruned checkpoint holds it (built
+for the pruned expert count, filled with sliced tensors; dense layers are the original's)
+runs over that variant's own hidden states, and is released. So memory holds one layer,
+one variant's pruned copy of it, and the hidden states of the original and every variant.
+At the end the final norm and LM head (read once) turn every final hidden state into
+next-token metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__
+from ..calibration.calibrate import BarFactory, make_batches, resolve_device, resolve_dtype
+from ..calibration.streaming import StreamedModel
+from ..common.checkpoint import Checkpoint
+from ..common.layouts import Layout
+from ..errors import ReapError
+from .head import LayerError, TokenMetrics, head_only, load_head, score
+from .variants import Variant, fill_pruned, pruned_skeleton, release
+
+EVALUATION_FORMAT = "reapsurgery.evaluation"
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    metrics: TokenMetrics
+    layers: dict[int, LayerError]
+
+    def to_json(self, num_experts: int) -> dict:
+        after = self.variant.size["after"]
+        return {
+            "source": self.variant.label,
+            "mask_sha256": self.variant.sha256,
+            "sparsity": (num_experts - self.variant.experts_kept) / num_experts,
+            "experts_kept": self.variant.experts_kept,
+            "params": after["params"],
+            "active_params": after["active_params"],
+            "bytes": after["bytes"],
+            **self.metrics.to_json(),
+            "layers": {str(l): {"relative_error": e.relative()} for l, e in sorted(self.layers.items())},
+        }
+
+
+@dataclass
+class Evaluation:
+    model: dict
+    data: dict
+    original: TokenMetrics
+    original_size: dict
+    variants: list[VariantResult]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        E = self.model["num_experts"]
+        return {
+            "format": EVALUATION_FORMAT,
+            "version": 1,
+            "model": self.model,
+            "data": self.data,
+            "original": {"experts": E, "params": self.original_size["params"],
+                         "active_params": self.original_size["active_params"], "bytes": self.original_size["bytes"],
+                         **self.original.to_json(original=True)},
+            "variants": [v.to_json(E) for v in self.variants],
+            "notes": self.notes,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    ckpt_path: str | Path,
+    variants: list[Variant],
+    samples: list[list[int]],
+    *,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    provenance: dict | None = None,
+    bar: BarFactory | None = None,
+    layout: Layout | None = None,
+    on_layer: Callable[[int, int | None, StreamedModel, list], None] | None = None,
+) -> Evaluation:
+    """Metrics of each variant (mask) against the original checkpoint on `samples` (token ids).
+
+    `on_layer(i, v, streamed, skeletons)` is called before layer i runs for the original
+    (v None) and for variant v, with every variant's pruned layer list (to check memory)."""
+    if not variants:
+        raise ReapError(None, "nothing to evaluate: give at least one --mask, or a saliency file with --sparsity/--keep")
+    if not samples or all(len(s) < 2 for s in samples):
+        raise ReapError(None, "no evaluation sample has two tokens: nothing to predict")
+    ckpt = Checkpoint.open(ckpt_path, layout)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    streamed = StreamedModel(ckpt, dt, dev, trust_remote_code, experts_implementation=None)
+    n_layers = len(streamed.layers)
+    moe = set(ckpt.moe_layers)
+    notes = []
+    mtp = sorted({l for v in variants for l in v.mask.layers if l >= n_layers})
+    if mtp:
+        notes.append(f"multi-token-prediction layers {mtp} are not run here (transformers does not run them); "
+                     "their pruned experts count in params and bytes only")
+    skeletons = {}  # one meta model per pruned expert count
+    for v in variants:
+        if v.experts_kept not in skeletons:
+            skeletons[v.experts_kept] = pruned_skeleton(streamed, v, trust_remote_code)
+    variant_layers = [skeletons[v.experts_kept] for v in variants]
+
+    pad_id = streamed.model.config.get_text_config().pad_token_id or 0
+    batches = make_batches(samples, batch_size, pad_id)
+    streamed.load_outer()
+    original, calls, masks = [], [], []
+    for ids, am in batches:
+        h, c = streamed.layer_calls(ids.to(dev), am.to(dev))
+        original.append(h)
+        calls.append(c)
+        masks.append(am.reshape(-1).bool().to(dev))
+    streamed.release_embeddings()
+    hidden = [list(original) for _ in variants]
+    errors: list[dict[int, LayerError]] = [{} for _ in variants]
+
+    outer = bar(total=n_layers + 1, desc="layers", unit="layer") if bar else None
+    for i in range(n_layers):
+        layer = streamed.load_layer(i)
+        inner = bar(total=len(batches) * (1 + len(variants)), desc=f"layer {i}", unit="batch", leave=False) if bar else None
+        if on_layer:
+            on_layer(i, None, streamed, variant_layers)
+        original = _run(layer, original, calls, i, inner)
+        for v, variant in enumerate(variants):
+            pruned = layer
+            if i in moe:
+                pruned = fill_pruned(variant_layers[v][i], layer, variant.mask.layers[i], ckpt.num_experts,
+                                     f"decoder layer {i}, {variant.label}")
+            if on_layer:
+                on_layer(i, v, streamed, variant_layers)
+            hidden[v] = _run(pruned, hidden[v], calls, i, inner)
+            if i in moe:
+                release(pruned)
+                err = errors[v][i] = LayerError()
+                for b in range(len(batches)):
+                    err.add(hidden[v][b], original[b], masks[b])
+        if inner:
+            inner.close()
+        streamed.release_layer(i)
+        if outer:
+            outer.update(1)
+
+    load_head(streamed)
+    inner = bar(total=len(batches), desc="LM head", unit="batch", leave=False) if bar else None
+    with head_only(streamed) as logits_of:
+        vocab = streamed.model.config.get_text_config().vocab_size
+        base, metrics = score(logits_of, vocab, original, hidden, batches, inner)
+    if inner:
+        inner.close()
+    if outer:
+        outer.update(1)
+        outer.close()
+
+    data = {**(provenance or {}), "samples": len(samples), "tokens": sum(len(s) for s in samples),
+            "predicted_positions": base.positions, "batch_size": batch_size,
+            "dtype": str(dt).removeprefix("torch."), "device": dev.type, "reapsurgery": __version__}
+    return Evaluation(ckpt.fingerprint(), data, base, variants[0].size["before"],
+                      [VariantResult(v, m, e) for v, m, e in zip(variants, metrics, errors)], notes)
+
+
+def _run(layer, hidden: list[torch.Tensor], calls: list, i: int, bar) -> list[torch.Tensor]:
+    out = []
+    for h, layer_calls in zip(hidden, calls):
+        args, kwargs = layer_calls[i]
+        o = layer(h, *args, **kwargs)
+        out.append(o[0] if isinstance(o, tuple) else o)
+        if bar:
+            bar.update(1)
+    return out

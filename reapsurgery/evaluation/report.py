@@ -1,0 +1,65 @@
+"""report.json (format in README, "Evaluating masks"), its table, and its quality-vs-size plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ReapError
+
+
+def save_report(report: dict, path: str | Path) -> None:
+    """Write atomically: a report is either complete or absent."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[tuple]:
+    """One row for the original, one per variant, in the order given; `size` formats bytes."""
+    orig = report["original"]
+    rows = [("variant", "experts", "sparsity", "size", "perplexity", "KL (nats)", "top-1 agree", "worst layer error"),
+            ("original", orig["experts"], "0", size(orig["bytes"]), f"{orig['perplexity']:.4g}", "0", "1", "-")]
+    for v in report["variants"]:
+        worst = max(v["layers"].items(), key=lambda kv: kv[1]["relative_error"], default=None)
+        rows.append((v["source"], v["experts_kept"], f"{v['sparsity']:.4g}", size(v["bytes"]),
+                     f"{v['perplexity']:.4g}", f"{v['kl_mean']:.4g}", f"{v['top1_agreement']:.4f}",
+                     f"{worst[1]['relative_error']:.3g} (layer {worst[0]})" if worst else "-"))
+    return rows
+
+
+def plot_report(report: dict, path: str | Path) -> None:
+    """KL, top-1 agreement and perplexity against checkpoint size, one point per variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ReapError(path, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
+    gib = 1 << 30
+    orig = report["original"]
+    variants = report["variants"]
+    sizes = [v["bytes"] / gib for v in variants]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = [("kl_mean", "KL(original || pruned), nats", 0.0), ("top1_agreement", "top-1 agreement", 1.0),
+              ("perplexity", "perplexity", orig["perplexity"])]
+    for ax, (key, title, at_original) in zip(axes, panels):
+        ax.plot(sizes, [v[key] for v in variants], "o", label="pruned")
+        ax.plot([orig["bytes"] / gib], [at_original], "s", color="black", label="original")
+        for x, v in zip(sizes, variants):
+            ax.annotate(f"{v['experts_kept']}/{orig['experts']}", (x, v[key]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("checkpoint size (GiB)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{report['model'].get('architecture')}: {report['data'].get('predicted_positions')} predicted tokens "
+                 f"of {report['data'].get('dataset', 'the evaluation data')}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,114 @@
+"""Pruned variants as the checkpoint `apply` would write them, built one layer at a time.
+
+A variant is a mask plus what apply would make of it: its size (inspect's exact accounting
+from surgery's byte plan) and its config changes. Its decoder layers are modules of a model
+built on the meta device from the checkpoint's config with apply's rewrite of the routed-
+expert count, so every module is the one transformers builds for the pruned checkpoint
+(router width, expert count, experts per group). A layer is filled from the original
+layer's converted tensors sliced along the expert axis by retained index: retained experts
+renumbered 0..E'-1 in their original order, which is what apply's byte slicing gives.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from ..calibration.streaming import StreamedModel, find_decoder
+from ..common.checkpoint import Checkpoint
+from ..common.mask import Mask
+from ..errors import ReapError
+from ..inspect import mask_size
+
+
+@dataclass
+class Variant:
+    """One mask to evaluate; `label` says where it came from (a file, or saliency + option)."""
+
+    mask: Mask
+    mask_path: Path
+    label: str
+    sha256: str
+    size: dict = field(default_factory=dict)  # inspect.mask_size: params and bytes before/after
+
+    @property
+    def experts_kept(self) -> int:
+        return self.mask.kept
+
+
+def sized_variant(mask: Mask, mask_path: str | Path, label: str, sha256: str, ckpt: Checkpoint) -> Variant:
+    """Check the mask against the checkpoint (apply's own checks) and size what apply would write."""
+    size = mask_size(mask, mask_path, ckpt.path, ckpt.layout)
+    return Variant(mask, Path(mask_path), label, sha256, size)
+
+
+def pruned_skeleton(streamed: StreamedModel, variant: Variant, trust_remote_code: bool = False) -> nn.ModuleList:
+    """The decoder layers transformers builds for the pruned checkpoint, on the meta device.
+
+    The config is the streamed model's with the routed-expert counts apply rewrites in
+    config.json (the same keys, from surgery's plan); the rest of apply's changes (MTP layer
+    count, quantization settings) do not shape a decoder layer."""
+    config = copy.deepcopy(streamed.model.config)
+    keys = set(streamed.ckpt.layout.num_experts_keys)
+    for dotted, (_, new) in variant.size["config_changes"].items():
+        *path, key = dotted.split(".")
+        if key not in keys:
+            continue
+        target = config
+        for part in path:  # a model built from a nested text config holds that config itself
+            target = target.get_text_config() if part == "text_config" else getattr(target, part)
+        setattr(target, key, new)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=streamed.dtype,
+                                                 trust_remote_code=trust_remote_code)
+    layers = find_decoder(model.eval()).layers
+    if len(layers) != len(streamed.layers):
+        raise ReapError(streamed.ckpt.path, f"the pruned config builds {len(layers)} decoder layers, not {len(streamed.layers)}")
+    return layers
+
+
+def fill_pruned(pruned: nn.Module, original: nn.Module, kept: list[int], num_experts: int, what: str) -> nn.Module:
+    """Load `pruned` (a meta layer built for len(kept) experts) from the loaded `original` layer.
+
+    A tensor whose shape differs from the original's in exactly one axis, of size E there and
+    E' in the pruned module, is sliced there by retained index; every other tensor is shared
+    as is. Non-persistent buffers (rotary frequencies) are taken from the original layer."""
+    source = original.state_dict()
+    index = None
+    state = {}
+    for name, meta in pruned.state_dict().items():
+        t = source.get(name)
+        if t is None:
+            raise ReapError(None, f"{what}: the pruned module has {name}, the original layer does not")
+        if tuple(t.shape) != tuple(meta.shape):
+            axes = [a for a, (x, y) in enumerate(zip(t.shape, meta.shape)) if x != y]
+            if len(t.shape) != len(meta.shape) or len(axes) != 1 or t.shape[axes[0]] != num_experts \
+                    or meta.shape[axes[0]] != len(kept):
+                raise ReapError(None, f"{what}: {name} is {tuple(t.shape)} in the original layer and {tuple(meta.shape)} "
+                                      f"for {len(kept)} experts; only an expert axis ({num_experts} -> {len(kept)}) may differ")
+            if index is None:
+                index = torch.tensor(kept, dtype=torch.long, device=t.device)
+            t = t.index_select(axes[0], index)
+        state[name] = t
+    pruned.load_state_dict(state, strict=True, assign=True)
+    buffers = dict(original.named_buffers())
+    for module_name, module in pruned.named_modules():
+        for b, value in list(module._buffers.items()):
+            if value is not None and value.is_meta:
+                full = f"{module_name}.{b}" if module_name else b
+                module._buffers[b] = buffers[full]
+    return pruned
+
+
+def release(layer: nn.Module) -> None:
+    layer.to_empty(device="meta")
+
+
+def resident(layers: nn.ModuleList) -> list[int]:
+    """Indices of layers holding real (non-meta) tensors."""
+    return [i for i, l in enumerate(layers) if any(not t.is_meta for t in [*l.parameters(), *l.buffers()])]

@@ -1,0 +1,201 @@
+"""`evaluate` reports what the checkpoint `apply` writes would do: every metric equals the one
+computed from the original and the apply-written checkpoint loaded whole with from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from reapsurgery.calibration.calibrate import make_batches
+from reapsurgery.common.checkpoint import Checkpoint
+from reapsurgery.common.mask import load_mask
+from reapsurgery.evaluation.evaluate import evaluate
+from reapsurgery.evaluation.variants import resident, sized_variant
+from tests.helpers import apply_leaving_source_untouched, write_mask
+from tests.reference import decoder_layers, load, text_model
+
+LENGTHS = [7, 12, 3, 10, 5]
+RTOL = 1e-4
+# softmax router; group-limited sigmoid router with correction bias (and an MTP layer on disk);
+# stacked experts with biases; stacked experts outside ExpertsInterface, multimodal wrapper
+FAMILIES = {"qwen3_moe": [[0, 2, 3, 5], [1, 6]],
+            "deepseek_v3": [[0, 2, 5, 7], [1, 3, 4, 6]],  # n_group=2: the same count kept per group
+            "gpt_oss": [[0, 2, 3, 5], [4, 7]],
+            "llama4": [[1, 2, 4, 7], [0, 5]]}
+
+
+def samples(seed: int = 2) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 300, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def variants_for(src, keeps, tmp_path):
+    ckpt = Checkpoint.open(src)
+    out = []
+    for j, keep in enumerate(keeps):
+        path = write_mask(src, keep, tmp_path / f"mask{j}.json")
+        mask = load_mask(path)
+        out.append(sized_variant(mask, path, str(path), mask.sha256, ckpt))
+    return out
+
+
+def reference(path, batches):
+    """Log-probs at every predicted position and each decoder layer's output on real positions,
+    from the whole model loaded with from_pretrained, on the same padded batches."""
+    model, info = load(path)
+    assert not info["missing_keys"]  # (a source's MTP layer is unexpected: transformers does not run it)
+    outputs = []
+    hooks = [l.register_forward_hook(lambda m, a, out, i=i: outputs.append((i, out[0] if isinstance(out, tuple) else out)))
+             for i, l in enumerate(decoder_layers(model))]
+    logp, layers, targets = [], {}, []
+    with torch.no_grad():
+        for ids, am in batches:
+            outputs.clear()
+            logits = text_model(model)(input_ids=ids, attention_mask=am).logits.float()
+            real = am.reshape(-1).bool()
+            for i, h in outputs:
+                layers.setdefault(i, []).append(h.reshape(-1, h.shape[-1])[real].double())
+            predicted = am[:, :-1].bool() & am[:, 1:].bool()
+            logp.append(torch.log_softmax(logits[:, :-1][predicted], dim=-1).double())
+            targets.append(ids[:, 1:][predicted])
+    for h in hooks:
+        h.remove()
+    return torch.cat(logp), torch.cat(targets), {i: torch.cat(v) for i, v in layers.items()}
+
+
+def perplexity(logp, y) -> float:
+    return math.exp(float(-logp.gather(1, y[:, None]).mean()))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_metrics_equal_those_of_the_applied_checkpoint(checkpoints, tmp_path, family):
+    src = checkpoints[family]
+    keeps = FAMILIES[family]
+    variants = variants_for(src, keeps, tmp_path)
+    residency: list[tuple] = []
+
+    def on_layer(i, v, streamed, skeletons):
+        distinct = {id(s): s for s in skeletons}  # variants keeping as many experts share one skeleton
+        pruned = [(w, l) for w, s in enumerate(skeletons) for l in resident(s) if distinct.pop(id(s), None) is not None]
+        residency.append((i, v, streamed.resident_layers(), pruned, resident(skeletons[v]) if v is not None else None))
+
+    result = evaluate(src, variants, samples(), batch_size=2, device="cpu", dtype="float32", on_layer=on_layer)
+    report = result.to_json()
+    ckpt = Checkpoint.open(src)
+    batches = make_batches(samples(), 2)
+
+    lo, y, layers_o = reference(src, batches)
+    assert report["original"]["perplexity"] == pytest.approx(perplexity(lo, y), rel=RTOL)
+    assert report["data"]["predicted_positions"] == y.numel() == sum(n - 1 for n in LENGTHS)
+    assert report["model"] == ckpt.fingerprint()
+    assert [v["mask_sha256"] for v in report["variants"]] == [v.sha256 for v in variants]
+    for j, (keep, got) in enumerate(zip(keeps, report["variants"])):
+        out = tmp_path / f"out{j}"
+        apply_leaving_source_untouched(variants[j].mask_path, src, out)
+        lv, yv, layers_v = reference(out, batches)
+        assert torch.equal(y, yv)
+        kl = float((lo.exp() * (lo - lv)).sum(-1).mean())
+        assert got["kl_mean"] == pytest.approx(kl, rel=RTOL, abs=1e-7)
+        assert got["top1_agreement"] == float((lo.argmax(-1) == lv.argmax(-1)).double().mean())
+        assert got["perplexity"] == pytest.approx(perplexity(lv, yv), rel=RTOL)
+        assert got["experts_kept"] == len(keep)
+        assert got["sparsity"] == (ckpt.num_experts - len(keep)) / ckpt.num_experts
+        written = Checkpoint.open(out).tensors().values()
+        assert got["bytes"] == sum(info.nbytes for _, info in written)
+        assert got["params"] == sum(math.prod(info.shape) for _, info in written)
+        assert sorted(map(int, got["layers"])) == ckpt.moe_layers
+        for l, e in got["layers"].items():
+            ref = float((layers_v[int(l)] - layers_o[int(l)]).norm() / layers_o[int(l)].norm())
+            assert e["relative_error"] == pytest.approx(ref, rel=RTOL, abs=1e-6)
+    # memory: at each step only layer i of the original, and at most variant v's copy of it, hold tensors
+    n = ckpt.num_hidden_layers
+    assert [step[:2] for step in residency] == [(i, v) for i in range(n) for v in [None, *range(len(keeps))]]
+    for i, v, original, pruned, mine in residency:
+        assert original == [i]
+        if v is None or i not in ckpt.moe_layers:
+            assert pruned == []
+        else:
+            assert len(pruned) == 1 and pruned[0][1] == i and mine == [i]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_keeping_every_expert_costs_nothing(checkpoints, tmp_path, family):
+    src = checkpoints[family]
+    (variant,) = variants_for(src, [list(range(8))], tmp_path)
+    report = evaluate(src, [variant], samples(3), batch_size=3, device="cpu", dtype="float32").to_json()
+    (got,) = report["variants"]
+    assert got["kl_mean"] == pytest.approx(0, abs=1e-9)
+    assert got["top1_agreement"] == 1.0
+    assert got["perplexity"] == pytest.approx(report["original"]["perplexity"], rel=1e-9)
+    assert all(e["relative_error"] == pytest.approx(0, abs=1e-9) for e in got["layers"].values())
+
+
+def cli(*args):
+    """The command line in-process (each subprocess would pay torch's import)."""
+    from click.testing import CliRunner
+
+    from reapsurgery.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_both_forms_write_one_report_in_the_order_given(checkpoints, tmp_path):
+    src = checkpoints["qwen3_moe"]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in samples(4)))
+    sal = tmp_path / "saliency.json"
+    assert cli("calibrate", src, "-o", sal, "-q", "--num-samples", 4, "--max-length", 32).exit_code == 0
+    mask = write_mask(src, [0, 3, 4, 6], tmp_path / "m.json")
+    report = tmp_path / "report.json"
+    r = cli("evaluate", src, sal, "--mask", mask, "--sparsity", "0.25,0.5", "--dataset", data, "--batch-size", 2,
+            "--dtype", "float32", "-q", "-o", report)
+    assert r.exit_code == 0, r.output
+    got = json.loads(report.read_text())
+    assert got["format"] == "reapsurgery.evaluation" and got["version"] == 1
+    assert [v["experts_kept"] for v in got["variants"]] == [4, 6, 4]
+    assert got["variants"][0]["mask_sha256"] == load_mask(mask).sha256
+    # the planned mask is the one `plan` writes
+    planned = tmp_path / "planned.json"
+    assert cli("plan", sal, "--sparsity", 0.5, "-o", planned).exit_code == 0
+    assert got["variants"][2]["mask_sha256"] == load_mask(planned).sha256
+    assert got["data"]["predicted_positions"] == sum(n - 1 for n in LENGTHS)
+    assert "saliency.json --sparsity 0.25" in r.stdout and "original" in r.stdout
+    # the same numbers as the library gives for that mask
+    (one,) = evaluate(src, variants_for(src, [[0, 3, 4, 6]], tmp_path), samples(4), batch_size=2,
+                      device="cpu", dtype="float32").to_json()["variants"]
+    assert got["variants"][0]["kl_mean"] == pytest.approx(one["kl_mean"], rel=1e-6)  # other batches: other sums
+
+
+@pytest.mark.parametrize("args, problem", [
+    ((), "nothing to evaluate"),
+    (("--sparsity", "0.5"), "need a SALIENCY file"),
+    (("--mask", "{other}"), "does not match"),
+])
+def test_cli_refuses_in_one_line_before_running(checkpoints, tmp_path, args, problem):
+    other = write_mask(checkpoints["mixtral"], [0, 1], tmp_path / "other.json")
+    report = tmp_path / "report.json"
+    r = cli("evaluate", checkpoints["qwen3_moe"], *[a.format(other=other) for a in args], "-o", report)
+    assert r.exit_code == 2
+    assert r.output.startswith("error: ") and problem in r.output and len(r.output.strip().splitlines()) == 1
+    assert not report.exists()
+
+
+def test_plot_draws_a_png_or_says_what_is_missing(tmp_path, monkeypatch):
+    import sys
+
+    from reapsurgery.errors import ReapError
+    from reapsurgery.evaluation.report import plot_report
+
+    report = {"model": {"architecture": "X"}, "data": {"predicted_positions": 3},
+              "original": {"experts": 8, "bytes": 1 << 20, "perplexity": 2.0},
+              "variants": [{"experts_kept": 4, "bytes": 1 << 19, "perplexity": 3.0, "kl_mean": 0.1,
+                            "top1_agreement": 0.9}]}
+    pytest.importorskip("matplotlib")
+    plot_report(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ReapError, match=r"pip install 'reapsurgery\[plot\]'"):
+        plot_report(report, tmp_path / "q.png")
