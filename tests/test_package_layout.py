@@ -39,7 +39,9 @@ def imported_modules(package: str) -> dict[str, set[str]]:
 @pytest.mark.parametrize("package, forbidden", [("calibration", "reapsurgery.surgery"),
                                                 ("surgery", "reapsurgery.calibration"),
                                                 ("common", "reapsurgery.surgery"),
-                                                ("common", "reapsurgery.calibration")])
+                                                ("common", "reapsurgery.calibration"),
+                                                ("calibration", "reapsurgery.evaluation"),
+                                                ("surgery", "reapsurgery.evaluation")])
 def test_stage_does_not_import_the_other(package, forbidden):
     offenders = {f: sorted(m for m in mods if m == forbidden or m.startswith(forbidden + "."))
                  for f, mods in imported_modules(package).items()}

@@ -23,7 +23,7 @@ from .modelcard import pruned_card
 from .copier import coalesce, default_jobs, pieces, run_pieces
 from .outdir import check_output, staged_output
 from ..common.quant import rewrite_hf_quant_config, rewrite_quantization_config
-from ..common.safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
+from ..common.safetensors_io import DTYPE_BITS, TensorInfo, encode_header, write_order
 from .verify import ExpertCheck, tensor_role
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
