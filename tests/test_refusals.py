@@ -159,7 +159,9 @@ def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):
 
     monkeypatch.setattr(surgery, "copy_range", failing)
     before = tree_hash(src)
-    with pytest.raises(OSError):
+    from reapsurgery.errors import ReapError
+
+    with pytest.raises(ReapError, match="out: cannot write: No space left on device"):  # names where
         surgery.apply_mask(load_mask(mask), mask, src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

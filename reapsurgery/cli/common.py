@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -22,6 +27,36 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread so every cleanup runs as for Ctrl-C.
+
+    `message` says what was left behind; a command that keeps something sets it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+        self.message = "interrupted; nothing was written (no output file or directory was left)"
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP act like Ctrl-C for the duration (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    saved = {s: signal.signal(s, _raise_interrupted) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 def one_line_errors(fn):
     """Turn ReapError (and OS errors on files) into `error: <file>: <problem>` and exit 2."""
 
@@ -32,15 +67,31 @@ def one_line_errors(fn):
         except ReapError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): the group exits quietly
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was left in the output directory", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            message = getattr(e, "message", Interrupted().message)
+            click.echo(message, err=True)
+            sys.exit(128 + int(signum))
 
     return wrapper
+
+
+class DeviceType(click.ParamType):
+    """auto, cpu, cuda or cuda:N, checked when the command line is parsed."""
+
+    name = "DEVICE"
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+", text):
+            return text
+        self.fail(f"{text!r} is not a device reapsurgery calibrates on; use auto, cpu, cuda or cuda:N", param, ctx)
 
 
 
@@ -55,10 +106,10 @@ PLAN_FLAGS = {"sparsity": "--sparsity", "keep": "--keep", "method": "--method",
 def plan_options(fn):
     """Add the planning options (--sparsity, --keep, --method, --preserve..., --strict) to a command."""
     options = [
-        click.option("--sparsity", type=float, metavar="F",
+        click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), metavar="F",
                      help="Fraction of routed experts removed from every MoE layer; experts dropped per layer = "
                           "F*E rounded to the nearest integer (halves up)."),
-        click.option("--keep", type=int, metavar="N", help="Experts kept per MoE layer (instead of --sparsity)."),
+        click.option("--keep", type=click.IntRange(min=1), metavar="N", help="Experts kept per MoE layer (instead of --sparsity)."),
         click.option("--method", type=click.Choice(METHODS), default=None,
                      help="Saliency score that ranks experts; default reap (see `reapsurgery plan --help`)."),
         click.option("--preserve-super-experts", is_flag=True,
