@@ -40,6 +40,7 @@ Fields of an entry (all config keys are read from the text config where one is n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -324,7 +325,7 @@ def load_layout_file(path: str) -> Layout:
 
     d = read_json_object(path, "layout file")
     try:
-        return Layout.from_dict(str(d.get("name", path)), d)
+        return Layout.from_dict(str(d.get("name", Path(path).stem)), d)
     except ReapError as e:
         raise ReapError(path, e.message) from None
 
