@@ -5,7 +5,6 @@ One module per stage's commands; this one only assembles the group, in pipeline 
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -14,7 +13,7 @@ from .. import __version__
 from .apply import apply, verify
 from .calibrate import calibrate, merge_saliency
 from .inspect import architectures, inspect_cmd
-from .common import EXIT_BAD_INPUT, signals_as_interrupts
+from .common import EXIT_BAD_INPUT, quiet_stdout, signals_as_interrupts
 from .plan import plan
 
 
@@ -30,6 +29,7 @@ class PipelineGroup(click.Group):
         try:
             with signals_as_interrupts():
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         except click.UsageError as e:
             hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
             click.echo(f"error: {e.format_message()}{hint}", err=True)
@@ -41,20 +41,12 @@ class PipelineGroup(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except BrokenPipeError:
-            _quiet_stdout()
+            quiet_stdout()
             sys.exit(0)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import signal
 import sys
@@ -57,6 +58,15 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so no later flush (the interpreter's at exit) fails again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def one_line_errors(fn):
     """Turn ReapError (and OS errors on files) into `error: <file>: <problem>` and exit 2."""
 
@@ -67,8 +77,9 @@ def one_line_errors(fn):
         except ReapError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
-        except BrokenPipeError:
-            raise  # the reader went away (`| head`): the group exits quietly
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+            quiet_stdout()
+            sys.exit(0)
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e}", err=True)

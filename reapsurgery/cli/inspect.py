@@ -176,6 +176,7 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the layouts' facts as JSON, for scripts.")
+@one_line_errors
 def architectures(as_json: bool) -> None:
     """List the MoE families reapsurgery knows, with the config keys each reads.
 
