@@ -24,7 +24,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-from .common.checkpoint import Checkpoint, read_json
+from .common.checkpoint import Checkpoint, resolve_checkpoint
+from .common.files import read_json
 from .errors import ReapError
 from .common.layouts import Layout
 from .common.mask import MASK_FORMAT, Mask, load_mask
@@ -200,7 +201,7 @@ def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap"
 
 def file_kind(path: str | Path) -> str:
     """'checkpoint' for a directory, else the JSON file's "format" ('mask' or 'saliency')."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if path.is_dir():
         return "checkpoint"
     data = read_json(path, "file")

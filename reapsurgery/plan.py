@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -160,6 +161,10 @@ def drop_count(num_experts: int, sparsity: float | None = None, keep: int | None
     return num_experts - keep
 
 
+def what_asked(sparsity: float | None, keep: int | None) -> str:
+    return f"--keep {keep}" if keep is not None else f"--sparsity {sparsity}"
+
+
 def parse_pins(text: str | None) -> dict[int, set[int]]:
     """'L:E,L:E,...' -> {layer: {experts}}."""
     pins: dict[int, set[int]] = {}
@@ -170,7 +175,7 @@ def parse_pins(text: str | None) -> dict[int, set[int]]:
         if not item:
             continue
         layer, sep, expert = item.partition(":")
-        if not sep or not layer.strip().isdigit() or not expert.strip().isdigit():
+        if not sep or not re.fullmatch(r"[0-9]+", layer.strip()) or not re.fullmatch(r"[0-9]+", expert.strip()):
             raise ReapError(None, f"--preserve {item!r}: expected LAYER:EXPERT, e.g. 3:17")
         pins.setdefault(int(layer), set()).add(int(expert))
     return pins
@@ -242,6 +247,9 @@ def plan_mask(
                          f"{E - drop} experts kept per layer, sparsity {drop / E:.4g}); --strict refuses instead")
 
     kept_n = E - drop
+    if drop == 0:
+        notes.append(f"{what_asked(sparsity, keep)} drops 0 of {E} experts per layer: every expert is kept "
+                     f"and nothing is pruned (the smallest sparsity that drops one is {0.5 / E:.4g})")
     what = f"--keep {E - requested}" if keep is not None else f"--sparsity {sparsity}"
     if kept_n < top_k:
         best = (E - top_k) / E
@@ -354,10 +362,9 @@ def mask_bytes(mask: Mask) -> bytes:
 
 def save_mask(mask: Mask, path: str | Path) -> None:
     """Write atomically: a mask file is either complete or absent."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(mask_bytes(mask))
-    tmp.replace(path)
+    from .common.files import write_atomic
+
+    write_atomic(path, mask_bytes(mask))
 
 
 def plan_for_checkpoint(saliency: Saliency, saliency_path: str | Path, ckpt: "Checkpoint", **options) -> Plan:

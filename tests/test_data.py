@@ -172,7 +172,7 @@ def test_parquet_is_read_with_pyarrow_or_says_how_to_install_it(tmp_path):
         import pyarrow.parquet as pq
     except ImportError:
         path.write_bytes(b"PAR1")
-        with pytest.raises(ReapError, match="pip install pyarrow"):
+        with pytest.raises(ReapError, match=r"pip install 'reapsurgery\[data\]'"):
             load_samples(path, None)
         return
     pq.write_table(pa.table({"input_ids": [[1, 2], [3]]}), path)

@@ -84,7 +84,7 @@ def test_unreadable_layout_file_is_one_line(checkpoints, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     r = run("inspect", checkpoints[FAMILY], "--layout", bad)
-    assert r.exit_code == 2 and r.stderr.startswith(f"error: {bad}: invalid JSON")
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {bad}: layout file is not valid JSON")
 
 
 def test_layout_file_with_a_malformed_mtp_block_is_one_line(checkpoints, tmp_path):

@@ -3,6 +3,7 @@ and the input untouched."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -162,7 +163,8 @@ def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):
     monkeypatch.setattr(copier, "copy_range", failing)
     monkeypatch.setattr(copier, "PIECE", 4096)
     before = tree_hash(src)
-    with pytest.raises(ReapError, match="No space left on device"):
+
+    with pytest.raises(ReapError, match="out: cannot write: No space left on device"):  # names where
         surgery.apply_mask(load_mask(mask), mask, src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -181,3 +183,59 @@ def test_verify_reports_inconsistent_checkpoint(checkpoints, tmp_path):
     assert cli("verify", src).returncode == 0
     mtp = cli("verify", checkpoints["deepseek_v3"])  # hub layout: an MTP layer past the decoder stack
     assert mtp.returncode == 0, mtp.stderr
+
+
+# -- the refusal table: every bad input through the CLI, in process ------------------------------
+
+from tests.refusal_cases import CASES  # noqa: E402
+
+
+def _snapshot(*roots) -> dict[str, str]:
+    """Every path under the roots (directories too, hidden ones included) with its file's hash."""
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(checkpoints, tmp_path_factory):
+    """The good inputs the table's cases start from, made once."""
+    from importlib import resources
+
+    from reapsurgery.common.checkpoint import Checkpoint
+    from reapsurgery.common.saliency import LayerStats, Saliency
+
+    root = tmp_path_factory.mktemp("world")
+    ckpt = root / "ckpt"
+    shutil.copytree(checkpoints["qwen3_moe"], ckpt)
+    c = Checkpoint.open(ckpt)
+    mask = write_mask(ckpt, [0, 2, 5, 7], root / "mask.json")
+    stats = {l: LayerStats(100, [float(10 + e) for e in range(8)], [1.0 + e for e in range(8)],
+                           [2.0 + e for e in range(8)], [0.5 + e for e in range(8)], [3.0] * 8) for l in c.moe_layers}
+    Saliency(c.fingerprint(), {"samples": 4, "tokens": 100}, stats).save(root / "saliency.json")
+    first_2d = next(v[0] for v in c.tensors().values() if len(v[1].shape) == 2)
+    table = json.loads(resources.files("reapsurgery.common").joinpath("layouts.json").read_text())
+    return {"root": root, "ckpt": ckpt, "mask": mask, "saliency": root / "saliency.json", "shard": first_2d,
+            "other_shard": next(s for s in c.shards if s != first_2d), "layout": table["qwen3_moe"]}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refusal_table(case, world, tmp_path):
+    """exit 2, exactly one `error:` line naming the file, no traceback, every input unchanged and
+    nothing new anywhere (no output, no partial, no probe)."""
+    from click.testing import CliRunner
+
+    from reapsurgery.cli import main
+
+    argv, names = CASES[case](tmp_path, world)
+    before = _snapshot(world["root"], tmp_path)
+    r = CliRunner().invoke(main, [str(a) for a in argv])
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert isinstance(r.exception, SystemExit), r.exception
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert names in lines[0], (names, lines[0])
+    assert "Traceback" not in r.output and r.stdout == ""
+    assert _snapshot(world["root"], tmp_path) == before

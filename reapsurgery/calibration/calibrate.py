@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__
 from ..common.checkpoint import Checkpoint
+from ..common.files import read_json_object
 from ..errors import ReapError
 from ..common.layouts import Layout
 from .mtp import counted_positions, load_mtp_block, mtp_layers
@@ -75,12 +76,17 @@ class _State:
     def load(self) -> tuple[int, dict[int, LayerStats], list[torch.Tensor]] | None:
         if self.dir is None or not (self.dir / "state.json").is_file():
             return None
-        state = json.loads((self.dir / "state.json").read_text())
+        state = read_json_object(self.dir / "state.json", "resume state")
         if state.get("key") != self.key:
             raise ReapError(self.dir, "resume state was written for other data, options or checkpoint; delete it or drop --resume")
-        layers = {int(k): LayerStats(**v) for k, v in state["layers"].items()}
-        hidden = torch.load(self.dir / "hidden.pt", weights_only=True)
-        return state["next_layer"], layers, hidden
+        try:
+            layers = {int(k): LayerStats(**v) for k, v in state["layers"].items()}
+            next_layer = int(state["next_layer"])
+            hidden = torch.load(self.dir / "hidden.pt", weights_only=True)
+        except Exception as e:  # torch.load and a damaged state raise many types
+            raise ReapError(self.dir, f"resume state is damaged ({type(e).__name__}: {e}); delete it "
+                                      "or drop --resume") from None
+        return next_layer, layers, hidden
 
     def save(self, next_layer: int, layers: dict[int, LayerStats], hidden: list[torch.Tensor]) -> None:
         if self.dir is None:
@@ -125,6 +131,7 @@ def calibrate(
     if not samples:
         raise ReapError(None, "no calibration samples")
     ckpt = Checkpoint.open(ckpt_path, layout)
+    ckpt.tensors()  # index and shard headers agree, before any layer is read
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)

@@ -31,7 +31,6 @@ naming the file and the row.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..common.files import loads_strict
 from ..errors import ReapError
 
 TEXT_FIELDS = ("text", "content", "prompt")
@@ -153,16 +153,13 @@ def _read_file(path: Path, name: str) -> _Source:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ReapError(name, f"line {lineno}: not valid JSON ({e.msg})") from None
+                rows.append(loads_strict(line.encode(), name, "row"))
+            except ReapError as e:
+                raise ReapError(name, f"line {lineno}: {e.message}") from None
             labels.append(f"line {lineno}")
         return _Source(name, rows, labels)
     if suffix == ".json":
-        try:
-            data = json.loads(_read_text(path, name))
-        except json.JSONDecodeError as e:
-            raise ReapError(name, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = loads_strict(_read_text(path, name).encode(), name, "dataset file")
         if isinstance(data, dict):
             lists = [k for k, v in data.items() if isinstance(v, list)]
             key = "data" if isinstance(data.get("data"), list) else (lists[0] if len(lists) == 1 else None)
@@ -178,7 +175,7 @@ def _read_file(path: Path, name: str) -> _Source:
             import pyarrow.parquet as pq
         except ImportError:
             raise ReapError(name, "reading .parquet needs pyarrow, which is not installed: "
-                                  "pip install pyarrow (or convert the file to .jsonl)") from None
+                                  "pip install 'reapsurgery[data]' (or convert the file to .jsonl)") from None
         try:
             return _Source(name, pq.read_table(path).to_pylist())
         except Exception as e:  # pyarrow raises several types for a bad file
@@ -215,7 +212,7 @@ def _load_hub(spec: str, split: str) -> _Source:
         import datasets
     except ImportError:
         raise ReapError(spec, "is not a local file, and loading a hub dataset needs the `datasets` "
-                              f"library, which is not installed (pip install datasets); {hint}") from None
+                              f"library, which is not installed (pip install 'reapsurgery[data]'); {hint}") from None
     with _offline(datasets):
         try:
             ds = datasets.load_dataset(name, config or None, split=split)
@@ -331,9 +328,10 @@ def _check_ids(ids: list[Any], vocab_size: int | None, source: _Source, i: int) 
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
             raise ReapError(source.name, f"{source.label(i)}: token ids must be non-negative "
                                          f"integers, found {t!r}")
-        if vocab_size is not None and t >= vocab_size:
+        if t >= (vocab_size if vocab_size is not None else 2**63):
             raise ReapError(source.name, f"{source.label(i)}: token id {t} is out of range for "
-                                         f"the model's vocab_size {vocab_size}")
+                                         f"the model's vocab_size {vocab_size}" if vocab_size else
+                                         f"{source.label(i)}: token id {t} does not fit in 64 bits")
 
 
 # --- tokenizer -----------------------------------------------------------------------------

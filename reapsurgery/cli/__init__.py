@@ -6,6 +6,7 @@ One module per stage's commands; this one only assembles the group, in pipeline 
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 
@@ -14,6 +15,7 @@ from .apply import apply, verify
 from .calibrate import calibrate, merge_saliency
 from .evaluate import evaluate
 from .inspect import architectures, inspect_cmd
+from .common import EXIT_BAD_INPUT, quiet_stdout, signals_as_interrupts
 from .plan import plan
 
 
@@ -37,6 +39,31 @@ class PipelineGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Usage errors as one `error:` line (exit 2), SIGTERM/SIGHUP handled like Ctrl-C,
+        and a closed stdout (`| head`) ending the run quietly."""
+        try:
+            with signals_as_interrupts():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        except click.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            quiet_stdout()
+            sys.exit(0)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="reapsurgery")
@@ -44,7 +71,8 @@ def main() -> None:
     """Prune routed experts out of Mixture-of-Experts checkpoints on disk.
 
     \b
-    Typical run:
+    Typical run (CKPT: a checkpoint directory, or a hub id org/name[@revision]
+    already in the local Hugging Face cache):
       reapsurgery calibrate ckpt/ -o saliency.json --dataset data.jsonl  # measure experts
       reapsurgery plan saliency.json --sparsity 0.5 -o mask.json         # choose experts
       reapsurgery evaluate ckpt/ --mask mask.json # what it costs: KL, agreement, perplexity

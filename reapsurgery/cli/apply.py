@@ -62,12 +62,19 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     """
     from tqdm import tqdm
 
-    from ..common.mask import load_mask
-    from ..common.saliency import is_saliency_file
+    from ..common.files import read_bytes, loads_strict
+    from ..common.mask import MASK_FORMAT, parse_mask
+    from ..common.saliency import SALIENCY_FORMAT
     from ..surgery.apply import apply_mask
 
     layout = layout_from(layout_file)
-    if is_saliency_file(mask):
+    raw = read_bytes(mask, "mask or saliency file")
+    data = loads_strict(raw, mask, "mask or saliency file")
+    kind = data.get("format") if isinstance(data, dict) else None
+    if kind not in (MASK_FORMAT, SALIENCY_FORMAT):
+        raise ReapError(mask, f"is not a mask or saliency file ('format' is {kind!r}; expected "
+                              f"{MASK_FORMAT!r} or {SALIENCY_FORMAT!r})")
+    if kind == SALIENCY_FORMAT:
         if opts["sparsity"] is None and opts["keep"] is None:
             raise ReapError(mask, "is a saliency file: pass --sparsity F or --keep N to choose how many experts "
                                   "to keep (or make a mask with `reapsurgery plan` first)")
@@ -80,7 +87,9 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         if given:
             raise ReapError(mask, f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to a "
                                   "saliency file; this is a mask (its experts are already chosen)")
-        chosen = load_mask(mask)
+        import hashlib
+
+        chosen = parse_mask(data, mask, hashlib.sha256(raw).hexdigest())
         planned = None
 
     if dry_run:
@@ -108,8 +117,8 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
             echo_plan(planned, with_table=not quiet)
 
     try:
-        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite,
-                            progress=progress, on_plan=on_plan, layout=layout, jobs=jobs)
+        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress, on_plan=on_plan,
+                            layout=layout, jobs=jobs, note=lambda text: click.echo(f"note: {text}", err=True))
     finally:
         if bar is not None:
             bar.close()
@@ -135,8 +144,8 @@ def verify(ckpt: Path, layout_file: Path | None) -> None:
 
     report = run_verify(ckpt, layout_from(layout_file))
     if not report.ok:
-        for problem in report.problems:
-            click.echo(f"error: {ckpt}: {problem}", err=True)
+        for problem in report.problems:  # each names its file
+            click.echo(f"error: {problem}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     click.echo(
         f"ok: {ckpt}: {report.tensors} tensors in {report.shards} shard(s), {human(report.total_size)}, "

@@ -35,19 +35,36 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 
     from tqdm import tqdm
 
-    from ..calibration.calibrate import calibrate as run_calibrate
+    from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
+    from ..common.checkpoint import Checkpoint, resolve_checkpoint
+    from ..common.files import check_output_file
 
-    if mtp == "calibrate":  # refuse before the data and the model are loaded
-        from ..common.checkpoint import Checkpoint
+    # every check before the data and the model are loaded: a refusal costs nothing
+    ckpt_dir = resolve_checkpoint(ckpt)
+    check_output_file(output, input_dirs=[ckpt_dir] if ckpt_dir.is_dir() else [])
+    layout = layout_from(layout_file)
+    opened = Checkpoint.open(ckpt_dir, layout)
+    opened.tensors()  # index and shard headers agree, before any layer is read
+    if mtp == "calibrate":
         from ..calibration.mtp import mtp_layers_on_disk
 
-        mtp_layers_on_disk(Checkpoint.open(ckpt, layout_from(layout_file)))
-    data, provenance = load_data(ckpt, dataset, text_field, num_samples, max_length, seed)
-    saliency = run_calibrate(
-        ckpt, data.samples, batch_size=batch_size, device=device, dtype=dtype,
-        state_dir=Path(f"{output}.resume"), resume=resume, trust_remote_code=trust_remote_code,
-        provenance=provenance, bar=partial(tqdm, disable=quiet), layout=layout_from(layout_file), mtp=mtp,
-    )
+        mtp_layers_on_disk(opened)
+    resolve_device(device)
+    vocab = opened.cfg.get("vocab_size")
+    data, provenance = load_data(opened.path, dataset, text_field, num_samples, max_length, seed,
+                                 vocab_size=vocab if isinstance(vocab, int) else None)
+    state_dir = Path(f"{output}.resume")
+    try:
+        saliency = run_calibrate(
+            opened.path, data.samples, batch_size=batch_size, device=device, dtype=dtype,
+            state_dir=state_dir, resume=resume, trust_remote_code=trust_remote_code,
+            provenance=provenance, bar=partial(tqdm, disable=quiet), layout=layout, mtp=mtp,
+        )
+    except KeyboardInterrupt as e:
+        if state_dir.is_dir() and any(state_dir.iterdir()):
+            e.message = (f"interrupted; the finished layers are kept in {state_dir}: run the same command "
+                         "with --resume to continue from there")
+        raise
     saliency.save(output)
     cal = saliency.calibration
     never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
@@ -62,8 +79,10 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 @one_line_errors
 def merge_saliency(files: tuple[Path, ...], output: Path) -> None:
     """Sum the statistics of calibration runs on the same model (e.g. several datasets)."""
+    from ..common.files import check_output_file
     from ..common.saliency import load_saliency, merge_saliency as merge
 
+    check_output_file(output, inputs=files)
     merged = merge([load_saliency(f) for f in files], list(files))
     merged.save(output)
     click.echo(f"wrote {output}: {len(files)} runs, {merged.calibration['tokens']} tokens")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -22,6 +28,45 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread so every cleanup runs as for Ctrl-C.
+
+    `message` says what was left behind; a command that keeps something sets it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+        self.message = "interrupted; nothing was written (no output file or directory was left)"
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP act like Ctrl-C for the duration (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    saved = {s: signal.signal(s, _raise_interrupted) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so no later flush (the interpreter's at exit) fails again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def one_line_errors(fn):
     """Turn ReapError (and OS errors on files) into `error: <file>: <problem>` and exit 2."""
 
@@ -32,15 +77,32 @@ def one_line_errors(fn):
         except ReapError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+            quiet_stdout()
+            sys.exit(0)
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was left in the output directory", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            message = getattr(e, "message", Interrupted().message)
+            click.echo(message, err=True)
+            sys.exit(128 + int(signum))
 
     return wrapper
+
+
+class DeviceType(click.ParamType):
+    """auto, cpu, cuda or cuda:N, checked when the command line is parsed."""
+
+    name = "DEVICE"
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+", text):
+            return text
+        self.fail(f"{text!r} is not a device reapsurgery calibrates on; use auto, cpu, cuda or cuda:N", param, ctx)
 
 
 
@@ -58,10 +120,11 @@ def plan_options(fn=None, *, lists: bool = False):
     With lists=True (`evaluate`), --sparsity and --keep take comma-separated values, one mask each."""
     many = " Comma-separated values plan one mask each." if lists else ""
     options = [
-        click.option("--sparsity", type=str if lists else float, metavar="F[,F...]" if lists else "F",
+        click.option("--sparsity", type=str if lists else click.FloatRange(0, 1, max_open=True),
+                     metavar="F[,F...]" if lists else "F",
                      help="Fraction of routed experts removed from every MoE layer; experts dropped per layer = "
                           "F*E rounded to the nearest integer (halves up)." + many),
-        click.option("--keep", type=str if lists else int, metavar="N[,N...]" if lists else "N",
+        click.option("--keep", type=str if lists else click.IntRange(min=1), metavar="N[,N...]" if lists else "N",
                      help="Experts kept per MoE layer (instead of --sparsity)." + many),
         click.option("--method", type=click.Choice(METHODS), default=None,
                      help="Saliency score that ranks experts; default reap (see `reapsurgery plan --help`)."),
@@ -102,9 +165,12 @@ def data_options(fn):
         click.option("--dataset", help="Local .jsonl/.json/.parquet/.txt file or a cached hub dataset id. "
                                        "Default: built-in text."),
         click.option("--text-field", help="Field holding the text (default: text, content or prompt)."),
-        click.option("--num-samples", default=512, show_default=True, help="Samples to use."),
-        click.option("--max-length", default=2048, show_default=True, help="Tokens per sample, at most."),
-        click.option("--seed", default=0, show_default=True, help="Seed for sample selection."),
+        click.option("--num-samples", default=512, show_default=True, type=click.IntRange(min=1),
+                     help="Samples to use."),
+        click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=1),
+                     help="Tokens per sample, at most."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Seed for sample selection."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -114,9 +180,12 @@ def data_options(fn):
 def run_options(fn):
     """--batch-size, --device, --dtype, --trust-remote-code, --quiet: how the streamed model runs."""
     options = [
-        click.option("--batch-size", default=8, show_default=True, help="Samples per forward batch."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Samples per forward batch."),
+        click.option("--device", default="auto", show_default=True, type=DeviceType(),
+                     help="auto, cpu, cuda or cuda:N."),
         click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      help="Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."),
         click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
@@ -126,12 +195,13 @@ def run_options(fn):
     return fn
 
 
-def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int):
-    """The samples of data_options, and their provenance for the output file."""
+def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_samples: int, max_length: int,
+              seed: int, vocab_size: int | None = None):
+    """The samples of data_options (token ids checked against vocab_size), and their provenance."""
     from ..calibration.data import load_samples
 
     data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
-                        text_field=text_field)
+                        text_field=text_field, vocab_size=vocab_size)
     return data, {"dataset": data.description, "max_length": max_length, "seed": seed}
 
 

@@ -36,8 +36,12 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | No
     anything, a plan that leaves fewer experts (or fewer reachable through
     topk_group groups) than num_experts_per_tok.
     """
+    from ..common.checkpoint import resolve_checkpoint
+    from ..common.files import check_output_file
     from ..plan import plan_from_files, save_mask
 
+    ckpt_dirs = [resolve_checkpoint(ckpt)] if ckpt is not None else []
+    check_output_file(output, inputs=[saliency], input_dirs=[d for d in ckpt_dirs if d.is_dir()])
     result = plan_from_files(saliency, ckpt, layout=layout_from(layout_file), **plan_kwargs(opts))
     save_mask(result.mask, output)
     echo_plan(result)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from ..errors import ReapError
+from .files import read_json_object
 from .layouts import Layout, builtin_layout_for, text_config
 from .safetensors_io import ShardHeader, TensorInfo, read_header
 
@@ -20,18 +23,38 @@ FINGERPRINT_FIELDS = (
     "architecture", "model_type", "num_hidden_layers", "moe_layers",
     "num_experts", "num_experts_per_tok", "n_group",
 )
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
-def read_json(path: Path, what: str) -> Any:
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """A checkpoint directory, or a hub id `org/name[@revision]` found in the local Hugging Face
+    cache (offline: never downloads). Anything else is returned as given, to be refused by open()."""
+    path = Path(spec)
+    text = str(spec)
+    if path.exists() or not HUB_ID.match(text) or text.startswith(".") or text.endswith((".json", ".safetensors")):
+        return path
+    repo_id, _, revision = text.partition("@")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ReapError(path, f"{what} not found") from None
-    except OSError as e:
-        raise ReapError(path, f"cannot read {what}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReapError(path, f"{what} is not valid JSON ({e})") from None
+        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        rev = f" at revision {revision!r}" if revision else ""
+        raise ReapError(text, f"is not a directory, and the local Hugging Face cache has no snapshot of "
+                              f"{repo_id}{rev}; download it first (`hf download {repo_id}`) "
+                              "or pass the checkpoint directory") from None
+
+
+def _shard_name(index_path: Path, name, value) -> str:
+    """An index weight_map entry: a relative file name inside the checkpoint."""
+    if not isinstance(name, str) or not isinstance(value, str) or not value:
+        raise ReapError(index_path, f"weight_map entry {name!r}: {value!r} is not a shard file name")
+    norm = posixpath.normpath(value)
+    if value.startswith(("/", "\\")) or norm == ".." or norm.startswith("../") or "\\" in value or norm != value.removeprefix("./"):
+        raise ReapError(index_path, f"weight_map entry {name!r} names {value!r}, which is not a plain file "
+                                    "name inside the checkpoint directory")
+    return norm
 
 
 @dataclass
@@ -45,12 +68,12 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | Path, layout: Layout | None = None) -> "Checkpoint":
-        path = Path(path)
+        path = resolve_checkpoint(path)
         config, weight_map, metadata = read_files(path)
         layout = layout or builtin_layout_for(config) or derived_layout_for(path, config, weight_map)
         ckpt = cls(path, config, layout, weight_map, metadata)
         for key in ("num_hidden_layers",):
-            if not isinstance(ckpt.cfg.get(key), int):
+            if not isinstance(ckpt.cfg.get(key), int) or ckpt.cfg[key] < 1:
                 raise ReapError(path / "config.json", f"config has no integer {key!r}")
         try:
             num_experts, top_k = ckpt.num_experts, ckpt.top_k
@@ -59,8 +82,11 @@ class Checkpoint:
             raise ReapError(path / "config.json", e.message) from None
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ReapError(path / "config.json", f"config has no routed-expert count (looked for {', '.join(layout.num_experts_keys)})")
-        if not isinstance(top_k, int):
+        if not isinstance(top_k, int) or isinstance(top_k, bool):
             raise ReapError(path / "config.json", f"config has no experts-per-token count (looked for {', '.join(layout.top_k_keys)})")
+        if not 1 <= top_k <= num_experts:
+            raise ReapError(path / "config.json", f"experts per token ({top_k}) must be between 1 and the "
+                                                  f"{num_experts} routed experts")
         return ckpt
 
     # -- config-derived facts -------------------------------------------------
@@ -144,18 +170,19 @@ class Checkpoint:
 def read_files(path: Path) -> tuple[dict, dict[str, str], dict | None]:
     """config.json, the tensor -> shard map and the index metadata (None for a single file)."""
     if not path.is_dir():
-        raise ReapError(path, "not a checkpoint directory")
-    config = read_json(path / "config.json", "config.json")
-    if not isinstance(config, dict):
-        raise ReapError(path / "config.json", "config.json is not a JSON object")
+        raise ReapError(path, "not a checkpoint directory" if not path.exists()
+                        else "is a file, not a checkpoint directory")
+    config = read_json_object(path / "config.json", "config.json")
     index_path = path / INDEX
     if index_path.exists():
-        index = read_json(index_path, "index")
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        index = read_json_object(index_path, "index")
+        if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
             raise ReapError(index_path, "index has no 'weight_map' object")
         # one string per shard, not per tensor: 139k names map to a few dozen files
-        weight_map = {k: sys.intern(v) if isinstance(v, str) else v for k, v in index["weight_map"].items()}
+        weight_map = {k: sys.intern(_shard_name(index_path, k, v)) for k, v in index["weight_map"].items()}
         metadata = index.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ReapError(index_path, "index 'metadata' is not a JSON object")
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).is_file():
                 raise ReapError(index_path, f"index names missing shard {shard!r}")
@@ -173,7 +200,7 @@ def derive_entry(path: str | Path) -> dict:
     in the format `--layout` reads."""
     from .derive import derive_layout
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     config, weight_map, _ = read_files(path)
     try:
         return derive_layout(config, weight_map)

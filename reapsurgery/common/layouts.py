@@ -43,6 +43,7 @@ Fields of an entry (all config keys are read from the text config where one is n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -93,6 +94,7 @@ class Layout:
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> "Layout":
+        _check_fields(name, d)
         try:
             prefix = d["layer_prefix"]
             rule = dict(d.get("moe_layers", {}))
@@ -262,6 +264,39 @@ MTP_BLOCK_FIELDS = {"embed_norm", "hidden_norm", "proj", "embed", "head"}
 MTP_BLOCK_REQUIRED = {"embed_norm", "hidden_norm", "proj"}
 
 
+def _strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _check_fields(name: str, d: Any) -> None:
+    """Types the code relies on, so a malformed layout file is one message, not a traceback later."""
+    if not isinstance(d, dict):
+        raise ReapError(None, f"a layout is a JSON object, found a {type(d).__name__}")
+    prefix = d.get("layer_prefix")
+    prefixes = [prefix] if isinstance(prefix, str) else prefix
+    if not _strings(prefixes) or not prefixes or not all("{layer}" in p for p in prefixes):
+        raise ReapError(None, f"layout {name!r}: layer_prefix must be a string (or list of strings) "
+                              "containing {layer}, e.g. \"model.layers.{layer}.\"")
+    for key in ("num_experts", "top_k"):
+        if not _strings(d.get(key)) or not d.get(key):
+            raise ReapError(None, f"layout {name!r}: {key} must be a non-empty list of config key names")
+    for key in ("architectures", "experts", "mtp_prefixes"):
+        if key in d and not _strings(d[key]):
+            raise ReapError(None, f"layout {name!r}: {key} must be a list of strings")
+    if any("{expert}" not in p for p in d.get("experts", [])):
+        raise ReapError(None, f"layout {name!r}: every experts pattern must contain {{expert}}")
+    for key in ("routers", "stacked_experts"):
+        v = d.get(key, {})
+        if not (isinstance(v, dict) and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0
+                                            for a in v.values())):
+            raise ReapError(None, f"layout {name!r}: {key} must map tensor patterns to an expert axis (integer)")
+    for key in ("moe_layers", "groups", "defaults"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ReapError(None, f"layout {name!r}: {key} must be an object")
+    if d.get("mtp_layers") is not None and not isinstance(d["mtp_layers"], str):
+        raise ReapError(None, f"layout {name!r}: mtp_layers must be a config key name")
+
+
 def _mtp_block(name: str, d: Any) -> dict[str, str] | None:
     if d is None:
         return None
@@ -297,15 +332,11 @@ def builtin_layouts() -> dict[str, Layout]:
 
 
 def load_layout_file(path: str) -> Layout:
+    from .files import read_json_object
+
+    d = read_json_object(path, "layout file")
     try:
-        with open(path) as f:
-            d = json.load(f)
-    except OSError as e:
-        raise ReapError(path, f"cannot read layout: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ReapError(path, f"invalid JSON: {e}") from None
-    try:
-        return Layout.from_dict(d.get("name", path), d)
+        return Layout.from_dict(str(d.get("name", Path(path).stem)), d)
     except ReapError as e:
         raise ReapError(path, e.message) from None
 

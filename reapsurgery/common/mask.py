@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import FINGERPRINT_FIELDS, read_json
+from .checkpoint import FINGERPRINT_FIELDS
+from .files import layer_key, read_bytes, loads_strict, write_atomic
 from ..errors import ReapError
 
 MASK_FORMAT = "reapsurgery.mask"
@@ -38,14 +39,37 @@ class Mask:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_atomic(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
 
 def load_mask(path: str | Path) -> Mask:
-    path = Path(path)
-    raw = path.read_bytes() if path.is_file() else None
-    data = read_json(path, "mask file")
-    return parse_mask(data, path, hashlib.sha256(raw).hexdigest() if raw else None)
+    raw = read_bytes(path, "mask file")
+    return parse_mask(loads_strict(raw, path, "mask file"), Path(path), hashlib.sha256(raw).hexdigest())
+
+
+def _count(x, minimum: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
+
+
+def fingerprint_problem(model: dict) -> str | None:
+    """Why a file's 'model' fingerprint cannot describe a MoE model, or None."""
+    missing = [f for f in FINGERPRINT_FIELDS if f not in model]
+    if missing:
+        return f"'model' fingerprint lacks {', '.join(missing)}"
+    E, k, n = model["num_experts"], model["num_experts_per_tok"], model["num_hidden_layers"]
+    if not _count(n, 1):
+        return f"'model' num_hidden_layers {n!r} is not a positive integer"
+    if not _count(E, 1):
+        return f"'model' num_experts {E!r} is not a positive integer"
+    if not _count(k, 1) or k > E:
+        return f"'model' num_experts_per_tok {k!r} is not an integer between 1 and num_experts={E}"
+    layers = model["moe_layers"]
+    if not isinstance(layers, list) or not all(_count(l) and l < n for l in layers) or layers != sorted(set(layers)):
+        return f"'model' moe_layers {layers!r} is not an ascending list of layers below num_hidden_layers={n}"
+    g = model["n_group"]
+    if g is not None and (not _count(g, 1) or E % g):
+        return f"'model' n_group {g!r} is not a positive integer dividing num_experts={E}"
+    return None
 
 
 def parse_mask(data: Any, path: Path, sha256: str | None = None) -> Mask:
@@ -61,17 +85,18 @@ def parse_mask(data: Any, path: Path, sha256: str | None = None) -> Mask:
     model = data.get("model")
     if not isinstance(model, dict):
         raise bad("'model' fingerprint missing or not an object")
-    missing = [f for f in FINGERPRINT_FIELDS if f not in model]
-    if missing:
-        raise bad(f"'model' fingerprint lacks {', '.join(missing)}")
+    problem = fingerprint_problem(model)
+    if problem:
+        raise bad(problem)
     layers = data.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise bad("'layers' missing or empty: expected {\"<layer>\": [retained expert indices]}")
     E = model["num_experts"]
     parsed: dict[int, list[int]] = {}
     for key, kept in layers.items():
-        if not (isinstance(key, str) and key.isdigit()):
-            raise bad(f"layer key {key!r} is not a decimal layer index")
+        layer = layer_key(key)
+        if layer is None:
+            raise bad(f"layer key {key!r} is not a decimal layer index (digits 0-9, no leading zeros)")
         where = f"layer {key}"
         if not isinstance(kept, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in kept):
             raise bad(f"{where}: expected a list of integer expert indices")
@@ -79,9 +104,9 @@ def parse_mask(data: Any, path: Path, sha256: str | None = None) -> Mask:
             raise bad(f"{where}: keeps no experts")
         if kept != sorted(set(kept)):
             raise bad(f"{where}: indices must be ascending and unique, got {kept}")
-        if isinstance(E, int) and (kept[0] < 0 or kept[-1] >= E):
+        if kept[0] < 0 or kept[-1] >= E:
             raise bad(f"{where}: expert index {kept[-1] if kept[-1] >= E else kept[0]} is out of range 0..{E - 1}")
-        parsed[int(key)] = kept
+        parsed[layer] = kept
     counts = {len(v) for v in parsed.values()}
     if len(counts) != 1:
         sizes = ", ".join(f"{k}:{len(v)}" for k, v in sorted(parsed.items()))

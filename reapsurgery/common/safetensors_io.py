@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ReapError
+from .files import loads_strict
 
 # Bits per element; F4/F6 shapes count logical elements.
 DTYPE_BITS = {
@@ -72,25 +73,18 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
     except OSError as e:
         raise ReapError(path, f"cannot read shard: {e.strerror or e}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReapError(path, f"corrupt safetensors header (invalid JSON: {e})") from None
+        header = loads_strict(raw, path, "header")
+    except ReapError as e:
+        raise ReapError(path, f"corrupt safetensors header: {e.message}") from None
     if not isinstance(header, dict):
         raise ReapError(path, "corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     all(isinstance(v, str) for v in metadata.values())):
+        raise ReapError(path, "corrupt safetensors header: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ReapError(path, f"corrupt safetensors header entry for {name!r}") from None
-        if dtype not in DTYPE_BITS:
-            raise ReapError(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if end - start != tensor_nbytes(dtype, shape) or start < 0:
-            raise ReapError(path, f"tensor {name!r}: byte range {start}..{end} does not fit {dtype} {list(shape)}")
-        tensors[name] = TensorInfo(name, dtype, shape, start, end)
+        tensors[name] = _tensor_info(path, name, entry)
     # Readers require the ranges to tile the buffer exactly.
     pos = 0
     for t in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
@@ -99,9 +93,32 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         pos = t.end
     expected = 8 + n + pos
     if size != expected:
-        what = "truncated" if size < expected else "has trailing bytes"
-        raise ReapError(path, f"shard is {what}: {size} bytes on disk, header describes {expected}")
+        what = "is truncated" if size < expected else "has trailing bytes"
+        raise ReapError(path, f"shard {what}: {size} bytes on disk, header describes {expected}")
     return ShardHeader(path, 8 + n, tensors, metadata)
+
+
+def _is_uint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tensor_info(path: Path, name: str, entry) -> TensorInfo:
+    """One header entry, checked as the format requires: a known dtype, a shape of
+    non-negative integers, and integer offsets whose range holds exactly that many bytes."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise ReapError(path, f"corrupt safetensors header entry for {name!r} "
+                              "(needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise ReapError(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise ReapError(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(x) for x in offsets)):
+        raise ReapError(path, f"tensor {name!r}: data_offsets {offsets!r} are not two non-negative integers")
+    start, end = offsets
+    if end - start != tensor_nbytes(dtype, shape):
+        raise ReapError(path, f"tensor {name!r}: byte range {start}..{end} does not fit {dtype} {shape}")
+    return TensorInfo(name, dtype, tuple(shape), start, end)
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import FINGERPRINT_FIELDS, read_json
+from .checkpoint import FINGERPRINT_FIELDS
+from .files import layer_key, loads_strict, read_bytes, write_atomic
 from ..errors import ReapError
-from .mask import check_fingerprint
+from .mask import check_fingerprint, fingerprint_problem
 
 SALIENCY_FORMAT = "reapsurgery.saliency"
 SUM_KEYS = ("count", "gate_sum", "norm_sum", "reap_sum")
@@ -84,26 +85,16 @@ class Saliency:
 
     def save(self, path: str | Path) -> None:
         """Write atomically, so an interrupted run never leaves a truncated file."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        tmp.replace(path)
-
-
-def is_saliency_file(path: str | Path) -> bool:
-    try:
-        with open(path) as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return SALIENCY_FORMAT in head
+        write_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
 
 
 def load_saliency(path: str | Path) -> Saliency:
-    path = Path(path)
-    data = read_json(path, "saliency file")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return parse_saliency(data, path, sha)
+    raw = read_bytes(path, "saliency file")
+    return parse_saliency(loads_strict(raw, path, "saliency file"), Path(path), hashlib.sha256(raw).hexdigest())
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def parse_saliency(data: Any, path: Path, sha256: str | None = None) -> Saliency:
@@ -115,37 +106,58 @@ def parse_saliency(data: Any, path: Path, sha256: str | None = None) -> Saliency
     if data.get("version") != 1:
         raise bad(f"unsupported saliency version {data.get('version')!r} (this reapsurgery reads version 1)")
     model = data.get("model")
-    if not isinstance(model, dict) or any(f not in model for f in FINGERPRINT_FIELDS):
-        raise bad("'model' fingerprint missing or incomplete")
+    if not isinstance(model, dict):
+        raise bad("'model' fingerprint missing or not an object")
+    problem = fingerprint_problem(model)
+    if problem:
+        raise bad(problem)
     layers_raw = data.get("layers")
     if not isinstance(layers_raw, dict) or not layers_raw:
         raise bad("'layers' missing or empty")
     E = model["num_experts"]
     layers: dict[int, LayerStats] = {}
     for key, entry in layers_raw.items():
-        if not (isinstance(key, str) and key.isdigit()) or not isinstance(entry, dict):
-            raise bad(f"layer {key!r}: expected a decimal layer index mapping to an object")
-        try:
-            tokens = int(entry["tokens"])
-            lists = {}
-            for k in STAT_KEYS:
-                values = entry[k]
-                if not isinstance(values, list) or len(values) != E:
-                    raise bad(f"layer {key}: '{k}' must list {E} values, one per expert")
-                lists[k] = [None if v is None else float(v) for v in values]
-                if k in SUM_KEYS and any(v is None or not math.isfinite(v) for v in lists[k]):
-                    raise bad(f"layer {key}: '{k}' has a missing or non-finite value")
-        except KeyError as e:
-            raise bad(f"layer {key}: missing statistic {e}") from None
-        except (TypeError, ValueError):
-            raise bad(f"layer {key}: statistics must be numbers") from None
-        layers[int(key)] = LayerStats(tokens, **lists)
-    return Saliency(model, data.get("calibration") or {}, layers, list(data.get("dense_layers") or []), sha256)
+        layer = layer_key(key)
+        if layer is None or not isinstance(entry, dict):
+            raise bad(f"layer {key!r}: expected a decimal layer index (digits 0-9, no leading zeros) "
+                      "mapping to an object")
+        missing = [k for k in ("tokens", *STAT_KEYS) if k not in entry]
+        if missing:
+            raise bad(f"layer {key}: missing statistic {missing[0]!r}")
+        tokens = entry["tokens"]
+        if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0):
+            raise bad(f"layer {key}: 'tokens' must be a non-negative integer, got {tokens!r}")
+        lists = {}
+        for k in STAT_KEYS:
+            values = entry[k]
+            if not isinstance(values, list) or len(values) != E:
+                raise bad(f"layer {key}: '{k}' must list {E} values, one per expert")
+            is_max = k in MAX_KEYS  # None: never routed; an output's maximum may be negative
+            for e, v in enumerate(values):
+                if is_max and (v is None or _number(v)):
+                    continue
+                if not _number(v) or v < 0:
+                    raise bad(f"layer {key}: '{k}' of expert {e} is {v!r}; "
+                              + ("expected a finite number or null" if is_max else
+                                 "sums are finite, non-negative numbers"))
+            lists[k] = [None if v is None else float(v) for v in values]
+        layers[layer] = LayerStats(tokens, **lists)
+    calibration = data.get("calibration") or {}
+    dense = data.get("dense_layers") or []
+    if not isinstance(calibration, dict) or not isinstance(dense, list):
+        raise bad("'calibration' must be an object and 'dense_layers' a list")
+    return Saliency(model, calibration, layers, list(dense), sha256)
 
 
 def merge_saliency(files: list[Saliency], paths: list[Path]) -> Saliency:
     """Sum the statistics of runs on the same model; refuse mismatched fingerprints."""
     first = files[0]
+    seen: dict[str | None, Path] = {}
+    for s, p in zip(files, paths):
+        if s.sha256 is not None and s.sha256 in seen:
+            raise ReapError(p, f"has the same contents as {seen[s.sha256]}; merging a run twice would "
+                               "count its statistics twice")
+        seen[s.sha256] = p
     for s, p in zip(files[1:], paths[1:]):
         check_fingerprint(s.model, first.model, p, paths[0])
         if set(s.layers) != set(first.layers):

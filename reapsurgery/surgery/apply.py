@@ -67,6 +67,11 @@ class SurgeryPlan:
     kept_mtp_layers: list[int] = field(default_factory=list)  # pruned with the mask, like the stack
     notes: list[str] = field(default_factory=list)
     bytes_before: int = 0  # tensor bytes of the input
+    elements_before: int = 0  # tensor elements of the input, for the index's total_parameters
+
+    @property
+    def elements(self) -> int:
+        return sum(math.prod(t.shape) for s in self.shards for t in s.tensors)
 
     @property
     def total_size(self) -> int:
@@ -146,13 +151,14 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     pending: list[tuple[int, str, OutTensor]] = []
     per_shard: dict[str, list[OutTensor]] = {}
     metadata: dict[str, dict | None] = {}
-    bytes_before = 0
+    bytes_before = elements_before = 0
     for shard, header in ckpt.shard_headers():
         base = header.data_offset
         out = per_shard[shard] = []
         metadata[shard] = header.metadata
         for name, info in header.tensors.items():
             bytes_before += info.nbytes
+            elements_before += math.prod(info.shape)
             role = tensor_role(ckpt, name, info)
             if role is not None:
                 check.add(name, shard, info, role)
@@ -202,6 +208,9 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
             dropped_layers.add(layer)
     notes = []
     unmatched = sorted(l for l in mask.layers if l >= n and l not in kept_mtp)
+    if unmatched and not (layout.mtp_key or layout.mtp_block):
+        raise ReapError(mask_path, f"names layers {unmatched} past the {n} decoder layers of {ckpt.path}, "
+                                   f"and the {layout.name} family has no multi-token-prediction layers")
     if unmatched:
         notes.append(f"the mask has experts for multi-token-prediction layers {unmatched}, which this checkpoint "
                      "does not store: nothing to keep there")
@@ -219,7 +228,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
 
     config, changes = rewrite_config(ckpt, kept, bool(dropped_layers or dropped_prefixes), mask.layers)
     return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes),
-                       sorted(kept_mtp), notes, bytes_before)
+                       sorted(kept_mtp), notes, bytes_before, elements_before)
 
 
 def _kept_mtp_layers(on_disk: set[int], mask: Mask, mask_path: Path) -> set[int]:
@@ -309,11 +318,29 @@ def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
 def write_index(plan: SurgeryPlan, ckpt: Checkpoint, dst: Path) -> None:
     if len(plan.shards) == 1 and ckpt.index_metadata is None:
         return
-    metadata = {**(ckpt.index_metadata or {}), "total_size": plan.total_size}
+    metadata = index_metadata(plan, ckpt)
     weight_map = {t.name: s.name for s in plan.shards for t in s.tensors}
     with open(dst / INDEX, "w") as f:
         json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def index_metadata(plan: SurgeryPlan, ckpt: Checkpoint) -> dict:
+    """The input index's metadata with its counts recomputed for the output.
+
+    total_size is exact. total_parameters (transformers' num_parameters()) moves by the
+    elements removed when it counted the stored tensors or the weights are not quantized
+    (every removed element is then one parameter); otherwise it is dropped, as is any other
+    number we cannot recompute. Strings (e.g. a format tag) are kept."""
+    source = ckpt.index_metadata or {}
+    metadata = {k: v for k, v in source.items() if isinstance(v, str)}
+    metadata["total_size"] = plan.total_size
+    declared = source.get("total_parameters")
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        removed = plan.elements_before - plan.elements
+        if declared == plan.elements_before or "quantization_config" not in plan.config:
+            metadata["total_parameters"] = declared - removed
+    return metadata
 
 
 def copy_other_files(src: Path, dst: Path, handled: set[str]) -> list[str]:
@@ -344,6 +371,7 @@ def apply_mask(
     on_plan: Callable[[SurgeryPlan], None] | None = None,
     layout: Layout | None = None,
     jobs: int | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Write the pruned checkpoint to out_path; the output appears only once complete.
 
@@ -355,7 +383,7 @@ def apply_mask(
     plan = plan_surgery(ckpt, mask, mask_path)
     if on_plan:
         on_plan(plan)
-    with staged_output(out_path) as tmp:
+    with staged_output(out_path, overwrite, note) as tmp:
         write_shards(plan, ckpt.path, tmp, progress, jobs or default_jobs(), lambda p: out_path / p.name)
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common.checkpoint import Checkpoint
+from ..common.checkpoint import INDEX, Checkpoint
 from ..errors import ReapError
 from ..common.layouts import Layout, TensorRole
 from ..common.quant import router_companion
@@ -41,10 +41,10 @@ def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
     report.total_size = sum(info.nbytes for _, info in tensors.values())
     declared = (ckpt.index_metadata or {}).get("total_size")
     if ckpt.index_metadata is not None and declared != report.total_size:
-        report.problems.append(f"index metadata.total_size is {declared}, tensors hold {report.total_size} bytes")
+        report.problems.append(f"{ckpt.path / INDEX}: index metadata.total_size is {declared}, "
+                               f"tensors hold {report.total_size} bytes")
 
-    report.problems += [msg if where == ckpt.path else f"{where.name}: {msg}"
-                        for where, msg in expert_tensor_problems(ckpt, tensors)]
+    report.problems += [f"{where}: {msg}" for where, msg in expert_tensor_problems(ckpt, tensors)]
     return report
 
 

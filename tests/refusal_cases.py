@@ -1,0 +1,219 @@
+"""The bad inputs of the refusal table: each builds its input in a case directory and returns
+(argv, the file the one-line error must name). Kept as data so a new defect is one line here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable
+
+from reapsurgery.common.checkpoint import INDEX, Checkpoint
+
+Case = Callable[[Path, dict], tuple[list, str]]
+
+
+def _json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _raw(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _ckpt(d: Path, w: dict) -> Path:
+    shutil.copytree(w["ckpt"], d / "ckpt")
+    return d / "ckpt"
+
+
+def _edit_config(d: Path, w: dict, **changes) -> Path:
+    ckpt = _ckpt(d, w)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(changes)
+    _json(ckpt / "config.json", cfg)
+    return ckpt
+
+
+def _first_2d(ckpt: Path) -> tuple[str, str]:
+    c = Checkpoint.open(ckpt)
+    name, (shard, _) = next((n, v) for n, v in c.tensors().items() if len(v[1].shape) == 2)
+    return name, shard
+
+
+def _edit_header(d: Path, w: dict, edit: Callable[[dict, str], None] | None = None,
+                 raw_edit: Callable[[str, str, dict], str] | None = None) -> tuple[Path, str]:
+    """A checkpoint copy with one shard's header JSON changed; returns (ckpt, shard name)."""
+    ckpt = _ckpt(d, w)
+    name, shard = _first_2d(ckpt)
+    data = (ckpt / shard).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    if edit:
+        edit(header, name)
+    text = json.dumps(header)
+    if raw_edit:
+        text = raw_edit(text, name, header)
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)
+    (ckpt / shard).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return ckpt, shard
+
+
+def _apply_on(ckpt_and_shard, w, d) -> tuple[list, str]:
+    ckpt, shard = ckpt_and_shard
+    return ["apply", w["mask"], ckpt, d / "out"], shard
+
+
+def _edit_index(d: Path, w: dict, edit) -> Path:
+    ckpt = _ckpt(d, w)
+    index = json.loads((ckpt / INDEX).read_text())
+    edit(index)
+    _json(ckpt / INDEX, index)
+    return ckpt
+
+
+def _mask(w: dict, **changes) -> dict:
+    return {**json.loads(Path(w["mask"]).read_text()), **changes}
+
+
+def _sal(w: dict) -> dict:
+    return json.loads(Path(w["saliency"]).read_text())
+
+
+def _sal_with(d: Path, w: dict, edit) -> Path:
+    s = _sal(w)
+    edit(s)
+    return _json(d / "s.json", s)
+
+
+def _layer0(s: dict) -> dict:
+    return next(iter(s["layers"].values()))
+
+
+def _bad_mask_file(make: Callable[[Path, dict], Path]) -> Case:
+    def case(d, w):
+        mask = make(d, w)
+        return ["apply", mask, w["ckpt"], d / "out"], mask.name
+    return case
+
+
+def _bad_sal_file(make: Callable[[Path, dict], Path]) -> Case:
+    def case(d, w):
+        sal = make(d, w)
+        return ["plan", sal, "--keep", 4, "-o", d / "m.json"], sal.name
+    return case
+
+
+def _layout(d: Path, w: dict, content: bytes) -> tuple[list, str]:
+    path = _raw(d / "layout.json", content)
+    return ["inspect", w["ckpt"], "--layout", path], "layout.json"
+
+
+def _calibrate(d: Path, w: dict, *extra, ckpt=None) -> list:
+    return ["calibrate", ckpt or w["ckpt"], "-o", d / "s.json", "--device", "cpu", "-q", "--num-samples", 2,
+            "--max-length", 8, *extra]
+
+
+def _tokens(d: Path, w: dict, ids: list[int]) -> tuple[list, str]:
+    data = _raw(d / "ids.jsonl", (json.dumps({"input_ids": ids}) + "\n").encode())
+    return _calibrate(d, w, "--dataset", data), "ids.jsonl"
+
+
+VOCAB = 320  # fixtures.build COMMON vocab_size
+
+CASES: dict[str, Case] = {
+    # -- a file that is not the JSON expected (mask, saliency, config, index, layout, inspect) --
+    "mask: a shard passed as the mask": lambda d, w: (["apply", Path(w["ckpt"]) / w["shard"], w["ckpt"], d / "out"], w["shard"]),
+    "mask: UTF-16": _bad_mask_file(lambda d, w: _raw(d / "m.json", json.dumps(_mask(w)).encode("utf-16"))),
+    "mask: UTF-16 without BOM": _bad_mask_file(lambda d, w: _raw(d / "m.json", json.dumps(_mask(w)).encode("utf-16-le"))),
+    "mask: binary": _bad_mask_file(lambda d, w: _raw(d / "m.json", bytes(range(256)) * 4)),
+    "mask: not UTF-8": _bad_mask_file(lambda d, w: _raw(d / "m.json", b'{"format": "\xff\xfe"}')),
+    "mask: empty file": _bad_mask_file(lambda d, w: _raw(d / "m.json", b"")),
+    "mask: duplicate keys": _bad_mask_file(lambda d, w: _raw(d / "m.json", json.dumps(_mask(w))[:-1].encode()
+                                                             + b', "format": "reapsurgery.mask"}')),
+    "mask: Infinity": _bad_mask_file(lambda d, w: _raw(d / "m.json", json.dumps(_mask(w)).replace('"version": 1', '"version": Infinity').encode())),
+    "mask: NaN expert": _bad_mask_file(lambda d, w: _raw(d / "m.json", json.dumps(_mask(w)).replace("[0, 2", "[NaN, 2", 1).encode())),
+    "mask: a JSON list": _bad_mask_file(lambda d, w: _json(d / "m.json", [1, 2])),
+    "mask: nested too deeply": _bad_mask_file(lambda d, w: _raw(d / "m.json", b"[" * 100000 + b"]" * 100000)),
+    "mask: no format": _bad_mask_file(lambda d, w: _json(d / "m.json", {k: v for k, v in _mask(w).items() if k != "format"})),
+    "mask: keys 0 and 00": _bad_mask_file(lambda d, w: _json(d / "m.json", _mask(w, layers={**_mask(w)["layers"], "00": [0, 2, 5, 7]}))),
+    "mask: superscript digit key": _bad_mask_file(lambda d, w: _json(d / "m.json", _mask(w, layers={**_mask(w)["layers"], "²": [0, 2, 5, 7]}))),
+    "mask: layer past the stack without MTP": _bad_mask_file(lambda d, w: _json(d / "m.json", _mask(w, layers={**_mask(w)["layers"], "3": [0, 2, 5, 7]}))),
+    "mask: num_experts_per_tok 0": _bad_mask_file(lambda d, w: _json(d / "m.json", _mask(w, model={**_mask(w)["model"], "num_experts_per_tok": 0}))),
+    "mask: num_experts a string": _bad_mask_file(lambda d, w: _json(d / "m.json", _mask(w, model={**_mask(w)["model"], "num_experts": "8"}))),
+    "mask: moe_layers not a list": _bad_mask_file(lambda d, w: _json(d / "m.json", _mask(w, model={**_mask(w)["model"], "moe_layers": 3}))),
+    "mask: a directory": lambda d, w: (["apply", (d / "m.json").mkdir() or d / "m.json", w["ckpt"], d / "out"], "m.json"),
+    "mask: plan options with a mask": lambda d, w: (["apply", w["mask"], w["ckpt"], d / "out", "--keep", 4], "mask.json"),
+    # -- shard headers, as the safetensors format requires --
+    "shard: negative dims, right element count": lambda d, w: _apply_on(_edit_header(d, w, lambda h, n: h[n].update(shape=[-x for x in h[n]["shape"]])), w, d),
+    "shard: boolean dim": lambda d, w: _apply_on(_edit_header(d, w, lambda h, n: h[n].update(shape=[True, h[n]["shape"][0] * h[n]["shape"][1]])), w, d),
+    "shard: float dim": lambda d, w: _apply_on(_edit_header(d, w, lambda h, n: h[n].update(shape=[float(x) for x in h[n]["shape"]])), w, d),
+    "shard: string dim": lambda d, w: _apply_on(_edit_header(d, w, lambda h, n: h[n].update(shape=[str(x) for x in h[n]["shape"]])), w, d),
+    "shard: metadata value not a string": lambda d, w: _apply_on(_edit_header(d, w, lambda h, n: h.update(__metadata__={"format": 1})), w, d),
+    "shard: metadata a list": lambda d, w: _apply_on(_edit_header(d, w, lambda h, n: h.update(__metadata__=["pt"])), w, d),
+    "shard: duplicate tensor names": lambda d, w: _apply_on(_edit_header(d, w, raw_edit=lambda t, n, h: t[:-1] + f", {json.dumps(n)}: {json.dumps(h[n])}}}"), w, d),
+    "shard: trailing bytes": lambda d, w: _apply_on((lambda c: (c[0], (c[0] / c[1]).open("ab").write(b"xx") and c[1]))(_edit_header(d, w)), w, d),
+    "shard: data offsets negative": lambda d, w: _apply_on(_edit_header(d, w, lambda h, n: h[n].update(data_offsets=[-1, h[n]["data_offsets"][1] - 1])), w, d),
+    "verify: negative dims": lambda d, w: (["verify", _edit_header(d, w, lambda h, n: h[n].update(shape=[-x for x in h[n]["shape"]]))[0]], w["shard"]),
+    # -- index and config --
+    "index: weight_map value not a string": lambda d, w: (["apply", w["mask"], _edit_index(d, w, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): 3})), d / "out"], INDEX),
+    "index: shard outside the checkpoint": lambda d, w: (["apply", w["mask"], _edit_index(d, w, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "../outside/x.safetensors"})), d / "out"], INDEX),
+    "index: absolute shard path": lambda d, w: (["apply", w["mask"], _edit_index(d, w, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "/etc/passwd"})), d / "out"], INDEX),
+    "index: tensor mapped to the wrong shard": lambda d, w: (["apply", w["mask"], _edit_index(d, w, lambda i: i["weight_map"].update({k: w["other_shard"] for k in [next(iter(i["weight_map"]))]})), d / "out"], "safetensors"),
+    "index: metadata a list": lambda d, w: (["apply", w["mask"], _edit_index(d, w, lambda i: i.update(metadata=[1])), d / "out"], INDEX),
+    "index: UTF-16": lambda d, w: (["verify", (lambda c: (_raw(c / INDEX, (c / INDEX).read_text().encode("utf-16")), c)[1])(_ckpt(d, w))], INDEX),
+    "config: binary": lambda d, w: (["inspect", (lambda c: (_raw(c / "config.json", b"\x00\x01\x02" * 50), c)[1])(_ckpt(d, w))], "config.json"),
+    "config: a JSON list": lambda d, w: (["inspect", (lambda c: (_json(c / "config.json", [1]), c)[1])(_ckpt(d, w))], "config.json"),
+    "config: duplicate keys": lambda d, w: (["inspect", (lambda c: (_raw(c / "config.json", (c / "config.json").read_bytes().rstrip()[:-1] + b', "vocab_size": 4}'), c)[1])(_ckpt(d, w))], "config.json"),
+    "config: num_experts_per_tok 0": lambda d, w: (["apply", w["mask"], _edit_config(d, w, num_experts_per_tok=0), d / "out"], "config.json"),
+    "config: num_experts_per_tok above num_experts": lambda d, w: (["inspect", _edit_config(d, w, num_experts_per_tok=9)], "config.json"),
+    # -- layout files --
+    "layout: a JSON list": lambda d, w: _layout(d, w, b"[1, 2]"),
+    "layout: prefix without {layer}": lambda d, w: _layout(d, w, json.dumps({**w["layout"], "layer_prefix": "model.layers."}).encode()),
+    "layout: not UTF-8": lambda d, w: _layout(d, w, b'{"name": "\xe9t\xe9"}'),
+    "layout: num_experts a string": lambda d, w: _layout(d, w, json.dumps({**w["layout"], "num_experts": "num_experts"}).encode()),
+    # -- saliency files --
+    "saliency: negative count": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer0(s)["count"].__setitem__(0, -5.0))),
+    "saliency: NaN": _bad_sal_file(lambda d, w: _raw(d / "s.json", json.dumps(_sal(w)).replace('"reap_sum": [', '"reap_sum": [NaN, ', 1).replace(", 1.0]", "]", 0).encode())),
+    "saliency: tokens Infinity": _bad_sal_file(lambda d, w: _raw(d / "s.json", json.dumps(_sal(w)).replace('"tokens": ', '"tokens": Infinity, "x": ', 1).encode())),
+    "saliency: 1e999": _bad_sal_file(lambda d, w: _raw(d / "s.json", json.dumps(_sal(w)).replace('"tokens": ', '"tokens": 1e999, "x": ', 1).encode())),
+    "saliency: superscript digit key": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: s["layers"].update({"²": _layer0(s)}))),
+    "saliency: tokens a float": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer0(s).update(tokens=1.5))),
+    "saliency: UTF-16": _bad_sal_file(lambda d, w: _raw(d / "s.json", json.dumps(_sal(w)).encode("utf-16"))),
+    "saliency: a mask given to plan": lambda d, w: (["plan", w["mask"], "--keep", 4, "-o", d / "m.json"], "mask.json"),
+    "plan: --preserve with a superscript digit": lambda d, w: (["plan", w["saliency"], "--keep", 4, "--preserve", "²:1", "-o", d / "m.json"], "--preserve"),
+    "plan: --sparsity 1.5": lambda d, w: (["plan", w["saliency"], "--sparsity", 1.5, "-o", d / "m.json"], "--sparsity"),
+    "plan: --keep 0": lambda d, w: (["plan", w["saliency"], "--keep", 0, "-o", d / "m.json"], "--keep"),
+    # -- outputs that would clobber an input, or cannot be written --
+    "plan: -o its own input": lambda d, w: (["plan", (lambda p: (shutil.copy(w["saliency"], p), p)[1])(d / "s.json"), "--keep", 4, "-o", d / "s.json"], "s.json"),
+    "plan: -o inside --ckpt": lambda d, w: (["plan", w["saliency"], "--keep", 4, "--ckpt", _ckpt(d, w), "-o", d / "ckpt" / "m.json"], "m.json"),
+    "plan: -o a directory": lambda d, w: (["plan", w["saliency"], "--keep", 4, "-o", (d / "dir").mkdir() or d / "dir"], "dir"),
+    "plan: -o in a missing directory": lambda d, w: (["plan", w["saliency"], "--keep", 4, "-o", d / "nope" / "m.json"], "m.json"),
+    "merge: -o one of its inputs": lambda d, w: (["merge-saliency", (lambda p: (shutil.copy(w["saliency"], p), p)[1])(d / "a.json"), w["saliency"], "-o", d / "a.json"], "a.json"),
+    "merge: the same file twice": lambda d, w: (["merge-saliency", w["saliency"], w["saliency"], "-o", d / "m.json"], "saliency.json"),
+    "merge: the same contents twice": lambda d, w: (["merge-saliency", w["saliency"], (lambda p: (shutil.copy(w["saliency"], p), p)[1])(d / "copy.json"), "-o", d / "m.json"], "copy.json"),
+    "apply: OUT inside CKPT": lambda d, w: (["apply", w["mask"], _ckpt(d, w), d / "ckpt" / "out"], "out"),
+    "calibrate: -o CKPT/config.json": lambda d, w: (["calibrate", _ckpt(d, w), "-o", d / "ckpt" / "config.json"], "config.json"),
+    "calibrate: -o inside CKPT": lambda d, w: (["calibrate", _ckpt(d, w), "-o", d / "ckpt" / "s.json"], "s.json"),
+    "calibrate: -o a directory": lambda d, w: (["calibrate", w["ckpt"], "-o", (d / "dir").mkdir() or d / "dir"], "dir"),
+    # -- options checked when parsed --
+    "calibrate: --batch-size 0": lambda d, w: (_calibrate(d, w, "--batch-size", 0), "--batch-size"),
+    "calibrate: --batch-size -1": lambda d, w: (_calibrate(d, w, "--batch-size", -1), "--batch-size"),
+    "calibrate: --num-samples 0": lambda d, w: (_calibrate(d, w, "--num-samples", 0), "--num-samples"),
+    "calibrate: --device tpu": lambda d, w: (_calibrate(d, w, "--device", "tpu"), "--device"),
+    "calibrate: --device meta": lambda d, w: (_calibrate(d, w, "--device", "meta"), "--device"),
+    "calibrate: --dtype int8": lambda d, w: (_calibrate(d, w, "--dtype", "int8"), "--dtype"),
+    # -- calibrate inputs, refused before the model is built --
+    "calibrate: token id == vocab_size": lambda d, w: _tokens(d, w, [1, VOCAB]),
+    "calibrate: token id above 2**63": lambda d, w: _tokens(d, w, [1, 2**64]),
+    "calibrate: missing checkpoint": lambda d, w: (_calibrate(d, w, ckpt=d / "nockpt"), "nockpt"),
+    "calibrate: hub id not in the cache": lambda d, w: (_calibrate(d, w, ckpt="no-such-org/no-such-model@v1"), "no-such-org/no-such-model"),
+    "calibrate: unknown architecture": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, model_type="bogus", architectures=["BogusForCausalLM"])), "config.json"),
+    "calibrate: index maps a tensor to the wrong shard": lambda d, w: (_calibrate(d, w, ckpt=_edit_index(d, w, lambda i: i["weight_map"].update({k: w["other_shard"] for k in [next(iter(i["weight_map"]))]}))), "safetensors"),
+    "calibrate: dataset with duplicate keys": lambda d, w: (_calibrate(d, w, "--dataset", _raw(d / "rows.jsonl", b'{"input_ids": [1], "input_ids": [2]}\n')), "rows.jsonl"),
+    "inspect: binary file": lambda d, w: (["inspect", _raw(d / "x.bin", b"\x00" * 64)], "x.bin"),
+    "inspect: UTF-16 mask": lambda d, w: (["inspect", _raw(d / "m.json", json.dumps(_mask(w)).encode("utf-16"))], "m.json"),
+}

@@ -1,0 +1,63 @@
+"""Facts a user relies on that were wrong or missing: stale index counts, file kinds by 'format',
+a plan that prunes nothing, hub ids from the local cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from tests.helpers import apply_leaving_source_untouched, cli, write_mask
+
+
+def test_index_total_parameters_is_what_transformers_counts(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = checkpoints["qwen3_moe"]
+    assert "total_parameters" in json.loads((src / "model.safetensors.index.json").read_text())["metadata"]
+    out = tmp_path / "out"
+    apply_leaving_source_untouched(write_mask(src, [0, 2, 5, 7], tmp_path / "m.json"), src, out)
+    declared = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_parameters"]
+    assert declared == AutoModelForCausalLM.from_pretrained(out).num_parameters()
+
+
+def test_kind_comes_from_format_not_a_substring(checkpoints, tmp_path):
+    src = checkpoints["qwen3_moe"]
+    mask = tmp_path / "m.json"
+    data = json.loads(write_mask(src, [0, 2, 5, 7], mask).read_text())
+    data["provenance"]["note"] = "planned from a reapsurgery.saliency file"
+    mask.write_text(json.dumps(data))
+    r = cli("apply", mask, src, tmp_path / "out", "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_sparsity_that_drops_nothing_says_so(tmp_path):
+    from reapsurgery.common.saliency import LayerStats, Saliency
+    from reapsurgery.plan import plan_mask
+
+    model = {"architecture": "X", "model_type": "x", "num_hidden_layers": 1, "moe_layers": [0],
+             "num_experts": 8, "num_experts_per_tok": 2, "n_group": None}
+    stats = {0: LayerStats(10, [1.0] * 8, [1.0] * 8, [1.0] * 8, [1.0] * 8, [1.0] * 8)}
+    plan = plan_mask(Saliency(model, {}, stats), sparsity=0.05)
+    assert plan.mask.layers[0] == list(range(8))
+    assert any("drops 0 of 8" in n and "nothing is pruned" in n for n in plan.notes)
+
+
+def test_hub_id_from_the_local_cache_offline(checkpoints, tmp_path):
+    """org/name[@revision] is found in the Hugging Face cache; an uncached id is named in the error."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-moe"
+    snap = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(checkpoints["qwen3_moe"], snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "reapsurgery", *a], capture_output=True,  # noqa: E731
+                                    text=True, env=env)
+    r = run("inspect", "acme/tiny-moe")
+    assert r.returncode == 0 and str(snap) in r.stdout, r.stderr
+    assert run("verify", "acme/tiny-moe@main").returncode == 0
+    r = run("inspect", "acme/other")
+    assert r.returncode == 2 and r.stderr.startswith("error: acme/other: ") and "hf download acme/other" in r.stderr
