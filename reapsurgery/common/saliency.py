@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import FINGERPRINT_FIELDS
 from .files import layer_key, loads_strict, read_bytes, write_atomic
 from ..errors import ReapError
 from .mask import check_fingerprint, fingerprint_problem
