@@ -9,12 +9,14 @@ from the block's tensors read with safetensors.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from fixtures.build import build
@@ -26,50 +28,87 @@ from tests.helpers import assert_output_is_input_slices, cli, output_tensors, wr
 from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats
 from tests.test_calibrate import texts
 
-MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite"]
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next"]
+COUNT_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
+# where each style keeps the block's own modules: (embed norm, hidden norm, projection), and its
+# decoder layers: DeepSeek-V3/GLM as layer n + d, Qwen3-Next under mtp.layers.{d} with one shared set
+LAYER_STYLE = ("enorm", "hnorm", "eh_proj")
+PREFIX_STYLE = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc")
+
+
+def mtp_depths(config) -> int:
+    return next(getattr(config, k) for k in COUNT_KEYS if getattr(config, k, None) is not None)
 
 
 def mtp_as_decoder_layer(path):
-    """The checkpoint's config with its MTP layers as more decoder layers, for transformers to load."""
+    """The checkpoint's config with its MTP layers as more decoder layers, for transformers to load
+    (the engines run Qwen3-Next's MTP layer as a full-attention layer)."""
     config = AutoConfig.from_pretrained(path)
-    n, depths = config.num_hidden_layers, config.num_nextn_predict_layers
+    n, depths = config.num_hidden_layers, mtp_depths(config)
     config.num_hidden_layers = n + depths
     for attr in ("mlp_layer_types", "layer_types"):
         types = getattr(config, attr, None)
         if isinstance(types, list) and len(types) == n:
-            setattr(config, attr, types + [types[-1]] * depths)
+            extra = "full_attention" if "full_attention" in types else types[-1]
+            setattr(config, attr, types + [extra] * depths)
     return config
 
 
+def layer_style_copy(src, dst):
+    """A copy of a checkpoint whose mtp.layers.{d}.* tensors are renamed model.layers.{n + d}.*, so
+    that transformers loads them as decoder layers; written with safetensors, any other checkpoint as is."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    if not any(name.startswith("mtp.layers.") for name in index["weight_map"]):
+        return src
+    shutil.copytree(src, dst)
+    renamed = {}
+    for name, shard in index["weight_map"].items():
+        if name.startswith("mtp.layers."):
+            depth, rest = name[len("mtp.layers."):].split(".", 1)
+            renamed[name] = f"model.layers.{n + int(depth)}.{rest}"
+    for shard in set(index["weight_map"][k] for k in renamed):
+        with safe_open(src / shard, "pt") as f:
+            tensors = {renamed.get(k, k): f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, dst / shard, metadata={"format": "pt"})
+    index["weight_map"] = {renamed.get(k, k): v for k, v in index["weight_map"].items()}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
 def mtp_tensors(path, layer: int) -> dict[str, torch.Tensor]:
-    """An MTP layer's block tensors by their name in the layer (enorm.weight, eh_proj.weight, ...)."""
+    """An MTP depth's block tensors: embed_norm, hidden_norm, proj, and embed where it has its own."""
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    prefix = f"model.layers.{layer}."
+    if any(name.startswith("mtp.") for name in index):
+        names = dict(zip(("embed_norm", "hidden_norm", "proj"), (f"mtp.{m}.weight" for m in PREFIX_STYLE)))
+    else:
+        names = dict(zip(("embed_norm", "hidden_norm", "proj", "embed"),
+                         (f"model.layers.{layer}.{m}.weight" for m in (*LAYER_STYLE, "embed_tokens"))))
     out = {}
-    for name, shard in index.items():
-        rel = name[len(prefix):]
-        if name.startswith(prefix) and rel.split(".")[0] in ("enorm", "hnorm", "eh_proj", "embed_tokens"):
-            with safe_open(path / shard, "pt") as f:
-                out[rel] = f.get_tensor(name)
+    for role, name in names.items():
+        if name in index:
+            with safe_open(path / index[name], "pt") as f:
+                out[role] = f.get_tensor(name)
     return out
 
 
-def rms_norm(x, weight, eps):
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+def norm_like(model, weight):
+    """transformers' own final norm of the model (Qwen3-Next's scales by 1 + w) with another weight."""
+    norm = copy.deepcopy(model.model.norm)
+    norm.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return norm
 
 
-def reference_with_mtp(src, samples):
+def reference_with_mtp(src, samples, tmp_path=None):
     """Statistics of every MoE layer and of the MTP layers, from transformers' own model whose extra
     last layers are the MTP layers. Depth d (layer n+d-1) is fed, at position t,
-    [enorm(embed(token t+d)); hnorm(h)] @ eh_proj^T, where h is the previous depth's output at t
+    proj([embed_norm(embed(token t+d)); hidden_norm(h)]), where h is the previous depth's output at t
     (the main model's, through its final norm, for d = 1)."""
     config = mtp_as_decoder_layer(src)
-    model, info = load(src, config=config)
-    depths = config.num_nextn_predict_layers
+    model, info = load(layer_style_copy(src, tmp_path / "layer-style") if tmp_path else src, config=config)
+    depths = mtp_depths(config)
     n = config.num_hidden_layers - depths
     assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
-    eps = config.rms_norm_eps
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.__setitem__("ids", a[0]))
 
@@ -77,10 +116,10 @@ def reference_with_mtp(src, samples):
         h = args[0] if args else kwargs["hidden_states"]
         ids = seen["ids"]
         ahead = torch.cat([ids[:, d:], torch.zeros_like(ids[:, :d])], dim=1)[:, : ids.shape[1]]
-        embed = w.get("embed_tokens.weight", model.get_input_embeddings().weight)
-        e = rms_norm(torch.nn.functional.embedding(ahead, embed), w["enorm.weight"], eps)
+        embed = w.get("embed", model.get_input_embeddings().weight)
+        e = norm_like(model, w["embed_norm"])(torch.nn.functional.embedding(ahead, embed))
         prev = model.model.norm(h) if d == 1 else h
-        x = torch.cat([e, rms_norm(prev, w["hnorm.weight"], eps)], dim=-1) @ w["eh_proj.weight"].T
+        x = torch.cat([e, norm_like(model, w["hidden_norm"])(prev)], dim=-1) @ w["proj"].T
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
     for d in range(1, depths + 1):
@@ -91,15 +130,15 @@ def reference_with_mtp(src, samples):
 
 
 @pytest.mark.parametrize("family", MTP_FAMILIES)
-def test_mtp_statistics_equal_the_reference(checkpoints, family):
+def test_mtp_statistics_equal_the_reference(checkpoints, family, tmp_path):
     src = checkpoints[family]
     n = Checkpoint.open(src).num_hidden_layers
     samples = texts()
     saliency = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="calibrate")
     assert saliency.mtp_layers == [n] and saliency.calibration["mtp"] == "calibrate"
     assert saliency.layers[n].tokens == sum(len(s) - 1 for s in samples)  # the last token has no next token
-    assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
-    default = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32")
+    assert_stats_close(saliency.layers, reference_with_mtp(src, samples, tmp_path))
+    default = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="drop")
     assert sorted(default.layers) == sorted(set(saliency.layers) - {n}) and default.calibration["mtp"] == "drop"
 
 
