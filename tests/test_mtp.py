@@ -153,9 +153,11 @@ def test_two_mtp_depths_chain(tmp_path):
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
 
 
-def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path):
-    src = checkpoints["deepseek_v3"]
-    n = Checkpoint.open(src).num_hidden_layers
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path, family):
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
     r = cli("calibrate", src, "-o", tmp_path / "s.json", "--mtp", "calibrate", "--num-samples", "8",
             "--max-length", "32", "-q")
     assert r.returncode == 0 and f"multi-token-prediction layers [{n}] included" in r.stdout, r.stderr
@@ -164,12 +166,13 @@ def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(c
     r = cli("plan", tmp_path / "s.json", "--ckpt", src, "--keep", "4", "-o", tmp_path / "m.json")
     assert r.returncode == 0, r.stderr
     keep = {int(k): v for k, v in json.loads((tmp_path / "m.json").read_text())["layers"].items()}
-    assert sorted(keep) == [1, 2, n]
+    assert sorted(keep) == [*ckpt.moe_layers, n]
     r = cli("apply", tmp_path / "m.json", src, tmp_path / "out", "-q")
     assert r.returncode == 0 and f"kept multi-token-prediction layers [{n}]" in r.stdout, r.stderr
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    assert config["num_nextn_predict_layers"] == 1 and config["n_routed_experts"] == 4
+    count_key = next(k for k in COUNT_KEYS if k in config)
+    assert config[count_key] == 1 and config[ckpt.layout.num_experts_keys[0]] == 4
     assert cli("verify", out).returncode == 0
 
     # transformers, as it runs the model: the MTP layer is ignored, the stack matches in-memory pruning
@@ -177,9 +180,10 @@ def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(c
     assert not info["missing_keys"]
     assert torch.equal(logits(pruned), logits(pruned_in_memory(src, keep, 4)))
     # transformers with the MTP layer as a decoder layer: every tensor in place, equal to in-memory pruning
-    pruned, info = load(out, config=mtp_as_decoder_layer(out))
+    pruned, info = load(layer_style_copy(out, tmp_path / "out-layers"), config=mtp_as_decoder_layer(out))
     assert not info["missing_keys"]
-    reference = pruned_in_memory(src, keep, 4, config=mtp_as_decoder_layer(src))
+    reference = pruned_in_memory(layer_style_copy(src, tmp_path / "src-layers"), keep, 4,
+                                 config=mtp_as_decoder_layer(src))
     assert torch.equal(logits(pruned), logits(reference))
 
 
@@ -191,8 +195,9 @@ def test_mask_with_the_mtp_layer_slices_it_byte_for_byte(checkpoints, tmp_path, 
     mask = write_mask(src, {l: keep for l in [*ckpt.moe_layers, ckpt.num_hidden_layers]}, tmp_path / "m.json")
     assert cli("apply", mask, src, tmp_path / "out", "-q").returncode == 0
     got = assert_output_is_input_slices(src, tmp_path / "out", keep, keep_mtp=True)
-    assert any(name.startswith(f"model.layers.{ckpt.num_hidden_layers}.mlp.experts.3.") for name in got)
-    assert not any(name.startswith(f"model.layers.{ckpt.num_hidden_layers}.mlp.experts.4.") for name in got)
+    experts = "mtp.layers.0.mlp.experts" if family == "qwen3_next" else f"model.layers.{ckpt.num_hidden_layers}.mlp.experts"
+    assert any(name.startswith(f"{experts}.3.") for name in got)
+    assert not any(name.startswith(f"{experts}.4.") for name in got)
 
 
 def test_verify_reports_an_mtp_layer_left_with_the_old_expert_count(checkpoints, tmp_path):

@@ -138,7 +138,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     problems = expert_tensor_problems(ckpt, tensors, roles)
     if problems:
         raise ReapError(*problems[0])
-    mtp_count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
+    mtp_count = layout.mtp_count(ckpt.cfg)
     kept_mtp = _kept_mtp_layers(ckpt, roles, mask, mask_path)
     notes = []
     unmatched = sorted(l for l in mask.layers if l >= n and l not in kept_mtp)
@@ -151,18 +151,19 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
 
     for name, (shard, info) in tensors.items():
         base = ckpt.header(shard).data_offset
-        layer = layout.layer_of(name)
+        canonical = layout.canonical(name, n)  # mtp.layers.{d}.* as layer n + d
+        layer = layout.layer_of(canonical)
         role = roles.get(name)
+        mtp_prefix = layout.mtp_prefix_of(name)
         if layer is not None and layer >= n and layer not in kept_mtp:
             # Layers past the decoder stack are multi-token-prediction blocks that transformers
             # does not run; kept unpruned they would have the old expert count. A mask measured
             # with `calibrate --mtp calibrate` covers them, and they are pruned like the others.
-            if mtp_count or role is not None:
-                dropped_layers.add(layer)
+            if mtp_count or role is not None or mtp_prefix is not None:
+                (dropped_prefixes.add(mtp_prefix) if mtp_prefix is not None else dropped_layers.add(layer))
                 continue
-        mtp_prefix = layout.mtp_prefix_of(name)
-        if mtp_prefix is not None:
-            # MTP blocks stored outside the layer stack (Qwen3-Next's mtp.*) hold experts too
+        if mtp_prefix is not None and not kept_mtp:
+            # MTP tensors outside the layer stack (Qwen3-Next's mtp.*) go with the block
             dropped_prefixes.add(mtp_prefix)
             continue
         whole = [(base + info.start, info.nbytes)]
@@ -172,7 +173,8 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
         keep = mask.layers[role.layer]
         if role.kind == "expert":
             if role.expert in keep:
-                per_shard[shard].append(OutTensor(role.renamed(name, keep.index(role.expert)), info.dtype, info.shape, whole))
+                renamed = layout.source_name(name, n, role.renamed(canonical, keep.index(role.expert)))
+                per_shard[shard].append(OutTensor(renamed, info.dtype, info.shape, whole))
             continue
         axis = role.axis
         shape = info.shape[:axis] + (kept,) + info.shape[axis + 1 :]
@@ -243,10 +245,10 @@ def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
             elif isinstance(value, int) and value != kept:
                 changes[prefix + key] = (value, kept)
                 d[key] = kept
-        mtp = ckpt.layout.mtp_key
-        if dropped_mtp and mtp and d.get(mtp):
-            changes[prefix + mtp] = (d[mtp], 0)
-            d[mtp] = 0
+        for mtp in ckpt.layout.mtp_keys if dropped_mtp else ():
+            if d.get(mtp):
+                changes[prefix + mtp] = (d[mtp], 0)
+                d[mtp] = 0
     if keep is not None:  # quantization settings that name experts follow them
         changes.update(rewrite_quantization_config(config, ckpt.layout, keep))
     return config, changes

@@ -49,7 +49,10 @@ def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
 
 
 def tensor_role(ckpt: Checkpoint, name: str, info: TensorInfo) -> TensorRole | None:
-    """The role of an expert, router or quantized-router companion tensor; None for any other."""
+    """The role of an expert, router or quantized-router companion tensor; None for any other.
+    An MTP block stored outside the stack gets the role it would have as layer num_hidden_layers + d
+    (its expert's `span` then lies in `ckpt.layout.canonical(name, ...)`)."""
+    name = ckpt.layout.canonical(name, ckpt.num_hidden_layers)
     return ckpt.layout.classify(name) or router_companion(ckpt.layout, name, info.shape, ckpt.num_experts)
 
 
@@ -62,14 +65,12 @@ def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, Tenso
                            roles: dict[str, TensorRole] | None = None) -> list[tuple[Path, str]]:
     """Where expert and router tensors disagree with config.json, as (file, problem).
 
-    Layers stored past the decoder stack (multi-token prediction) are checked like MoE layers:
-    whether kept or dropped, none may be left with another expert count. MTP tensors outside
-    the layer stack (Qwen3-Next's mtp.*) are left out: apply always drops them.
+    Multi-token-prediction layers (past the decoder stack, or under mtp.* where the layout says
+    where its layers are) are checked like MoE layers: none may be left with another expert count.
     """
     E, n = ckpt.num_experts, ckpt.num_hidden_layers
     roles = tensor_roles(ckpt, tensors) if roles is None else roles
-    checked = {name: (*tensors[name], role) for name, role in sorted(roles.items())
-               if ckpt.layout.mtp_prefix_of(name) is None}
+    checked = {name: (*tensors[name], role) for name, role in sorted(roles.items())}
     moe = set(ckpt.moe_layers) | {role.layer for _, _, role in checked.values() if role.layer >= n}
     experts: dict[int, set[int]] = {l: set() for l in moe}
     routers = {l: 0 for l in moe}
