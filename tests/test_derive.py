@@ -39,7 +39,8 @@ def facts(ckpt: Checkpoint) -> dict:
         "mtp key": layout.mtp_key if layout.mtp_key in cfg else None,
         "fingerprint": ckpt.fingerprint(),
         "mtp tensors": sorted(t for t in ckpt.weight_map if layout.is_mtp(t, n)),
-        "roles": tensor_roles(ckpt, ckpt.tensors()),
+        # roles of MTP tensors outside the stack need mtp_block, which derivation cannot tell
+        "roles": {k: v for k, v in tensor_roles(ckpt, ckpt.tensors()).items() if layout.mtp_prefix_of(k) is None},
     }
 
 

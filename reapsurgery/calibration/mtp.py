@@ -40,19 +40,12 @@ def mtp_layers_on_disk(ckpt: Checkpoint) -> list[int]:
     if not layout.mtp_block:
         raise ReapError(ckpt.path / "config.json", f"--mtp calibrate: the {layout.name} layout describes no "
                                                    "multi-token-prediction block (mtp_block); its MTP tensors can only be dropped")
-    layers = stored_mtp_layers(ckpt)
+    layers = ckpt.stored_mtp_layers()
     if not layers:
         count = layout.mtp_count(ckpt.cfg)
         raise ReapError(ckpt.path, f"--mtp calibrate: no multi-token-prediction layer on disk (no layer {n} or later; "
                                    f"config {layout.mtp_key}={count})")
     return layers
-
-
-def stored_mtp_layers(ckpt: Checkpoint) -> list[int]:
-    """MTP layers (numbered past the stack) whose tensors the checkpoint stores."""
-    layout, n = ckpt.layout, ckpt.num_hidden_layers
-    return sorted({l for name in ckpt.weight_map
-                   if (l := layout.layer_of(layout.canonical(name, n))) is not None and l >= n})
 
 
 def mtp_layers(streamed: StreamedModel) -> list[int]:

@@ -23,6 +23,7 @@ from .modelcard import pruned_card
 from .outdir import check_output, staged_output
 from ..common.quant import rewrite_hf_quant_config, rewrite_quantization_config
 from ..common.safetensors_io import DTYPE_BITS, TensorInfo, copy_range, encode_header, write_order
+from .draft import DRAFT_DIR, plan_draft, write_draft
 from .verify import expert_tensor_problems, tensor_roles
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -65,6 +66,8 @@ class SurgeryPlan:
     dropped_prefixes: list[str] = field(default_factory=list)  # MTP tensors outside the layer stack
     kept_mtp_layers: list[int] = field(default_factory=list)  # pruned with the mask, like the stack
     notes: list[str] = field(default_factory=list)
+    mtp_dropped: str | None = None  # one line: what dropping the MTP block means, and how to keep it
+    draft_bytes: int | None = None  # --mtp keep-full: the unpruned MTP block written to mtp-draft/
 
     @property
     def total_size(self) -> int:
@@ -86,6 +89,8 @@ class ApplyResult:
     dropped_prefixes: list[str] = field(default_factory=list)
     kept_mtp_layers: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mtp_dropped: str | None = None
+    draft_bytes: int | None = None
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -118,8 +123,9 @@ def slice_ranges(info: TensorInfo, base: int, axis: int, kept: list[int], n_expe
     return ranges
 
 
-def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
-    """Check the mask against the checkpoint and compute every output tensor; writes nothing."""
+def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = False) -> SurgeryPlan:
+    """Check the mask against the checkpoint and compute every output tensor; writes nothing.
+    `draft` (apply --mtp keep-full) also plans the unpruned MTP block as a draft directory."""
     check_fingerprint(mask.model, ckpt.fingerprint(), mask_path, ckpt.path)
     E, top_k, moe_layers, n = ckpt.num_experts, ckpt.top_k, ckpt.moe_layers, ckpt.num_hidden_layers
     missing = sorted(set(moe_layers) - set(mask.layers))
@@ -192,8 +198,30 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
 
     config, changes = rewrite_config(ckpt, kept, bool(dropped_layers or dropped_prefixes), mask.layers)
-    return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes),
-                       sorted(kept_mtp), notes)
+    draft_bytes = sum(s.nbytes for s in plan_draft(ckpt)) if draft else None
+    plan = SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes),
+                       sorted(kept_mtp), notes, draft_bytes=draft_bytes)
+    plan.mtp_dropped = mtp_drop_line(ckpt, plan)
+    return plan
+
+
+def mtp_drop_line(ckpt: Checkpoint, plan: SurgeryPlan) -> str | None:
+    """What dropping the MTP block means for the output's users, and how to keep it; None when kept."""
+    if not (plan.dropped_layers or plan.dropped_prefixes):
+        return None
+    layout = ckpt.layout
+    what = ", ".join(([f"layers {plan.dropped_layers}"] if plan.dropped_layers else [])
+                     + [f"tensors {p}*" for p in plan.dropped_prefixes])
+    zeroed = [k for k in plan.config_changes if k.rsplit(".", 1)[-1] in layout.mtp_keys]
+    line = f"multi-token-prediction {what} dropped" + (f", {' and '.join(zeroed)} set to 0" if zeroed else "")
+    line += ": no MTP speculative decoding from the output (vLLM's --speculative-config method mtp fails on it)"
+    if layout.mtp_keep:
+        line += f"; {layout.mtp_keep}"
+    if plan.draft_bytes is not None:
+        return line + f"; the unpruned block is in {DRAFT_DIR}/, a separate draft model"
+    return line + ("; to keep it pruned like the stack, calibrate with --mtp calibrate"
+                   + (" (the layout's mtp_block is needed)" if not layout.mtp_block else "")
+                   + ", or at full width as a separate draft, apply --mtp keep-full")
 
 
 def _kept_mtp_layers(ckpt: Checkpoint, roles: dict[str, TensorRole], mask: Mask, mask_path: Path) -> set[int]:
@@ -254,8 +282,8 @@ def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
     return config, changes
 
 
-def write_shards(plan: SurgeryPlan, src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> None:
-    for shard in plan.shards:
+def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> None:
+    for shard in shards:
         header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors], shard.metadata)
         src_fd = os.open(src / shard.source, os.O_RDONLY)
         try:
@@ -310,18 +338,23 @@ def apply_mask(
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[SurgeryPlan], None] | None = None,
     layout: Layout | None = None,
+    mtp: str = "mask",
 ) -> ApplyResult:
     """Write the pruned checkpoint to out_path; the output appears only once complete.
 
-    `layout` overrides the built-in layout chosen from config.json (a user's layout file)."""
+    `layout` overrides the built-in layout chosen from config.json (a user's layout file).
+    mtp="keep-full" also writes the MTP block unpruned into out_path/mtp-draft (a draft model
+    directory with the source's config); "mask" keeps and prunes it only where the mask covers it."""
+    if mtp not in ("mask", "keep-full"):
+        raise ReapError(None, f"--mtp {mtp}: choose mask or keep-full")
     mask_path, out_path = Path(mask_path), Path(out_path)
     ckpt = Checkpoint.open(ckpt_path, layout)
     check_output(ckpt.path, out_path, overwrite)
-    plan = plan_surgery(ckpt, mask, mask_path)
+    plan = plan_surgery(ckpt, mask, mask_path, draft=mtp == "keep-full")
     if on_plan:
         on_plan(plan)
     with staged_output(out_path) as tmp:
-        write_shards(plan, ckpt.path, tmp, progress)
+        write_shards(plan.shards, ckpt.path, tmp, progress)
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
@@ -334,6 +367,8 @@ def apply_mask(
         handled |= rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)
         skipped = copy_other_files(ckpt.path, tmp, handled)
         write_index(plan, ckpt, tmp)
+        if plan.draft_bytes is not None:
+            write_draft(ckpt, tmp / DRAFT_DIR)
     return ApplyResult(
         out=Path(out_path),
         shards=len(plan.shards),
@@ -348,4 +383,6 @@ def apply_mask(
         dropped_prefixes=plan.dropped_prefixes,
         kept_mtp_layers=plan.kept_mtp_layers,
         notes=plan.notes,
+        mtp_dropped=plan.mtp_dropped,
+        draft_bytes=plan.draft_bytes,
     )

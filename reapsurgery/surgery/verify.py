@@ -45,7 +45,25 @@ def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
 
     report.problems += [msg if where == ckpt.path else f"{where.name}: {msg}"
                         for where, msg in expert_tensor_problems(ckpt, tensors)]
+    report.problems += mtp_count_problems(ckpt)
     return report
+
+
+def mtp_count_problems(ckpt: Checkpoint) -> list[str]:
+    """A config whose MTP count disagrees with the MTP layers stored: vLLM's MTP loading and llama.cpp's
+    converter size the MTP block from the count key."""
+    layout, cfg = ckpt.layout, ckpt.cfg
+    stored = ckpt.stored_mtp_layers()
+    if not stored and any(layout.mtp_prefix_of(name) for name in ckpt.weight_map):
+        return []  # MTP tensors the layout cannot place in layers: nothing to count them against
+    problems = []
+    for key in layout.mtp_keys:
+        count = cfg.get(key)
+        if isinstance(count, int) and count != len(stored):
+            said = (f"announces {count} multi-token-prediction layers but the checkpoint stores "
+                    f"{len(stored)}" + (f" ({stored})" if stored else ""))
+            problems.append(f"config.json {key}={count} {said}; set it to {len(stored)}")
+    return problems
 
 
 def tensor_role(ckpt: Checkpoint, name: str, info: TensorInfo) -> TensorRole | None:
@@ -71,7 +89,10 @@ def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, Tenso
     E, n = ckpt.num_experts, ckpt.num_hidden_layers
     roles = tensor_roles(ckpt, tensors) if roles is None else roles
     checked = {name: (*tensors[name], role) for name, role in sorted(roles.items())}
-    moe = set(ckpt.moe_layers) | {role.layer for _, _, role in checked.values() if role.layer >= n}
+    mtp = {role.layer for _, _, role in checked.values() if role.layer >= n}
+    in_stack = any(role.layer < n for _, _, role in checked.values())
+    # a draft directory (apply --mtp keep-full) stores the MTP block and no decoder layer
+    moe = (set(ckpt.moe_layers) if in_stack or not mtp else set()) | mtp
     experts: dict[int, set[int]] = {l: set() for l in moe}
     routers = {l: 0 for l in moe}
     problems: list[tuple[Path, str]] = []
