@@ -24,7 +24,7 @@ from reapsurgery.calibration.calibrate import calibrate
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.saliency import LayerStats, Saliency
 from reapsurgery.plan import plan_mask
-from tests.helpers import assert_output_is_input_slices, cli, output_tensors, write_mask
+from tests.helpers import assert_output_is_input_slices, cli, output_tensors, tensor_bytes, write_mask
 from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats
 from tests.test_calibrate import texts
 
@@ -138,8 +138,8 @@ def test_mtp_statistics_equal_the_reference(checkpoints, family, tmp_path):
     assert saliency.mtp_layers == [n] and saliency.calibration["mtp"] == "calibrate"
     assert saliency.layers[n].tokens == sum(len(s) - 1 for s in samples)  # the last token has no next token
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples, tmp_path))
-    default = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="drop")
-    assert sorted(default.layers) == sorted(set(saliency.layers) - {n}) and default.calibration["mtp"] == "drop"
+    dropped = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="drop")
+    assert sorted(dropped.layers) == sorted(set(saliency.layers) - {n}) and dropped.calibration["mtp"] == "drop"
 
 
 def test_two_mtp_depths_chain(tmp_path):
@@ -259,3 +259,56 @@ def test_mtp_layers_leave_the_stack_plan_unchanged():
     assert b.mask.provenance["preserved"]["super_experts"] == {"0": [2]}
     assert b.mask.layers[4] == [0, 3] and b.mask.provenance["mtp_layers"] == [4]
 
+
+
+@pytest.mark.parametrize("family,default", [("deepseek_v3", "drop"), ("glm4_moe", "drop"), ("qwen3_next", "calibrate")])
+def test_the_default_keeps_the_mtp_block_where_a_loader_needs_it(checkpoints, tmp_path, family, default):
+    """llama.cpp's converter stops on a Qwen3-Next checkpoint without its MTP block: calibrate measures
+    it by default there (so apply keeps it); a checkpoint without one falls back to dropping."""
+    from reapsurgery.calibration.calibrate import resolve_mtp
+
+    assert resolve_mtp(Checkpoint.open(checkpoints[family]), "auto") == default
+    assert resolve_mtp(Checkpoint.open(build(family, tmp_path / "bare", with_mtp=False)), "auto") == "drop"
+
+
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_verify_catches_a_stale_mtp_count_key(checkpoints, tmp_path, family):
+    """vLLM and llama.cpp size the MTP block from the count key: it must match what is stored."""
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    keep = [0, 2, 5, 7]
+    for name, layers, stale in (("drop", ckpt.moe_layers, 1), ("keep", [*ckpt.moe_layers, ckpt.num_hidden_layers], 0)):
+        out = tmp_path / name
+        assert cli("apply", write_mask(src, {l: keep for l in layers}, tmp_path / f"{name}.json"), src, out, "-q").returncode == 0
+        assert cli("verify", out).returncode == 0
+        config = json.loads((out / "config.json").read_text())
+        key = next(k for k in COUNT_KEYS if k in config)
+        (out / "config.json").write_text(json.dumps({**config, key: stale}))
+        r = cli("verify", out)
+        assert r.returncode == 2 and f"config.json {key}={stale} announces {stale} multi-token-prediction layers" in r.stderr
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_next"])
+def test_keep_full_writes_the_unpruned_mtp_block_as_a_draft(checkpoints, tmp_path, family):
+    """OUT/mtp-draft: the source's config (original expert count) and its MTP tensors byte for byte,
+    with the embeddings and LM head it shares; transformers loads the MTP layer from it in place."""
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    r = cli("apply", mask, src, tmp_path / "out", "-q", "--mtp", "keep-full")
+    assert r.returncode == 0 and "wrote mtp-draft/" in r.stdout, r.stderr
+    draft = tmp_path / "out" / "mtp-draft"
+    assert json.loads((draft / "config.json").read_text()) == ckpt.config
+    names = set(output_tensors(draft))
+    n = ckpt.num_hidden_layers
+    mtp = {k for k in ckpt.weight_map if k.startswith(("mtp.", f"model.layers.{n}."))}
+    assert names == mtp | {"model.embed_tokens.weight", "lm_head.weight"}
+    for name in names:
+        assert tensor_bytes(draft / Checkpoint.open(draft).weight_map[name], name) == \
+            tensor_bytes(src / ckpt.weight_map[name], name), name
+    assert cli("verify", draft).returncode == 0 and cli("verify", tmp_path / "out").returncode == 0
+    loaded, info = load(layer_style_copy(draft, tmp_path / "draft-layers"), config=mtp_as_decoder_layer(draft))
+    assert not [k for k in info["missing_keys"] if f"layers.{n}." in k]
+    reference, _ = load(layer_style_copy(src, tmp_path / "src-layers"), config=mtp_as_decoder_layer(src))
+    got, want = decoder_layers(loaded)[n].state_dict(), decoder_layers(reference)[n].state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
