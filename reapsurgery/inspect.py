@@ -150,6 +150,7 @@ def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, layout: 
         "dropped_prefixes": plan.dropped_prefixes,
         "kept_mtp_layers": plan.kept_mtp_layers,
         "notes": plan.notes,
+        "mtp_dropped": plan.mtp_dropped,
     }
 
 

@@ -44,24 +44,35 @@ def expected_output_bytes(src: Path, keep: list[int], keep_mtp: bool = False) ->
     """What every output tensor must hold, by name: the input's bytes or their retained slice.
     MTP layers past the stack are dropped, or with keep_mtp sliced like the others."""
     ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
     expected = {}
     for name, (shard, _) in ckpt.tensors().items():
         path = src / shard
-        role = ckpt.layout.classify(name)
-        past_stack = (ckpt.layout.layer_of(name) or 0) >= ckpt.num_hidden_layers
-        if ckpt.layout.is_mtp(name, ckpt.num_hidden_layers) and not (keep_mtp and past_stack):
+        source_prefix, layer_name = _as_layer(name, n)
+        role = ckpt.layout.classify(layer_name)
+        if ckpt.layout.is_mtp(name, n) and not keep_mtp:
             continue  # MTP layer or mtp.* tensor: dropped
         if role is None:
             expected[name] = tensor_bytes(path, name)
         elif role.kind == "expert":
             if role.expert in keep:
-                expected[role.renamed(name, keep.index(role.expert))] = tensor_bytes(path, name)
+                renamed = role.renamed(layer_name, keep.index(role.expert))
+                expected[source_prefix + renamed[len(layer_name) - len(name) + len(source_prefix):]] = tensor_bytes(path, name)
         else:
             with safe_open(path, "pt") as f:
                 t = f.get_tensor(name)
             t = t.view(torch.uint8) if t.element_size() == 1 else t
             expected[name] = t.index_select(role.axis, torch.tensor(keep)).contiguous().view(torch.uint8).numpy().tobytes()
     return expected
+
+
+def _as_layer(name: str, n: int) -> tuple[str, str]:
+    """Qwen3-Next's mtp.layers.{d}.X as model.layers.{n + d}.X (written out here, not taken from the
+    layout), with the source prefix it replaces ("" for any other name, returned as is)."""
+    if not name.startswith("mtp.layers."):
+        return "", name
+    depth, rest = name[len("mtp.layers."):].split(".", 1)
+    return f"mtp.layers.{depth}.", f"model.layers.{n + int(depth)}.{rest}"
 
 
 def output_tensors(path: Path) -> dict[str, tuple]:

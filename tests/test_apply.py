@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -96,7 +97,9 @@ def test_index_config_card_and_other_files(checkpoints, tmp_path):
     assert "| 1 | 0 2 5 7 |" in card and "8 -> 4" in card
     assert (out / "LICENSE").read_bytes() == (src / "LICENSE").read_bytes()
     assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
-    assert "dropped multi-token-prediction layers [3]" in r.stdout
+    drop = [line for line in r.stdout.splitlines() if "multi-token-prediction" in line]
+    assert len(drop) == 1 and "layers [3] dropped, num_nextn_predict_layers set to 0" in drop[0], r.stdout
+    assert "no MTP speculative decoding" in drop[0] and "--mtp calibrate" in drop[0] and "--mtp keep-full" in drop[0]
 
 
 def test_card_written_when_source_has_none(checkpoints, tmp_path):
@@ -172,13 +175,18 @@ def test_fallback_copies_are_identical(checkpoints, tmp_path, monkeypatch, disab
         assert shard.read_bytes() == (tmp_path / "fallback" / shard.name).read_bytes()
 
 
-def test_mtp_tensors_outside_the_layer_stack_are_dropped(checkpoints, tmp_path):
-    """Qwen3-Next keeps its multi-token-prediction block (with a full MoE) under mtp.*."""
+def test_mtp_tensors_outside_the_layer_stack_are_dropped_when_the_mask_does_not_cover_them(checkpoints, tmp_path):
+    """Qwen3-Next keeps its multi-token-prediction block (with a full MoE) under mtp.*; a mask without
+    it drops it, and both the dry run and apply say in one line what that costs (llama.cpp's
+    converter needs --no-mtp then) and how to keep it."""
     src = checkpoints["qwen3_next"]
     assert any(n.startswith("mtp.layers.0.mlp.experts.") for n in all_tensors(src))
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
-    r = cli("apply", mask, src, tmp_path / "dry", "--dry-run")
-    assert r.returncode == 0 and "would drop multi-token-prediction tensors mtp.*" in r.stdout
-    r = cli("apply", mask, src, tmp_path / "out", "-q")
-    assert r.returncode == 0 and "dropped multi-token-prediction tensors mtp.*" in r.stdout
+    for args, prefix in ((("--dry-run",), "dry run: "), (("-q",), "")):
+        r = cli("apply", mask, src, tmp_path / "out", *args)
+        lines = [line.strip() for line in r.stdout.splitlines() if "multi-token-prediction" in line]
+        assert r.returncode == 0 and len(lines) == 1, r.stdout
+        assert lines[0].startswith(f"{prefix}multi-token-prediction tensors mtp.* dropped, mtp_num_hidden_layers set to 0")
+        assert "--no-mtp" in lines[0] and "--mtp calibrate" in lines[0] and "--mtp keep-full" in lines[0]
     assert not [n for n in all_tensors(tmp_path / "out") if n.startswith("mtp.")]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["mtp_num_hidden_layers"] == 0

@@ -36,7 +36,7 @@ def test_streamed_statistics_and_hidden_states_equal_full_model(checkpoints, fam
         streamed.layers[i].register_forward_hook(
             lambda m, a, out: captured.setdefault(i, []).append((out[0] if isinstance(out, tuple) else out).clone()))
 
-    saliency = calibrate(src, samples, batch_size=BATCH_SIZE.get(family, 2), device="cpu", dtype="float32",
+    saliency = calibrate(src, samples, batch_size=BATCH_SIZE.get(family, 2), device="cpu", dtype="float32", mtp="drop",
                          on_layer=on_layer)
     ref, ref_hidden = reference_stats(src, samples)
     assert_stats_close(saliency.layers, ref)
@@ -56,8 +56,8 @@ def test_streamed_statistics_and_hidden_states_equal_full_model(checkpoints, fam
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_padding_never_counts(checkpoints, family):
     samples = texts(seed=3)
-    padded = calibrate(checkpoints[family], samples, batch_size=5, device="cpu", dtype="float32")
-    single = calibrate(checkpoints[family], samples, batch_size=1, device="cpu", dtype="float32")
+    padded = calibrate(checkpoints[family], samples, batch_size=5, device="cpu", dtype="float32", mtp="drop")
+    single = calibrate(checkpoints[family], samples, batch_size=1, device="cpu", dtype="float32", mtp="drop")
     assert {k: v.tokens for k, v in padded.layers.items()} == {k: sum(LENGTHS) for k in padded.layers}
     for layer in padded.layers:
         a, b = padded.layers[layer].to_json(), single.layers[layer].to_json()

@@ -39,8 +39,9 @@ def facts(ckpt: Checkpoint) -> dict:
         "mtp key": layout.mtp_key if layout.mtp_key in cfg else None,
         "fingerprint": ckpt.fingerprint(),
         "mtp tensors": sorted(t for t in ckpt.weight_map if layout.is_mtp(t, n)),
+        # roles of MTP tensors outside the stack need mtp_block, which derivation cannot tell
         "roles": {name: role for name, (_, info) in ckpt.tensors().items()
-                  if (role := tensor_role(ckpt, name, info)) is not None},
+                  if (role := tensor_role(ckpt, name, info)) is not None and layout.mtp_prefix_of(name) is None},
     }
 
 

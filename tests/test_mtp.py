@@ -9,12 +9,14 @@ from the block's tensors read with safetensors.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from fixtures.build import build
@@ -22,54 +24,91 @@ from reapsurgery.calibration.calibrate import calibrate
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.saliency import LayerStats, Saliency
 from reapsurgery.plan import plan_mask
-from tests.helpers import assert_output_is_input_slices, cli, output_tensors, write_mask
+from tests.helpers import assert_output_is_input_slices, cli, output_tensors, tensor_bytes, write_mask
 from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats
 from tests.test_calibrate import texts
 
-MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite"]
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next"]
+COUNT_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
+# where each style keeps the block's own modules: (embed norm, hidden norm, projection), and its
+# decoder layers: DeepSeek-V3/GLM as layer n + d, Qwen3-Next under mtp.layers.{d} with one shared set
+LAYER_STYLE = ("enorm", "hnorm", "eh_proj")
+PREFIX_STYLE = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc")
+
+
+def mtp_depths(config) -> int:
+    return next(getattr(config, k) for k in COUNT_KEYS if getattr(config, k, None) is not None)
 
 
 def mtp_as_decoder_layer(path):
-    """The checkpoint's config with its MTP layers as more decoder layers, for transformers to load."""
+    """The checkpoint's config with its MTP layers as more decoder layers, for transformers to load
+    (the engines run Qwen3-Next's MTP layer as a full-attention layer)."""
     config = AutoConfig.from_pretrained(path)
-    n, depths = config.num_hidden_layers, config.num_nextn_predict_layers
+    n, depths = config.num_hidden_layers, mtp_depths(config)
     config.num_hidden_layers = n + depths
     for attr in ("mlp_layer_types", "layer_types"):
         types = getattr(config, attr, None)
         if isinstance(types, list) and len(types) == n:
-            setattr(config, attr, types + [types[-1]] * depths)
+            extra = "full_attention" if "full_attention" in types else types[-1]
+            setattr(config, attr, types + [extra] * depths)
     return config
 
 
+def layer_style_copy(src, dst):
+    """A copy of a checkpoint whose mtp.layers.{d}.* tensors are renamed model.layers.{n + d}.*, so
+    that transformers loads them as decoder layers; written with safetensors, any other checkpoint as is."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    if not any(name.startswith("mtp.layers.") for name in index["weight_map"]):
+        return src
+    shutil.copytree(src, dst)
+    renamed = {}
+    for name, shard in index["weight_map"].items():
+        if name.startswith("mtp.layers."):
+            depth, rest = name[len("mtp.layers."):].split(".", 1)
+            renamed[name] = f"model.layers.{n + int(depth)}.{rest}"
+    for shard in set(index["weight_map"][k] for k in renamed):
+        with safe_open(src / shard, "pt") as f:
+            tensors = {renamed.get(k, k): f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, dst / shard, metadata={"format": "pt"})
+    index["weight_map"] = {renamed.get(k, k): v for k, v in index["weight_map"].items()}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
 def mtp_tensors(path, layer: int) -> dict[str, torch.Tensor]:
-    """An MTP layer's block tensors by their name in the layer (enorm.weight, eh_proj.weight, ...)."""
+    """An MTP depth's block tensors: embed_norm, hidden_norm, proj, and embed where it has its own."""
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    prefix = f"model.layers.{layer}."
+    if any(name.startswith("mtp.") for name in index):
+        names = dict(zip(("embed_norm", "hidden_norm", "proj"), (f"mtp.{m}.weight" for m in PREFIX_STYLE)))
+    else:
+        names = dict(zip(("embed_norm", "hidden_norm", "proj", "embed"),
+                         (f"model.layers.{layer}.{m}.weight" for m in (*LAYER_STYLE, "embed_tokens"))))
     out = {}
-    for name, shard in index.items():
-        rel = name[len(prefix):]
-        if name.startswith(prefix) and rel.split(".")[0] in ("enorm", "hnorm", "eh_proj", "embed_tokens"):
-            with safe_open(path / shard, "pt") as f:
-                out[rel] = f.get_tensor(name)
+    for role, name in names.items():
+        if name in index:
+            with safe_open(path / index[name], "pt") as f:
+                out[role] = f.get_tensor(name)
     return out
 
 
-def rms_norm(x, weight, eps):
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+def norm_like(model, weight):
+    """transformers' own final norm of the model (Qwen3-Next's scales by 1 + w) with another weight."""
+    norm = copy.deepcopy(model.model.norm)
+    norm.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return norm
 
 
-def reference_with_mtp(src, samples):
+def reference_with_mtp(src, samples, tmp_path=None):
     """Statistics of every MoE layer and of the MTP layers, from transformers' own model whose extra
     last layers are the MTP layers. Depth d (layer n+d-1) is fed, at position t,
-    [enorm(embed(token t+d)); hnorm(h)] @ eh_proj^T, where h is the previous depth's output at t
+    proj([embed_norm(embed(token t+d)); hidden_norm(h)]), where h is the previous depth's output at t
     (the main model's, through its final norm, for d = 1)."""
     config = mtp_as_decoder_layer(src)
-    model, info = load(src, config=config)
-    depths = config.num_nextn_predict_layers
+    model, info = load(layer_style_copy(src, tmp_path / "layer-style") if tmp_path else src, config=config)
+    depths = mtp_depths(config)
     n = config.num_hidden_layers - depths
     assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
-    eps = config.rms_norm_eps
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.__setitem__("ids", a[0]))
 
@@ -77,10 +116,10 @@ def reference_with_mtp(src, samples):
         h = args[0] if args else kwargs["hidden_states"]
         ids = seen["ids"]
         ahead = torch.cat([ids[:, d:], torch.zeros_like(ids[:, :d])], dim=1)[:, : ids.shape[1]]
-        embed = w.get("embed_tokens.weight", model.get_input_embeddings().weight)
-        e = rms_norm(torch.nn.functional.embedding(ahead, embed), w["enorm.weight"], eps)
+        embed = w.get("embed", model.get_input_embeddings().weight)
+        e = norm_like(model, w["embed_norm"])(torch.nn.functional.embedding(ahead, embed))
         prev = model.model.norm(h) if d == 1 else h
-        x = torch.cat([e, rms_norm(prev, w["hnorm.weight"], eps)], dim=-1) @ w["eh_proj.weight"].T
+        x = torch.cat([e, norm_like(model, w["hidden_norm"])(prev)], dim=-1) @ w["proj"].T
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
     for d in range(1, depths + 1):
@@ -91,16 +130,16 @@ def reference_with_mtp(src, samples):
 
 
 @pytest.mark.parametrize("family", MTP_FAMILIES)
-def test_mtp_statistics_equal_the_reference(checkpoints, family):
+def test_mtp_statistics_equal_the_reference(checkpoints, family, tmp_path):
     src = checkpoints[family]
     n = Checkpoint.open(src).num_hidden_layers
     samples = texts()
     saliency = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="calibrate")
     assert saliency.mtp_layers == [n] and saliency.calibration["mtp"] == "calibrate"
     assert saliency.layers[n].tokens == sum(len(s) - 1 for s in samples)  # the last token has no next token
-    assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
-    default = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32")
-    assert sorted(default.layers) == sorted(set(saliency.layers) - {n}) and default.calibration["mtp"] == "drop"
+    assert_stats_close(saliency.layers, reference_with_mtp(src, samples, tmp_path))
+    dropped = calibrate(src, samples, batch_size=2, device="cpu", dtype="float32", mtp="drop")
+    assert sorted(dropped.layers) == sorted(set(saliency.layers) - {n}) and dropped.calibration["mtp"] == "drop"
 
 
 def test_two_mtp_depths_chain(tmp_path):
@@ -114,9 +153,11 @@ def test_two_mtp_depths_chain(tmp_path):
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
 
 
-def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path):
-    src = checkpoints["deepseek_v3"]
-    n = Checkpoint.open(src).num_hidden_layers
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path, family):
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
     r = cli("calibrate", src, "-o", tmp_path / "s.json", "--mtp", "calibrate", "--num-samples", "8",
             "--max-length", "32", "-q")
     assert r.returncode == 0 and f"multi-token-prediction layers [{n}] included" in r.stdout, r.stderr
@@ -125,12 +166,13 @@ def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(c
     r = cli("plan", tmp_path / "s.json", "--ckpt", src, "--keep", "4", "-o", tmp_path / "m.json")
     assert r.returncode == 0, r.stderr
     keep = {int(k): v for k, v in json.loads((tmp_path / "m.json").read_text())["layers"].items()}
-    assert sorted(keep) == [1, 2, n]
+    assert sorted(keep) == [*ckpt.moe_layers, n]
     r = cli("apply", tmp_path / "m.json", src, tmp_path / "out", "-q")
     assert r.returncode == 0 and f"kept multi-token-prediction layers [{n}]" in r.stdout, r.stderr
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    assert config["num_nextn_predict_layers"] == 1 and config["n_routed_experts"] == 4
+    count_key = next(k for k in COUNT_KEYS if k in config)
+    assert config[count_key] == 1 and config[ckpt.layout.num_experts_keys[0]] == 4
     assert cli("verify", out).returncode == 0
 
     # transformers, as it runs the model: the MTP layer is ignored, the stack matches in-memory pruning
@@ -138,9 +180,10 @@ def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(c
     assert not info["missing_keys"]
     assert torch.equal(logits(pruned), logits(pruned_in_memory(src, keep, 4)))
     # transformers with the MTP layer as a decoder layer: every tensor in place, equal to in-memory pruning
-    pruned, info = load(out, config=mtp_as_decoder_layer(out))
+    pruned, info = load(layer_style_copy(out, tmp_path / "out-layers"), config=mtp_as_decoder_layer(out))
     assert not info["missing_keys"]
-    reference = pruned_in_memory(src, keep, 4, config=mtp_as_decoder_layer(src))
+    reference = pruned_in_memory(layer_style_copy(src, tmp_path / "src-layers"), keep, 4,
+                                 config=mtp_as_decoder_layer(src))
     assert torch.equal(logits(pruned), logits(reference))
 
 
@@ -152,8 +195,9 @@ def test_mask_with_the_mtp_layer_slices_it_byte_for_byte(checkpoints, tmp_path, 
     mask = write_mask(src, {l: keep for l in [*ckpt.moe_layers, ckpt.num_hidden_layers]}, tmp_path / "m.json")
     assert cli("apply", mask, src, tmp_path / "out", "-q").returncode == 0
     got = assert_output_is_input_slices(src, tmp_path / "out", keep, keep_mtp=True)
-    assert any(name.startswith(f"model.layers.{ckpt.num_hidden_layers}.mlp.experts.3.") for name in got)
-    assert not any(name.startswith(f"model.layers.{ckpt.num_hidden_layers}.mlp.experts.4.") for name in got)
+    experts = "mtp.layers.0.mlp.experts" if family == "qwen3_next" else f"model.layers.{ckpt.num_hidden_layers}.mlp.experts"
+    assert any(name.startswith(f"{experts}.3.") for name in got)
+    assert not any(name.startswith(f"{experts}.4.") for name in got)
 
 
 def test_verify_reports_an_mtp_layer_left_with_the_old_expert_count(checkpoints, tmp_path):
@@ -215,3 +259,56 @@ def test_mtp_layers_leave_the_stack_plan_unchanged():
     assert b.mask.provenance["preserved"]["super_experts"] == {"0": [2]}
     assert b.mask.layers[4] == [0, 3] and b.mask.provenance["mtp_layers"] == [4]
 
+
+
+@pytest.mark.parametrize("family,default", [("deepseek_v3", "drop"), ("glm4_moe", "drop"), ("qwen3_next", "calibrate")])
+def test_the_default_keeps_the_mtp_block_where_a_loader_needs_it(checkpoints, tmp_path, family, default):
+    """llama.cpp's converter stops on a Qwen3-Next checkpoint without its MTP block: calibrate measures
+    it by default there (so apply keeps it); a checkpoint without one falls back to dropping."""
+    from reapsurgery.calibration.calibrate import resolve_mtp
+
+    assert resolve_mtp(Checkpoint.open(checkpoints[family]), "auto") == default
+    assert resolve_mtp(Checkpoint.open(build(family, tmp_path / "bare", with_mtp=False)), "auto") == "drop"
+
+
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_verify_catches_a_stale_mtp_count_key(checkpoints, tmp_path, family):
+    """vLLM and llama.cpp size the MTP block from the count key: it must match what is stored."""
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    keep = [0, 2, 5, 7]
+    for name, layers, stale in (("drop", ckpt.moe_layers, 1), ("keep", [*ckpt.moe_layers, ckpt.num_hidden_layers], 0)):
+        out = tmp_path / name
+        assert cli("apply", write_mask(src, {l: keep for l in layers}, tmp_path / f"{name}.json"), src, out, "-q").returncode == 0
+        assert cli("verify", out).returncode == 0
+        config = json.loads((out / "config.json").read_text())
+        key = next(k for k in COUNT_KEYS if k in config)
+        (out / "config.json").write_text(json.dumps({**config, key: stale}))
+        r = cli("verify", out)
+        assert r.returncode == 2 and f"config.json {key}={stale} announces {stale} multi-token-prediction layers" in r.stderr
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_next"])
+def test_keep_full_writes_the_unpruned_mtp_block_as_a_draft(checkpoints, tmp_path, family):
+    """OUT/mtp-draft: the source's config (original expert count) and its MTP tensors byte for byte,
+    with the embeddings and LM head it shares; transformers loads the MTP layer from it in place."""
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    r = cli("apply", mask, src, tmp_path / "out", "-q", "--mtp", "keep-full")
+    assert r.returncode == 0 and "wrote mtp-draft/" in r.stdout, r.stderr
+    draft = tmp_path / "out" / "mtp-draft"
+    assert json.loads((draft / "config.json").read_text()) == ckpt.config
+    names = set(output_tensors(draft))
+    n = ckpt.num_hidden_layers
+    mtp = {k for k in ckpt.weight_map if k.startswith(("mtp.", f"model.layers.{n}."))}
+    assert names == mtp | {"model.embed_tokens.weight", "lm_head.weight"}
+    for name in names:
+        assert tensor_bytes(draft / Checkpoint.open(draft).weight_map[name], name) == \
+            tensor_bytes(src / ckpt.weight_map[name], name), name
+    assert cli("verify", draft).returncode == 0 and cli("verify", tmp_path / "out").returncode == 0
+    loaded, info = load(layer_style_copy(draft, tmp_path / "draft-layers"), config=mtp_as_decoder_layer(draft))
+    assert not [k for k in info["missing_keys"] if f"layers.{n}." in k]
+    reference, _ = load(layer_style_copy(src, tmp_path / "src-layers"), config=mtp_as_decoder_layer(src))
+    got, want = decoder_layers(loaded)[n].state_dict(), decoder_layers(reference)[n].state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

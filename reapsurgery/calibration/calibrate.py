@@ -46,6 +46,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_mtp(ckpt: Checkpoint, mtp: str) -> str:
+    """"auto": calibrate the MTP block where a loader needs it (layout `mtp_keep`) and it is stored."""
+    if mtp != "auto":
+        return mtp
+    layout = ckpt.layout
+    return "calibrate" if layout.mtp_keep and layout.mtp_block and ckpt.stored_mtp_layers() else "drop"
+
+
 def make_batches(samples: list[list[int]], batch_size: int, pad_id: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded batches; padding is masked out of attention and statistics."""
     batches = []
@@ -119,19 +127,21 @@ def calibrate(
     bar: BarFactory | None = None,
     on_layer: Callable[[int, StreamedModel], None] | None = None,
     layout: Layout | None = None,
-    mtp: str = "drop",
+    mtp: str = "auto",
 ) -> Saliency:
     """Per-expert REAP statistics of every MoE layer, measured on `samples` (token id lists).
 
     `layout` (a user's layout file) replaces the built-in one chosen from config.json.
-    mtp="calibrate" also measures the multi-token-prediction layers stored past the stack
-    (their statistics then make plan and apply keep them); "drop" leaves them out."""
-    if mtp not in ("drop", "calibrate"):
-        raise ReapError(None, f"--mtp {mtp}: choose drop or calibrate")
+    mtp="calibrate" also measures the multi-token-prediction block (their statistics then make
+    plan and apply keep and prune it); "drop" leaves it out; "auto" calibrates it where the
+    family's layout says a loader needs it present (`mtp_keep`) and the checkpoint stores it."""
+    if mtp not in ("auto", "drop", "calibrate"):
+        raise ReapError(None, f"--mtp {mtp}: choose auto, drop or calibrate")
     if not samples:
         raise ReapError(None, "no calibration samples")
     ckpt = Checkpoint.open(ckpt_path, layout)
     ckpt.tensors()  # index and shard headers agree, before any layer is read
+    mtp = resolve_mtp(ckpt, mtp)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)

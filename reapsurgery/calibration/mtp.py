@@ -1,8 +1,10 @@
 """Multi-token-prediction (MTP) blocks: calibrating experts that transformers never runs.
 
 DeepSeek-V3 and GLM-4.x store `num_nextn_predict_layers` MTP blocks as layers
-num_hidden_layers.. of the checkpoint; inference engines (vLLM, SGLang) run them for
-speculative decoding. The block of depth k reads, at position t, the previous depth's hidden
+num_hidden_layers.. of the checkpoint; Qwen3-Next and Qwen3.5 store theirs under `mtp.*`
+(`mtp.layers.{d}` and one `fc` and pair of input norms), read here as if stored as those layers
+(`Layout.canonical`). Inference engines (vLLM, SGLang, llama.cpp) run them for speculative
+decoding. The block of depth k reads, at position t, the previous depth's hidden
 state h (the main model's final-normed output for k = 1, the previous block's output after
 that) and the embedding of token t + k:
 
@@ -38,9 +40,9 @@ def mtp_layers_on_disk(ckpt: Checkpoint) -> list[int]:
     if not layout.mtp_block:
         raise ReapError(ckpt.path / "config.json", f"--mtp calibrate: the {layout.name} layout describes no "
                                                    "multi-token-prediction block (mtp_block); its MTP tensors can only be dropped")
-    layers = sorted({l for name in ckpt.weight_map if (l := layout.layer_of(name)) is not None and l >= n})
+    layers = ckpt.stored_mtp_layers()
     if not layers:
-        count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
+        count = layout.mtp_count(ckpt.cfg)
         raise ReapError(ckpt.path, f"--mtp calibrate: no multi-token-prediction layer on disk (no layer {n} or later; "
                                    f"config {layout.mtp_key}={count})")
     return layers
@@ -55,29 +57,36 @@ def mtp_layers(streamed: StreamedModel) -> list[int]:
     if layers != list(range(n, n + len(layers))):
         raise ReapError(ckpt.path, f"--mtp calibrate: multi-token-prediction layers {layers} do not follow the "
                                    f"{n} decoder layers")
+    if len(layers) > 1 and layout.mtp_block.get("prefix"):
+        raise ReapError(ckpt.path, f"--mtp calibrate: {len(layers)} multi-token-prediction layers under "
+                                   f"{layout.mtp_block['prefix']}*: only one is calibrated yet (no released checkpoint "
+                                   "has more, and engines chain such depths through the block's output norm)")
     for i in layers:
-        if not any((role := layout.classify(k)) is not None and role.kind == "router" for k in streamed.mtp_keys.get(i, [])):
+        if not any((role := layout.classify(layout.canonical(k, n))) is not None and role.kind == "router"
+                   for k in streamed.mtp_keys.get(i, [])):
             raise ReapError(ckpt.path, f"--mtp calibrate: multi-token-prediction layer {i} has no router "
                                        f"matching the {layout.name} layout, so no routed experts to measure")
         found = set(_parts(streamed, i)[1])
         missing = sorted(MTP_BLOCK_REQUIRED - found)
         if missing:
-            names = ", ".join(f"{layout.mtp_block[m]}.weight" for m in missing)
+            names = ", ".join(f"{layout.mtp_modules[m]}.weight" for m in missing)
             raise ReapError(ckpt.path, f"--mtp calibrate: multi-token-prediction layer {i} lacks {names}")
     return layers
 
 
 def _parts(streamed: StreamedModel, i: int) -> tuple[list[str], dict[str, str]]:
     """The MTP layer's decoder-layer keys, and its block modules' weights by role."""
-    layout = streamed.ckpt.layout
+    layout, n = streamed.ckpt.layout, streamed.ckpt.num_hidden_layers
     block, extras = [], {}
     for key in streamed.mtp_keys[i]:
-        _, rel = layout.split_layer(key)
-        role = next((r for r, m in layout.mtp_block.items() if rel.startswith(m + ".")), None)
+        _, rel = layout.split_layer(layout.canonical(key, n))
+        role = next((r for r, m in layout.mtp_modules.items() if rel.startswith(m + ".")), None)
         if role is None:
             block.append(key)
-        elif rel == f"{layout.mtp_block[role]}.weight":
+        elif rel == f"{layout.mtp_modules[role]}.weight":
             extras[role] = key
+    if i != n and layout.mtp_block.get("prefix"):  # a block outside the stack shares its modules across depths
+        extras = {**_parts(streamed, n)[1], **extras}
     return block, extras
 
 
@@ -116,7 +125,7 @@ def load_mtp_block(streamed: StreamedModel, i: int, template: int) -> MtpBlock:
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
     streamed.fill_layer(layer, block_keys, template, f"multi-token-prediction layer {i}",
-                        rename=lambda k: layout.with_layer(k, template))
+                        rename=lambda k: layout.with_layer(layout.canonical(k, ckpt.num_hidden_layers), template))
     embed_key = extras.get("embed") or _embedding_key(streamed)
     keys = [extras["embed_norm"], extras["hidden_norm"], extras["proj"], embed_key]
     w = {k: t.to(device=streamed.device, dtype=streamed.dtype) for k, t in read_layer_tensors(ckpt, keys).items()}

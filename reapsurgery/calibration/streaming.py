@@ -113,8 +113,10 @@ class StreamedModel:
         self.layer_keys: dict[int, list[str]] = {i: [] for i in range(len(self.layers))}
         self.outer_keys: list[str] = []
         self.mtp_keys: dict[int, list[str]] = {}  # layers past the stack: multi-token-prediction blocks
+        n, layout = ckpt.num_hidden_layers, ckpt.layout
         for key in logical_keys(ckpt):  # a quantized weight's scales are read with it
-            target, _ = self.converter.target(key)
+            # an MTP block stored outside the stack (mtp.*) is placed as the layers past it
+            target, _ = self.converter.target(layout.canonical(key, n))
             if target.startswith(self.layers_prefix):
                 i = int(target[len(self.layers_prefix):].split(".")[0])
                 if i in self.layer_keys:

@@ -22,7 +22,7 @@ def _echo_preview(p: dict) -> None:
            [(s["name"], s["source"], s["tensors"], human(s["bytes"])) for s in p["shards"]])
     for key, (old, new) in p["config_changes"].items():
         click.echo(f"  config.json: {key} {old} -> {new}")
-    echo_mtp(p["dropped_layers"], p["dropped_prefixes"], p["kept_mtp_layers"], p["notes"], True, "  ")
+    echo_mtp(p["mtp_dropped"], p["kept_mtp_layers"], p["notes"], True, "  ", p["draft_bytes"])
     click.echo(f"  would write: {' '.join(p['written'])}")
     if p["copied"]:
         click.echo(f"  would copy: {' '.join(p['copied'])}")
@@ -43,10 +43,15 @@ def _echo_preview(p: dict) -> None:
                    "Fast NVMe drives reach their bandwidth only with several requests outstanding.")
 @click.option("--dry-run", is_flag=True,
               help="Print what would be written (shards, bytes, config changes) and write nothing, not even OUT.")
+@click.option("--mtp", "mtp", type=click.Choice(["mask", "keep-full"]), default="mask", show_default=True,
+              help="Multi-token-prediction block: 'mask' prunes and keeps it where the mask covers it (saliency "
+                   "from `calibrate --mtp calibrate`), else drops it; 'keep-full' also writes it unpruned, with "
+                   "the source's config, to OUT/mtp-draft/: a draft model for loaders that build the MTP head "
+                   "from the trunk's config.")
 @plan_options
 @layout_option
 @one_line_errors
-def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs: int | None, dry_run: bool,
+def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs: int | None, dry_run: bool, mtp: str,
           layout_file: Path | None, **opts) -> None:
     """Write CKPT with only the experts MASK keeps into OUT.
 
@@ -95,7 +100,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     if dry_run:
         from ..surgery.preview import apply_preview
 
-        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout)
+        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
         if planned:
             echo_plan(planned)
         _echo_preview(preview)
@@ -118,7 +123,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 
     try:
         result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress, on_plan=on_plan,
-                            layout=layout, jobs=jobs, note=lambda text: click.echo(f"note: {text}", err=True))
+                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: click.echo(f"note: {text}", err=True))
     finally:
         if bar is not None:
             bar.close()
@@ -129,7 +134,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     )
     for key, (old, new) in result.config_changes.items():
         click.echo(f"  config.json: {key} {old} -> {new}")
-    echo_mtp(result.dropped_layers, result.dropped_prefixes, result.kept_mtp_layers, result.notes, False, "  ")
+    echo_mtp(result.mtp_dropped, result.kept_mtp_layers, result.notes, False, "  ", result.draft_bytes)
     for path in result.skipped:
         click.echo(f"  not copied (weights reapsurgery does not prune): {path}")
 

@@ -15,10 +15,12 @@ from .common import data_options, layout_from, layout_option, load_data, one_lin
 @data_options
 @run_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
-@click.option("--mtp", type=click.Choice(["drop", "calibrate"]), default="drop", show_default=True,
-              help="Multi-token-prediction layers stored past the decoder stack (DeepSeek-V3, GLM-4.x): "
-                   "'drop' leaves them out, and apply drops them; 'calibrate' measures their experts from the "
-                   "MTP block's own inputs, and plan/apply prune and keep them (for speculative decoding).")
+@click.option("--mtp", type=click.Choice(["auto", "drop", "calibrate"]), default="auto", show_default=True,
+              help="Multi-token-prediction block (DeepSeek-V3, GLM-4.x: layers past the stack; Qwen3-Next: "
+                   "mtp.*), run by vLLM, SGLang and llama.cpp for speculative decoding: 'calibrate' measures its "
+                   "experts from the block's own inputs, and plan/apply prune and keep it; 'drop' leaves it out, "
+                   "and apply drops it; 'auto' calibrates it for families whose loaders need it present "
+                   "(Qwen3-Next: llama.cpp's converter) and drops it for the others.")
 @layout_option
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,

@@ -253,15 +253,17 @@ def echo_plan(plan, with_table: bool = True) -> None:
         click.echo(f"note: {note}", err=True)
 
 
-def echo_mtp(dropped: list[int], prefixes: list[str], kept: list[int], notes: list[str], preview: bool, indent: str) -> None:
-    """What happens to multi-token-prediction layers: dropped (default) or kept and pruned."""
-    drop, keep = ("would drop", "would keep") if preview else ("dropped", "kept")
+def echo_mtp(dropped: str | None, kept: list[int], notes: list[str], preview: bool, indent: str,
+             draft_bytes: int | None = None) -> None:
+    """What happens to multi-token-prediction blocks: one line when dropped, kept and pruned, or a draft."""
     if dropped:
-        click.echo(f"{indent}{drop} multi-token-prediction layers {dropped} (not run by transformers; "
-                   "`calibrate --mtp calibrate` measures and keeps them)")
-    for prefix in prefixes:
-        click.echo(f"{indent}{drop} multi-token-prediction tensors {prefix}* (not run by transformers)")
+        click.echo(f"{indent}{'dry run: ' if preview else ''}{dropped}")
     if kept:
-        click.echo(f"{indent}{keep} multi-token-prediction layers {kept}, pruned with the mask like the others")
+        click.echo(f"{indent}{'would keep' if preview else 'kept'} multi-token-prediction layers {kept}, "
+                   "pruned with the mask like the others")
+    if draft_bytes is not None:
+        click.echo(f"{indent}{'would write' if preview else 'wrote'} mtp-draft/ ({human(draft_bytes)}): the "
+                   "multi-token-prediction block unpruned, with the source's config, a draft model for vLLM's "
+                   "--speculative-config '{\"method\": \"mtp\", \"model\": \"OUT/mtp-draft\", ...}'")
     for note in notes:
         click.echo(f"{indent}note: {note}")

@@ -110,7 +110,7 @@ def _echo_mask(f: dict) -> None:
         click.echo(ACTIVE_NOTE)
         for key, (old, new) in size["config_changes"].items():
             click.echo(f"config.json: {key} {old} -> {new}")
-        echo_mtp(size["dropped_layers"], size["dropped_prefixes"], size["kept_mtp_layers"], size["notes"], True, "")
+        echo_mtp(size["mtp_dropped"], size["kept_mtp_layers"], size["notes"], True, "")
     click.echo("kept experts per layer:")
     table([(f"{layer}:", " ".join(map(str, kept))) for layer, kept in f["layers"].items()])
 

@@ -106,6 +106,12 @@ class Checkpoint:
     def num_hidden_layers(self) -> int:
         return self.cfg["num_hidden_layers"]
 
+    def stored_mtp_layers(self) -> list[int]:
+        """MTP layers (numbered past the stack; mtp.layers.{d} as num_hidden_layers + d) with tensors stored."""
+        layout, n = self.layout, self.num_hidden_layers
+        return sorted({l for name in self.weight_map
+                       if (l := layout.layer_of(layout.canonical(name, n))) is not None and l >= n})
+
     @property
     def moe_layers(self) -> list[int]:
         return self.layout.moe_layers(self.cfg)

@@ -28,14 +28,24 @@ Fields of an entry (all config keys are read from the text config where one is n
 - ``routers`` / ``stacked_experts``: name pattern -> expert axis; ``experts``: per-expert
   name prefixes with ``{expert}``. Patterns are relative to the layer prefix; ``*`` is one
   name component.
-- ``mtp_layers``: config key counting multi-token-prediction layers (stored as layers
-  ``num_hidden_layers..``, dropped by apply and set to 0); ``mtp_prefixes``: name prefixes of
-  MTP tensors stored outside the layer stack (Qwen3-Next's ``mtp.``), dropped too.
-- ``mtp_block``: the modules an MTP layer holds besides a decoder layer, relative to its layer
-  prefix: ``embed_norm``, ``hidden_norm`` (RMSNorms), ``proj`` (the [H, 2H] linear over the
-  concatenated normed embedding and hidden state), ``embed`` (its own copy of the embeddings,
-  when stored) and ``head``. With it, ``calibrate --mtp calibrate`` measures the MTP layers'
-  experts and apply keeps them; without it they can only be dropped.
+- ``mtp_layers``: config key(s) counting multi-token-prediction layers, a string or a list (every
+  one present is rewritten: set to 0 when apply drops the MTP block, kept when it keeps it).
+  ``mtp_prefixes``: name prefixes of MTP tensors stored outside the layer stack (Qwen3-Next's
+  ``mtp.``); dropped unless ``mtp_block`` says where its layers are.
+- ``mtp_block``: the modules an MTP layer holds besides a decoder layer: ``embed_norm``,
+  ``hidden_norm`` (RMSNorms), ``proj`` (the [H, 2H] linear over the concatenated normed
+  embedding and hidden state), ``embed`` (its own copy of the embeddings, when stored) and
+  ``head``. They are relative to the MTP layer's prefix (DeepSeek-V3, GLM: the block is stored
+  as layer ``num_hidden_layers + d``), or, for blocks stored outside the stack, relative to
+  ``prefix`` (Qwen3-Next: ``mtp.``, one set shared by every depth), with the block's decoder
+  layers under ``layers`` (``mtp.layers.{layer}.``, ``{layer}`` the depth from 0). Such a block is
+  read as if it were stored as layers ``num_hidden_layers..`` (``Layout.canonical``), so
+  calibration, apply and verify treat both styles alike. ``shared``: trunk tensors a separate MTP
+  draft directory needs too (``apply --mtp keep-full``). With ``mtp_block``, ``calibrate --mtp
+  calibrate`` measures the MTP layers' experts and apply keeps them; without it they can only be
+  dropped.
+- ``mtp_keep``: why a loader needs the MTP block present (a sentence). With it, ``calibrate``
+  measures the MTP block by default, so that ``apply`` keeps and prunes it.
 - ``derived``: where an entry made by ``reapsurgery.common.derive`` came from (transformers version,
   model class); not read.
 """
@@ -86,11 +96,12 @@ class Layout:
     experts: tuple[str, ...]
     stacked: dict[str, int]
     groups: dict[str, Any] | None
-    mtp_key: str | None
+    mtp_keys: tuple[str, ...]
     mtp_prefixes: tuple[str, ...] = ()
     defaults: dict[str, Any] | None = None
     mtp_block: dict[str, str] | None = None
     derived: dict[str, Any] | None = None  # where a derived entry came from; None for written ones
+    mtp_keep: str | None = None  # why a loader needs the MTP block: calibrate measures it by default
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> "Layout":
@@ -117,11 +128,12 @@ class Layout:
                 experts=tuple(d.get("experts", ())),
                 stacked=dict(d.get("stacked_experts", {})),
                 groups=d.get("groups"),
-                mtp_key=d.get("mtp_layers"),
+                mtp_keys=_keys(d.get("mtp_layers")),
                 mtp_prefixes=tuple(d.get("mtp_prefixes", ())),
                 defaults=dict(d.get("defaults", {})),
                 mtp_block=_mtp_block(name, d.get("mtp_block")),
                 derived=dict(d["derived"]) if d.get("derived") is not None else None,
+                mtp_keep=d.get("mtp_keep"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ReapError(None, f"layout {name!r} is missing or malforms field {e}") from None
@@ -129,6 +141,19 @@ class Layout:
     @property
     def layer_prefix(self) -> str:
         return self.layer_prefixes[0]
+
+    @property
+    def mtp_key(self) -> str | None:
+        return self.mtp_keys[0] if self.mtp_keys else None
+
+    @property
+    def mtp_modules(self) -> dict[str, str]:
+        """The MTP block's modules by role (embed_norm, proj, ...), without the location fields."""
+        return {r: m for r, m in (self.mtp_block or {}).items() if r in MTP_BLOCK_FIELDS}
+
+    def mtp_count(self, cfg: dict) -> int | None:
+        """The number of MTP layers the config announces (first count key present)."""
+        return _first(cfg, self.mtp_keys)
 
     def __post_init__(self) -> None:
         regexes = []
@@ -141,6 +166,8 @@ class Layout:
                 [(re.compile(prefix + _pattern(p)), a) for p, a in self.routers.items()],
             ))
         object.__setattr__(self, "_regexes", regexes)
+        outside = (self.mtp_block or {}).get("layers")
+        object.__setattr__(self, "_mtp_layers_rx", re.compile(_pattern(outside)) if outside else None)
 
     # -- tensor names -------------------------------------------------------
 
@@ -167,6 +194,32 @@ class Layout:
             raise ValueError(f"{name!r} is not a layer tensor")
         a, b = m.span("layer")
         return name[:a] + str(layer) + name[b:]
+
+    def canonical(self, name: str, num_hidden_layers: int) -> str:
+        """The name an MTP tensor stored outside the stack would have as layer num_hidden_layers + d
+        (``mtp.layers.0.mlp.gate.weight`` -> ``model.layers.{n}.mlp.gate.weight``, ``mtp.fc.weight``
+        -> ``model.layers.{n}.fc.weight``); any other name unchanged."""
+        split = self._mtp_split(name, num_hidden_layers)
+        return name if split is None else split[1] + name[split[0]:]
+
+    def source_name(self, name: str, num_hidden_layers: int, new_canonical: str) -> str:
+        """`name` with its canonical form replaced by `new_canonical` (an expert renumbered), in
+        the checkpoint's own naming."""
+        split = self._mtp_split(name, num_hidden_layers)
+        return new_canonical if split is None else name[: split[0]] + new_canonical[len(split[1]):]
+
+    def _mtp_split(self, name: str, n: int) -> tuple[int, str] | None:
+        """(length of the source prefix, canonical prefix) for an MTP tensor stored outside the stack."""
+        rx = self._mtp_layers_rx
+        if rx is None:
+            return None
+        m = rx.match(name)
+        if m:
+            return m.end(), self.layer_prefix.format(layer=n + int(m.group("layer")))
+        prefix = self.mtp_block.get("prefix")
+        if prefix and name.startswith(prefix) and name[len(prefix):].split(".")[0] in self.mtp_modules.values():
+            return len(prefix), self.layer_prefix.format(layer=n)
+        return None
 
     def mtp_prefix_of(self, name: str) -> str | None:
         """The MTP prefix (outside the layer stack) the tensor lives under, if any."""
@@ -255,6 +308,7 @@ class Layout:
             "moe_layers": dict(self.moe_layer_rule),
             "groups": dict(self.groups) if self.groups else None,
             "mtp_layers": self.mtp_key,
+            "mtp_keep": self.mtp_keep,
             "mtp_block": dict(self.mtp_block) if self.mtp_block else None,
             "layer_prefix": list(self.layer_prefixes),
         }
@@ -262,6 +316,7 @@ class Layout:
 
 MTP_BLOCK_FIELDS = {"embed_norm", "hidden_norm", "proj", "embed", "head"}
 MTP_BLOCK_REQUIRED = {"embed_norm", "hidden_norm", "proj"}
+MTP_LOCATION_FIELDS = {"layers", "prefix", "shared"}
 
 
 def _strings(v: Any) -> bool:
@@ -297,13 +352,24 @@ def _check_fields(name: str, d: Any) -> None:
         raise ReapError(None, f"layout {name!r}: mtp_layers must be a config key name")
 
 
-def _mtp_block(name: str, d: Any) -> dict[str, str] | None:
+def _mtp_block(name: str, d: Any) -> dict[str, Any] | None:
     if d is None:
         return None
-    if not isinstance(d, dict) or not MTP_BLOCK_REQUIRED <= set(d) or not set(d) <= MTP_BLOCK_FIELDS:
+    if (not isinstance(d, dict) or not MTP_BLOCK_REQUIRED <= set(d)
+            or not set(d) <= MTP_BLOCK_FIELDS | MTP_LOCATION_FIELDS
+            or ("layers" in d) != ("prefix" in d)
+            or ("layers" in d and "{layer}" not in str(d["layers"]))):
         raise ReapError(None, f"layout {name!r}: mtp_block needs {', '.join(sorted(MTP_BLOCK_REQUIRED))} "
-                              f"(and may name {', '.join(sorted(MTP_BLOCK_FIELDS - MTP_BLOCK_REQUIRED))})")
+                              f"(and may name {', '.join(sorted(MTP_BLOCK_FIELDS - MTP_BLOCK_REQUIRED))}; "
+                              "a block outside the layer stack names both layers, with {layer}, and prefix)")
     return dict(d)
+
+
+def _keys(value: Any) -> tuple[str, ...]:
+    """A config-key field given as one key or a list of them."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 MOE_RULE_FIELDS = {"indices", "list", "type_list", "moe_type", "first_dense", "last_moe", "sparse_step", "dense_list"}

@@ -24,6 +24,7 @@ from .copier import coalesce, default_jobs, pieces, run_pieces
 from .outdir import check_output, staged_output
 from ..common.quant import rewrite_hf_quant_config, rewrite_quantization_config
 from ..common.safetensors_io import DTYPE_BITS, TensorInfo, encode_header, write_order
+from .draft import DRAFT_DIR, plan_draft, write_draft
 from .verify import ExpertCheck, tensor_role
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -68,6 +69,8 @@ class SurgeryPlan:
     notes: list[str] = field(default_factory=list)
     bytes_before: int = 0  # tensor bytes of the input
     elements_before: int = 0  # tensor elements of the input, for the index's total_parameters
+    mtp_dropped: str | None = None  # one line: what dropping the MTP block means, and how to keep it
+    draft_bytes: int | None = None  # --mtp keep-full: the unpruned MTP block written to mtp-draft/
 
     @property
     def elements(self) -> int:
@@ -93,6 +96,8 @@ class ApplyResult:
     dropped_prefixes: list[str] = field(default_factory=list)
     kept_mtp_layers: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mtp_dropped: str | None = None
+    draft_bytes: int | None = None
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -125,8 +130,9 @@ def slice_ranges(info: TensorInfo, base: int, axis: int, kept: list[int], n_expe
     return ranges
 
 
-def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
-    """Check the mask against the checkpoint and compute every output tensor; writes nothing."""
+def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = False) -> SurgeryPlan:
+    """Check the mask against the checkpoint and compute every output tensor; writes nothing.
+    `draft` (apply --mtp keep-full) also plans the unpruned MTP block as a draft directory."""
     check_fingerprint(mask.model, ckpt.fingerprint(), mask_path, ckpt.path)
     E, top_k, moe_layers, n = ckpt.num_experts, ckpt.top_k, ckpt.moe_layers, ckpt.num_hidden_layers
     missing = sorted(set(moe_layers) - set(mask.layers))
@@ -140,15 +146,15 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     _check_groups(ckpt, mask, mask_path)
 
     layout = ckpt.layout
-    mtp_count = ckpt.cfg.get(layout.mtp_key) if layout.mtp_key else None
+    mtp_count = layout.mtp_count(ckpt.cfg)
     check = ExpertCheck(ckpt)
     dropped_layers: set[int] = set()
     dropped_prefixes: set[str] = set()
     role_layers_past_stack: set[int] = set()
     # Shard by shard, each tensor classified once: one header in memory at a time.
-    # Non-expert tensors of MTP layers the mask names wait until we know whether those
-    # layers hold experts (then they are kept with them), which only the last shard tells.
-    pending: list[tuple[int, str, OutTensor]] = []
+    # Non-expert tensors of MTP blocks the mask names wait until we know whether those
+    # blocks hold experts (then they are kept with them), which only the last shard tells.
+    pending: list[tuple[int | None, str | None, str, OutTensor]] = []
     per_shard: dict[str, list[OutTensor]] = {}
     metadata: dict[str, dict | None] = {}
     bytes_before = elements_before = 0
@@ -162,7 +168,10 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
             role = tensor_role(ckpt, name, info)
             if role is not None:
                 check.add(name, shard, info, role)
-            layer = layout.layer_of(name)
+            canonical = layout.canonical(name, n)  # mtp.layers.{d}.* as layer n + d
+            layer = layout.layer_of(canonical)
+            mtp_prefix = layout.mtp_prefix_of(name)
+            whole = [(base + info.start, info.nbytes)]
             if layer is not None and layer >= n:
                 # Layers past the decoder stack are multi-token-prediction blocks that transformers
                 # does not run; kept unpruned they would have the old expert count. A mask measured
@@ -170,18 +179,16 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
                 if role is not None:
                     role_layers_past_stack.add(layer)
                 if layer not in mask.layers:
-                    if mtp_count or role is not None:
-                        dropped_layers.add(layer)
+                    if mtp_count or role is not None or mtp_prefix is not None:
+                        (dropped_prefixes.add(mtp_prefix) if mtp_prefix is not None else dropped_layers.add(layer))
                         continue
-                elif role is None and mtp_count:
-                    pending.append((layer, shard, OutTensor(name, info.dtype, info.shape, [(base + info.start, info.nbytes)])))
+                elif role is None and (mtp_count or mtp_prefix is not None):
+                    pending.append((layer, mtp_prefix, shard, OutTensor(name, info.dtype, info.shape, whole)))
                     continue
-            mtp_prefix = layout.mtp_prefix_of(name)
-            if mtp_prefix is not None:
-                # MTP blocks stored outside the layer stack (Qwen3-Next's mtp.*) hold experts too
-                dropped_prefixes.add(mtp_prefix)
+            elif mtp_prefix is not None:
+                # MTP tensors outside its layers (Qwen3-Next's mtp.fc, mtp.norm) go with the block
+                pending.append((None, mtp_prefix, shard, OutTensor(name, info.dtype, info.shape, whole)))
                 continue
-            whole = [(base + info.start, info.nbytes)]
             if role is None:
                 out.append(OutTensor(name, info.dtype, info.shape, whole))
                 continue
@@ -190,7 +197,8 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
                 continue  # an expert tensor in a layer config.json calls dense: reported by the check below
             if role.kind == "expert":
                 if role.expert in keep:
-                    out.append(OutTensor(role.renamed(name, keep.index(role.expert)), info.dtype, info.shape, whole))
+                    renamed = layout.source_name(name, n, role.renamed(canonical, keep.index(role.expert)))
+                    out.append(OutTensor(renamed, info.dtype, info.shape, whole))
                 continue
             axis = role.axis
             if axis >= len(info.shape) or info.shape[axis] != E:
@@ -201,9 +209,11 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
     if problems:
         raise ReapError(*problems[0])
     kept_mtp = _kept_mtp_layers(role_layers_past_stack, mask, mask_path)
-    for layer, shard, t in pending:
-        if layer in kept_mtp:
+    for layer, prefix, shard, t in pending:
+        if layer in kept_mtp or (layer is None and kept_mtp):
             per_shard[shard].append(t)
+        elif prefix is not None:
+            dropped_prefixes.add(prefix)
         else:
             dropped_layers.add(layer)
     notes = []
@@ -227,8 +237,30 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> SurgeryPlan:
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
 
     config, changes = rewrite_config(ckpt, kept, bool(dropped_layers or dropped_prefixes), mask.layers)
-    return SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes),
-                       sorted(kept_mtp), notes, bytes_before, elements_before)
+    draft_bytes = sum(s.nbytes for s in plan_draft(ckpt)) if draft else None
+    plan = SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes),
+                       sorted(kept_mtp), notes, bytes_before, elements_before, draft_bytes=draft_bytes)
+    plan.mtp_dropped = mtp_drop_line(ckpt, plan)
+    return plan
+
+
+def mtp_drop_line(ckpt: Checkpoint, plan: SurgeryPlan) -> str | None:
+    """What dropping the MTP block means for the output's users, and how to keep it; None when kept."""
+    if not (plan.dropped_layers or plan.dropped_prefixes):
+        return None
+    layout = ckpt.layout
+    what = ", ".join(([f"layers {plan.dropped_layers}"] if plan.dropped_layers else [])
+                     + [f"tensors {p}*" for p in plan.dropped_prefixes])
+    zeroed = [k for k in plan.config_changes if k.rsplit(".", 1)[-1] in layout.mtp_keys]
+    line = f"multi-token-prediction {what} dropped" + (f", {' and '.join(zeroed)} set to 0" if zeroed else "")
+    line += ": no MTP speculative decoding from the output (vLLM's --speculative-config method mtp fails on it)"
+    if layout.mtp_keep:
+        line += f"; {layout.mtp_keep}"
+    if plan.draft_bytes is not None:
+        return line + f"; the unpruned block is in {DRAFT_DIR}/, a separate draft model"
+    return line + ("; to keep it pruned like the stack, calibrate with --mtp calibrate"
+                   + (" (the layout's mtp_block is needed)" if not layout.mtp_block else "")
+                   + ", or at full width as a separate draft, apply --mtp keep-full")
 
 
 def _kept_mtp_layers(on_disk: set[int], mask: Mask, mask_path: Path) -> set[int]:
@@ -279,21 +311,21 @@ def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
             elif isinstance(value, int) and value != kept:
                 changes[prefix + key] = (value, kept)
                 d[key] = kept
-        mtp = ckpt.layout.mtp_key
-        if dropped_mtp and mtp and d.get(mtp):
-            changes[prefix + mtp] = (d[mtp], 0)
-            d[mtp] = 0
+        for mtp in ckpt.layout.mtp_keys if dropped_mtp else ():
+            if d.get(mtp):
+                changes[prefix + mtp] = (d[mtp], 0)
+                d[mtp] = 0
     if keep is not None:  # quantization settings that name experts follow them
         changes.update(rewrite_quantization_config(config, ckpt.layout, keep))
     return config, changes
 
 
-def write_shards(plan: SurgeryPlan, src: Path, dst: Path, progress: Callable[[int], None] | None = None,
+def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callable[[int], None] | None = None,
                  jobs: int = 1, name_of: Callable[[Path], Path] = lambda p: p) -> None:
     """Every output shard, complete: headers first (files created at their final size), then the
     tensor bytes, copied by `jobs` workers in pieces; adjacent source ranges become one copy."""
     work = []
-    for shard in plan.shards:
+    for shard in shards:
         header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors], shard.metadata)
         fd = os.open(dst / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -372,19 +404,24 @@ def apply_mask(
     layout: Layout | None = None,
     jobs: int | None = None,
     note: Callable[[str], None] | None = None,
+    mtp: str = "mask",
 ) -> ApplyResult:
     """Write the pruned checkpoint to out_path; the output appears only once complete.
 
     `layout` overrides the built-in layout chosen from config.json (a user's layout file);
-    `jobs` copy workers run at once (default: from the CPU count)."""
+    `jobs` copy workers run at once (default: from the CPU count). mtp="keep-full" also writes
+    the MTP block unpruned into out_path/mtp-draft (a draft model directory with the source's
+    config); "mask" keeps and prunes it only where the mask covers it."""
+    if mtp not in ("mask", "keep-full"):
+        raise ReapError(None, f"--mtp {mtp}: choose mask or keep-full")
     mask_path, out_path = Path(mask_path), Path(out_path)
     ckpt = Checkpoint.open(ckpt_path, layout)
     check_output(ckpt.path, out_path, overwrite)
-    plan = plan_surgery(ckpt, mask, mask_path)
+    plan = plan_surgery(ckpt, mask, mask_path, draft=mtp == "keep-full")
     if on_plan:
         on_plan(plan)
     with staged_output(out_path, overwrite, note) as tmp:
-        write_shards(plan, ckpt.path, tmp, progress, jobs or default_jobs(), lambda p: out_path / p.name)
+        write_shards(plan.shards, ckpt.path, tmp, progress, jobs or default_jobs(), lambda p: out_path / p.name)
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
@@ -397,6 +434,8 @@ def apply_mask(
         handled |= rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)
         skipped = copy_other_files(ckpt.path, tmp, handled)
         write_index(plan, ckpt, tmp)
+        if plan.draft_bytes is not None:
+            write_draft(ckpt, tmp / DRAFT_DIR)
     return ApplyResult(
         out=Path(out_path),
         shards=len(plan.shards),
@@ -411,4 +450,6 @@ def apply_mask(
         dropped_prefixes=plan.dropped_prefixes,
         kept_mtp_layers=plan.kept_mtp_layers,
         notes=plan.notes,
+        mtp_dropped=plan.mtp_dropped,
+        draft_bytes=plan.draft_bytes,
     )

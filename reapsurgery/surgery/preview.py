@@ -14,12 +14,12 @@ from .outdir import check_output
 
 
 def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_path: str | Path,
-                  overwrite: bool = False, layout: Layout | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, layout: Layout | None = None, mtp: str = "mask") -> dict[str, Any]:
     """What `apply` would write to out_path, after the same checks; creates nothing."""
     ckpt = Checkpoint.open(ckpt_path, layout)
     out_path = Path(out_path)
     check_output(ckpt.path, out_path, overwrite)
-    plan = plan_surgery(ckpt, mask, Path(mask_path))
+    plan = plan_surgery(ckpt, mask, Path(mask_path), draft=mtp == "keep-full")
     handled = {"config.json", "README.md", INDEX, *ckpt.shards}
     copied, skipped = [], []
     for root, dirs, files in os.walk(ckpt.path):
@@ -47,6 +47,8 @@ def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_
         "dropped_prefixes": plan.dropped_prefixes,
         "kept_mtp_layers": plan.kept_mtp_layers,
         "notes": plan.notes,
+        "mtp_dropped": plan.mtp_dropped,
+        "draft_bytes": plan.draft_bytes,
         "written": ["config.json", "README.md", MASK_COPY] + ([INDEX] if writes_index else []),
         "copied": copied,
         "skipped": skipped,

@@ -45,11 +45,32 @@ def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
                                f"tensors hold {report.total_size} bytes")
 
     report.problems += [f"{where}: {msg}" for where, msg in expert_tensor_problems(ckpt, tensors)]
+    report.problems += [f"{ckpt.path / 'config.json'}: {msg}" for msg in mtp_count_problems(ckpt)]
     return report
 
 
+def mtp_count_problems(ckpt: Checkpoint) -> list[str]:
+    """A config whose MTP count disagrees with the MTP layers stored: vLLM's MTP loading and llama.cpp's
+    converter size the MTP block from the count key."""
+    layout, cfg = ckpt.layout, ckpt.cfg
+    stored = ckpt.stored_mtp_layers()
+    if not stored and any(layout.mtp_prefix_of(name) for name in ckpt.weight_map):
+        return []  # MTP tensors the layout cannot place in layers: nothing to count them against
+    problems = []
+    for key in layout.mtp_keys:
+        count = cfg.get(key)
+        if isinstance(count, int) and count != len(stored):
+            said = (f"announces {count} multi-token-prediction layers but the checkpoint stores "
+                    f"{len(stored)}" + (f" ({stored})" if stored else ""))
+            problems.append(f"{key}={count} {said}; set it to {len(stored)}")
+    return problems
+
+
 def tensor_role(ckpt: Checkpoint, name: str, info: TensorInfo) -> TensorRole | None:
-    """The role of an expert, router or quantized-router companion tensor; None for any other."""
+    """The role of an expert, router or quantized-router companion tensor; None for any other.
+    An MTP block stored outside the stack gets the role it would have as layer num_hidden_layers + d
+    (its expert's `span` then lies in `ckpt.layout.canonical(name, ...)`)."""
+    name = ckpt.layout.canonical(name, ckpt.num_hidden_layers)
     return ckpt.layout.classify(name) or router_companion(ckpt.layout, name, info.shape, ckpt.num_experts)
 
 
@@ -59,8 +80,9 @@ class ExpertCheck:
     Fed one tensor at a time (with its role, classified once by the caller), so a pass over
     the shards can check while it plans. Layers stored past the decoder stack
     (multi-token prediction) are checked like MoE layers: whether kept or dropped, none may be
-    left with another expert count. MTP tensors outside the layer stack (Qwen3-Next's mtp.*)
-    are left out: apply always drops them.
+    left with another expert count, including MTP blocks under mtp.* where the layout places
+    their layers (tensor_role reads them as layers num_hidden_layers + d). A draft directory
+    (apply --mtp keep-full) stores the MTP block and no decoder layer: only its layers are checked.
     """
 
     def __init__(self, ckpt: Checkpoint):
@@ -69,11 +91,11 @@ class ExpertCheck:
         self.experts: dict[int, set[int]] = {}
         self.routers: dict[int, int] = {}
         self.problems: list[tuple[str, Path, str]] = []  # (tensor name, file, problem): sorted by name at the end
+        self.in_stack = False  # any expert or router tensor of the decoder stack seen
 
     def add(self, name: str, shard: str, info: TensorInfo, role: TensorRole) -> None:
         ckpt = self.ckpt
-        if ckpt.layout.mtp_prefix_of(name) is not None:
-            return
+        self.in_stack |= role.layer < ckpt.num_hidden_layers
         if role.layer not in self.moe and role.layer < ckpt.num_hidden_layers:
             self.problems.append((name, ckpt.path / shard, f"tensor {name!r} is an expert or router tensor but "
                                   f"config.json says layer {role.layer} is not an MoE layer"))
@@ -91,7 +113,8 @@ class ExpertCheck:
         """Every problem as (file, problem): tensors by name, then layers in order."""
         E, ckpt = self.E, self.ckpt
         problems = [(where, msg) for _, where, msg in sorted(self.problems, key=lambda p: p[0])]
-        for layer in sorted(self.moe | {l for l in self.experts if l >= ckpt.num_hidden_layers}):
+        mtp = {l for l in self.experts if l >= ckpt.num_hidden_layers}
+        for layer in sorted((self.moe if self.in_stack or not mtp else set()) | mtp):
             experts = self.experts.get(layer, set())
             if not self.routers.get(layer):
                 problems.append((ckpt.path, f"MoE layer {layer} has no router tensor matching the {ckpt.layout.name} layout"))

@@ -1,0 +1,68 @@
+"""`apply --mtp keep-full`: the multi-token-prediction block, unpruned, as a draft model directory.
+
+Loaders that build the MTP head from the trunk's config (omlx, vLLM's `method: mtp` without a
+`model`) cannot run a full-width head on a pruned trunk. A separate directory with the source's
+own config.json (original expert count, MTP count) and only the MTP tensors, plus the trunk
+tensors the block shares (embeddings, LM head), is what vLLM loads with
+`--speculative-config '{"method": "mtp", "model": "OUT/mtp-draft", "num_speculative_tokens": 1}'`:
+its MTP model classes read only the MTP layers (and shared tensors) of the files they are given.
+Every tensor is copied byte for byte, under its own name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..common.checkpoint import INDEX, Checkpoint
+from ..common.safetensors_io import write_order
+from ..errors import ReapError
+
+DRAFT_DIR = "mtp-draft"
+
+
+def draft_tensor_names(ckpt: Checkpoint) -> list[str]:
+    """The MTP tensors (past the stack or under an MTP prefix) and the trunk tensors they share."""
+    layout, n = ckpt.layout, ckpt.num_hidden_layers
+    mtp = [name for name in ckpt.weight_map if layout.is_mtp(layout.canonical(name, n), n)]
+    if not mtp:
+        raise ReapError(ckpt.path, "--mtp keep-full: the checkpoint stores no multi-token-prediction block "
+                                   f"(config {layout.mtp_key}={layout.mtp_count(ckpt.cfg)})")
+    shared = [name for name in (layout.mtp_block or {}).get("shared", []) if name in ckpt.weight_map]
+    return sorted(set(mtp) | set(shared))
+
+
+def plan_draft(ckpt: Checkpoint):
+    """The draft's shards (one per source shard holding its tensors), as apply's OutShard plan."""
+    from .apply import OutShard, OutTensor
+
+    tensors = ckpt.tensors()
+    per_source: dict[str, list] = {}
+    for name in draft_tensor_names(ckpt):
+        shard, info = tensors[name]
+        start = ckpt.header(shard).data_offset + info.start
+        per_source.setdefault(shard, []).append(OutTensor(name, info.dtype, info.shape, [(start, info.nbytes)]))
+    shards = []
+    for i, (source, out) in enumerate(sorted(per_source.items()), 1):
+        order = write_order([(t.name, t.dtype) for t in out])
+        shards.append(OutShard(source, [out[j] for j in order], {"format": "pt"},
+                               f"model-{i:05d}-of-{len(per_source):05d}.safetensors"))
+    return shards
+
+
+def write_draft(ckpt: Checkpoint, dst: Path) -> int:
+    """Write the draft directory into `dst` (inside apply's staged output); returns its bytes."""
+    from .apply import write_shards
+
+    shards = plan_draft(ckpt)
+    dst.mkdir()
+    write_shards(shards, ckpt.path, dst)
+    total = sum(s.nbytes for s in shards)
+    with open(dst / INDEX, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": {t.name: s.name for s in shards for t in s.tensors}},
+                  f, indent=2, sort_keys=True)
+        f.write("\n")
+    with open(dst / "config.json", "w") as f:  # the source's: original expert count and MTP count
+        json.dump(ckpt.config, f, indent=2)
+        f.write("\n")
+    return total
