@@ -285,7 +285,7 @@ def test_verify_catches_a_stale_mtp_count_key(checkpoints, tmp_path, family):
         key = next(k for k in COUNT_KEYS if k in config)
         (out / "config.json").write_text(json.dumps({**config, key: stale}))
         r = cli("verify", out)
-        assert r.returncode == 2 and f"config.json {key}={stale} announces {stale} multi-token-prediction layers" in r.stderr
+        assert r.returncode == 2 and f"config.json: {key}={stale} announces {stale} multi-token-prediction layers" in r.stderr
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_next"])

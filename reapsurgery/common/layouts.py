@@ -348,8 +348,9 @@ def _check_fields(name: str, d: Any) -> None:
     for key in ("moe_layers", "groups", "defaults"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise ReapError(None, f"layout {name!r}: {key} must be an object")
-    if d.get("mtp_layers") is not None and not isinstance(d["mtp_layers"], str):
-        raise ReapError(None, f"layout {name!r}: mtp_layers must be a config key name")
+    mtp = d.get("mtp_layers")
+    if mtp is not None and not (isinstance(mtp, str) or (_strings(mtp) and mtp)):
+        raise ReapError(None, f"layout {name!r}: mtp_layers must be a config key name (or a list of them)")
 
 
 def _mtp_block(name: str, d: Any) -> dict[str, Any] | None:
