@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ sys.path.insert(0, str(ROOT))
 from fixtures.build import FAMILIES, build  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# derived layouts cached per test session (subprocesses inherit it), not in the user's home
+os.environ["REAPSURGERY_CACHE"] = tempfile.mkdtemp(prefix="reapsurgery-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 

@@ -220,18 +220,51 @@ _DERIVED: dict[str, Layout] = {}  # one derivation per checkpoint and process (c
 def derived_layout_for(path: Path, config: dict, weight_map: dict[str, str]) -> Layout:
     """The layout transformers' own model implies, for a family without a built-in entry.
 
-    Needs torch and transformers (imported only here); says once per checkpoint that it was used."""
-    key = json.dumps([config, sorted(weight_map)], sort_keys=True, default=str)
-    if key not in _DERIVED:
-        from .derive import derived_layout
+    Derivation builds the model on the meta device (torch and transformers, seconds); its result
+    is kept in the user's cache, keyed by config, tensor names and transformers version, so the
+    next command on the same checkpoint (verify after apply...) neither derives nor imports torch."""
+    import hashlib
+    from importlib.metadata import version
 
+    key = hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers")], sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    if key not in _DERIVED:
+        cached = _cache_dir() / f"{key}.json"
         try:
-            layout = derived_layout(config, weight_map)
-        except ReapError as e:
-            raise ReapError(path / "config.json", f"no built-in layout, and {e.message}") from None
+            layout = Layout.from_dict(config.get("model_type") or "derived", json.loads(cached.read_text()))
+        except (OSError, ValueError, ReapError):
+            from .derive import derive_layout
+
+            try:
+                entry = derive_layout(config, weight_map)
+            except ReapError as e:
+                raise ReapError(path / "config.json", f"no built-in layout, and {e.message}") from None
+            layout = Layout.from_dict(config.get("model_type") or "derived", entry)
+            _save_quietly(cached, entry)
         arch = (config.get("architectures") or [None])[0]
         log.info("%s: no built-in layout for %s; using the one derived from transformers' %s "
                  "(`reapsurgery architectures --derive %s` prints it)", path, arch or config.get("model_type"),
                  layout.derived.get("model_class", "model"), path)
         _DERIVED[key] = layout
     return _DERIVED[key]
+
+
+def _cache_dir() -> Path:
+    """$REAPSURGERY_CACHE, else $XDG_CACHE_HOME/reapsurgery/layouts, else ~/.cache/reapsurgery/layouts."""
+    import os
+
+    if os.environ.get("REAPSURGERY_CACHE"):
+        return Path(os.environ["REAPSURGERY_CACHE"]) / "layouts"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "reapsurgery" / "layouts"
+
+
+def _save_quietly(path: Path, entry: dict) -> None:
+    """A cache that cannot be written (read-only home) only costs the next command a derivation."""
+    from .files import write_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps(entry, indent=1, sort_keys=True) + "\n").encode())
+    except (OSError, ReapError):
+        pass
