@@ -53,7 +53,8 @@ def test_streamed_statistics_and_hidden_states_equal_full_model(checkpoints, fam
             torch.testing.assert_close(row[: want.shape[0]], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+# nemotron_h: Mamba2 blocks take the padding mask their own way (and a chunked scan)
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "nemotron_h"])
 def test_padding_never_counts(checkpoints, family):
     samples = texts(seed=3)
     padded = calibrate(checkpoints[family], samples, batch_size=5, device="cpu", dtype="float32", mtp="drop")

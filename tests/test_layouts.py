@@ -49,7 +49,7 @@ def transformers_moe_layers(family: str, kwargs: dict) -> list[int]:
 
 
 @pytest.mark.parametrize("family,variant", CASES)
-def test_moe_layer_rule_agrees_with_transformers(family, variant):
+def test_moe_layer_rule_agrees_with_transformers(checkpoints, family, variant):
     kwargs = copy.deepcopy(FAMILIES[family])
     text = kwargs.get("text_config", kwargs)
     for key, value in VARIANTS.get(family, [{}])[variant].items():
@@ -57,13 +57,16 @@ def test_moe_layer_rule_agrees_with_transformers(family, variant):
             text.pop(key, None)
         else:
             text[key] = value
-    layout = builtin_layouts()[family]
+    layout = builtin_layouts().get(family) or Checkpoint.open(checkpoints[family]).layout  # else derived
     # the layout reads the config as a hub config.json may have it: keys absent, not yet defaulted
     assert layout.moe_layers(text) == transformers_moe_layers(family, kwargs)
 
 
-def test_every_fixture_family_has_a_layout_and_every_layout_a_fixture():
-    assert set(FAMILIES) == set(builtin_layouts())
+def test_every_layout_has_a_fixture_and_fixtures_without_one_are_derived(checkpoints):
+    builtin = builtin_layouts()
+    assert set(builtin) <= set(FAMILIES)
+    for family in sorted(set(FAMILIES) - set(builtin)):
+        assert Checkpoint.open(checkpoints[family]).layout.derived, family
 
 
 def test_describe_layouts_lists_families_with_their_config_keys():

@@ -216,7 +216,7 @@ class StreamedModel:
         sink: list = []
         n = len(self.layers)
         real = self.decoder.layers
-        self.decoder.layers = nn.ModuleList(_Recorder(sink, i == n - 1) for i in range(n))
+        self.decoder.layers = nn.ModuleList(_Recorder(sink, i == n - 1, layer) for i, layer in enumerate(real))
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         try:
             self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -250,9 +250,21 @@ class _Stop(Exception):
 
 
 class _Recorder(nn.Module):
-    def __init__(self, sink: list, last: bool):
+    """Stands in for decoder layer `layer`: records its call and passes the hidden states on.
+
+    Attributes the decoder reads off a layer to prepare its call (Nemotron-H picks each block's
+    mask by `block_type`) are the real layer's; the real one is not registered as a submodule."""
+
+    def __init__(self, sink: list, last: bool, layer: nn.Module):
         super().__init__()
         self.sink, self.last = sink, last
+        object.__setattr__(self, "_real", layer)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
 
     def forward(self, *args, **kwargs):
         self.sink.append((args, kwargs))

@@ -174,8 +174,12 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
         "experts": sorted(p for p, (k, _) in roles.items() if k == "expert"),
         "stacked_experts": _stacked_patterns(roles, logical, prefixes),
     }
-    if all(text.get(k) is not None for k in GROUP_KEYS):
-        entry["groups"] = {"n_group": "n_group", "topk_group": "topk_group", "min_per_group": MIN_PER_GROUP}
+    # config.json may spell a key by the config class's attribute_map (Ling's num_expert_group is n_group)
+    attribute_map = dict(getattr(type(model.config.get_text_config()), "attribute_map", {}) or {})
+    group_keys = {k: next((n for n in (k, attribute_map.get(k)) if n and text.get(n) is not None), None)
+                  for k in GROUP_KEYS}
+    if all(group_keys.values()):
+        entry["groups"] = {**group_keys, "min_per_group": MIN_PER_GROUP}
     mtp_key = next((k for k in MTP_KEYS if text.get(k) is not None), None)
     if mtp_key:
         entry["mtp_layers"] = mtp_key
@@ -226,9 +230,10 @@ def _skeleton(config: dict):
 def _config_object(config: dict, cls):
     """The transformers config for config.json. Older configs give some counts per layer (Hunyuan's
     num_experts, moe_topk) where transformers now wants one int: equal entries are that int."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PreTrainedConfig
 
-    d = dict(config)
+    # config.json as transformers writes it: infinities as {"__float__": "Infinity"} (Nemotron-H's time_step_limit)
+    d = PreTrainedConfig._decode_special_floats(dict(config))
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise ReapError(None, "config.json has no model_type")

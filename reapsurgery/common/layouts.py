@@ -413,9 +413,20 @@ def describe_layouts() -> list[dict[str, Any]]:
     return [layout.describe() for _, layout in sorted(builtin_layouts().items())]
 
 
+# Per-layer lists (or a pattern string, one character a layer) whose length is the decoder's layer count.
+# transformers writes Nemotron-H configs without num_hidden_layers: it is len(layers_block_type) there.
+LAYER_LIST_KEYS = ("layers_block_type", "layer_types", "hybrid_override_pattern")
+
+
 def text_config(config: dict) -> dict:
-    """The part of config.json that describes the decoder (nested for multimodal models)."""
-    return config.get("text_config") or config
+    """The part of config.json that describes the decoder (nested for multimodal models), with
+    num_hidden_layers filled in from a per-layer list where the config leaves it out."""
+    cfg = config.get("text_config") or config
+    if not isinstance(cfg.get("num_hidden_layers"), int):
+        for key in LAYER_LIST_KEYS:
+            if isinstance(cfg.get(key), (list, str)) and cfg[key]:
+                return {**cfg, "num_hidden_layers": len(cfg[key])}
+    return cfg
 
 
 def builtin_layout_for(config: dict) -> Layout | None:
