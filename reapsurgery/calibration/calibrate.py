@@ -2,15 +2,12 @@
 
 Inputs of layer 0 are captured once; each layer is loaded from the shards, run over all
 calibration batches while its experts are observed, and released; its outputs become the
-next layer's inputs. After each layer the run's state is saved so `--resume` continues
-from the last finished layer with identical results.
+next layer's inputs. Every `checkpoint_every` seconds (and when interrupted) the run's state
+is saved (resume.py) so `--resume` continues from the last finished layer with identical results.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +20,7 @@ from ..common.layouts import Layout
 from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from ..common.saliency import LayerStats, Saliency
+from .resume import ResumeState, state_key
 from .streaming import StreamedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,38 +64,6 @@ def _layer_stats(s: ExpertStats) -> LayerStats:
                       s.norm_sum.cpu().tolist(), s.reap_sum.cpu().tolist(), mx)
 
 
-class _State:
-    """Resume state beside the output: finished layers' statistics and the hidden states."""
-
-    def __init__(self, directory: Path | None, key: str):
-        self.dir, self.key = directory, key
-
-    def load(self) -> tuple[int, dict[int, LayerStats], list[torch.Tensor]] | None:
-        if self.dir is None or not (self.dir / "state.json").is_file():
-            return None
-        state = json.loads((self.dir / "state.json").read_text())
-        if state.get("key") != self.key:
-            raise ReapError(self.dir, "resume state was written for other data, options or checkpoint; delete it or drop --resume")
-        layers = {int(k): LayerStats(**v) for k, v in state["layers"].items()}
-        hidden = torch.load(self.dir / "hidden.pt", weights_only=True)
-        return state["next_layer"], layers, hidden
-
-    def save(self, next_layer: int, layers: dict[int, LayerStats], hidden: list[torch.Tensor]) -> None:
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        torch.save([h.cpu() for h in hidden], self.dir / "hidden.pt.partial")
-        (self.dir / "hidden.pt.partial").replace(self.dir / "hidden.pt")
-        state = {"key": self.key, "next_layer": next_layer,
-                 "layers": {str(k): v.to_json() for k, v in layers.items()}}
-        (self.dir / "state.json.partial").write_text(json.dumps(state))
-        (self.dir / "state.json.partial").replace(self.dir / "state.json")
-
-    def clear(self) -> None:
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @torch.no_grad()
 def calibrate(
     ckpt_path: str | Path,
@@ -108,6 +74,8 @@ def calibrate(
     dtype: str = "auto",
     state_dir: str | Path | None = None,
     resume: bool = False,
+    checkpoint_every: float = 600.0,
+    output: str | Path | None = None,
     trust_remote_code: bool = False,
     provenance: dict | None = None,
     bar: BarFactory | None = None,
@@ -119,7 +87,9 @@ def calibrate(
 
     `layout` (a user's layout file) replaces the built-in one chosen from config.json.
     mtp="calibrate" also measures the multi-token-prediction layers stored past the stack
-    (their statistics then make plan and apply keep them); "drop" leaves them out."""
+    (their statistics then make plan and apply keep them); "drop" leaves them out.
+    The resume state in `state_dir` is saved at most every `checkpoint_every` seconds (0: after
+    every layer); when `output` is given the result is written there before the state is removed."""
     if mtp not in ("drop", "calibrate"):
         raise ReapError(None, f"--mtp {mtp}: choose drop or calibrate")
     if not samples:
@@ -141,8 +111,9 @@ def calibrate(
 
     pad_id = streamed.model.config.get_text_config().pad_token_id or 0
     batches = make_batches(samples, batch_size, pad_id)
-    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), samples, batch_size, str(dt), extra_layers]).encode()).hexdigest()
-    state = _State(Path(state_dir) if state_dir else None, key)
+    key = state_key(ckpt, samples, {"batch_size": batch_size, "dtype": str(dt), "mtp_layers": extra_layers,
+                                    "device": dev.type})
+    state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every)
 
     streamed.load_outer()
     hidden, calls, masks = [], [], []
@@ -156,52 +127,61 @@ def calibrate(
     if resume:
         loaded = state.load()
         if loaded:
-            start, stats, saved = loaded
+            start, stats, saved, _ = loaded
             hidden = [h.to(device=dev, dtype=dt) for h in saved]
 
     observer = Observer(names=names)
     n_layers = len(streamed.layers)
     total = n_layers + len(extra_layers)
     outer = bar(total=total, initial=start, desc="layers", unit="layer") if bar else None
-    with observing(observer):
-        for i in range(start, total):
-            in_mtp = i >= n_layers  # a multi-token-prediction block, run with the stack's last MoE layer's inputs
-            calls_of = moe_layers[-1] if in_mtp else i
-            if in_mtp:
-                module = load_mtp_block(streamed, i, calls_of)
-                observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
-                experts_layer[f"mtp.{i}"] = i
-            else:
-                module = streamed.load_layer(i)
-            if on_layer:
-                on_layer(i, streamed)
-            inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
-            for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
-                args, kwargs = layer_calls[calls_of]
+    done = start
+    try:
+        with observing(observer):
+            for i in range(start, total):
+                in_mtp = i >= n_layers  # a multi-token-prediction block, run with the stack's last MoE layer's inputs
+                calls_of = moe_layers[-1] if in_mtp else i
                 if in_mtp:
-                    ids, am = batches[b]
-                    observer.token_mask = counted_positions(am, module.depth).to(dev)
-                    out = module(h, ids.to(dev), *args, **kwargs)
+                    module = load_mtp_block(streamed, i, calls_of)
+                    observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
+                    experts_layer[f"mtp.{i}"] = i
                 else:
-                    observer.token_mask = masks[b]
-                    out = module(h, *args, **kwargs)
-                hidden[b] = out[0] if isinstance(out, tuple) else out
+                    module = streamed.load_layer(i)
+                if on_layer:
+                    on_layer(i, streamed)
+                inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
+                outputs = []
+                for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
+                    args, kwargs = layer_calls[calls_of]
+                    if in_mtp:
+                        ids, am = batches[b]
+                        observer.token_mask = counted_positions(am, module.depth).to(dev)
+                        out = module(h, ids.to(dev), *args, **kwargs)
+                    else:
+                        observer.token_mask = masks[b]
+                        out = module(h, *args, **kwargs)
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
+                    if inner:
+                        inner.update(1)
                 if inner:
-                    inner.update(1)
-            if inner:
-                inner.close()
-            observer.token_mask = None
-            if in_mtp:
-                module.to_empty(device="meta")
-            else:
-                streamed.release_layer(i)
-            del module
-            for name, s in list(observer.stats.items()):
-                stats[experts_layer[name]] = _layer_stats(s)
-                del observer.stats[name]
-            state.save(i + 1, stats, hidden)
-            if outer:
-                outer.update(1)
+                    inner.close()
+                observer.token_mask = None
+                if in_mtp:
+                    module.to_empty(device="meta")
+                else:
+                    streamed.release_layer(i)
+                del module
+                for name, s in list(observer.stats.items()):
+                    stats[experts_layer[name]] = _layer_stats(s)
+                    del observer.stats[name]
+                hidden, done = outputs, i + 1  # a new list: a background save keeps the previous one
+                if i + 1 < total and state.due():  # after the last layer the result itself is written
+                    state.save(i + 1, stats, hidden)
+                if outer:
+                    outer.update(1)
+    except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
+        if done > start and state.saved_next != done:
+            state.save(done, stats, hidden, background=False)
+        raise
     if outer:
         outer.close()
 
@@ -216,5 +196,8 @@ def calibrate(
         "reapsurgery": __version__,
     }
     result = Saliency(ckpt.fingerprint(), calibration, {k: stats[k] for k in sorted(stats)}, dense_layers)
-    state.clear()
+    state.wait()
+    if output is not None:
+        result.save(output)
+    state.clear()  # only once the result is safely written
     return result

@@ -6,7 +6,41 @@ from pathlib import Path
 
 import click
 
+from ..errors import ReapError
 from .common import layout_from, layout_option, one_line_errors
+
+
+class Duration(click.ParamType):
+    """Seconds, or a number with s, m or h: 90, 30s, 10m, 1.5h."""
+
+    name = "DURATION"
+    UNITS = {"s": 1, "m": 60, "h": 3600}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        scale = self.UNITS.get(text[-1:], None)
+        try:
+            seconds = float(text[:-1] if scale else text) * (scale or 1)
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0 or seconds == float("inf"):
+            self.fail(f"{value!r} is not a duration like 90, 30s, 10m or 1h", param, ctx)
+        return seconds
+
+
+def check_output(output: Path) -> None:
+    """Refuse an output that cannot be written before anything is loaded (not after the whole run)."""
+    if output.is_dir():
+        raise ReapError(output, "is a directory; -o names the saliency file to write")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise ReapError(output, f"directory {parent} does not exist")
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise ReapError(output, "not writable")
 
 
 @click.command()
@@ -21,7 +55,10 @@ from .common import layout_from, layout_option, one_line_errors
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True,
               help="Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last saved layer (state in OUTPUT.resume/).")
+@click.option("--checkpoint-every", type=Duration(), default="10m", show_default=True,
+              help="Save the resume state at most this often (90, 30s, 10m, 1h; 0: after every layer). It is "
+                   "written in the background as one file replaced atomically, and also on Ctrl-C or an error.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code.")
 @click.option("--mtp", type=click.Choice(["drop", "calibrate"]), default="drop", show_default=True,
               help="Multi-token-prediction layers stored past the decoder stack (DeepSeek-V3, GLM-4.x): "
@@ -32,13 +69,14 @@ from .common import layout_from, layout_option, one_line_errors
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
               max_length: int, seed: int, batch_size: int, device: str, dtype: str, resume: bool,
-              trust_remote_code: bool, mtp: str, quiet: bool, layout_file: Path | None) -> None:
+              checkpoint_every: float, trust_remote_code: bool, mtp: str, quiet: bool, layout_file: Path | None) -> None:
     """Measure per-expert REAP saliency of CKPT on calibration text.
 
     Loads one decoder layer at a time from the shards into a transformers model built
     on the meta device, runs every sample through it, and records each expert's routed
     count, gate sum, output-norm sums and max activation from the model's real routing.
-    The state after each layer is kept beside OUTPUT, so --resume continues a crashed run.
+    The run's state is kept beside OUTPUT (OUTPUT.resume/, every --checkpoint-every), so --resume
+    continues a crashed run; it is removed once OUTPUT is written.
     """
     from functools import partial
 
@@ -47,6 +85,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     from ..calibration.calibrate import calibrate as run_calibrate
     from ..calibration.data import load_samples
 
+    check_output(output)
     if mtp == "calibrate":  # refuse before the data and the model are loaded
         from ..common.checkpoint import Checkpoint
         from ..calibration.mtp import mtp_layers_on_disk
@@ -57,10 +96,10 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     provenance = {"dataset": data.description, "max_length": max_length, "seed": seed}
     saliency = run_calibrate(
         ckpt, data.samples, batch_size=batch_size, device=device, dtype=dtype,
-        state_dir=Path(f"{output}.resume"), resume=resume, trust_remote_code=trust_remote_code,
+        state_dir=Path(f"{output}.resume"), resume=resume, checkpoint_every=checkpoint_every, output=output,
+        trust_remote_code=trust_remote_code,
         provenance=provenance, bar=partial(tqdm, disable=quiet), layout=layout_from(layout_file), mtp=mtp,
     )
-    saliency.save(output)
     cal = saliency.calibration
     never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
