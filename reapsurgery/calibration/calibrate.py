@@ -8,6 +8,9 @@ is saved (resume.py) so `--resume` continues from the last finished layer with i
 
 from __future__ import annotations
 
+import time
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +25,7 @@ from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_modu
 from ..common.saliency import LayerStats, Saliency
 from .resume import ResumeState, state_key
 from .streaming import StreamedModel
+from .timing import TIMINGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BarFactory = Callable[..., Any]  # tqdm-like: bar(total=..., desc=...) with update() and close()
@@ -82,6 +86,7 @@ def calibrate(
     on_layer: Callable[[int, StreamedModel], None] | None = None,
     layout: Layout | None = None,
     mtp: str = "drop",
+    prefetch: bool = True,
 ) -> Saliency:
     """Per-expert REAP statistics of every MoE layer, measured on `samples` (token id lists).
 
@@ -89,7 +94,9 @@ def calibrate(
     mtp="calibrate" also measures the multi-token-prediction layers stored past the stack
     (their statistics then make plan and apply keep them); "drop" leaves them out.
     The resume state in `state_dir` is saved at most every `checkpoint_every` seconds (0: after
-    every layer); when `output` is given the result is written there before the state is removed."""
+    every layer); when `output` is given the result is written there before the state is removed.
+    `prefetch` reads (and dequantises, converts) layer i+1 on a background thread while layer i
+    runs; the arithmetic is the same either way, so are the statistics."""
     if mtp not in ("drop", "calibrate"):
         raise ReapError(None, f"--mtp {mtp}: choose drop or calibrate")
     if not samples:
@@ -134,7 +141,8 @@ def calibrate(
     n_layers = len(streamed.layers)
     total = n_layers + len(extra_layers)
     outer = bar(total=total, initial=start, desc="layers", unit="layer") if bar else None
-    done = start
+    done, pending = start, None
+    reader = ThreadPoolExecutor(1, thread_name_prefix="layer-read") if prefetch else None
     try:
         with observing(observer):
             for i in range(start, total):
@@ -145,11 +153,21 @@ def calibrate(
                     observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
                     experts_layer[f"mtp.{i}"] = i
                 else:
-                    module = streamed.load_layer(i)
+                    if pending is None:
+                        converted = streamed.read_layer(i)
+                    else:
+                        with TIMINGS.phase("idle"):  # the read that the last layer's compute did not hide
+                            converted = pending.result()
+                        pending = None
+                    module = streamed.install_layer(i, converted)
+                    del converted
+                    if reader is not None and i + 1 < n_layers:
+                        pending = reader.submit(streamed.read_layer, i + 1)
                 if on_layer:
                     on_layer(i, streamed)
                 inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
                 outputs = []
+                forward_start = time.perf_counter()
                 for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
                     args, kwargs = layer_calls[calls_of]
                     if in_mtp:
@@ -162,12 +180,18 @@ def calibrate(
                     outputs.append(out[0] if isinstance(out, tuple) else out)
                     if inner:
                         inner.update(1)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                TIMINGS.add("forward/observe", time.perf_counter() - forward_start)
                 if inner:
                     inner.close()
                 observer.token_mask = None
                 if in_mtp:
                     module.to_empty(device="meta")
                 else:
+                    if pending is not None:  # the next read takes its buffers from what this release pools
+                        with TIMINGS.phase("idle"):
+                            futures.wait([pending])
                     streamed.release_layer(i)
                 del module
                 for name, s in list(observer.stats.items()):
@@ -182,6 +206,9 @@ def calibrate(
         if done > start and state.saved_next != done:
             state.save(done, stats, hidden, background=False)
         raise
+    finally:
+        if reader is not None:
+            reader.shutdown(wait=True, cancel_futures=True)
     if outer:
         outer.close()
 

@@ -30,6 +30,7 @@ import torch
 from ..common.checkpoint import Checkpoint
 from ..errors import ReapError
 from .shardread import ShardFiles
+from .timing import TIMINGS
 
 SUPPORTED = ("fp8", "mxfp4", "compressed-tensors")
 ACTIVATION_COMPANIONS = ("input_scale", "activation_scale", "input_global_scale", "input_zero_point", "output_scale")
@@ -191,10 +192,17 @@ def read_layer_tensors(ckpt: Checkpoint, keys: list[str], device: str | torch.de
     own = files is None
     files = ShardFiles(ckpt) if own else files
     try:
-        raw = {k: files.read(k).to(device) for k in needed}
+        raw = {k: files.read(k) for k in needed}
     finally:
         if own:
             files.close()
+    if torch.device(device).type != "cpu":
+        with TIMINGS.phase("host-to-device"):
+            raw = {k: t.to(device) for k, t in raw.items()}
     if d is None:
         return raw
-    return {k: d.make(k, raw) for k in keys}
+    with TIMINGS.phase("dequantise"):
+        out = {k: d.make(k, raw) for k in keys}
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)  # count the decode here, not in whatever waits next
+    return out

@@ -22,6 +22,7 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 from ..common.checkpoint import Checkpoint
 from .dequant import is_quantized, read_layer_tensors
 from .shardread import ShardFiles
+from .timing import TIMINGS
 from ..errors import ReapError
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -88,7 +89,8 @@ def read_fused(ckpt: Checkpoint, target: FusedTarget, source_of: dict[str, str],
                     slot = out[e].narrow(axis, offset, size)
                 if piece.shape != slot.shape:
                     raise bad(f"{key} has shape {list(piece.shape)}")
-                slot.copy_(piece)
+                with TIMINGS.phase("convert"):
+                    slot.copy_(piece)
             offset += size or 0
     if axis is not None and offset != want[axis + 1]:
         raise bad(f"its experts' tensors add up to {offset} along dimension {axis + 1}")

@@ -31,6 +31,7 @@ import torch
 from ..common.checkpoint import Checkpoint
 from ..common.saliency import LayerStats
 from ..errors import ReapError
+from .timing import TIMINGS
 
 FORMAT = "reapsurgery.resume/2"
 SAMPLE_SPOTS, SAMPLE_BYTES = 16, 4096
@@ -146,3 +147,4 @@ class ResumeState:
             os.close(dir_fd)
         self.saves += 1
         self.save_seconds += time.perf_counter() - t0
+        TIMINGS.add("state save", time.perf_counter() - t0)

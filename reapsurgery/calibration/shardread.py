@@ -10,11 +10,13 @@ Tensors are stored raw (quantized bytes stay quantized: they are decoded on the 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 from ..common.checkpoint import Checkpoint
 from ..errors import ReapError
+from .timing import TIMINGS
 
 RAW_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -55,6 +57,7 @@ class ShardFiles:
         if shard not in self.fds:
             self.fds[shard] = os.open(self.ckpt.path / shard, os.O_RDONLY)
         buf = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into.view(torch.uint8).reshape(-1)[: info.nbytes]
+        t0 = time.perf_counter()
         view, pos = memoryview(buf.numpy()), 0
         start = self.ckpt.header(shard).data_offset + info.start
         while pos < info.nbytes:
@@ -62,4 +65,6 @@ class ShardFiles:
             if got <= 0:
                 raise ReapError(self.ckpt.path / shard, f"tensor {key!r}: file ends inside its data")
             pos += got
+        TIMINGS.add("read", time.perf_counter() - t0)
+        TIMINGS.bytes_read += info.nbytes
         return buf.view(dtype).view(info.shape)

@@ -24,6 +24,7 @@ from ..errors import ReapError
 from .fused import FusedTarget, read_fused, readable, stacks_only
 from .dequant import is_quantized
 from .shardread import ShardFiles
+from .timing import TIMINGS
 from .observe import IMPL_NAME
 
 
@@ -223,7 +224,8 @@ class StreamedModel:
         keys = [k for n, k in source_of.items() if n not in direct]
         try:
             tensors = read_layer_tensors(self.ckpt, keys, self.device, self.files)
-            converted = self.converter.convert({(rename(k) if rename else k): v for k, v in tensors.items()})
+            with TIMINGS.phase("convert"):
+                converted = self.converter.convert({(rename(k) if rename else k): v for k, v in tensors.items()})
         except KeyError as e:
             raise ReapError(self.ckpt.path, f"{what}: checkpoint tensor {e} has no place in the model") from None
         del tensors
@@ -239,9 +241,9 @@ class StreamedModel:
                 read_fused(self.ckpt, target, source_of, dt, shape, out=host, files=self.files)
                 dev = self._take(shape, dt, self.device)
                 dev = torch.empty(shape, dtype=dt, device=self.device) if dev is None else dev
-                with torch.cuda.stream(self._copy_stream):
+                with TIMINGS.phase("host-to-device"), torch.cuda.stream(self._copy_stream):
                     dev.copy_(host, non_blocking=True)
-                self._copy_stream.synchronize()  # the host buffer is reused by the next tensor of its shape
+                    self._copy_stream.synchronize()  # the host buffer is reused by the next tensor of its shape
                 converted[name] = dev
         self.pool = {}  # what the read did not reuse is freed now, not kept beside two layers
         return {k: v.to(self.device) for k, v in converted.items()}
