@@ -9,6 +9,7 @@ is saved (resume.py) so `--resume` continues from the last finished layer with i
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,6 +69,52 @@ def _layer_stats(s: ExpertStats) -> LayerStats:
                       s.norm_sum.cpu().tolist(), s.reap_sum.cpu().tolist(), mx)
 
 
+def plan_chunks(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden_size: int, dtype: torch.dtype,
+                budget: int | None) -> list[list[int]]:
+    """Consecutive batch indices per chunk, so that a chunk's hidden states (a layer's inputs
+    and outputs: 2 x tokens x hidden_size) fit in `budget` bytes; one chunk when budget is None.
+    A batch larger than the budget is a chunk of its own (refused by the caller)."""
+    if budget is None:
+        return [list(range(len(batches)))]
+    size = torch.empty((), dtype=dtype).element_size()
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for b, (ids, _) in enumerate(batches):
+        need = 2 * ids.numel() * hidden_size * size
+        if chunks[-1] and used + need > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(b)
+        used += need
+    return chunks
+
+
+def _merge(total: dict[int, LayerStats], part: dict[int, LayerStats]) -> dict[int, LayerStats]:
+    """Statistics are sums (and maxima): chunks of samples add up to the whole."""
+    return {k: total[k].merged(part[k]) if k in total else part[k] for k in sorted({*total, *part})}
+
+
+@dataclass
+class _Run:
+    """What every chunk of one calibration run shares."""
+
+    streamed: StreamedModel
+    observer: Observer
+    experts_layer: dict[str, int]
+    moe_layers: list[int]
+    extra_layers: list[int]
+    dev: torch.device
+    dt: torch.dtype
+    state: ResumeState
+    prefetch: bool
+    bar: BarFactory | None
+    on_layer: Callable[[int, StreamedModel], None] | None
+
+    @property
+    def total(self) -> int:
+        return len(self.streamed.layers) + len(self.extra_layers)
+
+
 @torch.no_grad()
 def calibrate(
     ckpt_path: str | Path,
@@ -87,6 +134,7 @@ def calibrate(
     layout: Layout | None = None,
     mtp: str = "drop",
     prefetch: bool = True,
+    hidden_memory: int | None = None,
 ) -> Saliency:
     """Per-expert REAP statistics of every MoE layer, measured on `samples` (token id lists).
 
@@ -96,7 +144,10 @@ def calibrate(
     The resume state in `state_dir` is saved at most every `checkpoint_every` seconds (0: after
     every layer); when `output` is given the result is written there before the state is removed.
     `prefetch` reads (and dequantises, converts) layer i+1 on a background thread while layer i
-    runs; the arithmetic is the same either way, so are the statistics."""
+    runs; the arithmetic is the same either way, so are the statistics.
+    `hidden_memory` (bytes) bounds the hidden states held at once: when all samples' do not fit,
+    the samples are split into chunks and each chunk streams the layers again; statistics are
+    sums, so the result is the same (up to float64 summation order); None: one chunk."""
     if mtp not in ("drop", "calibrate"):
         raise ReapError(None, f"--mtp {mtp}: choose drop or calibrate")
     if not samples:
@@ -116,12 +167,60 @@ def calibrate(
     dense_layers = [i for i in range(len(streamed.layers)) if i not in moe_layers]
     extra_layers = mtp_layers(streamed) if mtp == "calibrate" else []
 
-    pad_id = streamed.model.config.get_text_config().pad_token_id or 0
-    batches = make_batches(samples, batch_size, pad_id)
+    text_config = streamed.model.config.get_text_config()
+    batches = make_batches(samples, batch_size, text_config.pad_token_id or 0)
+    chunks = plan_chunks(batches, text_config.hidden_size, dt, hidden_memory)
+    if hidden_memory is not None and any(2 * batches[c[0]][0].numel() * text_config.hidden_size
+                                         * torch.empty((), dtype=dt).element_size() > hidden_memory
+                                         for c in chunks if len(c) == 1):
+        raise ReapError(None, f"--hidden-memory {hidden_memory} bytes: one batch's hidden states do not fit; "
+                              "lower --batch-size or raise --hidden-memory")
     key = state_key(ckpt, samples, {"batch_size": batch_size, "dtype": str(dt), "mtp_layers": extra_layers,
-                                    "device": dev.type})
+                                    "device": dev.type, "chunks": chunks})
     state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every)
+    run = _Run(streamed, Observer(names=names), experts_layer, moe_layers, extra_layers, dev, dt, state,
+               prefetch, bar, on_layer)
 
+    first_chunk, resumed, stats = 0, None, {}
+    if resume and (loaded := state.load()):
+        start, layers, saved, extra = loaded
+        first_chunk = int(extra.get("chunk", 0))
+        stats = {int(k): LayerStats(**v) for k, v in (extra.get("previous") or {}).items()}
+        resumed = (start, layers, [h.to(device=dev, dtype=dt) for h in saved])
+    outer = bar(total=len(chunks) * run.total, initial=first_chunk * run.total + (resumed[0] if resumed else 0),
+                desc="layers", unit="layer") if bar else None
+    for c in range(first_chunk, len(chunks)):
+        part = _stream_chunk(run, [batches[b] for b in chunks[c]], c, stats, resumed, outer)
+        stats, resumed = _merge(stats, part), None
+        if c + 1 < len(chunks) and state.due():  # the next chunk starts from its embeddings
+            state.save(0, {}, [], {"chunk": c + 1, "previous": {str(k): v.to_json() for k, v in stats.items()}})
+    if outer:
+        outer.close()
+
+    calibration = {
+        **(provenance or {}),
+        "samples": len(samples),
+        "tokens": sum(len(s) for s in samples),
+        "batch_size": batch_size,
+        "dtype": str(dt).removeprefix("torch."),
+        "mtp": mtp,
+        "device": dev.type,
+        "chunks": len(chunks),
+        "reapsurgery": __version__,
+    }
+    result = Saliency(ckpt.fingerprint(), calibration, {k: stats[k] for k in sorted(stats)}, dense_layers)
+    state.wait()
+    if output is not None:
+        result.save(output)
+    state.clear()  # only once the result is safely written
+    return result
+
+
+def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], chunk: int,
+                  previous: dict[int, LayerStats], resumed: tuple | None, outer) -> dict[int, LayerStats]:
+    """Every layer over one chunk of batches: its statistics. `resumed`: (next layer, statistics
+    so far, hidden states) from a saved state of this chunk."""
+    streamed, observer, state, dev = run.streamed, run.observer, run.state, run.dev
     streamed.load_outer()
     hidden, calls, masks = [], [], []
     for ids, am in batches:
@@ -131,27 +230,21 @@ def calibrate(
         masks.append(am.reshape(-1).bool().to(dev))
     streamed.release_embeddings()
     start, stats = 0, {}
-    if resume:
-        loaded = state.load()
-        if loaded:
-            start, stats, saved, _ = loaded
-            hidden = [h.to(device=dev, dtype=dt) for h in saved]
-
-    observer = Observer(names=names)
-    n_layers = len(streamed.layers)
-    total = n_layers + len(extra_layers)
-    outer = bar(total=total, initial=start, desc="layers", unit="layer") if bar else None
+    if resumed and resumed[0] > 0:
+        start, stats, hidden = resumed
+    extra = {"chunk": chunk, "previous": {str(k): v.to_json() for k, v in previous.items()}}
+    n_layers, total = len(streamed.layers), run.total
     done, pending = start, None
-    reader = ThreadPoolExecutor(1, thread_name_prefix="layer-read") if prefetch else None
+    reader = ThreadPoolExecutor(1, thread_name_prefix="layer-read") if run.prefetch else None
     try:
         with observing(observer):
             for i in range(start, total):
                 in_mtp = i >= n_layers  # a multi-token-prediction block, run with the stack's last MoE layer's inputs
-                calls_of = moe_layers[-1] if in_mtp else i
+                calls_of = run.moe_layers[-1] if in_mtp else i
                 if in_mtp:
                     module = load_mtp_block(streamed, i, calls_of)
                     observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
-                    experts_layer[f"mtp.{i}"] = i
+                    run.experts_layer[f"mtp.{i}"] = i
                 else:
                     if pending is None:
                         converted = streamed.read_layer(i)
@@ -163,9 +256,9 @@ def calibrate(
                     del converted
                     if reader is not None and i + 1 < n_layers:
                         pending = reader.submit(streamed.read_layer, i + 1)
-                if on_layer:
-                    on_layer(i, streamed)
-                inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
+                if run.on_layer:
+                    run.on_layer(i, streamed)
+                inner = run.bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if run.bar else None
                 outputs = []
                 forward_start = time.perf_counter()
                 for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
@@ -195,36 +288,18 @@ def calibrate(
                     streamed.release_layer(i)
                 del module
                 for name, s in list(observer.stats.items()):
-                    stats[experts_layer[name]] = _layer_stats(s)
+                    stats[run.experts_layer[name]] = _layer_stats(s)
                     del observer.stats[name]
                 hidden, done = outputs, i + 1  # a new list: a background save keeps the previous one
-                if i + 1 < total and state.due():  # after the last layer the result itself is written
-                    state.save(i + 1, stats, hidden)
+                if i + 1 < total and state.due():  # after the last layer the next chunk or the result follows
+                    state.save(i + 1, stats, hidden, extra)
                 if outer:
                     outer.update(1)
     except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
-        if done > start and state.saved_next != done:
-            state.save(done, stats, hidden, background=False)
+        if done > start and state.saved_next != (chunk, done):
+            state.save(done, stats, hidden, extra, background=False)
         raise
     finally:
         if reader is not None:
             reader.shutdown(wait=True, cancel_futures=True)
-    if outer:
-        outer.close()
-
-    calibration = {
-        **(provenance or {}),
-        "samples": len(samples),
-        "tokens": sum(len(s) for s in samples),
-        "batch_size": batch_size,
-        "dtype": str(dt).removeprefix("torch."),
-        "mtp": mtp,
-        "device": dev.type,
-        "reapsurgery": __version__,
-    }
-    result = Saliency(ckpt.fingerprint(), calibration, {k: stats[k] for k in sorted(stats)}, dense_layers)
-    state.wait()
-    if output is not None:
-        result.save(output)
-    state.clear()  # only once the result is safely written
-    return result
+    return stats

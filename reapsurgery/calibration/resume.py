@@ -71,7 +71,7 @@ class ResumeState:
         self._writer: ThreadPoolExecutor | None = None  # one thread for every save, in order
         self._pending: Future | None = None
         self.saves, self.save_seconds = 0, 0.0  # for the benchmark's table
-        self.saved_next: int | None = None  # next_layer of the last save started
+        self.saved_next: tuple[int, int] | None = None  # (chunk, next_layer) of the last save started
 
     @property
     def file(self) -> Path | None:
@@ -107,7 +107,7 @@ class ResumeState:
         state = {"format": FORMAT, "key": self.key, "next_layer": next_layer,
                  "layers": {str(k): v.to_json() for k, v in layers.items()},
                  "hidden": list(hidden), "extra": extra or {}}
-        self._last, self.saved_next = time.monotonic(), next_layer
+        self._last, self.saved_next = time.monotonic(), ((extra or {}).get("chunk", 0), next_layer)
         if background:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resume-state")

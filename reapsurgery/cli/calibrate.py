@@ -30,6 +30,26 @@ class Duration(click.ParamType):
         return seconds
 
 
+class Size(click.ParamType):
+    """Bytes, or a number with K, M, G, T (powers of 1024; KiB, MB... accepted): 512M, 8G, 1.5TiB."""
+
+    name = "SIZE"
+    UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+        unit = text[-1:] if text[-1:] in self.UNITS else ""
+        try:
+            n = float(text[: len(text) - len(unit)]) * self.UNITS[unit]
+        except ValueError:
+            n = 0.0
+        if not 0 < n < float("inf"):
+            self.fail(f"{value!r} is not a size like 512M, 8G or 1.5T", param, ctx)
+        return int(n)
+
+
 def check_output(output: Path) -> None:
     """Refuse an output that cannot be written before anything is loaded (not after the whole run)."""
     if output.is_dir():
@@ -59,6 +79,10 @@ def check_output(output: Path) -> None:
 @click.option("--checkpoint-every", type=Duration(), default="10m", show_default=True,
               help="Save the resume state at most this often (90, 30s, 10m, 1h; 0: after every layer). It is "
                    "written in the background as one file replaced atomically, and also on Ctrl-C or an error.")
+@click.option("--hidden-memory", type=Size(), default=None, metavar="SIZE",
+              help="Most memory the hidden states may take (512M, 8G...). When all samples' do not fit, they are "
+                   "split into chunks and each chunk streams the layers again (same statistics: they are sums; "
+                   "the chunk count goes into the provenance). Default: no limit.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own modeling code.")
 @click.option("--mtp", type=click.Choice(["drop", "calibrate"]), default="drop", show_default=True,
               help="Multi-token-prediction layers stored past the decoder stack (DeepSeek-V3, GLM-4.x): "
@@ -69,7 +93,7 @@ def check_output(output: Path) -> None:
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
               max_length: int, seed: int, batch_size: int, device: str, dtype: str, resume: bool,
-              checkpoint_every: float, trust_remote_code: bool, mtp: str, quiet: bool, layout_file: Path | None) -> None:
+              checkpoint_every: float, hidden_memory: int | None, trust_remote_code: bool, mtp: str, quiet: bool, layout_file: Path | None) -> None:
     """Measure per-expert REAP saliency of CKPT on calibration text.
 
     Loads one decoder layer at a time from the shards into a transformers model built
@@ -97,14 +121,16 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     saliency = run_calibrate(
         ckpt, data.samples, batch_size=batch_size, device=device, dtype=dtype,
         state_dir=Path(f"{output}.resume"), resume=resume, checkpoint_every=checkpoint_every, output=output,
+        hidden_memory=hidden_memory,
         trust_remote_code=trust_remote_code,
         provenance=provenance, bar=partial(tqdm, disable=quiet), layout=layout_from(layout_file), mtp=mtp,
     )
     cal = saliency.calibration
     never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
+    chunks = f" in {cal['chunks']} chunks" if cal.get("chunks", 1) > 1 else ""
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
     click.echo(f"wrote {output}: {len(saliency.layers)} MoE layers{mtp_note}, {cal['samples']} samples, "
-               f"{cal['tokens']} tokens on {cal['device']} ({cal['dtype']}); {never} (layer, expert) pairs never routed")
+               f"{cal['tokens']} tokens{chunks} on {cal['device']} ({cal['dtype']}); {never} (layer, expert) pairs never routed")
 
 
 @click.command("merge-saliency")
