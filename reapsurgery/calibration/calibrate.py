@@ -21,6 +21,7 @@ from .. import __version__
 from ..common.checkpoint import Checkpoint
 from ..errors import ReapError
 from ..common.layouts import Layout
+from .distributed import Ranks
 from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from ..common.saliency import LayerStats, Saliency
@@ -109,6 +110,7 @@ class _Run:
     prefetch: bool
     bar: BarFactory | None
     on_layer: Callable[[int, StreamedModel], None] | None
+    ranks: Ranks | None
 
     @property
     def total(self) -> int:
@@ -153,7 +155,10 @@ def calibrate(
     if not samples:
         raise ReapError(None, "no calibration samples")
     ckpt = Checkpoint.open(ckpt_path, layout)
-    dev = resolve_device(device)
+    ranks = Ranks.from_env()  # under torchrun: this rank's share of the batches, statistics all-reduced
+    dev = resolve_device(ranks.device(device) if ranks else device)
+    if ranks:
+        ranks.start(dev)
     dt = resolve_dtype(dtype, dev)
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)
     attach_router_hooks(streamed.model)
@@ -169,17 +174,24 @@ def calibrate(
 
     text_config = streamed.model.config.get_text_config()
     batches = make_batches(samples, batch_size, text_config.pad_token_id or 0)
+    if ranks:
+        batches = ranks.share(batches)
+        if state_dir:
+            state_dir = Path(state_dir) / f"rank{ranks.rank}of{ranks.world}"
     chunks = plan_chunks(batches, text_config.hidden_size, dt, hidden_memory)
     if hidden_memory is not None and any(2 * batches[c[0]][0].numel() * text_config.hidden_size
                                          * torch.empty((), dtype=dt).element_size() > hidden_memory
                                          for c in chunks if len(c) == 1):
         raise ReapError(None, f"--hidden-memory {hidden_memory} bytes: one batch's hidden states do not fit; "
                               "lower --batch-size or raise --hidden-memory")
+    if ranks and hidden_memory is not None:  # a collective: every rank calls it
+        chunks = ranks.same_count(chunks)
     key = state_key(ckpt, samples, {"batch_size": batch_size, "dtype": str(dt), "mtp_layers": extra_layers,
-                                    "device": dev.type, "chunks": chunks})
+                                    "device": dev.type, "chunks": chunks,
+                                    "ranks": [ranks.rank, ranks.world] if ranks else None})
     state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every)
     run = _Run(streamed, Observer(names=names), experts_layer, moe_layers, extra_layers, dev, dt, state,
-               prefetch, bar, on_layer)
+               prefetch, bar, on_layer, ranks)
 
     first_chunk, resumed, stats = 0, None, {}
     if resume and (loaded := state.load()):
@@ -206,12 +218,15 @@ def calibrate(
         "mtp": mtp,
         "device": dev.type,
         "chunks": len(chunks),
+        **({"ranks": ranks.world} if ranks else {}),
         "reapsurgery": __version__,
     }
     result = Saliency(ckpt.fingerprint(), calibration, {k: stats[k] for k in sorted(stats)}, dense_layers)
     state.wait()
-    if output is not None:
+    if output is not None and (ranks is None or ranks.rank == 0):
         result.save(output)
+    if ranks:
+        ranks.barrier()  # every rank keeps its state until rank 0 has written the result
     state.clear()  # only once the result is safely written
     return result
 
@@ -287,7 +302,9 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                             futures.wait([pending])
                     streamed.release_layer(i)
                 del module
-                for name, s in list(observer.stats.items()):
+                for name, s in sorted(observer.stats.items()):
+                    if run.ranks:
+                        run.ranks.reduce(s)
                     stats[run.experts_layer[name]] = _layer_stats(s)
                     del observer.stats[name]
                 hidden, done = outputs, i + 1  # a new list: a background save keeps the previous one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -57,8 +58,6 @@ def check_output(output: Path) -> None:
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise ReapError(output, f"directory {parent} does not exist")
-    import os
-
     if not os.access(parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise ReapError(output, "not writable")
 
@@ -126,6 +125,8 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
         provenance=provenance, bar=partial(tqdm, disable=quiet), layout=layout_from(layout_file), mtp=mtp,
     )
     cal = saliency.calibration
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun rank 0 writes and reports
+        return
     never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
     chunks = f" in {cal['chunks']} chunks" if cal.get("chunks", 1) > 1 else ""
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
