@@ -43,6 +43,7 @@ Both wall times include Python start-up and imports. Sizes are GiB (2**30 bytes)
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -323,6 +324,7 @@ def helper_profile(cli_args: list[str], out_json: str, cprofile: str | None) -> 
 
     cal, data, obs, sal, st = (reap(n) for n in ("calibrate", "data", "observe", "saliency", "streaming"))
     main = reap("cli").main
+    timings = importlib.import_module("reapsurgery.calibration.timing").TIMINGS
 
     t_import = time.perf_counter()
     T.mem["after_imports"] = _now_rss()
@@ -341,8 +343,7 @@ def helper_profile(cli_args: list[str], out_json: str, cprofile: str | None) -> 
 
     T.wrap(st.StreamedModel, "layer_calls", "layer_calls (embed + record layer inputs)", calls_after)
     # shard reads: read_layer_tensors (dequantising where quantized) in newer versions, read_tensors before
-    T.wrap(st, "read_layer_tensors" if hasattr(st, "read_layer_tensors") else "read_tensors",
-           "read shards (safe_open + get_tensor: mmap views)")
+    T.wrap(st, "read_layer_tensors", "read_layer_tensors (non-expert tensors: pread, dequantise)")
     T.wrap(st.LayoutConverter, "convert", "LayoutConverter.convert (rename + stack experts)")
 
     # /proc/self/smaps walks every mapping (~60 ms here): read it on a few layers only, and time it
@@ -377,7 +378,7 @@ def helper_profile(cli_args: list[str], out_json: str, cprofile: str | None) -> 
             if sampled(a[1]):
                 T.layer_rss[-1]["after_release"]["shard_mapped"] = shard_rss()
 
-    T.wrap(st.StreamedModel, "load_layer", "load_layer (read + convert + load_state_dict)", loaded)
+    T.wrap(st.StreamedModel, "install_layer", "install_layer (load_state_dict of the read layer)", loaded)
     T.wrap(st.StreamedModel, "release_layer", "release_layer (to_empty meta)", released)
     T.wrap(mq.Qwen3MoeDecoderLayer, "forward", "decoder layer forward", forwarded)
     T.wrap(mq.Qwen3MoeAttention, "forward", "attention (projections + sdpa + rope)")
@@ -407,7 +408,8 @@ def helper_profile(cli_args: list[str], out_json: str, cprofile: str | None) -> 
     def saved(a, k, res):
         T.mem["state_hidden_bytes"] = _storage_bytes(a[3])
 
-    T.wrap(cal._State, "save", "_State.save (torch.save hidden + json) per layer", saved)
+    T.wrap(importlib.import_module("reapsurgery.calibration.resume").ResumeState, "save",
+           "ResumeState.save (hands the state to its writer thread)", saved)
     T.wrap(sal.Saliency, "save", "Saliency.save (sal.json)")
     prof = None
     if cprofile:
@@ -428,6 +430,7 @@ def helper_profile(cli_args: list[str], out_json: str, cprofile: str | None) -> 
         "import_s": t_import - t0, "run_s": t_end - t_import, "timers": T.t, "peak": T.peak,
         "peak_phase": T.peak_phase, "layer_rss": T.layer_rss, "mem": T.mem,
         "torch_threads": torch.get_num_threads(),
+        "phases": dict(timings.seconds), "bytes_read": timings.bytes_read,
     }))
 
 
@@ -454,7 +457,7 @@ def helper_gemm() -> None:
 def calibrate_cmd(args, ck: Path, data: Path, out: Path) -> list[str]:
     return ["calibrate", str(ck), "-o", str(out), "--dataset", str(data), "--num-samples", str(args.samples),
             "--max-length", str(args.tokens), "--device", "cpu", "--dtype", args.dtype,
-            "--batch-size", str(args.batch_size), "-q"]
+            "--batch-size", str(args.batch_size), "-q", "--checkpoint-every", str(args.checkpoint_every)]
 
 
 def check_saliency(path: Path, layers: int, tokens: int) -> str:
@@ -492,13 +495,35 @@ def run_profile(args, ck: Path, data: Path, work: Path, log: Path) -> dict:
     return p
 
 
+def fp8_case(args, work: Path, log: Path) -> None:
+    """Build, quantize to block FP8 (fixtures.quantize.to_fp8_block), run calibrate profiled once."""
+    src = work / "qwen3-moe-random"
+    run_measured([sys.executable, str(HERE), "--_build", str(src), "--size-gb", str(args.size_gb), "--dtype", args.dtype,
+                  "--seed", str(args.seed), "--experts", str(args.experts)], log, ENV)
+    ck = work / "qwen3-moe-fp8"
+    code = (f"import sys; sys.path.insert(0, {str(HERE.parents[1])!r}); from fixtures.quantize import to_fp8_block; "
+            f"to_fp8_block({str(src)!r}, {str(ck)!r})")
+    run_measured([sys.executable, "-c", code], log, ENV)
+    shutil.rmtree(src, ignore_errors=True)
+    weights = sum(p.stat().st_size for p in ck.glob("*.safetensors"))
+    data = work / "tokens.jsonl"
+    write_tokens(data, args.samples, args.tokens, ARCH["vocab_size"], args.seed)
+    print(f"[fp8] block-FP8 Qwen3-MoE, {LAYERS} layers x {args.experts} experts, {weights / GiB:.2f} GiB of shards; "
+          f"{args.samples} x {args.tokens} tokens, compute {args.dtype}", flush=True)
+    p = run_profile(args, ck, data, work, log)
+    print(f"  calibrate {p['wall_s']:.2f}s from process start, peak RSS {p['rss_mib']:.0f} MiB", flush=True)
+    report_phases(p)
+    print(json.dumps({"case": "fp8", "weight_bytes": weights, "experts": args.experts, "wall_s": p["wall_s"],
+                      "rss_mib": p["rss_mib"], "phases": p.get("phases"), "bytes_read": p.get("bytes_read")}))
+
+
 def bench(args, work: Path, log: Path) -> dict:
     ck = work / "qwen3-moe-random"
     print(f"[build] random-weight Qwen3-MoE, {LAYERS} layers x {ARCH['num_experts']} experts, top-"
           f"{ARCH['num_experts_per_tok']}, {args.dtype}, ~{args.size_gb:g} GiB in {ck} ...", flush=True)
     t = time.perf_counter()
     m = run_measured([sys.executable, str(HERE), "--_build", str(ck), "--size-gb", str(args.size_gb),
-                      "--dtype", args.dtype, "--seed", str(args.seed)], log, ENV)
+                      "--dtype", args.dtype, "--seed", str(args.seed), "--experts", str(args.experts)], log, ENV)
     desc = json.loads(Path(f"{ck}.build.json").read_text())
     sync_s = fs_sync(work)
     size = dir_bytes(ck)
@@ -594,8 +619,8 @@ PHASES = [
     ("LayoutConverter init (meta state_dict)", 3),
     ("load_outer (embeddings)", 2),
     ("layer_calls (embed + record layer inputs)", 2),
-    ("load_layer (read + convert + load_state_dict)", 2),
-    ("read shards (safe_open + get_tensor: mmap views)", 3),
+    ("install_layer (load_state_dict of the read layer)", 2),
+    ("read_layer_tensors (non-expert tensors: pread, dequantise)", 3),
     ("LayoutConverter.convert (rename + stack experts)", 3),
     ("decoder layer forward", 2),
     ("attention (projections + sdpa + rope)", 3),
@@ -604,10 +629,30 @@ PHASES = [
     ("experts: grouped_mm over the n*k pairs", 5),
     ("experts: Observer.record (float64 statistics)", 5),
     ("release_layer (to_empty meta)", 2),
-    ("_State.save (torch.save hidden + json) per layer", 2),
+    ("ResumeState.save (hands the state to its writer thread)", 2),
     ("Saliency.save (sal.json)", 1),
     ("(benchmark's own /proc/self/smaps reads, inside the phases above)", 1),
 ]
+
+
+def report_phases(p: dict) -> None:
+    """Seconds per pipeline phase (from reapsurgery.calibration.timing) and the overlap efficiency."""
+    pr = print
+    ph = p.get("phases") or {}
+    wall = p["timers"].get("calibrate() total", [0.0])[0]
+    read = ph.get("read", 0.0)
+    compute = sum(ph.get(k, 0.0) for k in ("dequantise", "convert", "host-to-device", "forward/observe"))
+    pr(f"\n   pipeline phases (reading layer i+1 on a background thread overlaps layer i's compute; sums exceed wall):")
+    pr(f"   {'phase':<22} {'seconds':>8}  {'share of calibrate()':>20}")
+    for k in ("read", "dequantise", "convert", "host-to-device", "forward/observe", "state save", "idle"):
+        v = ph.get(k, 0.0)
+        pr(f"   {k:<22} {v:8.2f}  {v / wall if wall else 0:19.0%}")
+    gbps = p.get("bytes_read", 0) / read / 1e9 if read else 0.0
+    pr(f"   calibrate() {wall:.2f}s; read {read:.2f}s ({gbps:.2f} GB/s of preads), compute {compute:.2f}s "
+       f"(dequantise + convert + host-to-device + forward/observe)")
+    if max(read, compute):
+        pr(f"   overlap efficiency: calibrate() / max(read, compute) = {wall / max(read, compute):.2f} (target <= 1.3); "
+           f"resume-state cost {ph.get('state save', 0.0) / wall if wall else 0:.1%} of calibrate() (background writer)")
 
 
 def report_profile(p: dict, res: dict) -> None:
@@ -648,7 +693,8 @@ def report_profile(p: dict, res: dict) -> None:
                f"the layer's forward (counted in RSS)")
     pr(f"   kept between layers: hidden states {mem.get('hidden_bytes', 0) / MiB:.1f} MiB, recorded layer arguments "
        f"(rotary cos/sin, masks) {mem.get('layer_call_args_bytes', 0) / MiB:.1f} MiB; "
-       f"_State.save writes {mem.get('state_hidden_bytes', 0) / MiB:.1f} MiB per layer")
+       f"a resume state holds {mem.get('state_hidden_bytes', 0) / MiB:.1f} MiB of hidden states")
+    report_phases(p)
     if p.get("cprofile_top"):
         pr("   cProfile, top 25 by own time:")
         for line in p["cprofile_top"].splitlines():
@@ -751,6 +797,14 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true", help="also run that profile under cProfile (slower)")
     ap.add_argument("--full-logits", action="store_true", help="baseline computes logits at every position")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp8", action="store_true",
+                    help="block-FP8 case: quantize the built checkpoint (DeepSeek-V3 style, 128x128 blocks) and run only "
+                         "the profiled calibrate (transformers' own FP8 loading on CPU is no baseline); prints the phase table")
+    ap.add_argument("--checkpoint-every", default="0",
+                    help="calibrate's --checkpoint-every in the timed runs (default 0: a resume state after every layer, "
+                         "the worst case of its cost)")
+    ap.add_argument("--experts", type=int, default=64, help="routed experts per layer (default 64; e.g. 256 for the "
+                                                             "large-expert-count case)")
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch directory (default: /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--_build", dest="build", help=argparse.SUPPRESS)
@@ -760,6 +814,7 @@ def main() -> None:
     ap.add_argument("--_gemm", dest="gemm", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    ARCH["num_experts"] = args.experts
 
     if args.build:
         return helper_build(args.build, args.size_gb, args.dtype, args.seed)
@@ -792,6 +847,8 @@ def main() -> None:
             "imports": run_measured([sys.executable, "-c", "import torch, transformers"], log, ENV),
         }
         floor = {k: {"wall_s": round(v["wall_s"], 3), "rss_mib": round(v["rss_mib"], 1)} for k, v in floor.items()}
+        if args.fp8:
+            return fp8_case(args, work, log)
         res = bench(args, work, log)
         machine["loadavg_end"] = list(os.getloadavg())
         machine["rss_method"] = RSS_METHOD

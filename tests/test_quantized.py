@@ -440,3 +440,30 @@ def test_nvfp4_layers_dequantised_with_their_global_scale(compressed, checkpoint
     orig = read_layer_tensors(Checkpoint.open(checkpoints["qwen3_moe"]), keys)
     for k in keys:
         assert (mine[k] - orig[k]).abs().max() <= 0.2 * orig[k].abs().max(), k
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dequantisation_on_the_compute_device_equals_safe_open_and_cpu_decode(fp8, mxfp4, compressed, device):
+    """Every quantized format: bytes read with pread and decoded on `device` equal what safe_open
+    reads and the same decoder computes on the CPU, bit for bit, for every quantized tensor."""
+    from reapsurgery.calibration.dequant import _dequantizer, read_layer_tensors
+
+    cases = {"fp8": fp8["qwen3_moe"], "mxfp4": mxfp4, "int4": compressed[("qwen3_moe", "W4A16")],
+             "nvfp4": compressed[("qwen3_moe", "NVFP4A16")], "ct-fp8": compressed[("mixtral", "FP8_DYNAMIC")]}
+    for fmt, src in cases.items():
+        ckpt = Checkpoint.open(src)
+        d = _dequantizer(ckpt)
+        keys = [k for k, names in d.sources.items() if len(names) > 1]
+        assert len(keys) >= 4, fmt
+        got = read_layer_tensors(ckpt, keys, device)
+        for k in keys:
+            raw = {}
+            for n in d.sources[k]:
+                with safe_open(src / ckpt.weight_map[n], framework="pt", device="cpu") as f:
+                    raw[n] = f.get_tensor(n)
+            want = d.make(k, raw)
+            assert got[k].device.type == device and got[k].dtype == want.dtype, (fmt, k)
+            assert torch.equal(got[k].cpu(), want), (fmt, k)

@@ -2,15 +2,16 @@
 
 Inputs of layer 0 are captured once; each layer is loaded from the shards, run over all
 calibration batches while its experts are observed, and released; its outputs become the
-next layer's inputs. After each layer the run's state is saved so `--resume` continues
-from the last finished layer with identical results.
+next layer's inputs. Every `checkpoint_every` seconds (and when interrupted) the run's state
+is saved (resume.py) so `--resume` continues from the last finished layer with identical results.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
+import time
+from dataclasses import dataclass
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,13 +19,15 @@ import torch
 
 from .. import __version__
 from ..common.checkpoint import Checkpoint
-from ..common.files import read_json_object
 from ..errors import ReapError
 from ..common.layouts import Layout
+from .distributed import Ranks
 from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from ..common.saliency import LayerStats, Saliency
+from .resume import ResumeState, state_key
 from .streaming import StreamedModel
+from .timing import TIMINGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BarFactory = Callable[..., Any]  # tqdm-like: bar(total=..., desc=...) with update() and close()
@@ -75,41 +78,51 @@ def _layer_stats(s: ExpertStats) -> LayerStats:
                       s.norm_sum.cpu().tolist(), s.reap_sum.cpu().tolist(), mx)
 
 
-class _State:
-    """Resume state beside the output: finished layers' statistics and the hidden states."""
+def plan_chunks(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden_size: int, dtype: torch.dtype,
+                budget: int | None) -> list[list[int]]:
+    """Consecutive batch indices per chunk, so that a chunk's hidden states (a layer's inputs
+    and outputs: 2 x tokens x hidden_size) fit in `budget` bytes; one chunk when budget is None.
+    A batch larger than the budget is a chunk of its own (refused by the caller)."""
+    if budget is None:
+        return [list(range(len(batches)))]
+    size = torch.empty((), dtype=dtype).element_size()
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for b, (ids, _) in enumerate(batches):
+        need = 2 * ids.numel() * hidden_size * size
+        if chunks[-1] and used + need > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(b)
+        used += need
+    return chunks
 
-    def __init__(self, directory: Path | None, key: str):
-        self.dir, self.key = directory, key
 
-    def load(self) -> tuple[int, dict[int, LayerStats], list[torch.Tensor]] | None:
-        if self.dir is None or not (self.dir / "state.json").is_file():
-            return None
-        state = read_json_object(self.dir / "state.json", "resume state")
-        if state.get("key") != self.key:
-            raise ReapError(self.dir, "resume state was written for other data, options or checkpoint; delete it or drop --resume")
-        try:
-            layers = {int(k): LayerStats(**v) for k, v in state["layers"].items()}
-            next_layer = int(state["next_layer"])
-            hidden = torch.load(self.dir / "hidden.pt", weights_only=True)
-        except Exception as e:  # torch.load and a damaged state raise many types
-            raise ReapError(self.dir, f"resume state is damaged ({type(e).__name__}: {e}); delete it "
-                                      "or drop --resume") from None
-        return next_layer, layers, hidden
+def _merge(total: dict[int, LayerStats], part: dict[int, LayerStats]) -> dict[int, LayerStats]:
+    """Statistics are sums (and maxima): chunks of samples add up to the whole."""
+    return {k: total[k].merged(part[k]) if k in total else part[k] for k in sorted({*total, *part})}
 
-    def save(self, next_layer: int, layers: dict[int, LayerStats], hidden: list[torch.Tensor]) -> None:
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        torch.save([h.cpu() for h in hidden], self.dir / "hidden.pt.partial")
-        (self.dir / "hidden.pt.partial").replace(self.dir / "hidden.pt")
-        state = {"key": self.key, "next_layer": next_layer,
-                 "layers": {str(k): v.to_json() for k, v in layers.items()}}
-        (self.dir / "state.json.partial").write_text(json.dumps(state))
-        (self.dir / "state.json.partial").replace(self.dir / "state.json")
 
-    def clear(self) -> None:
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+@dataclass
+class _Run:
+    """What every chunk of one calibration run shares."""
+
+    streamed: StreamedModel
+    observer: Observer
+    experts_layer: dict[str, int]
+    moe_layers: list[int]
+    extra_layers: list[int]
+    dev: torch.device
+    dt: torch.dtype
+    state: ResumeState
+    prefetch: bool
+    bar: BarFactory | None
+    on_layer: Callable[[int, StreamedModel], None] | None
+    ranks: Ranks | None
+
+    @property
+    def total(self) -> int:
+        return len(self.streamed.layers) + len(self.extra_layers)
 
 
 @torch.no_grad()
@@ -122,19 +135,30 @@ def calibrate(
     dtype: str = "auto",
     state_dir: str | Path | None = None,
     resume: bool = False,
+    checkpoint_every: float = 600.0,
+    output: str | Path | None = None,
     trust_remote_code: bool = False,
     provenance: dict | None = None,
     bar: BarFactory | None = None,
     on_layer: Callable[[int, StreamedModel], None] | None = None,
     layout: Layout | None = None,
     mtp: str = "auto",
+    prefetch: bool = True,
+    hidden_memory: int | None = None,
 ) -> Saliency:
     """Per-expert REAP statistics of every MoE layer, measured on `samples` (token id lists).
 
     `layout` (a user's layout file) replaces the built-in one chosen from config.json.
     mtp="calibrate" also measures the multi-token-prediction block (their statistics then make
     plan and apply keep and prune it); "drop" leaves it out; "auto" calibrates it where the
-    family's layout says a loader needs it present (`mtp_keep`) and the checkpoint stores it."""
+    family's layout says a loader needs it present (`mtp_keep`) and the checkpoint stores it.
+    The resume state in `state_dir` is saved at most every `checkpoint_every` seconds (0: after
+    every layer); when `output` is given the result is written there before the state is removed.
+    `prefetch` reads (and dequantises, converts) layer i+1 on a background thread while layer i
+    runs; the arithmetic is the same either way, so are the statistics.
+    `hidden_memory` (bytes) bounds the hidden states held at once: when all samples' do not fit,
+    the samples are split into chunks and each chunk streams the layers again; statistics are
+    sums, so the result is the same (up to float64 summation order); None: one chunk."""
     if mtp not in ("auto", "drop", "calibrate"):
         raise ReapError(None, f"--mtp {mtp}: choose auto, drop or calibrate")
     if not samples:
@@ -142,7 +166,10 @@ def calibrate(
     ckpt = Checkpoint.open(ckpt_path, layout)
     ckpt.tensors()  # index and shard headers agree, before any layer is read
     mtp = resolve_mtp(ckpt, mtp)
-    dev = resolve_device(device)
+    ranks = Ranks.from_env()  # under torchrun: this rank's share of the batches, statistics all-reduced
+    dev = resolve_device(ranks.device(device) if ranks else device)
+    if ranks:
+        ranks.start(dev)
     dt = resolve_dtype(dtype, dev)
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)
     attach_router_hooks(streamed.model)
@@ -156,69 +183,40 @@ def calibrate(
     dense_layers = [i for i in range(len(streamed.layers)) if i not in moe_layers]
     extra_layers = mtp_layers(streamed) if mtp == "calibrate" else []
 
-    pad_id = streamed.model.config.get_text_config().pad_token_id or 0
-    batches = make_batches(samples, batch_size, pad_id)
-    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), samples, batch_size, str(dt), extra_layers]).encode()).hexdigest()
-    state = _State(Path(state_dir) if state_dir else None, key)
+    text_config = streamed.model.config.get_text_config()
+    batches = make_batches(samples, batch_size, text_config.pad_token_id or 0)
+    if ranks:
+        batches = ranks.share(batches)
+        if state_dir:
+            state_dir = Path(state_dir) / f"rank{ranks.rank}of{ranks.world}"
+    chunks = plan_chunks(batches, text_config.hidden_size, dt, hidden_memory)
+    if hidden_memory is not None and any(2 * batches[c[0]][0].numel() * text_config.hidden_size
+                                         * torch.empty((), dtype=dt).element_size() > hidden_memory
+                                         for c in chunks if len(c) == 1):
+        raise ReapError(None, f"--hidden-memory {hidden_memory} bytes: one batch's hidden states do not fit; "
+                              "lower --batch-size or raise --hidden-memory")
+    if ranks and hidden_memory is not None:  # a collective: every rank calls it
+        chunks = ranks.same_count(chunks)
+    key = state_key(ckpt, samples, {"batch_size": batch_size, "dtype": str(dt), "mtp_layers": extra_layers,
+                                    "device": dev.type, "chunks": chunks,
+                                    "ranks": [ranks.rank, ranks.world] if ranks else None})
+    state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every)
+    run = _Run(streamed, Observer(names=names), experts_layer, moe_layers, extra_layers, dev, dt, state,
+               prefetch, bar, on_layer, ranks)
 
-    streamed.load_outer()
-    hidden, calls, masks = [], [], []
-    for ids, am in batches:
-        h, c = streamed.layer_calls(ids.to(dev), am.to(dev))
-        hidden.append(h)
-        calls.append(c)
-        masks.append(am.reshape(-1).bool().to(dev))
-    streamed.release_embeddings()
-    start, stats = 0, {}
-    if resume:
-        loaded = state.load()
-        if loaded:
-            start, stats, saved = loaded
-            hidden = [h.to(device=dev, dtype=dt) for h in saved]
-
-    observer = Observer(names=names)
-    n_layers = len(streamed.layers)
-    total = n_layers + len(extra_layers)
-    outer = bar(total=total, initial=start, desc="layers", unit="layer") if bar else None
-    with observing(observer):
-        for i in range(start, total):
-            in_mtp = i >= n_layers  # a multi-token-prediction block, run with the stack's last MoE layer's inputs
-            calls_of = moe_layers[-1] if in_mtp else i
-            if in_mtp:
-                module = load_mtp_block(streamed, i, calls_of)
-                observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
-                experts_layer[f"mtp.{i}"] = i
-            else:
-                module = streamed.load_layer(i)
-            if on_layer:
-                on_layer(i, streamed)
-            inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
-            for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
-                args, kwargs = layer_calls[calls_of]
-                if in_mtp:
-                    ids, am = batches[b]
-                    observer.token_mask = counted_positions(am, module.depth).to(dev)
-                    out = module(h, ids.to(dev), *args, **kwargs)
-                else:
-                    observer.token_mask = masks[b]
-                    out = module(h, *args, **kwargs)
-                hidden[b] = out[0] if isinstance(out, tuple) else out
-                if inner:
-                    inner.update(1)
-            if inner:
-                inner.close()
-            observer.token_mask = None
-            if in_mtp:
-                module.to_empty(device="meta")
-            else:
-                streamed.release_layer(i)
-            del module
-            for name, s in list(observer.stats.items()):
-                stats[experts_layer[name]] = _layer_stats(s)
-                del observer.stats[name]
-            state.save(i + 1, stats, hidden)
-            if outer:
-                outer.update(1)
+    first_chunk, resumed, stats = 0, None, {}
+    if resume and (loaded := state.load()):
+        start, layers, saved, extra = loaded
+        first_chunk = int(extra.get("chunk", 0))
+        stats = {int(k): LayerStats(**v) for k, v in (extra.get("previous") or {}).items()}
+        resumed = (start, layers, [h.to(device=dev, dtype=dt) for h in saved])
+    outer = bar(total=len(chunks) * run.total, initial=first_chunk * run.total + (resumed[0] if resumed else 0),
+                desc="layers", unit="layer") if bar else None
+    for c in range(first_chunk, len(chunks)):
+        part = _stream_chunk(run, [batches[b] for b in chunks[c]], c, stats, resumed, outer)
+        stats, resumed = _merge(stats, part), None
+        if c + 1 < len(chunks) and state.due():  # the next chunk starts from its embeddings
+            state.save(0, {}, [], {"chunk": c + 1, "previous": {str(k): v.to_json() for k, v in stats.items()}})
     if outer:
         outer.close()
 
@@ -230,8 +228,106 @@ def calibrate(
         "dtype": str(dt).removeprefix("torch."),
         "mtp": mtp,
         "device": dev.type,
+        "chunks": len(chunks),
+        **({"ranks": ranks.world} if ranks else {}),
         "reapsurgery": __version__,
     }
     result = Saliency(ckpt.fingerprint(), calibration, {k: stats[k] for k in sorted(stats)}, dense_layers)
-    state.clear()
+    state.wait()
+    if output is not None and (ranks is None or ranks.rank == 0):
+        result.save(output)
+    if ranks:
+        ranks.barrier()  # every rank keeps its state until rank 0 has written the result
+    state.clear()  # only once the result is safely written
     return result
+
+
+def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], chunk: int,
+                  previous: dict[int, LayerStats], resumed: tuple | None, outer) -> dict[int, LayerStats]:
+    """Every layer over one chunk of batches: its statistics. `resumed`: (next layer, statistics
+    so far, hidden states) from a saved state of this chunk."""
+    streamed, observer, state, dev = run.streamed, run.observer, run.state, run.dev
+    streamed.load_outer()
+    hidden, calls, masks = [], [], []
+    for ids, am in batches:
+        h, c = streamed.layer_calls(ids.to(dev), am.to(dev))
+        hidden.append(h)
+        calls.append(c)
+        masks.append(am.reshape(-1).bool().to(dev))
+    streamed.release_embeddings()
+    start, stats = 0, {}
+    if resumed and resumed[0] > 0:
+        start, stats, hidden = resumed
+    extra = {"chunk": chunk, "previous": {str(k): v.to_json() for k, v in previous.items()}}
+    n_layers, total = len(streamed.layers), run.total
+    done, pending = start, None
+    reader = ThreadPoolExecutor(1, thread_name_prefix="layer-read") if run.prefetch else None
+    try:
+        with observing(observer):
+            for i in range(start, total):
+                in_mtp = i >= n_layers  # a multi-token-prediction block, run with the stack's last MoE layer's inputs
+                calls_of = run.moe_layers[-1] if in_mtp else i
+                if in_mtp:
+                    module = load_mtp_block(streamed, i, calls_of)
+                    observer.names.update({id(m): f"mtp.{i}" for m in module.modules() if is_experts_module(m)})
+                    run.experts_layer[f"mtp.{i}"] = i
+                else:
+                    if pending is None:
+                        converted = streamed.read_layer(i)
+                    else:
+                        with TIMINGS.phase("idle"):  # the read that the last layer's compute did not hide
+                            converted = pending.result()
+                        pending = None
+                    module = streamed.install_layer(i, converted)
+                    del converted
+                    if reader is not None and i + 1 < n_layers:
+                        pending = reader.submit(streamed.read_layer, i + 1)
+                if run.on_layer:
+                    run.on_layer(i, streamed)
+                inner = run.bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if run.bar else None
+                outputs = []
+                forward_start = time.perf_counter()
+                for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
+                    args, kwargs = layer_calls[calls_of]
+                    if in_mtp:
+                        ids, am = batches[b]
+                        observer.token_mask = counted_positions(am, module.depth).to(dev)
+                        out = module(h, ids.to(dev), *args, **kwargs)
+                    else:
+                        observer.token_mask = masks[b]
+                        out = module(h, *args, **kwargs)
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
+                    if inner:
+                        inner.update(1)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                TIMINGS.add("forward/observe", time.perf_counter() - forward_start)
+                if inner:
+                    inner.close()
+                observer.token_mask = None
+                if in_mtp:
+                    module.to_empty(device="meta")
+                else:
+                    if pending is not None:  # the next read takes its buffers from what this release pools
+                        with TIMINGS.phase("idle"):
+                            futures.wait([pending])
+                    streamed.release_layer(i)
+                del module
+                for name, s in sorted(observer.stats.items()):
+                    if run.ranks:
+                        run.ranks.reduce(s)
+                    stats[run.experts_layer[name]] = _layer_stats(s)
+                    del observer.stats[name]
+                hidden, done = outputs, i + 1  # a new list: a background save keeps the previous one
+                if i + 1 < total and state.due():  # after the last layer the next chunk or the result follows
+                    state.save(i + 1, stats, hidden, extra)
+                if outer:
+                    outer.update(1)
+    except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
+        if done > start and state.saved_next != (chunk, done):
+            state.save(done, stats, hidden, extra, background=False)
+        raise
+    finally:
+        if reader is not None:
+            reader.shutdown(wait=True, cancel_futures=True)
+    return stats

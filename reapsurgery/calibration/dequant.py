@@ -7,6 +7,10 @@ companions never reach the model. Nothing else of the checkpoint is ever dequant
 
 - Block FP8 (`quant_method: fp8`, DeepSeek-V3 style): `X.weight` (F8) times `X.weight_scale_inv`
   expanded over `weight_block_size` blocks (edge blocks cut, as the FP8 kernels compute).
+Decoding runs on the compute device (`read_layer_tensors(..., device)`): the quantized bytes
+and scales travel there as stored and every decoder below is plain torch, so a GPU decodes
+at its own speed and the CPU runs the very same code.
+
 - MXFP4 (gpt-oss): `X_blocks` + `X_scales` -> `X`, with transformers' own
   `convert_moe_packed_tensors`.
 - compressed-tensors (llm-compressor): `X.weight_packed` or `X.weight` with `X.weight_scale`,
@@ -23,10 +27,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
-
 from ..common.checkpoint import Checkpoint
 from ..errors import ReapError
+from .shardread import ShardFiles
+from .timing import TIMINGS
 
 SUPPORTED = ("fp8", "mxfp4", "compressed-tensors")
 ACTIVATION_COMPANIONS = ("input_scale", "activation_scale", "input_global_scale", "input_zero_point", "output_scale")
@@ -178,18 +182,27 @@ def logical_keys(ckpt: Checkpoint) -> list[str]:
     return list(ckpt.weight_map) if d is None else list(d.sources)
 
 
-def read_layer_tensors(ckpt: Checkpoint, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The named (logical) tensors, read shard by shard and dequantised to float32 where quantized."""
+def read_layer_tensors(ckpt: Checkpoint, keys: list[str], device: str | torch.device = "cpu",
+                       files: ShardFiles | None = None) -> dict[str, torch.Tensor]:
+    """The named (logical) tensors on `device`: stored bytes are read (pread, `files` reused
+    across calls), moved to `device` as stored (quantized bytes and scales, 1-2 bytes an element
+    instead of 4) and dequantised there to float32 where quantized; the same torch code on CPU."""
     d = _dequantizer(ckpt)
     needed = [s for k in keys for s in (d.sources[k] if d else [k])]
-    by_shard: dict[str, list[str]] = {}
-    for k in needed:
-        by_shard.setdefault(ckpt.weight_map[k], []).append(k)
-    raw = {}
-    for shard, names in by_shard.items():
-        with safe_open(ckpt.path / shard, framework="pt", device="cpu") as f:
-            for k in names:
-                raw[k] = f.get_tensor(k)
+    own = files is None
+    files = ShardFiles(ckpt) if own else files
+    try:
+        raw = {k: files.read(k) for k in needed}
+    finally:
+        if own:
+            files.close()
+    if torch.device(device).type != "cpu":
+        with TIMINGS.phase("host-to-device"):
+            raw = {k: t.to(device) for k, t in raw.items()}
     if d is None:
         return raw
-    return {k: d.make(k, raw) for k in keys}
+    with TIMINGS.phase("dequantise"):
+        out = {k: d.make(k, raw) for k in keys}
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)  # count the decode here, not in whatever waits next
+    return out

@@ -13,7 +13,6 @@ operations take this path; everything else goes through transformers' conversion
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -22,6 +21,8 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 
 from ..common.checkpoint import Checkpoint
 from .dequant import is_quantized, read_layer_tensors
+from .shardread import ShardFiles
+from .timing import TIMINGS
 from ..errors import ReapError
 
 TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -54,19 +55,25 @@ def readable(ckpt: Checkpoint, key: str) -> bool:
 
 
 def read_fused(ckpt: Checkpoint, target: FusedTarget, source_of: dict[str, str], dtype: torch.dtype,
-               want: torch.Size) -> torch.Tensor:
+               want: torch.Size, *, device: str | torch.device = "cpu", out: torch.Tensor | None = None,
+               files: ShardFiles | None = None) -> torch.Tensor:
     """The fused tensor of `target`, of shape `want` in `dtype`; `source_of` maps a key as converted
-    to its name in the checkpoint. Raises ReapError when the experts do not make that tensor."""
+    to its name in the checkpoint. Raises ReapError when the experts do not make that tensor.
+
+    `out` (a released layer's tensor of that shape and dtype) is filled instead of a fresh
+    allocation whose pages would fault in on first write. A quantized checkpoint's experts are
+    decoded on `device`, into `out` there; unquantized ones are read into `out` where it lives."""
     patterns = [p for p in target.converter.source_patterns if p in target.keys]
     ops = target.converter.operations
     axis = ops[1].dim - 1 if len(ops) == 2 else None  # concatenation axis within one expert
-    out = torch.empty(want, dtype=dtype)
+    if out is None or out.shape != want or out.dtype != dtype:
+        out = torch.empty(want, dtype=dtype, device=device if is_quantized(ckpt) else "cpu")
 
     def bad(msg: str) -> ReapError:
         return ReapError(ckpt.path, f"{target.name}: {msg}; the model expects {list(want)}")
 
     offset = 0
-    with _Pieces(ckpt) as pieces:
+    with _Pieces(ckpt, out.device, files) as pieces:
         for p in patterns:
             keys = target.keys[p]
             if len(keys) != want[0]:
@@ -82,55 +89,47 @@ def read_fused(ckpt: Checkpoint, target: FusedTarget, source_of: dict[str, str],
                     slot = out[e].narrow(axis, offset, size)
                 if piece.shape != slot.shape:
                     raise bad(f"{key} has shape {list(piece.shape)}")
-                slot.copy_(piece)
+                with TIMINGS.phase("convert"):
+                    slot.copy_(piece)
             offset += size or 0
     if axis is not None and offset != want[axis + 1]:
         raise bad(f"its experts' tensors add up to {offset} along dimension {axis + 1}")
     return out
 
 
-def _info(ckpt: Checkpoint, key: str):
-    shard = ckpt.weight_map[key]
-    return shard, ckpt.header(shard).tensors[key]
-
-
 class _Pieces:
-    """One expert's tensor at a time: pread into a reusable buffer (one open file per shard), or,
-    for a quantized checkpoint, dequantised a few experts at a time."""
+    """One expert's tensor at a time: pread into a reusable buffer, or, for a quantized checkpoint,
+    decoded a few experts at a time on the device of the fused tensor."""
 
     CHUNK = 16
 
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt, self.fds, self.buffers = ckpt, {}, {}
+    def __init__(self, ckpt: Checkpoint, device: torch.device, files: ShardFiles | None):
+        self.ckpt, self.device, self.buffers = ckpt, device, {}
+        self.own = files is None
+        self.files = ShardFiles(ckpt) if self.own else files
 
     def __enter__(self) -> "_Pieces":
         return self
 
     def __exit__(self, *exc) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        if self.own:
+            self.files.close()
 
     def read(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         if is_quantized(self.ckpt):
             for s in range(0, len(keys), self.CHUNK):
-                chunk = read_layer_tensors(self.ckpt, keys[s : s + self.CHUNK])
+                chunk = read_layer_tensors(self.ckpt, keys[s : s + self.CHUNK], self.device, self.files)
                 for key in keys[s : s + self.CHUNK]:
                     yield key, chunk.pop(key)
         else:
             for key in keys:
-                yield key, self._pread(*_info(self.ckpt, key))
+                nbytes = self.files.info(key)[1].nbytes
+                buf = self.buffers.get(nbytes)
+                if buf is None:
+                    buf = self.buffers[nbytes] = torch.empty(nbytes, dtype=torch.uint8)
+                yield key, self.files.read(key, into=buf)
 
-    def _pread(self, shard: str, info) -> torch.Tensor:
-        if shard not in self.fds:
-            self.fds[shard] = os.open(self.ckpt.path / shard, os.O_RDONLY)
-        buf = self.buffers.get(info.nbytes)
-        if buf is None:
-            buf = self.buffers[info.nbytes] = torch.empty(info.nbytes, dtype=torch.uint8)
-        view, pos = memoryview(buf.numpy()), 0
-        start = self.ckpt.header(shard).data_offset + info.start
-        while pos < info.nbytes:
-            got = os.preadv(self.fds[shard], [view[pos:]], start + pos)
-            if got <= 0:
-                raise ReapError(self.ckpt.path / shard, f"tensor {info.name!r}: file ends inside its data")
-            pos += got
-        return buf.view(TORCH_DTYPES[info.dtype]).view(info.shape)
+
+def _info(ckpt: Checkpoint, key: str):
+    shard = ckpt.weight_map[key]
+    return shard, ckpt.header(shard).tensors[key]

@@ -128,7 +128,7 @@ def load_mtp_block(streamed: StreamedModel, i: int, template: int) -> MtpBlock:
                         rename=lambda k: layout.with_layer(layout.canonical(k, ckpt.num_hidden_layers), template))
     embed_key = extras.get("embed") or _embedding_key(streamed)
     keys = [extras["embed_norm"], extras["hidden_norm"], extras["proj"], embed_key]
-    w = {k: t.to(device=streamed.device, dtype=streamed.dtype) for k, t in read_layer_tensors(ckpt, keys).items()}
+    w = {k: t.to(device=streamed.device, dtype=streamed.dtype) for k, t in read_layer_tensors(ckpt, keys, streamed.device, streamed.files).items()}
     norms = []
     for key in keys[:2]:
         norm = copy.deepcopy(streamed.final_norm())

@@ -13,7 +13,6 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
@@ -23,6 +22,9 @@ from ..common.model_map import ConversionMap, find_decoder
 from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from ..errors import ReapError
 from .fused import FusedTarget, read_fused, readable, stacks_only
+from .dequant import is_quantized
+from .shardread import ShardFiles
+from .timing import TIMINGS
 from .observe import IMPL_NAME
 
 
@@ -84,25 +86,27 @@ class LayoutConverter(ConversionMap):
         return out
 
 
-def read_tensors(ckpt: Checkpoint, keys: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Only the named tensors, shard by shard."""
-    by_shard: dict[str, list[str]] = {}
-    for k in keys:
-        by_shard.setdefault(ckpt.weight_map[k], []).append(k)
-    out = {}
-    for shard, names in by_shard.items():
-        with safe_open(ckpt.path / shard, framework="pt", device=str(device)) as f:
-            for k in names:
-                out[k] = f.get_tensor(k)
-    return out
-
-
 class StreamedModel:
-    """The skeleton plus the knowledge of which checkpoint keys belong to which decoder layer."""
+    """The skeleton plus the knowledge of which checkpoint keys belong to which decoder layer.
+
+    A layer is loaded in two steps: `read_layer(i)` (read, dequantise, convert: touches no
+    module, so it runs on a background thread while the previous layer computes) and
+    `install_layer(i, tensors)`. A released layer's large tensors are kept in `pool` and
+    refilled by the next read of the same shapes, so the memory is neither returned to the OS
+    nor faulted in again; at most two layers' weights are alive (the one running, the one read).
+    On CUDA, unquantized tensors are read into reused pinned host buffers and copied on a
+    side stream; quantized bytes are decoded on the device.
+    """
+
+    POOL_MIN_BYTES = 1 << 20
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
                  experts_implementation: str | None = IMPL_NAME):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
+        self.pool: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> released tensors
+        self.staging: dict[tuple, torch.Tensor] = {}  # CUDA: pinned host buffers, reused layer after layer
+        self.files = ShardFiles(ckpt)
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.model = build_skeleton(ckpt.path, dtype, trust_remote_code, experts_implementation)
         self.converter = LayoutConverter(self.model)
         self.decoder = find_decoder(self.model)
@@ -141,11 +145,20 @@ class StreamedModel:
                 self._init_nonpersistent_buffers(child)
 
     def load_layer(self, i: int) -> nn.Module:
-        return self.fill_layer(self.layers[i], self.layer_keys[i], i, f"decoder layer {i}")
+        return self.install_layer(i, self.read_layer(i))
 
-    def fill_layer(self, layer: nn.Module, keys: list[str], as_layer: int, what: str, rename=None) -> nn.Module:
-        """Load `keys` into `layer`, converted as the tensors of decoder layer `as_layer`."""
-        converted = self._convert(keys, what, rename)
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Decoder layer i's tensors, converted, on the device; safe on a background thread."""
+        return self._convert(self.layer_keys[i], f"decoder layer {i}")
+
+    def install_layer(self, i: int, converted: dict[str, torch.Tensor]) -> nn.Module:
+        return self.fill_layer(self.layers[i], self.layer_keys[i], i, f"decoder layer {i}", converted=converted)
+
+    def fill_layer(self, layer: nn.Module, keys: list[str], as_layer: int, what: str, rename=None,
+                   converted: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Load `keys` (or their `converted` tensors) into `layer`, converted as the tensors of decoder layer `as_layer`."""
+        if converted is None:
+            converted = self._convert(keys, what, rename)
         prefix = f"{self.layers_prefix}{as_layer}."
         local = {k[len(prefix):]: v for k, v in converted.items()}
         try:
@@ -164,8 +177,20 @@ class StreamedModel:
         return norm
 
     def release_layer(self, i: int) -> None:
+        """Layer i back to meta; its large tensors go to the pool (replacing what the last read left)."""
+        pool: dict[tuple, list[torch.Tensor]] = {}
+        for t in self.layers[i].parameters():
+            t = t.data
+            if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes \
+                    and t.nbytes >= self.POOL_MIN_BYTES:
+                pool.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
         self.layers[i].to_empty(device="meta")
+        self.pool = pool
         _return_freed_memory()
+
+    def _take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        free = self.pool.get((tuple(shape), dtype, torch.device(device)))
+        return free.pop() if free else None
 
     def release_embeddings(self) -> None:
         """Once every batch's layer-0 inputs are recorded, the embeddings are not needed."""
@@ -182,18 +207,30 @@ class StreamedModel:
         direct = {n for t in fused.values() for names in t.keys.values() for n in names}
         keys = [k for n, k in source_of.items() if n not in direct]
         try:
-            tensors = read_layer_tensors(self.ckpt, keys)
-            converted = self.converter.convert({(rename(k) if rename else k): v for k, v in tensors.items()})
+            tensors = read_layer_tensors(self.ckpt, keys, self.device, self.files)
+            with TIMINGS.phase("convert"):
+                converted = self.converter.convert({(rename(k) if rename else k): v for k, v in tensors.items()})
         except KeyError as e:
             raise ReapError(self.ckpt.path, f"{what}: checkpoint tensor {e} has no place in the model") from None
         del tensors
         for name, target in fused.items():
-            converted[name] = read_fused(self.ckpt, target, source_of, self.converter.meta[name].dtype,
-                                         self.converter.meta[name].shape)
-        # Tensors that were only renamed still view the shard's memory map; copy them so the
-        # mapping (and every page the layer touched) goes away once the layer is converted.
-        return {k: (v.clone() if _is_file_backed(v) and v.device == self.device else v.to(self.device))
-                for k, v in converted.items()}
+            shape, dt = self.converter.meta[name].shape, self.converter.meta[name].dtype
+            if self.device.type == "cpu" or is_quantized(self.ckpt):  # read or decoded where it will live
+                converted[name] = read_fused(self.ckpt, target, source_of, dt, shape, device=self.device,
+                                             out=self._take(shape, dt, self.device), files=self.files)
+            else:  # into a pinned host buffer, then to the device on the side stream
+                host = self.staging.get((tuple(shape), dt))
+                if host is None:
+                    host = self.staging[(tuple(shape), dt)] = torch.empty(shape, dtype=dt, pin_memory=True)
+                read_fused(self.ckpt, target, source_of, dt, shape, out=host, files=self.files)
+                dev = self._take(shape, dt, self.device)
+                dev = torch.empty(shape, dtype=dt, device=self.device) if dev is None else dev
+                with TIMINGS.phase("host-to-device"), torch.cuda.stream(self._copy_stream):
+                    dev.copy_(host, non_blocking=True)
+                    self._copy_stream.synchronize()  # the host buffer is reused by the next tensor of its shape
+                converted[name] = dev
+        self.pool = {}  # what the read did not reuse is freed now, not kept beside two layers
+        return {k: v.to(self.device) for k, v in converted.items()}
 
     def _init_nonpersistent_buffers(self, root: nn.Module) -> None:
         """Buffers absent from checkpoints (rotary inv_freq) are recomputed as from_pretrained does."""
@@ -230,11 +267,6 @@ class StreamedModel:
         hidden = args0[0] if args0 else kwargs0["hidden_states"]
         calls = [(args[1:], {k: v for k, v in kw.items() if k != "hidden_states"}) for args, kw in sink]
         return hidden, calls
-
-
-def _is_file_backed(t: torch.Tensor) -> bool:
-    """True for tensors whose storage is a safetensors memory map (not allocated by torch)."""
-    return not t.untyped_storage().resizable()
 
 
 def _return_freed_memory() -> None:

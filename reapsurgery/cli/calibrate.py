@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -9,12 +10,59 @@ import click
 from .common import data_options, layout_from, layout_option, load_data, one_line_errors, run_options
 
 
+class Duration(click.ParamType):
+    """Seconds, or a number with s, m or h: 90, 30s, 10m, 1.5h."""
+
+    name = "DURATION"
+    UNITS = {"s": 1, "m": 60, "h": 3600}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        scale = self.UNITS.get(text[-1:], None)
+        try:
+            seconds = float(text[:-1] if scale else text) * (scale or 1)
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0 or seconds == float("inf"):
+            self.fail(f"{value!r} is not a duration like 90, 30s, 10m or 1h", param, ctx)
+        return seconds
+
+
+class Size(click.ParamType):
+    """Bytes, or a number with K, M, G, T (powers of 1024; KiB, MB... accepted): 512M, 8G, 1.5TiB."""
+
+    name = "SIZE"
+    UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+        unit = text[-1:] if text[-1:] in self.UNITS else ""
+        try:
+            n = float(text[: len(text) - len(unit)]) * self.UNITS[unit]
+        except ValueError:
+            n = 0.0
+        if not 0 < n < float("inf"):
+            self.fail(f"{value!r} is not a size like 512M, 8G or 1.5T", param, ctx)
+        return int(n)
+
+
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write saliency.json.")
 @data_options
 @run_options
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last saved layer (state in OUTPUT.resume/).")
+@click.option("--checkpoint-every", type=Duration(), default="10m", show_default=True,
+              help="Save the resume state at most this often (90, 30s, 10m, 1h; 0: after every layer). It is "
+                   "written in the background as one file replaced atomically, and also on Ctrl-C or an error.")
+@click.option("--hidden-memory", type=Size(), default=None, metavar="SIZE",
+              help="Most memory the hidden states may take (512M, 8G...). When all samples' do not fit, they are "
+                   "split into chunks and each chunk streams the layers again (same statistics: they are sums; "
+                   "the chunk count goes into the provenance). Default: no limit.")
 @click.option("--mtp", type=click.Choice(["auto", "drop", "calibrate"]), default="auto", show_default=True,
               help="Multi-token-prediction block (DeepSeek-V3, GLM-4.x: layers past the stack; Qwen3-Next: "
                    "mtp.*), run by vLLM, SGLang and llama.cpp for speculative decoding: 'calibrate' measures its "
@@ -25,13 +73,17 @@ from .common import data_options, layout_from, layout_option, load_data, one_lin
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
               max_length: int, seed: int, batch_size: int, device: str, dtype: str, resume: bool,
-              trust_remote_code: bool, mtp: str, quiet: bool, layout_file: Path | None) -> None:
+              checkpoint_every: float, hidden_memory: int | None, trust_remote_code: bool, mtp: str, quiet: bool,
+              layout_file: Path | None) -> None:
     """Measure per-expert REAP saliency of CKPT on calibration text.
 
     Loads one decoder layer at a time from the shards into a transformers model built
     on the meta device, runs every sample through it, and records each expert's routed
     count, gate sum, output-norm sums and max activation from the model's real routing.
-    The state after each layer is kept beside OUTPUT, so --resume continues a crashed run.
+    The run's state is kept beside OUTPUT (OUTPUT.resume/, every --checkpoint-every), so --resume
+    continues a crashed run; it is removed once OUTPUT is written. Under torchrun
+    (`torchrun --nproc-per-node N -m reapsurgery calibrate ...`) each rank takes a share of the
+    samples and rank 0 writes.
     """
     from functools import partial
 
@@ -59,7 +111,8 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     try:
         saliency = run_calibrate(
             opened.path, data.samples, batch_size=batch_size, device=device, dtype=dtype,
-            state_dir=state_dir, resume=resume, trust_remote_code=trust_remote_code,
+            state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every, output=output,
+            hidden_memory=hidden_memory, trust_remote_code=trust_remote_code,
             provenance=provenance, bar=partial(tqdm, disable=quiet), layout=layout, mtp=mtp,
         )
     except KeyboardInterrupt as e:
@@ -67,12 +120,14 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
             e.message = (f"interrupted; the finished layers are kept in {state_dir}: run the same command "
                          "with --resume to continue from there")
         raise
-    saliency.save(output)
     cal = saliency.calibration
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun rank 0 writes and reports
+        return
     never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
+    chunks = f" in {cal['chunks']} chunks" if cal.get("chunks", 1) > 1 else ""
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
     click.echo(f"wrote {output}: {len(saliency.layers)} MoE layers{mtp_note}, {cal['samples']} samples, "
-               f"{cal['tokens']} tokens on {cal['device']} ({cal['dtype']}); {never} (layer, expert) pairs never routed")
+               f"{cal['tokens']} tokens{chunks} on {cal['device']} ({cal['dtype']}); {never} (layer, expert) pairs never routed")
 
 
 @click.command("merge-saliency")

@@ -1,0 +1,133 @@
+"""`calibrate --resume` never returns other statistics than a clean run: kills at every write and
+rename of the state (strace fault injection), other weights of the same config, corrupt state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fixtures.build import build
+from reapsurgery.calibration.calibrate import calibrate
+from reapsurgery.cli import main as cli
+from reapsurgery.errors import ReapError
+from tests.test_calibrate import texts
+
+ROOT = Path(__file__).resolve().parents[1]
+STRACE = shutil.which("strace")
+OPTS = ["--num-samples", "5", "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "-q",
+        "--checkpoint-every", "0"]
+
+
+def _tokens(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in texts()))
+    return path
+
+
+def _killed_run(ckpt: Path, data: Path, out: Path, paths: list[Path], n: int) -> int:
+    """The CLI under strace, SIGKILLed at the n-th write/rename that touches one of `paths`
+    (strace counts per thread; every state write happens on the one writer thread)."""
+    filters = [a for p in paths for a in ("-P", str(p), "-P", os.path.relpath(p, out.parent))]
+    cmd = [STRACE, "-f", "-qq", "-o", "/dev/null", *filters, "-e", "trace=write,rename",
+           "-e", f"inject=write,rename:signal=SIGKILL:when={n}",
+           sys.executable, "-m", "reapsurgery", "calibrate", str(ckpt), "-o", out.name,
+           "--dataset", str(data), *OPTS]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True).returncode
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace (apt-get install strace)")
+def test_resume_after_a_kill_at_every_write_and_rename_equals_a_clean_run(checkpoints, tmp_path):
+    ckpt = checkpoints["qwen3_moe"]
+    data = _tokens(tmp_path / "tokens.jsonl")
+    clean = tmp_path / "clean.json"
+    assert CliRunner().invoke(cli, ["calibrate", str(ckpt), "-o", str(clean), "--dataset", str(data), *OPTS]).exit_code == 0
+    want = json.loads(clean.read_text())["layers"]
+
+    def attempt(point: tuple[str, int]) -> tuple[int, bool, dict | None]:
+        what, n = point
+        work = tmp_path / f"{what}{n}"
+        work.mkdir()
+        out = work / "sal.json"
+        state = work / "sal.json.resume"
+        paths = [state / "state.pt.partial", state / "state.pt"] if what == "state" else [out.with_name(".sal.json.partial"), out]
+        rc = _killed_run(ckpt, data, out, paths, n)
+        had_state = (state / "state.pt").is_file()
+        if rc == 0:
+            return rc, had_state, None
+        result = CliRunner().invoke(cli, ["calibrate", str(ckpt), "-o", str(out), "--dataset", str(data), *OPTS, "--resume"])
+        assert result.exit_code == 0, result.output
+        assert not state.exists()
+        return rc, had_state, json.loads(out.read_text())["layers"]
+
+    # 3 layers: states after layers 0 and 1 (a few writes and one rename each), then the output
+    points = [("state", n) for n in range(1, 11)] + [("out", 1), ("out", 2)]
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(points, pool.map(attempt, points)))
+    killed = [p for p, (rc, _, _) in results.items() if rc != 0]
+    assert all(results[p][0] == -9 for p in killed)
+    states = [n for what, n in killed if what == "state"]
+    assert states == list(range(1, len(states) + 1))  # every state write and rename up to the end was a kill point
+    assert 6 <= len(states) < 10  # two saves of >= 2 writes and a rename each; the sweep went past the last
+    assert results[("out", 1)][1]  # killed while writing the result: the state was still there
+    for point in killed:
+        assert results[point][2] == want, point
+
+
+def test_resume_refuses_state_of_another_checkpoint_with_the_same_config(checkpoints, tmp_path):
+    a = checkpoints["qwen3_moe"]
+    b = build("qwen3_moe", tmp_path / "b", seed=7)  # same config, other weights
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    state = tmp_path / "s.resume"
+
+    class Crash(Exception):
+        pass
+
+    def crash(i, streamed):
+        if i == 2:
+            raise Crash
+
+    run = dict(batch_size=2, device="cpu", dtype="float32", state_dir=state)
+    with pytest.raises(Crash):
+        calibrate(a, texts(), on_layer=crash, **run)
+    assert (state / "state.pt").is_file()
+    with pytest.raises(ReapError, match="other data, options or checkpoint weights"):
+        calibrate(b, texts(), resume=True, **run)
+    with pytest.raises(ReapError, match="other data"):
+        calibrate(a, texts(seed=2), resume=True, **run)
+    (state / "state.pt").write_bytes((state / "state.pt").read_bytes()[:100])  # torn by hand
+    with pytest.raises(ReapError, match="unreadable resume state"):
+        calibrate(a, texts(), resume=True, **run)
+
+
+def test_state_is_saved_at_most_every_checkpoint_every(checkpoints, tmp_path):
+    saves = []
+    from reapsurgery.calibration import resume
+
+    real = resume.ResumeState._write
+    resume.ResumeState._write = lambda self, state: (saves.append(state["next_layer"]), real(self, state))[1]
+    try:
+        calibrate(checkpoints["qwen3_moe"], texts(), batch_size=2, device="cpu", dtype="float32",
+                  state_dir=tmp_path / "a", checkpoint_every=0)
+        assert saves == [1, 2]  # after every layer but the last (the result follows)
+        saves.clear()
+        calibrate(checkpoints["qwen3_moe"], texts(), batch_size=2, device="cpu", dtype="float32",
+                  state_dir=tmp_path / "b", checkpoint_every=3600)
+        assert saves == []
+    finally:
+        resume.ResumeState._write = real
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_output_that_cannot_be_written_is_refused_before_loading(checkpoints, tmp_path):
+    result = CliRunner().invoke(cli, ["calibrate", str(checkpoints["qwen3_moe"]), "-o", str(tmp_path),
+                                      "--dataset", str(_tokens(tmp_path / "t.jsonl")), *OPTS])
+    assert result.exit_code == 2 and "is a directory" in result.output
+    assert not list(tmp_path.glob("*.resume"))
