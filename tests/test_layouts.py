@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from fixtures.build import FAMILIES
+from fixtures.build import FAMILIES, auto_class
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.errors import ReapError
 from reapsurgery.common.layouts import Layout, builtin_layouts, describe_layouts
@@ -36,20 +36,21 @@ CASES = [(f, i) for f in FAMILIES for i in range(len(VARIANTS.get(f, [{}])))]
 
 def transformers_moe_layers(family: str, kwargs: dict) -> list[int]:
     """Decoder layers with routed experts in the model transformers builds (on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from reapsurgery.calibration.observe import attach_router_hooks, is_experts_module
     from tests.reference import decoder_layers
 
     config = AutoConfig.for_model(family, **kwargs)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class(family).from_config(config)
     attach_router_hooks(model)
     return [i for i, layer in enumerate(decoder_layers(model)) if any(map(is_experts_module, layer.modules()))]
 
 
 @pytest.mark.parametrize("family,variant", CASES)
-def test_moe_layer_rule_agrees_with_transformers(family, variant):
+def test_moe_layer_rule_agrees_with_transformers(checkpoints, family, variant):
+    """A family without a built-in entry: the layout derived from its fixture checkpoint."""
     kwargs = copy.deepcopy(FAMILIES[family])
     text = kwargs.get("text_config", kwargs)
     for key, value in VARIANTS.get(family, [{}])[variant].items():
@@ -57,13 +58,16 @@ def test_moe_layer_rule_agrees_with_transformers(family, variant):
             text.pop(key, None)
         else:
             text[key] = value
-    layout = builtin_layouts()[family]
+    layout = builtin_layouts().get(family) or Checkpoint.open(checkpoints[family]).layout
     # the layout reads the config as a hub config.json may have it: keys absent, not yet defaulted
     assert layout.moe_layers(text) == transformers_moe_layers(family, kwargs)
 
 
-def test_every_fixture_family_has_a_layout_and_every_layout_a_fixture():
-    assert set(FAMILIES) == set(builtin_layouts())
+def test_every_layout_has_a_fixture_and_the_other_fixtures_are_derived(checkpoints):
+    builtin = set(builtin_layouts())
+    assert builtin <= set(FAMILIES)
+    for family in sorted(set(FAMILIES) - builtin):
+        assert Checkpoint.open(checkpoints[family]).layout.derived, family
 
 
 def test_describe_layouts_lists_families_with_their_config_keys():
