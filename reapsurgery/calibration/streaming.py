@@ -32,8 +32,18 @@ def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = Fal
     strip_quantization(config)  # built unquantized; quantized layers are dequantised as they are read
     config._experts_implementation = IMPL_NAME  # recurses into sub-configs
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = _model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
+
+
+def _model_class(config):
+    """AutoModelForCausalLM, or for a family it does not map (Mistral4ForCausalLM and
+    Step3p7ForConditionalGeneration are only in the image-text-to-text map) the one that does."""
+    from transformers import AutoModelForImageTextToText
+
+    if type(config) in AutoModelForCausalLM._model_mapping or type(config) not in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
 
 
 class LayoutConverter(ConversionMap):
