@@ -23,7 +23,7 @@ from ..common.layouts import Layout
 from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from ..common.saliency import LayerStats, Saliency
-from .streaming import StreamedModel
+from .streaming import StreamedModel, fill_carried
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BarFactory = Callable[..., Any]  # tqdm-like: bar(total=..., desc=...) with update() and close()
@@ -72,21 +72,25 @@ class _State:
     def __init__(self, directory: Path | None, key: str):
         self.dir, self.key = directory, key
 
-    def load(self) -> tuple[int, dict[int, LayerStats], list[torch.Tensor]] | None:
+    def load(self) -> tuple[int, dict[int, LayerStats], list[torch.Tensor], list[tuple]] | None:
         if self.dir is None or not (self.dir / "state.json").is_file():
             return None
         state = json.loads((self.dir / "state.json").read_text())
         if state.get("key") != self.key:
             raise ReapError(self.dir, "resume state was written for other data, options or checkpoint; delete it or drop --resume")
         layers = {int(k): LayerStats(**v) for k, v in state["layers"].items()}
-        hidden = torch.load(self.dir / "hidden.pt", weights_only=True)
-        return state["next_layer"], layers, hidden
+        saved = torch.load(self.dir / "hidden.pt", weights_only=True)
+        return state["next_layer"], layers, saved["hidden"], saved["carried"]
 
-    def save(self, next_layer: int, layers: dict[int, LayerStats], hidden: list[torch.Tensor]) -> None:
+    def save(self, next_layer: int, layers: dict[int, LayerStats], hidden: list[torch.Tensor],
+             carried: list[tuple]) -> None:
+        """`carried`: per batch, the last layer's outputs that the next layer's call takes."""
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        torch.save([h.cpu() for h in hidden], self.dir / "hidden.pt.partial")
+        cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        torch.save({"hidden": [h.cpu() for h in hidden], "carried": [tuple(map(cpu, c)) for c in carried]},
+                   self.dir / "hidden.pt.partial")
         (self.dir / "hidden.pt.partial").replace(self.dir / "hidden.pt")
         state = {"key": self.key, "next_layer": next_layer,
                  "layers": {str(k): v.to_json() for k, v in layers.items()}}
@@ -153,11 +157,13 @@ def calibrate(
         masks.append(am.reshape(-1).bool().to(dev))
     streamed.release_embeddings()
     start, stats = 0, {}
+    carried: list[tuple] = [() for _ in batches]  # the previous layer's outputs past its hidden states
     if resume:
         loaded = state.load()
         if loaded:
-            start, stats, saved = loaded
+            start, stats, saved, carried = loaded
             hidden = [h.to(device=dev, dtype=dt) for h in saved]
+            carried = [tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in c) for c in carried]
 
     observer = Observer(names=names)
     n_layers = len(streamed.layers)
@@ -177,7 +183,8 @@ def calibrate(
                 on_layer(i, streamed)
             inner = bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if bar else None
             for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
-                args, kwargs = layer_calls[calls_of]
+                # an MTP block takes what the stack's last layer passed on (GLM-5: its indexer's top-k)
+                args, kwargs = fill_carried(*layer_calls[calls_of], None if in_mtp else calls_of - 1, carried[b])
                 if in_mtp:
                     ids, am = batches[b]
                     observer.token_mask = counted_positions(am, module.depth).to(dev)
@@ -186,6 +193,8 @@ def calibrate(
                     observer.token_mask = masks[b]
                     out = module(h, *args, **kwargs)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
+                if not in_mtp:
+                    carried[b] = tuple(out[1:]) if isinstance(out, tuple) else ()
                 if inner:
                     inner.update(1)
             if inner:
@@ -199,7 +208,7 @@ def calibrate(
             for name, s in list(observer.stats.items()):
                 stats[experts_layer[name]] = _layer_stats(s)
                 del observer.stats[name]
-            state.save(i + 1, stats, hidden)
+            state.save(i + 1, stats, hidden, carried)
             if outer:
                 outer.update(1)
     if outer:

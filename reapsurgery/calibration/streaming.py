@@ -9,7 +9,9 @@ forward, run with the layers replaced by recording stubs).
 from __future__ import annotations
 
 import ctypes
+import typing
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -215,17 +217,27 @@ class StreamedModel:
         Records the model's own embeddings, position embeddings and per-layer masks (some
         families pass a different mask per layer type).
         """
-        sink: list = []
         n = len(self.layers)
         real = self.decoder.layers
-        self.decoder.layers = nn.ModuleList(_Recorder(sink, i == n - 1) for i in range(n))
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        try:
-            self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            self.decoder.layers = real
+        # A layer returns its hidden states; a few also return values that the decoder hands to the
+        # next layer's call (GLM-5's shared indexer: top-k indices as prev_topk_indices). Those
+        # layers are recorded with their annotated tuple, whose extra outputs become _Carried
+        # placeholders in the next call, filled in by `fill_carried` when the layers run.
+        arities = list(dict.fromkeys([1, _annotated_arity(real[0])]))
+        for attempt, arity in enumerate(arities):
+            sink: list = []
+            self.decoder.layers = nn.ModuleList(_Recorder(sink, i == n - 1, i, arity) for i in range(n))
+            try:
+                self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False)
+            except _Stop:
+                break
+            except (TypeError, ValueError):
+                if attempt == len(arities) - 1:
+                    raise
+            finally:
+                self.decoder.layers = real
         if len(sink) != n:
             raise RuntimeError(f"decoder called {len(sink)} of {n} layers")
         args0, kwargs0 = sink[0]
@@ -252,12 +264,48 @@ class _Stop(Exception):
 
 
 class _Recorder(nn.Module):
-    def __init__(self, sink: list, last: bool):
+    def __init__(self, sink: list, last: bool, layer: int = 0, arity: int = 1):
         super().__init__()
-        self.sink, self.last = sink, last
+        self.sink, self.last, self.layer, self.arity = sink, last, layer, arity
 
     def forward(self, *args, **kwargs):
         self.sink.append((args, kwargs))
         if self.last:
             raise _Stop
-        return args[0] if args else kwargs["hidden_states"]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.arity == 1:
+            return hidden
+        return (hidden, *(_Carried(self.layer, j) for j in range(1, self.arity)))
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """Output `index` of decoder layer `layer`, passed by the decoder into a later layer's call."""
+
+    layer: int
+    index: int
+
+
+def _annotated_arity(layer: nn.Module) -> int:
+    """How many values the layer's forward says it returns (a fixed-length tuple), else 1."""
+    try:
+        hint = typing.get_type_hints(type(layer).forward).get("return")
+    except Exception:  # noqa: BLE001 - unresolvable annotations: a plain tensor
+        return 1
+    args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+    return len(args) if len(args) > 1 and Ellipsis not in args else 1
+
+
+def fill_carried(args: tuple, kwargs: dict, previous: int | None, outputs: tuple) -> tuple[tuple, dict]:
+    """The recorded call of a layer with the previous layer's extra `outputs` (its tuple past the
+    hidden states) in place of their placeholders; `previous` None takes them from whichever
+    layer ran last."""
+
+    def fill(v):
+        if not isinstance(v, _Carried):
+            return v
+        if (previous is not None and v.layer != previous) or not 1 <= v.index <= len(outputs):
+            raise RuntimeError(f"a layer's call takes output {v.index} of layer {v.layer}, not of the layer before it")
+        return outputs[v.index - 1]
+
+    return tuple(fill(a) for a in args), {k: fill(v) for k, v in kwargs.items()}
