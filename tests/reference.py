@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -124,7 +125,10 @@ def reference_stats(src, samples, model=None, uncounted_tail: dict[int, int] | N
     if model is None:
         model, _ = load(src)
     uncounted_tail = uncounted_tail or {}
-    experts = {n: m for n, m in model.named_modules() if hasattr(m, "has_gate") and hasattr(m, "num_experts")}
+    # experts modules: transformers' experts interface, or a module called like it that transformers
+    # does not dispatch through it (Step-3.7's Step3p7Experts)
+    experts = {n: m for n, m in model.named_modules() if hasattr(m, "num_experts") and (
+        hasattr(m, "has_gate") or "top_k_index" in inspect.signature(type(m).forward).parameters)}
     scaled = {n: m for n, m in model.named_modules()
               if hasattr(m, "router") and hasattr(m, "experts") and not hasattr(m.experts, "has_gate")}
     layer_of = {n: int(n.split("layers.")[1].split(".")[0]) for n in [*experts, *scaled]}

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from fixtures.build import FAMILIES
+from fixtures.build import FAMILIES, auto_class
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.errors import ReapError
 from reapsurgery.common.layouts import Layout, builtin_layouts, describe_layouts
@@ -36,14 +36,14 @@ CASES = [(f, i) for f in FAMILIES for i in range(len(VARIANTS.get(f, [{}])))]
 
 def transformers_moe_layers(family: str, kwargs: dict) -> list[int]:
     """Decoder layers with routed experts in the model transformers builds (on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from reapsurgery.calibration.observe import attach_router_hooks, is_experts_module
     from tests.reference import decoder_layers
 
     config = AutoConfig.for_model(family, **kwargs)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class(family).from_config(config)
     attach_router_hooks(model)
     return [i for i, layer in enumerate(decoder_layers(model)) if any(map(is_experts_module, layer.modules()))]
 

@@ -26,7 +26,7 @@ from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from ..common.saliency import LayerStats, Saliency
 from .resume import ResumeState, state_key
-from .streaming import StreamedModel
+from .streaming import StreamedModel, fill_carried
 from .timing import TIMINGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -209,7 +209,9 @@ def calibrate(
         start, layers, saved, extra = loaded
         first_chunk = int(extra.get("chunk", 0))
         stats = {int(k): LayerStats(**v) for k, v in (extra.get("previous") or {}).items()}
-        resumed = (start, layers, [h.to(device=dev, dtype=dt) for h in saved])
+        resumed = (start, layers, [h.to(device=dev, dtype=dt) for h in saved],
+                   [tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in c) for c in extra.get("carried") or []]
+                   or [() for _ in saved])
     outer = bar(total=len(chunks) * run.total, initial=first_chunk * run.total + (resumed[0] if resumed else 0),
                 desc="layers", unit="layer") if bar else None
     for c in range(first_chunk, len(chunks)):
@@ -242,6 +244,10 @@ def calibrate(
     return result
 
 
+def _cpu(carried: list[tuple]) -> list[tuple]:
+    return [tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in c) for c in carried]
+
+
 def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], chunk: int,
                   previous: dict[int, LayerStats], resumed: tuple | None, outer) -> dict[int, LayerStats]:
     """Every layer over one chunk of batches: its statistics. `resumed`: (next layer, statistics
@@ -256,8 +262,9 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
         masks.append(am.reshape(-1).bool().to(dev))
     streamed.release_embeddings()
     start, stats = 0, {}
+    carried: list[tuple] = [() for _ in batches]  # per batch, the last layer's outputs past its hidden states
     if resumed and resumed[0] > 0:
-        start, stats, hidden = resumed
+        start, stats, hidden, carried = resumed
     extra = {"chunk": chunk, "previous": {str(k): v.to_json() for k, v in previous.items()}}
     n_layers, total = len(streamed.layers), run.total
     done, pending = start, None
@@ -285,10 +292,11 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                 if run.on_layer:
                     run.on_layer(i, streamed)
                 inner = run.bar(total=len(batches), desc=f"layer {i}", unit="batch", leave=False) if run.bar else None
-                outputs = []
+                outputs, passed = [], []
                 forward_start = time.perf_counter()
                 for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
-                    args, kwargs = layer_calls[calls_of]
+                    # an MTP block takes what the stack's last layer passed on (GLM-5: its indexer's top-k)
+                    args, kwargs = fill_carried(*layer_calls[calls_of], None if in_mtp else calls_of - 1, carried[b])
                     if in_mtp:
                         ids, am = batches[b]
                         observer.token_mask = counted_positions(am, module.depth).to(dev)
@@ -297,6 +305,7 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                         observer.token_mask = masks[b]
                         out = module(h, *args, **kwargs)
                     outputs.append(out[0] if isinstance(out, tuple) else out)
+                    passed.append(carried[b] if in_mtp else tuple(out[1:]) if isinstance(out, tuple) else ())
                     if inner:
                         inner.update(1)
                 if dev.type == "cuda":
@@ -318,14 +327,14 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                         run.ranks.reduce(s)
                     stats[run.experts_layer[name]] = _layer_stats(s)
                     del observer.stats[name]
-                hidden, done = outputs, i + 1  # a new list: a background save keeps the previous one
+                hidden, carried, done = outputs, passed, i + 1  # new lists: a background save keeps the old
                 if i + 1 < total and state.due():  # after the last layer the next chunk or the result follows
-                    state.save(i + 1, stats, hidden, extra)
+                    state.save(i + 1, stats, hidden, {**extra, "carried": _cpu(carried)})
                 if outer:
                     outer.update(1)
     except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
         if done > start and state.saved_next != (chunk, done):
-            state.save(done, stats, hidden, extra, background=False)
+            state.save(done, stats, hidden, {**extra, "carried": _cpu(carried)}, background=False)
         raise
     finally:
         if reader is not None:

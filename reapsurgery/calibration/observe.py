@@ -10,6 +10,8 @@ the outputs exactly as the stock implementations do. Only routed pairs are compu
 from __future__ import annotations
 
 import contextlib
+import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -92,6 +94,8 @@ def observing(observer: Observer) -> Iterator[Observer]:
 
 
 def _stock_forward(module: nn.Module, impl: str):
+    if getattr(module, PLAIN_INTERFACE, False):  # its class's own forward is the only implementation
+        return type(module).forward
     if impl == "eager":
         return type(module).forward.__wrapped__  # the class's own forward, under use_experts_implementation
     return ALL_EXPERTS_FUNCTIONS[impl]
@@ -121,18 +125,38 @@ ExpertsInterface.register(IMPL_NAME, observed_experts_forward)
 
 def is_experts_module(m: nn.Module) -> bool:
     """Routed experts observed here: through ExpertsInterface, or by `attach_router_hooks`."""
-    return is_interface_experts(m) or getattr(m, SCALED_INPUT, False)
+    return is_interface_experts(m) or getattr(m, SCALED_INPUT, False) or getattr(m, PLAIN_INTERFACE, False)
 
 
 # -- experts outside ExpertsInterface ---------------------------------------------------
 
 SCALED_INPUT = "_reapsurgery_scaled_input"
+PLAIN_INTERFACE = "_reapsurgery_plain_interface"
+INTERFACE_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def _has_interface_signature(m: nn.Module) -> bool:
+    """An experts module called as the interface's are, `experts(hidden_states, top_k_index,
+    top_k_weights)`, whose class transformers did not wrap with use_experts_implementation
+    (Step-3.7's Step3p7Experts, which clamps its SwiGLU)."""
+    if is_interface_experts(m) or not isinstance(getattr(m, "num_experts", None), int):
+        return False
+    try:
+        params = list(inspect.signature(type(m).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return False
+    return tuple(params[:3]) == INTERFACE_ARGS
 
 
 def attach_router_hooks(model: nn.Module) -> int:
     """Observe MoE blocks that transformers runs outside ExpertsInterface; returns how many.
 
-    One family does this in transformers 5: Llama-4. Its block has `router` (an nn.Linear with
+    Experts modules with the interface's call but not dispatched by it get the interface's
+    observed forward over their class's own forward: each routed pair runs through the class's
+    code top-1 with weight 1 (its f, with the family's own activation and clamps), and the
+    weighted sum is formed as for every other family.
+
+    One family routes differently in transformers 5: Llama-4. Its block has `router` (an nn.Linear with
     `top_k` that returns sigmoid scores, 0 outside the top-k, and the logits) and `experts`
     (every expert run densely on [E*T, H] inputs already multiplied by their score). There,
     g is the router's sigmoid score of a routed pair and f the expert's output on the token
@@ -140,6 +164,11 @@ def attach_router_hooks(model: nn.Module) -> int:
     input is the block's tokens, by calling the experts module on the routed pairs only.
     """
     count = 0
+    for m in model.modules():
+        if _has_interface_signature(m) and not getattr(m, PLAIN_INTERFACE, False):
+            setattr(m, PLAIN_INTERFACE, True)
+            m.forward = types.MethodType(observed_experts_forward, m)
+            count += 1
     for block in model.modules():
         experts, router = getattr(block, "experts", None), getattr(block, "router", None)
         if (experts is None or router is None or is_interface_experts(experts)

@@ -9,7 +9,9 @@ forward, run with the layers replaced by recording stubs).
 from __future__ import annotations
 
 import ctypes
+import typing
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,8 +41,18 @@ def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = Fal
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation  # recurses into sub-configs
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = _model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
+
+
+def _model_class(config):
+    """AutoModelForCausalLM, or for a family it does not map (Mistral4ForCausalLM and
+    Step3p7ForConditionalGeneration are only in the image-text-to-text map) the one that does."""
+    from transformers import AutoModelForImageTextToText
+
+    if type(config) in AutoModelForCausalLM._model_mapping or type(config) not in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
 
 
 class LayoutConverter(ConversionMap):
@@ -250,17 +262,27 @@ class StreamedModel:
         Records the model's own embeddings, position embeddings and per-layer masks (some
         families pass a different mask per layer type).
         """
-        sink: list = []
         n = len(self.layers)
         real = self.decoder.layers
-        self.decoder.layers = nn.ModuleList(_Recorder(sink, i == n - 1, layer) for i, layer in enumerate(real))
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        try:
-            self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            self.decoder.layers = real
+        # A layer returns its hidden states; a few also return values that the decoder hands to the
+        # next layer's call (GLM-5's shared indexer: top-k indices as prev_topk_indices). Those
+        # layers are recorded with their annotated tuple, whose extra outputs become _Carried
+        # placeholders in the next call, filled in by `fill_carried` when the layers run.
+        arities = list(dict.fromkeys([1, _annotated_arity(real[0])]))
+        for attempt, arity in enumerate(arities):
+            sink: list = []
+            self.decoder.layers = nn.ModuleList(_Recorder(sink, i == n - 1, layer, i, arity) for i, layer in enumerate(real))
+            try:
+                self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False)
+            except _Stop:
+                break
+            except (TypeError, ValueError):
+                if attempt == len(arities) - 1:
+                    raise
+            finally:
+                self.decoder.layers = real
         if len(sink) != n:
             raise RuntimeError(f"decoder called {len(sink)} of {n} layers")
         args0, kwargs0 = sink[0]
@@ -282,15 +304,16 @@ class _Stop(Exception):
 
 
 class _Recorder(nn.Module):
-    """Stands in for decoder layer `layer`: records its call and passes the hidden states on.
+    """Stands in for decoder layer `index`: records its call and passes the hidden states on
+    (with placeholders for the extra outputs a layer annotated to return `arity` values hands on).
 
     Attributes the decoder reads off a layer to prepare its call (Nemotron-H picks each block's
     mask by `block_type`) are the real layer's; the real one is not registered as a submodule."""
 
-    def __init__(self, sink: list, last: bool, layer: nn.Module):
+    def __init__(self, sink: list, last: bool, real: nn.Module, index: int = 0, arity: int = 1):
         super().__init__()
-        self.sink, self.last = sink, last
-        object.__setattr__(self, "_real", layer)
+        self.sink, self.last, self.index, self.arity = sink, last, index, arity
+        object.__setattr__(self, "_real", real)
 
     def __getattr__(self, name: str):
         try:
@@ -302,4 +325,40 @@ class _Recorder(nn.Module):
         self.sink.append((args, kwargs))
         if self.last:
             raise _Stop
-        return args[0] if args else kwargs["hidden_states"]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.arity == 1:
+            return hidden
+        return (hidden, *(_Carried(self.index, j) for j in range(1, self.arity)))
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """Output `index` of decoder layer `layer`, passed by the decoder into a later layer's call."""
+
+    layer: int
+    index: int
+
+
+def _annotated_arity(layer: nn.Module) -> int:
+    """How many values the layer's forward says it returns (a fixed-length tuple), else 1."""
+    try:
+        hint = typing.get_type_hints(type(layer).forward).get("return")
+    except Exception:  # noqa: BLE001 - unresolvable annotations: a plain tensor
+        return 1
+    args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+    return len(args) if len(args) > 1 and Ellipsis not in args else 1
+
+
+def fill_carried(args: tuple, kwargs: dict, previous: int | None, outputs: tuple) -> tuple[tuple, dict]:
+    """The recorded call of a layer with the previous layer's extra `outputs` (its tuple past the
+    hidden states) in place of their placeholders; `previous` None takes them from whichever
+    layer ran last."""
+
+    def fill(v):
+        if not isinstance(v, _Carried):
+            return v
+        if (previous is not None and v.layer != previous) or not 1 <= v.index <= len(outputs):
+            raise RuntimeError(f"a layer's call takes output {v.index} of layer {v.layer}, not of the layer before it")
+        return outputs[v.index - 1]
+
+    return tuple(fill(a) for a in args), {k: fill(v) for k, v in kwargs.items()}
