@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
 
 from ..common.checkpoint import Checkpoint
-from ..common.model_map import ConversionMap, find_decoder
+from ..common.model_map import ConversionMap, find_decoder, model_class
 from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from ..errors import ReapError
 from .fused import FusedTarget, read_fused, readable, stacks_only
@@ -27,12 +27,17 @@ from .observe import IMPL_NAME
 
 
 def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model class for the checkpoint's config, with every tensor on the meta device."""
+    """The model class the checkpoint names (as layout derivation builds it; a multimodal wrapper
+    with its vision tower, of which only the text model runs), every tensor on the meta device."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     strip_quantization(config)  # built unquantized; quantized layers are dequantised as they are read
     config._experts_implementation = IMPL_NAME  # recurses into sub-configs
+    cls = model_class(getattr(config, "architectures", None), trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        if cls is not None:
+            model = cls._from_config(config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
 
 
@@ -196,7 +201,18 @@ class StreamedModel:
                 continue
             for n in meta:
                 module._buffers[n] = torch.empty_like(module._buffers[n], device=self.device)
+            # _init_weights also re-initialises the module's loaded tensors (Gemma-4's scaled embedding
+            # holds embed_scale beside its weight): they sit on meta meanwhile, where init does nothing
+            loaded = {}
+            for store in (module._parameters, module._buffers):
+                for n, t in store.items():
+                    if t is not None and n not in meta and not t.is_meta:
+                        loaded[n] = (store, t)
+                        store[n] = torch.empty_like(t, device="meta") if store is module._buffers else \
+                            nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
             self.model._init_weights(module)
+            for n, (store, t) in loaded.items():
+                store[n] = t
 
     @torch.no_grad()
     def layer_calls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list]:

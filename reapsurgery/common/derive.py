@@ -211,14 +211,14 @@ def _unquantized(config: dict) -> dict:
 def _skeleton(config: dict):
     """The model class for this config, every tensor on the meta device."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
 
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    from .model_map import model_class
+
+    cls = model_class(config.get("architectures"))
     cfg = _config_object(config, cls)
     with torch.device("meta"):
-        if cls is not None and hasattr(cls, "_from_config"):
+        if cls is not None:
             return cls._from_config(cfg)
         return AutoModelForCausalLM.from_config(cfg)
 
