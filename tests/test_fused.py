@@ -11,7 +11,7 @@ from reapsurgery.calibration.fused import read_fused
 from reapsurgery.calibration.streaming import StreamedModel
 from tests.reference import load
 
-STACKED_ON_DISK = {"gpt_oss", "llama4", "granitemoe"}  # nothing to fuse: already one tensor per projection
+STACKED_ON_DISK = {"gpt_oss", "llama4", "granitemoe", "qwen3_5_moe", "qwen3_vl_moe", "gemma4"}  # nothing to fuse: already one tensor per projection
 
 
 def fused_equals_loaded(src, dtype: torch.dtype, quantization_config=None) -> int:

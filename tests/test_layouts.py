@@ -36,20 +36,21 @@ CASES = [(f, i) for f in FAMILIES for i in range(len(VARIANTS.get(f, [{}])))]
 
 def transformers_moe_layers(family: str, kwargs: dict) -> list[int]:
     """Decoder layers with routed experts in the model transformers builds (on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from fixtures.build import auto_class
     from reapsurgery.calibration.observe import attach_router_hooks, is_experts_module
     from tests.reference import decoder_layers
 
     config = AutoConfig.for_model(family, **kwargs)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class(family).from_config(config)
     attach_router_hooks(model)
     return [i for i, layer in enumerate(decoder_layers(model)) if any(map(is_experts_module, layer.modules()))]
 
 
 @pytest.mark.parametrize("family,variant", CASES)
-def test_moe_layer_rule_agrees_with_transformers(family, variant):
+def test_moe_layer_rule_agrees_with_transformers(checkpoints, family, variant):
     kwargs = copy.deepcopy(FAMILIES[family])
     text = kwargs.get("text_config", kwargs)
     for key, value in VARIANTS.get(family, [{}])[variant].items():
@@ -57,13 +58,16 @@ def test_moe_layer_rule_agrees_with_transformers(family, variant):
             text.pop(key, None)
         else:
             text[key] = value
-    layout = builtin_layouts()[family]
+    # a family without a built-in entry: the layout derived from its fixture
+    layout = builtin_layouts().get(family) or Checkpoint.open(checkpoints[family]).layout
     # the layout reads the config as a hub config.json may have it: keys absent, not yet defaulted
     assert layout.moe_layers(text) == transformers_moe_layers(family, kwargs)
 
 
-def test_every_fixture_family_has_a_layout_and_every_layout_a_fixture():
-    assert set(FAMILIES) == set(builtin_layouts())
+def test_every_layout_has_a_fixture_and_every_other_fixture_a_derived_layout(checkpoints):
+    assert set(builtin_layouts()) <= set(FAMILIES)
+    for family in sorted(set(FAMILIES) - set(builtin_layouts())):
+        assert Checkpoint.open(checkpoints[family]).layout.derived, family
 
 
 def test_describe_layouts_lists_families_with_their_config_keys():
