@@ -97,7 +97,16 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     arch = (config.get("architectures") or [None])[0]
     where = f"{arch or model_type}"
 
-    model = _skeleton(config)
+    try:
+        model = _skeleton(config)
+    except ReapError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' own failure to build its class (Qwen3-Omni-MoE in 5.24)
+        import transformers
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ReapError(None, f"{where}: transformers {transformers.__version__} cannot build this model from "
+                              f"its config ({type(e).__name__}: {first})") from None
     E = _expert_count(model, where)
     keys, diff = _expert_keys(config, model, E, where)
 
