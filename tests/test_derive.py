@@ -22,6 +22,7 @@ from reapsurgery.common.derive import derive_layout, derived_layout, logical_nam
 from reapsurgery.errors import ReapError
 from reapsurgery.common.layouts import Layout, builtin_layouts
 from reapsurgery.surgery.verify import tensor_role
+from tests.helpers import cli
 
 
 def derived(path) -> Checkpoint:
@@ -187,6 +188,27 @@ def test_refused_families(case):
     config, names = meta_model(*args, **kwargs)
     with pytest.raises(ReapError, match=message):
         derive_layout(config, names)
+
+
+def test_a_family_transformers_cannot_build_is_refused_by_every_command(tmp_path):
+    """Qwen3-Omni-MoE: transformers 5.24 fails to build Qwen3OmniMoeForConditionalGeneration from any
+    config (its talker reads attributes its config does not define); nothing can be derived."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from fixtures.build import save_tokenizer
+    from tests.test_refusals import refused
+
+    config = AutoConfig.for_model("qwen3_omni_moe").to_dict()
+    config["architectures"] = ["Qwen3OmniMoeForConditionalGeneration"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({"thinker.model.layers.0.mlp.gate.weight": torch.zeros(128, 8)}, tmp_path / "model.safetensors")
+    save_tokenizer(tmp_path)
+    # every command opens the checkpoint through Checkpoint.open (apply's mask needs its fingerprint first)
+    for args in (("inspect", tmp_path), ("calibrate", tmp_path, "-o", tmp_path / "s.json")):
+        refused(cli(*args), "config.json", "Qwen3OmniMoeForConditionalGeneration", "cannot build this model")
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_hash_routed_layers_refused():

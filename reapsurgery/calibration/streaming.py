@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
 
 from ..common.checkpoint import Checkpoint
-from ..common.model_map import ConversionMap, find_decoder
+from ..common.model_map import ConversionMap, find_decoder, model_class
 from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from ..errors import ReapError
 from .fused import FusedTarget, read_fused, readable, stacks_only
@@ -32,7 +32,8 @@ from .observe import IMPL_NAME
 
 def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False,
                    experts_implementation: str | None = IMPL_NAME) -> nn.Module:
-    """The model class for the checkpoint's config, with every tensor on the meta device.
+    """The model class the checkpoint names (as layout derivation builds it; a multimodal wrapper
+    with its vision tower, of which only the text model runs), every tensor on the meta device.
 
     Experts run through `experts_implementation` (calibration's observer by default; None:
     transformers' own default, as from_pretrained runs them)."""
@@ -40,8 +41,12 @@ def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = Fal
     strip_quantization(config)  # built unquantized; quantized layers are dequantised as they are read
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation  # recurses into sub-configs
+    cls = model_class(getattr(config, "architectures", None), trust_remote_code)
     with torch.device("meta"):
-        model = _model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        if cls is not None:
+            model = cls._from_config(config, dtype=dtype)
+        else:
+            model = _model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
 
 
@@ -253,7 +258,18 @@ class StreamedModel:
                 continue
             for n in meta:
                 module._buffers[n] = torch.empty_like(module._buffers[n], device=self.device)
+            # _init_weights also re-initialises the module's loaded tensors (Gemma-4's scaled embedding
+            # holds embed_scale beside its weight): they sit on meta meanwhile, where init does nothing
+            loaded = {}
+            for store in (module._parameters, module._buffers):
+                for n, t in store.items():
+                    if t is not None and n not in meta and not t.is_meta:
+                        loaded[n] = (store, t)
+                        store[n] = torch.empty_like(t, device="meta") if store is module._buffers else \
+                            nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
             self.model._init_weights(module)
+            for n, (store, t) in loaded.items():
+                store[n] = t
 
     @torch.no_grad()
     def layer_calls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list]:

@@ -97,7 +97,16 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     arch = (config.get("architectures") or [None])[0]
     where = f"{arch or model_type}"
 
-    model = _skeleton(config)
+    try:
+        model = _skeleton(config)
+    except ReapError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' own failure to build its class (Qwen3-Omni-MoE in 5.24)
+        import transformers
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ReapError(None, f"{where}: transformers {transformers.__version__} cannot build this model from "
+                              f"its config ({type(e).__name__}: {first})") from None
     E = _expert_count(model, where)
     keys, diff = _expert_keys(config, model, E, where)
 
@@ -215,14 +224,14 @@ def _unquantized(config: dict) -> dict:
 def _skeleton(config: dict):
     """The model class for this config, every tensor on the meta device."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
 
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    from .model_map import model_class
+
+    cls = model_class(config.get("architectures"))
     cfg = _config_object(config, cls)
     with torch.device("meta"):
-        if cls is not None and hasattr(cls, "_from_config"):
+        if cls is not None:
             return cls._from_config(cfg)
         return AutoModelForCausalLM.from_config(cfg)
 

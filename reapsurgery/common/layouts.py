@@ -430,14 +430,17 @@ def text_config(config: dict) -> dict:
 
 
 def builtin_layout_for(config: dict) -> Layout | None:
-    """The built-in entry for this config's model_type (of the text config too) or architecture."""
+    """The built-in entry for this config's model_type or architecture; or for its text config's
+    model_type, unless the architecture is another class (a multimodal wrapper stores its text
+    model under other names: Kimi-K2.5's DeepSeek-V3 text model is language_model.model.*)."""
     layouts = builtin_layouts()
-    cfg = text_config(config)
-    for key in (config.get("model_type"), cfg.get("model_type")):
-        if key in layouts:
-            return layouts[key]
     arch = (config.get("architectures") or [None])[0]
+    if config.get("model_type") in layouts:
+        return layouts[config["model_type"]]
     for layout in layouts.values():
         if arch in layout.architectures:
             return layout
+    text_type = text_config(config).get("model_type")
+    if text_type in layouts and (arch is None or arch in layouts[text_type].architectures):
+        return layouts[text_type]
     return None

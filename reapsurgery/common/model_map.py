@@ -15,6 +15,18 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 from ..errors import ReapError
 
 
+def model_class(architectures: list[str] | None, trust_remote_code: bool = False):
+    """The class a checkpoint names (architectures[0]) when transformers has it, as from_pretrained
+    of that class would build: a multimodal wrapper (Qwen3_5MoeForConditionalGeneration,
+    Kimi_K25ForConditionalGeneration) has its own tensor names and conversion mapping. None
+    otherwise (AutoModelForCausalLM decides)."""
+    import transformers
+
+    arch = (architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch and not trust_remote_code else None
+    return cls if cls is not None and hasattr(cls, "_from_config") else None
+
+
 def find_decoder(model: nn.Module) -> nn.Module:
     """The module holding the decoder layers: `get_decoder()`, or where that returns a wrapper
     without them (Llama4ForCausalLM answers itself), its shallowest submodule with a `layers` list."""
