@@ -200,13 +200,15 @@ def test_a_family_transformers_cannot_build_is_refused_by_every_command(tmp_path
     from fixtures.build import save_tokenizer
     from tests.test_refusals import refused
 
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
     config = AutoConfig.for_model("qwen3_omni_moe").to_dict()
     config["architectures"] = ["Qwen3OmniMoeForConditionalGeneration"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    save_file({"thinker.model.layers.0.mlp.gate.weight": torch.zeros(128, 8)}, tmp_path / "model.safetensors")
-    save_tokenizer(tmp_path)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    save_file({"thinker.model.layers.0.mlp.gate.weight": torch.zeros(128, 8)}, ckpt / "model.safetensors")
+    save_tokenizer(ckpt)
     # every command opens the checkpoint through Checkpoint.open (apply's mask needs its fingerprint first)
-    for args in (("inspect", tmp_path), ("calibrate", tmp_path, "-o", tmp_path / "s.json")):
+    for args in (("inspect", ckpt), ("calibrate", ckpt, "-o", tmp_path / "s.json")):
         refused(cli(*args), "config.json", "Qwen3OmniMoeForConditionalGeneration", "cannot build this model")
     assert not (tmp_path / "s.json").exists()
 
