@@ -22,18 +22,25 @@ from ..errors import ReapError
 LOGIT_ELEMENTS = 1 << 23  # logits computed per chunk of positions (x vocab): 32 MiB of float32
 
 
+def text_lm(model: nn.Module) -> nn.Module:
+    """What runs text: the model, or a wrapper's language model where that holds the LM head
+    (Llama4ForConditionalGeneration's text-only forward fails in transformers 5.24)."""
+    lm = getattr(model, "language_model", None)
+    return lm if lm is not None and hasattr(lm, "lm_head") else model
+
+
 def load_head(streamed: StreamedModel) -> nn.Module:
     """Fill the output embeddings (the LM head) from the checkpoint: its own tensor, or the
     input embeddings' where the model ties them."""
-    model = streamed.model
+    model = text_lm(streamed.model)
     head = model.get_output_embeddings()
     if head is None:
         raise ReapError(streamed.ckpt.path, f"{type(model).__name__} has no output embeddings (LM head)")
-    names = {id(m): n for n, m in model.named_modules()}
+    names = {id(m): n for n, m in streamed.model.named_modules()}
     prefix = names[id(head)] + "."
     keys = [k for k in streamed.ckpt.weight_map if streamed.converter.target(k)[0].startswith(prefix)]
     if not keys:
-        embed = names[id(model.get_input_embeddings())] + ".weight"
+        embed = names[id(streamed.model.get_input_embeddings())] + ".weight"
         keys = [k for k in streamed.outer_keys if streamed.converter.target(k)[0] == embed]
         if not keys:
             raise ReapError(streamed.ckpt.path, "no LM head tensor and no input embeddings to tie it to")
@@ -60,10 +67,10 @@ class _Given(nn.Module):
 def head_only(streamed: StreamedModel) -> Iterator:
     """A function hidden [B, T, H] (decoder output before the final norm) -> logits, run
     through the model's own forward."""
-    model = streamed.model
-    names = {id(m): n for n, m in model.named_modules()}
+    model = text_lm(streamed.model)
+    names = {id(m): n for n, m in streamed.model.named_modules()}
     parent_name, _, attr = names[id(streamed.decoder)].rpartition(".")
-    parent = model.get_submodule(parent_name)
+    parent = streamed.model.get_submodule(parent_name)
     given = _Given(streamed.final_norm())
     config = model.config
     saved_router_logits = getattr(config, "output_router_logits", None)
