@@ -95,3 +95,21 @@ def test_layout_file_with_a_malformed_mtp_block_is_one_line(checkpoints, tmp_pat
     r = run("inspect", checkpoints["deepseek_v3"], "--layout", bad)
     assert r.exit_code == 2 and r.stderr.startswith(f"error: {bad}: ") and "mtp_block needs" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_derived_layout_is_cached_so_the_next_command_needs_no_torch(checkpoints, tmp_path):
+    """The first command on a family without a built-in entry derives its layout (torch and
+    transformers); the next (verify after apply, inspect...) reads it from the cache."""
+    import os
+    import subprocess
+    import sys
+
+    src = checkpoints["solar_open"]  # no built-in entry
+    code = ("import sys; from reapsurgery.common.checkpoint import Checkpoint; "
+            f"c = Checkpoint.open({str(src)!r}); print(c.num_experts, 'torch' in sys.modules)")
+    env = {**os.environ, "REAPSURGERY_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert first.stdout.split() == ["8", "True"], first.stderr
+    assert second.stdout.split() == ["8", "False"], second.stderr
+    assert len(list((tmp_path / "cache" / "layouts").glob("*.json"))) == 1
