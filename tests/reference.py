@@ -63,7 +63,7 @@ def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantiz
     if quantization_config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
     text = getattr(config, "text_config", None) or config
-    for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
+    for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
         if hasattr(text, attr):
             setattr(text, attr, n_kept)
     small = model_class(src)._from_config(config, dtype=torch.float32)

@@ -240,6 +240,9 @@ def test_mask_with_an_mtp_layer_on_a_fine_tune_without_one(checkpoints, tmp_path
     assert r.returncode == 0, r.stderr
     assert f"multi-token-prediction layers [{n}], which this checkpoint does not store" in r.stdout
     assert not any(name.startswith(f"model.layers.{n}.") for name in output_tensors(tmp_path / "out"))
+    # the output's config says what it stores, so verify (and vLLM, llama.cpp) agree with it
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert cli("verify", tmp_path / "out").returncode == 0
 
 
 def _stats(values: list[float]) -> LayerStats:

@@ -20,6 +20,7 @@ from .mask import check_fingerprint, fingerprint_problem
 SALIENCY_FORMAT = "reapsurgery.saliency"
 SUM_KEYS = ("count", "gate_sum", "norm_sum", "reap_sum")
 MAX_KEYS = ("max_activation",)
+SIGNED_KEYS = ("gate_sum", "reap_sum")  # sums of g (and g * ||f||): g is the router's, any sign
 STAT_KEYS = SUM_KEYS + MAX_KEYS
 
 
@@ -132,13 +133,15 @@ def parse_saliency(data: Any, path: Path, sha256: str | None = None) -> Saliency
             if not isinstance(values, list) or len(values) != E:
                 raise bad(f"layer {key}: '{k}' must list {E} values, one per expert")
             is_max = k in MAX_KEYS  # None: never routed; an output's maximum may be negative
+            signed = k in SIGNED_KEYS  # a gate may be negative (Gemma-4's per-expert scale)
             for e, v in enumerate(values):
                 if is_max and (v is None or _number(v)):
                     continue
-                if not _number(v) or v < 0:
+                if not _number(v) or (v < 0 and not signed):
                     raise bad(f"layer {key}: '{k}' of expert {e} is {v!r}; "
                               + ("expected a finite number or null" if is_max else
-                                 "sums are finite, non-negative numbers"))
+                                 "sums are finite numbers" if signed else "counts and norm sums are finite, "
+                                 "non-negative numbers"))
             lists[k] = [None if v is None else float(v) for v in values]
         layers[layer] = LayerStats(tokens, **lists)
     calibration = data.get("calibration") or {}

@@ -224,6 +224,12 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = Fa
     if unmatched:
         notes.append(f"the mask has experts for multi-token-prediction layers {unmatched}, which this checkpoint "
                      "does not store: nothing to keep there")
+    # a config announcing MTP layers that are not stored (transformers' save_pretrained leaves them
+    # out): the output says there are none, so that loaders do not look for them
+    announced_absent = bool(mtp_count) and not (kept_mtp or dropped_layers or dropped_prefixes)
+    if announced_absent:
+        notes.append(f"config.json announces {mtp_count} multi-token-prediction layer(s) that the checkpoint does not "
+                     "store; the output's config says 0")
 
     shards = []
     for source in ckpt.shards:
@@ -236,7 +242,8 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = Fa
     for i, shard in enumerate(shards, 1):
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
 
-    config, changes = rewrite_config(ckpt, kept, bool(dropped_layers or dropped_prefixes), mask.layers)
+    config, changes = rewrite_config(ckpt, kept, bool(dropped_layers or dropped_prefixes or announced_absent),
+                                     mask.layers)
     draft_bytes = sum(s.nbytes for s in plan_draft(ckpt)) if draft else None
     plan = SurgeryPlan(shards, config, kept, E, moe_layers, sorted(dropped_layers), changes, sorted(dropped_prefixes),
                        sorted(kept_mtp), notes, bytes_before, elements_before, draft_bytes=draft_bytes)
