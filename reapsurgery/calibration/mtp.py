@@ -29,7 +29,7 @@ from torch import nn
 from ..common.checkpoint import Checkpoint
 from .dequant import read_layer_tensors
 from ..errors import ReapError
-from ..common.layouts import MTP_BLOCK_REQUIRED
+from ..common.layout_fields import MTP_BLOCK_REQUIRED
 from .streaming import StreamedModel
 
 

@@ -30,11 +30,12 @@ torch and transformers are imported inside the functions: importing this module 
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..errors import ReapError
+from .derive_names import (add_role, expert_axis_on_disk, expert_prefix, find_mtp_prefixes, logical_names,
+                           split_layer, stacked_patterns)
 
 # Config keys that count experts per token, groups and MTP layers: none of them changes a shape.
 TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_k", "moe_topk",
@@ -47,35 +48,6 @@ MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers
 MIN_PER_GROUP = 2
 # Hash routing: the expert of a token is a table lookup, not a router's choice (DeepSeek-V4).
 HASH_ROUTING_TENSORS = ("tid2eid",)
-
-# Quantization companions of a weight (dequant.py reads them with it); the layout is derived
-# from the logical names an unquantized checkpoint would have.
-_COMPANION_LEAVES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale",
-                     "weight_scale_2", "input_scale", "activation_scale", "input_global_scale",
-                     "input_zero_point", "output_scale")
-
-
-def logical_names(names: Iterable[str]) -> dict[str, list[str]]:
-    """Checkpoint names grouped under the name an unquantized checkpoint would have:
-    block-FP8 ``X_scale_inv`` and compressed-tensors/ModelOpt ``weight_scale``... follow their
-    weight, ``weight_packed`` is ``weight``, MXFP4 ``X_blocks`` + ``X_scales`` are ``X``."""
-    names = set(names)
-    out: dict[str, list[str]] = {}
-    for name in sorted(names):
-        module, _, leaf = name.rpartition(".")
-        base = name
-        if name.endswith("_scale_inv") and name.removesuffix("_scale_inv") in names:
-            base = name.removesuffix("_scale_inv")
-        elif name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in names:
-            base = name.removesuffix("_blocks")
-        elif name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" in names:
-            base = name.removesuffix("_scales")
-        elif leaf == "weight_packed":
-            base = f"{module}.weight"
-        elif leaf in _COMPANION_LEAVES and ({f"{module}.weight", f"{module}.weight_packed"} & names):
-            base = f"{module}.weight"
-        out.setdefault(base, []).append(name)
-    return out
 
 
 @dataclass
@@ -143,7 +115,7 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
         if not target.startswith(layers_prefix):
             continue
         layer = int(target[len(layers_prefix):].split(".")[0])
-        split = _split_layer(name, layer)
+        split = split_layer(name, layer)
         if split is None:
             raise ReapError(None, f"{where}: tensor {name!r} loads into decoder layer {layer} but its name "
                                   "has no such layer number")
@@ -154,18 +126,18 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
         covered.add(target)
         axis = diff.axes[target][0]
         op = converter.by_pattern.get(pattern) if pattern is not None else None
-        disk_axis = _disk_axis(op, axis, name, target, where)
+        disk_axis = expert_axis_on_disk(op, axis, name, target, where)
         if disk_axis is None:  # one expert's tensor
-            rel = _expert_prefix(rest, op, pattern, name, where)
+            rel = expert_prefix(rest, op, pattern, name, where)
             expert = int(rel[1])
             if expert >= E:
                 raise ReapError(None, f"{where}: tensor {name!r} is expert {expert} of a layer with {E} routed experts")
-            _add(roles, rel[0], ("expert", None), where)
+            add_role(roles, rel[0], ("expert", None), where)
         elif target in stacked_params:  # its quantization companions are stacked alike (MXFP4 blocks, FP8 scales)
             for physical in logical[name]:
-                _add(roles, physical[len(prefix.replace("{layer}", str(layer))):], ("stacked", disk_axis), where)
+                add_role(roles, physical[len(prefix.replace("{layer}", str(layer))):], ("stacked", disk_axis), where)
         else:  # a quantized router's companions are judged by quant.router_companion, by shape
-            _add(roles, rest, ("router", disk_axis), where)
+            add_role(roles, rest, ("router", disk_axis), where)
     missing = sorted(n for n in diff.axes if n in converter.meta and n not in covered)
     if missing:
         raise ReapError(None, f"{where}: no checkpoint tensor loads into the expert-indexed parameter {missing[0]!r}"
@@ -181,7 +153,7 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
         "layer_prefix": _one_or_list(sorted(prefixes, key=lambda p: -prefixes[p])),
         "routers": {p: a for p, (k, a) in sorted(roles.items()) if k == "router"},
         "experts": sorted(p for p, (k, _) in roles.items() if k == "expert"),
-        "stacked_experts": _stacked_patterns(roles, logical, prefixes),
+        "stacked_experts": stacked_patterns(roles, logical, prefixes),
     }
     # config.json may spell a key by the config class's attribute_map (Ling's num_expert_group is n_group)
     attribute_map = dict(getattr(type(model.config.get_text_config()), "attribute_map", {}) or {})
@@ -192,7 +164,7 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     mtp_key = next((k for k in MTP_KEYS if text.get(k) is not None), None)
     if mtp_key:
         entry["mtp_layers"] = mtp_key
-    mtp_prefixes = _mtp_prefixes(unmapped)
+    mtp_prefixes = find_mtp_prefixes(unmapped)
     if mtp_prefixes:
         entry["mtp_prefixes"] = mtp_prefixes
     import transformers
@@ -422,104 +394,6 @@ def _refuse_hash_routing(model, where: str) -> None:
 
 
 # -- checkpoint names --------------------------------------------------------------------------
-
-
-def _split_layer(name: str, layer: int) -> tuple[str, str] | None:
-    """(layer prefix pattern with {layer}, the rest) at the first name component equal to `layer`."""
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p == str(layer):
-            return ".".join(parts[:i] + ["{layer}"]) + ".", ".".join(parts[i + 1:])
-    return None
-
-
-def _disk_axis(op, axis: int, name: str, target: str, where: str) -> int | None:
-    """The expert axis of checkpoint tensor `name`, from parameter `target`'s through the
-    converter's operations (last to first); None when the tensor is one expert's (MergeModulelist)."""
-    if op is None:
-        return axis
-    from transformers.core_model_loading import Chunk, Concatenate, Interleave, MergeModulelist, Split, Transpose
-
-    for step in reversed(op.operations):
-        if isinstance(step, MergeModulelist):
-            if step.dim == axis:
-                return None
-        elif isinstance(step, (Concatenate, Chunk, Split, Interleave)) and step.dim != axis:
-            continue
-        elif isinstance(step, Transpose) and axis not in (step.dim0, step.dim1):
-            continue
-        elif isinstance(step, Transpose) and not step.check_dims:
-            axis = step.dim1 if axis == step.dim0 else step.dim0
-            continue
-        # Transpose(check_dims) transposes only when the stored shape differs from the parameter's:
-        # from names alone the stored axis is undecidable
-        raise ReapError(None, f"{where}: checkpoint tensor {name!r} is converted to {target!r} by "
-                              f"{type(step).__name__} across its expert axis {axis}; derivation cannot follow it")
-    return axis
-
-
-def _expert_prefix(rest: str, op, pattern: str | None, name: str, where: str) -> tuple[str, str]:
-    """(per-expert prefix with {expert}, the expert number) of one expert's tensor `rest`
-    (its name within the layer)."""
-    parts = rest.split(".")
-    numeric = [i for i, p in enumerate(parts[:-1]) if p.isdigit()]
-    if len(numeric) > 1 and pattern is not None:
-        # the converter's source pattern marks the expert number with '*'
-        rx = re.escape(pattern).replace(r"\*", r"(\d+)")
-        m = re.search(rx, rest)
-        if m is not None:
-            start = m.start(1)
-            numeric = [i for i in numeric if len(".".join(parts[:i])) + (1 if i else 0) == start]
-    if len(numeric) != 1:
-        raise ReapError(None, f"{where}: cannot tell which number of {name!r} is the expert's")
-    i = numeric[0]
-    return ".".join(parts[:i] + ["{expert}"]) + ".", parts[i]
-
-
-def _add(roles: dict, pattern: str, role: tuple, where: str) -> None:
-    if roles.setdefault(pattern, role) != role:
-        raise ReapError(None, f"{where}: {pattern!r} is {roles[pattern]} in one layer and {role} in another")
-
-
-def _stacked_patterns(roles: dict, logical: dict[str, list[str]], prefixes: dict[str, int]) -> dict[str, int]:
-    """Stacked tensors by name; every tensor directly under one module stacked on the same axis
-    becomes ``module.*`` (which also covers their quantization companions, e.g. MXFP4 ``_blocks``)."""
-    stacked = {p: a for p, (k, a) in roles.items() if k == "stacked"}
-    rx = [re.compile(_layer_rx(p)) for p in prefixes]
-    siblings: dict[str, set[str]] = {}
-    for physical in (n for names in logical.values() for n in names):
-        for r in rx:
-            m = r.match(physical)
-            if m:
-                rel = physical[m.end():]
-                parent, _, leaf = rel.rpartition(".")
-                siblings.setdefault(parent, set()).add(rel)
-                break
-    out: dict[str, int] = {}
-    for parent in sorted({p.rpartition(".")[0] for p in stacked}):
-        mine = {p: a for p, a in stacked.items() if p.rpartition(".")[0] == parent}
-        axes = set(mine.values())
-        if parent and len(axes) == 1 and siblings.get(parent, set()) <= set(mine):
-            out[parent + ".*"] = axes.pop()
-        else:
-            out.update(mine)
-    return out
-
-
-def _layer_rx(prefix: str) -> str:
-    return re.escape(prefix).replace(re.escape("{layer}"), r"\d+")
-
-
-def _mtp_prefixes(unmapped: list[str]) -> list[str]:
-    """Prefixes of tensors that load into no parameter and live under an ``mtp`` module."""
-    out = set()
-    for name in unmapped:
-        parts = name.split(".")
-        for i, p in enumerate(parts[:-1]):
-            if p == "mtp" or p.startswith("mtp_"):
-                out.add(".".join(parts[: i + 1]) + ".")
-                break
-    return sorted(out)
 
 
 def _present_keys(text: dict, names: tuple[str, ...], where: str, what: str) -> list[str]:

@@ -60,6 +60,7 @@ from importlib import resources
 from typing import Any
 
 from ..errors import ReapError
+from .layout_fields import MTP_BLOCK_FIELDS, check_fields, mtp_block_field
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Layout:
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> "Layout":
-        _check_fields(name, d)
+        check_fields(name, d)
         try:
             prefix = d["layer_prefix"]
             rule = dict(d.get("moe_layers", {}))
@@ -131,7 +132,7 @@ class Layout:
                 mtp_keys=_keys(d.get("mtp_layers")),
                 mtp_prefixes=tuple(d.get("mtp_prefixes", ())),
                 defaults=dict(d.get("defaults", {})),
-                mtp_block=_mtp_block(name, d.get("mtp_block")),
+                mtp_block=mtp_block_field(name, d.get("mtp_block")),
                 derived=dict(d["derived"]) if d.get("derived") is not None else None,
                 mtp_keep=d.get("mtp_keep"),
             )
@@ -312,58 +313,6 @@ class Layout:
             "mtp_block": dict(self.mtp_block) if self.mtp_block else None,
             "layer_prefix": list(self.layer_prefixes),
         }
-
-
-MTP_BLOCK_FIELDS = {"embed_norm", "hidden_norm", "proj", "embed", "head"}
-MTP_BLOCK_REQUIRED = {"embed_norm", "hidden_norm", "proj"}
-MTP_LOCATION_FIELDS = {"layers", "prefix", "shared"}
-
-
-def _strings(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _check_fields(name: str, d: Any) -> None:
-    """Types the code relies on, so a malformed layout file is one message, not a traceback later."""
-    if not isinstance(d, dict):
-        raise ReapError(None, f"a layout is a JSON object, found a {type(d).__name__}")
-    prefix = d.get("layer_prefix")
-    prefixes = [prefix] if isinstance(prefix, str) else prefix
-    if not _strings(prefixes) or not prefixes or not all("{layer}" in p for p in prefixes):
-        raise ReapError(None, f"layout {name!r}: layer_prefix must be a string (or list of strings) "
-                              "containing {layer}, e.g. \"model.layers.{layer}.\"")
-    for key in ("num_experts", "top_k"):
-        if not _strings(d.get(key)) or not d.get(key):
-            raise ReapError(None, f"layout {name!r}: {key} must be a non-empty list of config key names")
-    for key in ("architectures", "experts", "mtp_prefixes"):
-        if key in d and not _strings(d[key]):
-            raise ReapError(None, f"layout {name!r}: {key} must be a list of strings")
-    if any("{expert}" not in p for p in d.get("experts", [])):
-        raise ReapError(None, f"layout {name!r}: every experts pattern must contain {{expert}}")
-    for key in ("routers", "stacked_experts"):
-        v = d.get(key, {})
-        if not (isinstance(v, dict) and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0
-                                            for a in v.values())):
-            raise ReapError(None, f"layout {name!r}: {key} must map tensor patterns to an expert axis (integer)")
-    for key in ("moe_layers", "groups", "defaults"):
-        if d.get(key) is not None and not isinstance(d[key], dict):
-            raise ReapError(None, f"layout {name!r}: {key} must be an object")
-    mtp = d.get("mtp_layers")
-    if mtp is not None and not (isinstance(mtp, str) or (_strings(mtp) and mtp)):
-        raise ReapError(None, f"layout {name!r}: mtp_layers must be a config key name (or a list of them)")
-
-
-def _mtp_block(name: str, d: Any) -> dict[str, Any] | None:
-    if d is None:
-        return None
-    if (not isinstance(d, dict) or not MTP_BLOCK_REQUIRED <= set(d)
-            or not set(d) <= MTP_BLOCK_FIELDS | MTP_LOCATION_FIELDS
-            or ("layers" in d) != ("prefix" in d)
-            or ("layers" in d and "{layer}" not in str(d["layers"]))):
-        raise ReapError(None, f"layout {name!r}: mtp_block needs {', '.join(sorted(MTP_BLOCK_REQUIRED))} "
-                              f"(and may name {', '.join(sorted(MTP_BLOCK_FIELDS - MTP_BLOCK_REQUIRED))}; "
-                              "a block outside the layer stack names both layers, with {layer}, and prefix)")
-    return dict(d)
 
 
 def _keys(value: Any) -> tuple[str, ...]:

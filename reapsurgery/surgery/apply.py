@@ -6,7 +6,6 @@ and memory stays bounded by the copy buffer whatever the checkpoint size.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -22,10 +21,11 @@ from ..common.mask import Mask, check_fingerprint
 from .modelcard import pruned_card
 from .copier import coalesce, default_jobs, pieces, run_pieces
 from .outdir import check_output, staged_output
-from ..common.quant import rewrite_hf_quant_config, rewrite_quantization_config
+from ..common.quant import rewrite_hf_quant_config
 from ..common.safetensors_io import DTYPE_BITS, TensorInfo, encode_header, write_order
 from .draft import DRAFT_DIR, plan_draft, write_draft
 from .verify import ExpertCheck, tensor_role
+from .outconfig import rewrite_config, write_index
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 MASK_COPY = "reapsurgery.mask.json"
@@ -299,34 +299,6 @@ def _check_groups(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> None:
         raise ReapError(mask_path, f"only {topk_group * per_group} experts are reachable through topk_group={topk_group} groups, fewer than num_experts_per_tok={ckpt.top_k}")
 
 
-def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
-                   keep: dict[int, list[int]] | None = None) -> tuple[dict, dict[str, tuple]]:
-    """config.json with every routed-expert-count alias set to `kept`; returns (config, changes)."""
-    config = copy.deepcopy(ckpt.config)
-    targets = [("", config)]
-    if isinstance(config.get("text_config"), dict):
-        targets.append(("text_config.", config["text_config"]))
-    changes: dict[str, tuple] = {}
-    for prefix, d in targets:
-        for key in ckpt.layout.num_experts_keys:
-            value = d.get(key)
-            if isinstance(value, list):  # per-layer counts, all equal (Checkpoint.open checked)
-                new = [kept] * len(value)
-                if value != new:
-                    changes[prefix + key] = (value, new)
-                    d[key] = new
-            elif isinstance(value, int) and value != kept:
-                changes[prefix + key] = (value, kept)
-                d[key] = kept
-        for mtp in ckpt.layout.mtp_keys if dropped_mtp else ():
-            if d.get(mtp):
-                changes[prefix + mtp] = (d[mtp], 0)
-                d[mtp] = 0
-    if keep is not None:  # quantization settings that name experts follow them
-        changes.update(rewrite_quantization_config(config, ckpt.layout, keep))
-    return config, changes
-
-
 def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callable[[int], None] | None = None,
                  jobs: int = 1, name_of: Callable[[Path], Path] = lambda p: p) -> None:
     """Every output shard, complete: headers first (files created at their final size), then the
@@ -352,34 +324,6 @@ def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callabl
 def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
     """The source ranges of an output shard's data, in output order, each contiguous run merged."""
     return coalesce(r for t in shard.tensors for r in t.ranges)
-
-
-def write_index(plan: SurgeryPlan, ckpt: Checkpoint, dst: Path) -> None:
-    if len(plan.shards) == 1 and ckpt.index_metadata is None:
-        return
-    metadata = index_metadata(plan, ckpt)
-    weight_map = {t.name: s.name for s in plan.shards for t in s.tensors}
-    with open(dst / INDEX, "w") as f:
-        json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def index_metadata(plan: SurgeryPlan, ckpt: Checkpoint) -> dict:
-    """The input index's metadata with its counts recomputed for the output.
-
-    total_size is exact. total_parameters (transformers' num_parameters()) moves by the
-    elements removed when it counted the stored tensors or the weights are not quantized
-    (every removed element is then one parameter); otherwise it is dropped, as is any other
-    number we cannot recompute. Strings (e.g. a format tag) are kept."""
-    source = ckpt.index_metadata or {}
-    metadata = {k: v for k, v in source.items() if isinstance(v, str)}
-    metadata["total_size"] = plan.total_size
-    declared = source.get("total_parameters")
-    if isinstance(declared, int) and not isinstance(declared, bool):
-        removed = plan.elements_before - plan.elements
-        if declared == plan.elements_before or "quantization_config" not in plan.config:
-            metadata["total_parameters"] = declared - removed
-    return metadata
 
 
 def copy_other_files(src: Path, dst: Path, handled: set[str]) -> list[str]:
