@@ -45,10 +45,11 @@ def expected_output_bytes(src: Path, keep: list[int], keep_mtp: bool = False) ->
     MTP layers past the stack are dropped, or with keep_mtp sliced like the others."""
     ckpt = Checkpoint.open(src)
     n = ckpt.num_hidden_layers
+    layers = stack_prefix(ckpt.weight_map)
     expected = {}
     for name, (shard, _) in ckpt.tensors().items():
         path = src / shard
-        source_prefix, layer_name = _as_layer(name, n)
+        source_prefix, layer_name = _as_layer(name, n, layers)
         role = ckpt.layout.classify(layer_name)
         if ckpt.layout.is_mtp(name, n) and not keep_mtp:
             continue  # MTP layer or mtp.* tensor: dropped
@@ -66,13 +67,21 @@ def expected_output_bytes(src: Path, keep: list[int], keep_mtp: bool = False) ->
     return expected
 
 
-def _as_layer(name: str, n: int) -> tuple[str, str]:
-    """Qwen3-Next's mtp.layers.{d}.X as model.layers.{n + d}.X (written out here, not taken from the
-    layout), with the source prefix it replaces ("" for any other name, returned as is)."""
+def stack_prefix(weight_map) -> str:
+    """The on-disk prefix of the decoder stack's layers, next to the input embeddings
+    (model.layers., Qwen3.5's model.language_model.layers.); found here, not taken from the layout;
+    model.layers. where no tensor is called embed_tokens."""
+    embed = next((k for k in weight_map if k.endswith("embed_tokens.weight") and not k.startswith("mtp.")), None)
+    return embed[: -len("embed_tokens.weight")] + "layers." if embed else "model.layers."
+
+
+def _as_layer(name: str, n: int, layers: str = "model.layers.") -> tuple[str, str]:
+    """Qwen3-Next's mtp.layers.{d}.X as stack layer n + d (model.layers.{n + d}.X, or under the
+    stack prefix `layers`), with the source prefix it replaces ("" for any other name, returned as is)."""
     if not name.startswith("mtp.layers."):
         return "", name
     depth, rest = name[len("mtp.layers."):].split(".", 1)
-    return f"mtp.layers.{depth}.", f"model.layers.{n + int(depth)}.{rest}"
+    return f"mtp.layers.{depth}.", f"{layers}{n + int(depth)}.{rest}"
 
 
 def output_tensors(path: Path) -> dict[str, tuple]:

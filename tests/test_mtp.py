@@ -24,41 +24,59 @@ from reapsurgery.calibration.calibrate import calibrate
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.saliency import LayerStats, Saliency
 from reapsurgery.plan import plan_mask
-from tests.helpers import assert_output_is_input_slices, cli, output_tensors, tensor_bytes, write_mask
+from tests.helpers import (assert_output_is_input_slices, cli, output_tensors, stack_prefix, tensor_bytes,
+                           write_mask)
 from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats
 from tests.test_calibrate import texts
 
-MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next"]
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe"]
+# blocks stored under mtp.* (Qwen3-Next, and Qwen3.5-MoE whose text model is model.language_model.*)
+PREFIX_FAMILIES = ("qwen3_next", "qwen3_5_moe")
 COUNT_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
 # where each style keeps the block's own modules: (embed norm, hidden norm, projection), and its
-# decoder layers: DeepSeek-V3/GLM as layer n + d, Qwen3-Next under mtp.layers.{d} with one shared set
+# decoder layers: DeepSeek-V3/GLM as layer n + d, Qwen3-Next and Qwen3.5 under mtp.layers.{d} with one shared set
 LAYER_STYLE = ("enorm", "hnorm", "eh_proj")
 PREFIX_STYLE = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc")
 
 
 def mtp_depths(config) -> int:
-    return next(getattr(config, k) for k in COUNT_KEYS if getattr(config, k, None) is not None)
+    text = config.get_text_config()
+    return next(getattr(text, k) for k in COUNT_KEYS if getattr(text, k, None) is not None)
+
+
+def text_config_json(path) -> dict:
+    """config.json's text model part (a multimodal wrapper's text_config, else the whole)."""
+    config = json.loads((path / "config.json").read_text())
+    return config.get("text_config") or config
+
+
+def trunk_shared(weight_map) -> set[str]:
+    """The trunk's input embeddings and LM head, which an MTP draft shares."""
+    return {f"{stack_prefix(weight_map)[: -len('layers.')]}embed_tokens.weight", "lm_head.weight"}
 
 
 def mtp_as_decoder_layer(path):
     """The checkpoint's config with its MTP layers as more decoder layers, for transformers to load
     (the engines run Qwen3-Next's MTP layer as a full-attention layer)."""
     config = AutoConfig.from_pretrained(path)
-    n, depths = config.num_hidden_layers, mtp_depths(config)
-    config.num_hidden_layers = n + depths
+    text = config.get_text_config()  # the text config itself (a wrapper's text_config), changed in place
+    n, depths = text.num_hidden_layers, mtp_depths(config)
+    text.num_hidden_layers = n + depths
     for attr in ("mlp_layer_types", "layer_types"):
-        types = getattr(config, attr, None)
+        types = getattr(text, attr, None)
         if isinstance(types, list) and len(types) == n:
             extra = "full_attention" if "full_attention" in types else types[-1]
-            setattr(config, attr, types + [extra] * depths)
+            setattr(text, attr, types + [extra] * depths)
     return config
 
 
 def layer_style_copy(src, dst):
-    """A copy of a checkpoint whose mtp.layers.{d}.* tensors are renamed model.layers.{n + d}.*, so
-    that transformers loads them as decoder layers; written with safetensors, any other checkpoint as is."""
+    """A copy of a checkpoint whose mtp.layers.{d}.* tensors are renamed as stack layer n + d
+    (model.layers.{n + d}.*, Qwen3.5's model.language_model.layers.{n + d}.*), so that transformers
+    loads them as decoder layers; written with safetensors, any other checkpoint as is."""
     index = json.loads((src / "model.safetensors.index.json").read_text())
-    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    n = text_config_json(src)["num_hidden_layers"]
+    layers = stack_prefix(index["weight_map"])
     if not any(name.startswith("mtp.layers.") for name in index["weight_map"]):
         return src
     shutil.copytree(src, dst)
@@ -66,7 +84,7 @@ def layer_style_copy(src, dst):
     for name, shard in index["weight_map"].items():
         if name.startswith("mtp.layers."):
             depth, rest = name[len("mtp.layers."):].split(".", 1)
-            renamed[name] = f"model.layers.{n + int(depth)}.{rest}"
+            renamed[name] = f"{layers}{n + int(depth)}.{rest}"
     for shard in set(index["weight_map"][k] for k in renamed):
         with safe_open(src / shard, "pt") as f:
             tensors = {renamed.get(k, k): f.get_tensor(k) for k in f.keys()}
@@ -92,9 +110,15 @@ def mtp_tensors(path, layer: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def final_norm(model):
+    """transformers' own final norm: the `norm` of the module holding the decoder layers."""
+    layers = decoder_layers(model)
+    return next(m for m in model.modules() if getattr(m, "layers", None) is layers).norm
+
+
 def norm_like(model, weight):
     """transformers' own final norm of the model (Qwen3-Next's scales by 1 + w) with another weight."""
-    norm = copy.deepcopy(model.model.norm)
+    norm = copy.deepcopy(final_norm(model))
     norm.weight = torch.nn.Parameter(weight, requires_grad=False)
     return norm
 
@@ -107,7 +131,7 @@ def reference_with_mtp(src, samples, tmp_path=None):
     config = mtp_as_decoder_layer(src)
     model, info = load(layer_style_copy(src, tmp_path / "layer-style") if tmp_path else src, config=config)
     depths = mtp_depths(config)
-    n = config.num_hidden_layers - depths
+    n = config.get_text_config().num_hidden_layers - depths
     assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.__setitem__("ids", a[0]))
@@ -118,7 +142,7 @@ def reference_with_mtp(src, samples, tmp_path=None):
         ahead = torch.cat([ids[:, d:], torch.zeros_like(ids[:, :d])], dim=1)[:, : ids.shape[1]]
         embed = w.get("embed", model.get_input_embeddings().weight)
         e = norm_like(model, w["embed_norm"])(torch.nn.functional.embedding(ahead, embed))
-        prev = model.model.norm(h) if d == 1 else h
+        prev = final_norm(model)(h) if d == 1 else h
         x = torch.cat([e, norm_like(model, w["hidden_norm"])(prev)], dim=-1) @ w["proj"].T
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
@@ -153,7 +177,7 @@ def test_two_mtp_depths_chain(tmp_path):
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe"])
 def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path, family):
     src = checkpoints[family]
     ckpt = Checkpoint.open(src)
@@ -171,8 +195,9 @@ def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(c
     assert r.returncode == 0 and f"kept multi-token-prediction layers [{n}]" in r.stdout, r.stderr
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    count_key = next(k for k in COUNT_KEYS if k in config)
-    assert config[count_key] == 1 and config[ckpt.layout.num_experts_keys[0]] == 4
+    text = config.get("text_config") or config
+    count_key = next(k for k in COUNT_KEYS if k in text)
+    assert text[count_key] == 1 and text[ckpt.layout.num_experts_keys[0]] == 4
     assert cli("verify", out).returncode == 0
 
     # transformers, as it runs the model: the MTP layer is ignored, the stack matches in-memory pruning
@@ -195,9 +220,13 @@ def test_mask_with_the_mtp_layer_slices_it_byte_for_byte(checkpoints, tmp_path, 
     mask = write_mask(src, {l: keep for l in [*ckpt.moe_layers, ckpt.num_hidden_layers]}, tmp_path / "m.json")
     assert cli("apply", mask, src, tmp_path / "out", "-q").returncode == 0
     got = assert_output_is_input_slices(src, tmp_path / "out", keep, keep_mtp=True)
-    experts = "mtp.layers.0.mlp.experts" if family == "qwen3_next" else f"model.layers.{ckpt.num_hidden_layers}.mlp.experts"
-    assert any(name.startswith(f"{experts}.3.") for name in got)
-    assert not any(name.startswith(f"{experts}.4.") for name in got)
+    experts = "mtp.layers.0.mlp.experts" if family in PREFIX_FAMILIES else f"model.layers.{ckpt.num_hidden_layers}.mlp.experts"
+    if any(name.startswith(f"{experts}.0.") for name in ckpt.weight_map):  # one tensor per expert
+        assert any(name.startswith(f"{experts}.3.") for name in got)
+        assert not any(name.startswith(f"{experts}.4.") for name in got)
+    else:  # stacked [E, ...] on disk (Qwen3.5): the MTP layer's experts hold the 4 kept ones
+        stacked = [name for name in got if name.startswith(f"{experts}.")]
+        assert stacked and all(got[name][1].shape[0] == len(keep) for name in stacked)
 
 
 def test_verify_reports_an_mtp_layer_left_with_the_old_expert_count(checkpoints, tmp_path):
@@ -264,7 +293,8 @@ def test_mtp_layers_leave_the_stack_plan_unchanged():
 
 
 
-@pytest.mark.parametrize("family,default", [("deepseek_v3", "drop"), ("glm4_moe", "drop"), ("qwen3_next", "calibrate")])
+@pytest.mark.parametrize("family,default", [("deepseek_v3", "drop"), ("glm4_moe", "drop"), ("qwen3_next", "calibrate"),
+                                            ("qwen3_5_moe", "calibrate")])
 def test_the_default_keeps_the_mtp_block_where_a_loader_needs_it(checkpoints, tmp_path, family, default):
     """llama.cpp's converter stops on a Qwen3-Next checkpoint without its MTP block: calibrate measures
     it by default there (so apply keeps it); a checkpoint without one falls back to dropping."""
@@ -285,12 +315,15 @@ def test_verify_catches_a_stale_mtp_count_key(checkpoints, tmp_path, family):
         assert cli("apply", write_mask(src, {l: keep for l in layers}, tmp_path / f"{name}.json"), src, out, "-q").returncode == 0
         assert cli("verify", out).returncode == 0
         config = json.loads((out / "config.json").read_text())
-        key = next(k for k in COUNT_KEYS if k in config)
-        (out / "config.json").write_text(json.dumps({**config, key: stale}))
+        text = config.get("text_config") or config  # the text model's config holds the count key
+        key = next(k for k in COUNT_KEYS if k in text)
+        text[key] = stale
+        (out / "config.json").write_text(json.dumps(config))
         r = cli("verify", out)
         assert r.returncode == 2 and f"config.json: {key}={stale} announces {stale} multi-token-prediction layers" in r.stderr
 
 
+# not qwen3_5_moe: its layout is derived, and a draft directory holds no trunk layer to derive it from
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_next"])
 def test_keep_full_writes_the_unpruned_mtp_block_as_a_draft(checkpoints, tmp_path, family):
     """OUT/mtp-draft: the source's config (original expert count) and its MTP tensors byte for byte,
@@ -305,7 +338,7 @@ def test_keep_full_writes_the_unpruned_mtp_block_as_a_draft(checkpoints, tmp_pat
     names = set(output_tensors(draft))
     n = ckpt.num_hidden_layers
     mtp = {k for k in ckpt.weight_map if k.startswith(("mtp.", f"model.layers.{n}."))}
-    assert names == mtp | {"model.embed_tokens.weight", "lm_head.weight"}
+    assert names == mtp | trunk_shared(ckpt.weight_map)
     for name in names:
         assert tensor_bytes(draft / Checkpoint.open(draft).weight_map[name], name) == \
             tensor_bytes(src / ckpt.weight_map[name], name), name

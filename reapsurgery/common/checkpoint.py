@@ -221,12 +221,16 @@ def derived_layout_for(path: Path, config: dict, weight_map: dict[str, str]) -> 
     """The layout transformers' own model implies, for a family without a built-in entry.
 
     Derivation builds the model on the meta device (torch and transformers, seconds); its result
-    is kept in the user's cache, keyed by config, tensor names and transformers version, so the
+    is kept in the user's cache, keyed by config, tensor names, transformers version and the MTP block table, so the
     next command on the same checkpoint (verify after apply...) neither derives nor imports torch."""
     import hashlib
     from importlib.metadata import version
 
-    key = hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers")], sort_keys=True,
+    from .derive_names import mtp_block_facts
+
+    # the MTP block facts are data of ours: a cache derived before they changed is not reused
+    key = hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers"),
+                                     mtp_block_facts(config.get("model_type"))], sort_keys=True,
                                     default=str).encode()).hexdigest()
     if key not in _DERIVED:
         cached = _cache_dir() / f"{key}.json"

@@ -21,7 +21,8 @@ routed expert and how checkpoint names map onto parameters. `derive_layout` read
    expert-indexed ones (gate weights, score-correction biases, per-expert scales) are routers.
 
 What shapes cannot tell comes from short lists of names: the top-k keys, the group-limited
-router's keys, the MTP layer count and MTP prefixes. Where derivation cannot decide, it raises
+router's keys, the MTP layer count and MTP prefixes, and the MTP block's modules
+(mtp_blocks.json, by model type). Where derivation cannot decide, it raises
 ReapError saying why; it never guesses.
 
 torch and transformers are imported inside the functions: importing this module stays light.
@@ -35,7 +36,7 @@ from typing import Any, Iterable
 
 from ..errors import ReapError
 from .derive_names import (add_role, expert_axis_on_disk, expert_prefix, find_mtp_prefixes, logical_names,
-                           split_layer, stacked_patterns)
+                           mtp_block_facts, split_layer, stacked_patterns)
 
 # Config keys that count experts per token, groups and MTP layers: none of them changes a shape.
 TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_k", "moe_topk",
@@ -167,6 +168,9 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     mtp_prefixes = find_mtp_prefixes(unmapped)
     if mtp_prefixes:
         entry["mtp_prefixes"] = mtp_prefixes
+        facts = mtp_block_facts(model_type)  # only where the checkpoint stores the block where the table says
+        if facts.get("mtp_block", {}).get("prefix") in mtp_prefixes:
+            entry.update(facts)
     import transformers
 
     entry["derived"] = {"transformers": transformers.__version__, "model_class": type(model).__name__}

@@ -1,11 +1,14 @@
-"""On-disk names in a derived layout: quantization companions grouped under their weight, layer
+"""On-disk names in a derived layout (and the MTP block facts no skeleton shows): quantization companions grouped under their weight, layer
 and expert numbers located in a name, the on-disk expert axis traced back through the model's
 conversion operations, name patterns made from the names a checkpoint stores."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
-from typing import Iterable
+from importlib import resources
+from typing import Any, Iterable
 
 from ..errors import ReapError
 
@@ -136,3 +139,10 @@ def find_mtp_prefixes(unmapped: list[str]) -> list[str]:
                 out.add(".".join(parts[: i + 1]) + ".")
                 break
     return sorted(out)
+
+
+def mtp_block_facts(model_type: str | None) -> dict[str, Any]:
+    """mtp_block and mtp_keep for a model type from mtp_blocks.json (data: no skeleton shows the MTP
+    block, transformers builds none), or {} where the table has none."""
+    table = json.loads(resources.files(__package__).joinpath("mtp_blocks.json").read_text())
+    return copy.deepcopy(table.get(model_type, {})) if model_type and not model_type.startswith("_") else {}
