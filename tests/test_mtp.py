@@ -348,3 +348,13 @@ def test_keep_full_writes_the_unpruned_mtp_block_as_a_draft(checkpoints, tmp_pat
     reference, _ = load(layer_style_copy(src, tmp_path / "src-layers"), config=mtp_as_decoder_layer(src))
     got, want = decoder_layers(loaded)[n].state_dict(), decoder_layers(reference)[n].state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_keep_full_is_refused_where_the_layout_is_derived(checkpoints, tmp_path):
+    """Qwen3.5-MoE's layout is derived: a draft of the MTP block alone could not be opened again."""
+    src = checkpoints["qwen3_5_moe"]
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    r = cli("apply", mask, src, tmp_path / "out", "-q", "--mtp", "keep-full")
+    assert r.returncode == 2 and "--mtp keep-full" in r.stderr and "derived" in r.stderr, r.stderr
+    assert [l.startswith("error: ") for l in r.stderr.strip().splitlines() if not l.startswith("note: ")] == [True]
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,10 @@ DRAFT_DIR = "mtp-draft"
 def draft_tensor_names(ckpt: Checkpoint) -> list[str]:
     """The MTP tensors (past the stack or under an MTP prefix) and the trunk tensors they share."""
     layout, n = ckpt.layout, ckpt.num_hidden_layers
+    if layout.derived is not None:
+        raise ReapError(ckpt.path, f"--mtp keep-full: the {layout.name} layout is derived from the model, and a draft "
+                                   "directory holding only the MTP block gives nothing to derive it from again; "
+                                   "keep the block pruned instead (calibrate --mtp calibrate)")
     mtp = [name for name in ckpt.weight_map if layout.is_mtp(layout.canonical(name, n), n)]
     if not mtp:
         raise ReapError(ckpt.path, "--mtp keep-full: the checkpoint stores no multi-token-prediction block "
