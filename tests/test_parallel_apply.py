@@ -132,7 +132,8 @@ def test_kernel_copy_failing_in_a_worker_thread_leaves_nothing(checkpoints, tmp_
 def test_surgery_memory_at_kimi_k2_tensor_count(tmp_path):
     """139,583 tensors (Kimi-K2's count) in a header-scale checkpoint: apply's peak RSS, read by
     the apply process itself (VmHWM of its own address space). Was 196 MiB before planning
-    went shard by shard; the issue's target is 64 MiB (not reached yet, see the report)."""
+    went shard by shard, 99 once output shards were planned compactly; the issue's target is 64 MiB
+    (not reached yet: the index JSON parse is the peak, see the report)."""
     from fixtures.header_scale import build
 
     src = build(tmp_path / "kimi")
@@ -145,4 +146,4 @@ def test_surgery_memory_at_kimi_k2_tensor_count(tmp_path):
     assert r.returncode == 0, r.stderr
     peak_mib = int(r.stdout.split()[-1]) / 1024
     assert Checkpoint.open(tmp_path / "out").num_experts == 192
-    assert peak_mib <= 128, f"peak RSS {peak_mib:.0f} MiB at 139,583 tensors"
+    assert peak_mib <= 112, f"peak RSS {peak_mib:.0f} MiB at 139,583 tensors"

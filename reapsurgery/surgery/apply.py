@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..common.checkpoint import INDEX, SINGLE, Checkpoint
 from ..errors import ReapError
@@ -43,16 +43,43 @@ class OutTensor:
         return sum(n for _, n in self.ranges)
 
 
-@dataclass
+class Entry(NamedTuple):
+    """One tensor of an output shard, as its header states it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(slots=True)
 class OutShard:
+    """An output shard, compact: its encoded header and its coalesced source ranges, not one
+    record per tensor (a plan of Kimi-K2's 139k tensors then holds a few MB)."""
+
     source: str
-    tensors: list[OutTensor]
-    metadata: dict | None
+    header: bytes  # length prefix included, as written
+    ranges: list[tuple[int, int]]  # (absolute offset in the source shard, length), output order, coalesced
+    nbytes: int
+    elements: int
     name: str = ""
 
+    @classmethod
+    def build(cls, source: str, tensors: list[OutTensor], metadata: dict | None, name: str = "") -> "OutShard":
+        """The shard holding `tensors` in write order (dtype size descending, then name)."""
+        order = write_order([(t.name, t.dtype) for t in tensors])
+        tensors = [tensors[i] for i in order]
+        header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], metadata)
+        return cls(source, header, coalesce(r for t in tensors for r in t.ranges),
+                   sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors), name)
+
     @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    def tensors(self) -> list[Entry]:
+        """The shard's tensors in output order, read back from its header."""
+        entries = json.loads(self.header[8:])
+        entries.pop("__metadata__", None)
+        return [Entry(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
+                for k, v in entries.items()]
 
 
 @dataclass
@@ -74,7 +101,7 @@ class SurgeryPlan:
 
     @property
     def elements(self) -> int:
-        return sum(math.prod(t.shape) for s in self.shards for t in s.tensors)
+        return sum(s.elements for s in self.shards)
 
     @property
     def total_size(self) -> int:
@@ -154,14 +181,18 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = Fa
     # Shard by shard, each tensor classified once: one header in memory at a time.
     # Non-expert tensors of MTP blocks the mask names wait until we know whether those
     # blocks hold experts (then they are kept with them), which only the last shard tells.
+    # A shard is encoded (header bytes, coalesced ranges) as soon as its pass ends, unless some of
+    # its tensors wait: then after the pass.
     pending: list[tuple[int | None, str | None, str, OutTensor]] = []
-    per_shard: dict[str, list[OutTensor]] = {}
-    metadata: dict[str, dict | None] = {}
+    per_shard: dict[str, OutShard | list[OutTensor]] = {}
+    metadata: dict[str, dict] = {}
     bytes_before = elements_before = 0
     for shard, header in ckpt.shard_headers():
+        if per_shard:
+            _encode_if_complete(per_shard, metadata, pending)
         base = header.data_offset
         out = per_shard[shard] = []
-        metadata[shard] = header.metadata
+        metadata[shard] = {"format": "pt", **(header.metadata or {})}
         for name, info in header.tensors.items():
             bytes_before += info.nbytes
             elements_before += math.prod(info.shape)
@@ -209,6 +240,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = Fa
     if problems:
         raise ReapError(*problems[0])
     kept_mtp = _kept_mtp_layers(role_layers_past_stack, mask, mask_path)
+    _encode_if_complete(per_shard, metadata, pending)
     for layer, prefix, shard, t in pending:
         if layer in kept_mtp or (layer is None and kept_mtp):
             per_shard[shard].append(t)
@@ -234,10 +266,10 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = Fa
     shards = []
     for source in ckpt.shards:
         out = per_shard[source]
-        if not out:
-            continue
-        order = write_order([(t.name, t.dtype) for t in out])
-        shards.append(OutShard(source, [out[i] for i in order], {"format": "pt", **(metadata[source] or {})}))
+        if isinstance(out, list):
+            out = OutShard.build(source, out, metadata[source]) if out else None
+        if out is not None:
+            shards.append(out)
     n = len(shards)
     for i, shard in enumerate(shards, 1):
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
@@ -249,6 +281,15 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = Fa
                        sorted(kept_mtp), notes, bytes_before, elements_before, draft_bytes=draft_bytes)
     plan.mtp_dropped = mtp_drop_line(ckpt, plan)
     return plan
+
+
+def _encode_if_complete(per_shard: dict, metadata: dict[str, dict], pending: list) -> None:
+    """Encode the last shard planned unless a pending tensor belongs to it; an empty one becomes None."""
+    shard = next(reversed(per_shard))
+    out = per_shard[shard]
+    if not isinstance(out, list) or any(p[2] == shard for p in pending):
+        return
+    per_shard[shard] = OutShard.build(shard, out, metadata.pop(shard)) if out else None
 
 
 def mtp_drop_line(ckpt: Checkpoint, plan: SurgeryPlan) -> str | None:
@@ -305,7 +346,7 @@ def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callabl
     tensor bytes, copied by `jobs` workers in pieces; adjacent source ranges become one copy."""
     work = []
     for shard in shards:
-        header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors], shard.metadata)
+        header = shard.header
         fd = os.open(dst / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, header)
@@ -323,7 +364,7 @@ def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callabl
 
 def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
     """The source ranges of an output shard's data, in output order, each contiguous run merged."""
-    return coalesce(r for t in shard.tensors for r in t.ranges)
+    return shard.ranges
 
 
 def copy_other_files(src: Path, dst: Path, handled: set[str]) -> list[str]:

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 from ..common.checkpoint import INDEX, Checkpoint
-from ..common.safetensors_io import write_order
 from ..errors import ReapError
 
 DRAFT_DIR = "mtp-draft"
@@ -48,9 +47,8 @@ def plan_draft(ckpt: Checkpoint):
         per_source.setdefault(shard, []).append(OutTensor(name, info.dtype, info.shape, [(start, info.nbytes)]))
     shards = []
     for i, (source, out) in enumerate(sorted(per_source.items()), 1):
-        order = write_order([(t.name, t.dtype) for t in out])
-        shards.append(OutShard(source, [out[j] for j in order], {"format": "pt"},
-                               f"model-{i:05d}-of-{len(per_source):05d}.safetensors"))
+        shards.append(OutShard.build(source, out, {"format": "pt"},
+                                     f"model-{i:05d}-of-{len(per_source):05d}.safetensors"))
     return shards
 
 

@@ -47,10 +47,18 @@ def write_index(plan: SurgeryPlan, ckpt: Checkpoint, dst: Path) -> None:
     if len(plan.shards) == 1 and ckpt.index_metadata is None:
         return
     metadata = index_metadata(plan, ckpt)
-    weight_map = {t.name: s.name for s in plan.shards for t in s.tensors}
+    # (name, shard) pairs read back from the encoded headers one shard at a time, sorted, written
+    # line by line: what json.dump(indent=2, sort_keys=True) writes, without a dict of every name
+    pairs = sorted((t.name, s.name) for s in plan.shards for t in s.tensors)
+    head = json.dumps({"metadata": metadata, "weight_map": {}}, indent=2, sort_keys=True)
     with open(dst / INDEX, "w") as f:
-        json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-        f.write("\n")
+        if not pairs:
+            f.write(head + "\n")
+            return
+        f.write(head.removesuffix("{}\n}") + "{\n")
+        f.writelines(f"    {json.dumps(name)}: {json.dumps(shard)}{',' if i < len(pairs) - 1 else ''}\n"
+                     for i, (name, shard) in enumerate(pairs))
+        f.write("  }\n}\n")
 
 
 def index_metadata(plan: SurgeryPlan, ckpt: Checkpoint) -> dict:
