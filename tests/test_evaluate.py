@@ -42,10 +42,11 @@ def variants_for(src, keeps, tmp_path):
     return out
 
 
-def reference(path, batches):
+def reference(path, batches, quantization_config=None):
     """Log-probs at every predicted position and each decoder layer's output on real positions,
-    from the whole model loaded with from_pretrained, on the same padded batches."""
-    model, info = load(path)
+    from the whole model loaded with from_pretrained (dequantised by transformers where
+    `quantization_config` says so), on the same padded batches."""
+    model, info = load(path, quantization_config)
     assert not info["missing_keys"]  # (a source's MTP layer is unexpected: transformers does not run it)
     outputs = []
     hooks = [l.register_forward_hook(lambda m, a, out, i=i: outputs.append((i, out[0] if isinstance(out, tuple) else out)))
@@ -70,10 +71,20 @@ def perplexity(logp, y) -> float:
     return math.exp(float(-logp.gather(1, y[:, None]).mean()))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, "deepseek_v3-fp8"])
 def test_metrics_equal_those_of_the_applied_checkpoint(checkpoints, tmp_path, family):
-    src = checkpoints[family]
-    keeps = FAMILIES[family]
+    """fp8: a block-FP8 checkpoint (8x8 blocks: real scale grids, dividing every shape, as transformers
+    needs: it derives the block from the grid) is read dequantised; its
+    reference is the original and the apply-written (still FP8) output, each loaded by
+    transformers with FineGrainedFP8Config(dequantize=True)."""
+    src, qc = checkpoints[family.removesuffix("-fp8")], None
+    if family.endswith("-fp8"):
+        from transformers import FineGrainedFP8Config
+
+        from fixtures.quantize import to_fp8_block
+
+        src, qc = to_fp8_block(src, tmp_path / "fp8", block=(8, 8)), FineGrainedFP8Config(dequantize=True)
+    keeps = FAMILIES[family.removesuffix("-fp8")]
     variants = variants_for(src, keeps, tmp_path)
     residency: list[tuple] = []
 
@@ -87,7 +98,7 @@ def test_metrics_equal_those_of_the_applied_checkpoint(checkpoints, tmp_path, fa
     ckpt = Checkpoint.open(src)
     batches = make_batches(samples(), 2)
 
-    lo, y, layers_o = reference(src, batches)
+    lo, y, layers_o = reference(src, batches, qc)
     assert report["original"]["perplexity"] == pytest.approx(perplexity(lo, y), rel=RTOL)
     assert report["data"]["predicted_positions"] == y.numel() == sum(n - 1 for n in LENGTHS)
     assert report["model"] == ckpt.fingerprint()
@@ -95,7 +106,9 @@ def test_metrics_equal_those_of_the_applied_checkpoint(checkpoints, tmp_path, fa
     for j, (keep, got) in enumerate(zip(keeps, report["variants"])):
         out = tmp_path / f"out{j}"
         apply_leaving_source_untouched(variants[j].mask_path, src, out)
-        lv, yv, layers_v = reference(out, batches)
+        if qc is not None:
+            assert any(info.dtype == "F8_E4M3" for _, info in Checkpoint.open(out).tensors().values())
+        lv, yv, layers_v = reference(out, batches, qc)
         assert torch.equal(y, yv)
         kl = float((lo.exp() * (lo - lv)).sum(-1).mean())
         assert got["kl_mean"] == pytest.approx(kl, rel=RTOL, abs=1e-7)
