@@ -212,3 +212,79 @@ def test_plot_draws_a_png_or_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ReapError, match=r"pip install 'reapsurgery\[plot\]'"):
         plot_report(report, tmp_path / "q.png")
+
+
+def mtp_reference(path, batches, scratch):
+    """The MTP layer (depth 1) as the draft runs: transformers' model with it as one more decoder
+    layer fed the MTP block's input (tests/test_mtp.py); logits head(head_norm(out)) from the block's
+    own head tensors (the LM head where it has none), read with safetensors. Returns log-probs where
+    tokens t and t + 2 are real, their targets, and the layer's output where t and t + 1 are."""
+    from tests.test_mtp import feed_mtp_inputs, layer_style_copy, mtp_as_decoder_layer, mtp_tensors, norm_like
+
+    config = mtp_as_decoder_layer(path)
+    n = config.num_hidden_layers - 1
+    model, info = load(layer_style_copy(path, scratch), config=config)
+    assert not [k for k in info["missing_keys"] if f"layers.{n}." in k], info
+    feed_mtp_inputs(model, path, n, 1)
+    w = mtp_tensors(path, n)
+    norm, head = norm_like(model, w["head_norm"]), w.get("head", model.get_output_embeddings().weight)
+    seen = {}
+    decoder_layers(model)[n].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    logp, targets, outs = [], [], []
+    with torch.no_grad():
+        for ids, am in batches:
+            model(input_ids=ids, attention_mask=am)
+            h = seen["h"]
+            ahead = am[:, :-2].bool() & am[:, 2:].bool()
+            logp.append(torch.log_softmax((norm(h) @ head.T)[:, :-2][ahead].float(), dim=-1).double())
+            targets.append(ids[:, 2:][ahead])
+            real = torch.zeros_like(am, dtype=torch.bool)
+            real[:, :-1] = am[:, :-1].bool() & am[:, 1:].bool()
+            outs.append(h[real].double())
+    return torch.cat(logp), torch.cat(targets), torch.cat(outs)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+def test_mtp_layers_a_mask_keeps_are_run_as_the_applied_checkpoint_drafts(checkpoints, tmp_path, family):
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
+    keep_mtp, stack_only = [0, 2, 5, 7], [1, 3, 4, 6]
+    paths = [write_mask(src, {l: keep_mtp for l in [*ckpt.moe_layers, n]}, tmp_path / "with_mtp.json"),
+             write_mask(src, stack_only, tmp_path / "stack_only.json")]
+    variants = [sized_variant(load_mask(p), p, str(p), load_mask(p).sha256, ckpt) for p in paths]
+    report = evaluate(src, variants, samples(), batch_size=2, device="cpu", dtype="float32").to_json()
+    batches = make_batches(samples(), 2)
+    lo, y, ho = mtp_reference(src, batches, tmp_path / "src-layers")
+    assert y.numel() == sum(max(k - 2, 0) for k in LENGTHS)
+    (orig,) = report["original"]["mtp"].values()
+    assert orig["depth"] == 1 and orig["predicted_positions"] == y.numel()
+    assert orig["perplexity"] == pytest.approx(perplexity(lo, y), rel=RTOL)
+
+    apply_leaving_source_untouched(paths[0], src, tmp_path / "out")
+    lv, yv, hv = mtp_reference(tmp_path / "out", batches, tmp_path / "out-layers")
+    assert torch.equal(y, yv)
+    got = report["variants"][0]["mtp"][str(n)]
+    assert got["kl_mean"] == pytest.approx(float((lo.exp() * (lo - lv)).sum(-1).mean()), rel=RTOL, abs=1e-7)
+    assert got["top1_agreement"] == float((lo.argmax(-1) == lv.argmax(-1)).double().mean())
+    assert got["perplexity"] == pytest.approx(perplexity(lv, yv), rel=RTOL)
+    assert got["relative_error"] == pytest.approx(float((hv - ho).norm() / ho.norm()), rel=RTOL, abs=1e-6)
+    # a mask without the MTP layer: apply drops it, so there is no draft to evaluate
+    assert report["variants"][1]["mtp"] is None
+    assert report["notes"] == []
+
+
+def test_mtp_layers_a_layout_cannot_run_are_reported_as_not_evaluated(checkpoints, tmp_path):
+    """A mask naming an MTP layer on a checkpoint that does not store it (a fine-tune saved by
+    transformers): the variant says so, and the note says why."""
+    from fixtures.build import build
+
+    src = build("deepseek_v3", tmp_path / "tuned", with_mtp=False)
+    ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
+    path = write_mask(checkpoints["deepseek_v3"], {l: [0, 2, 5, 7] for l in [*ckpt.moe_layers, n]}, tmp_path / "m.json")
+    report = evaluate(src, [sized_variant(load_mask(path), path, str(path), load_mask(path).sha256, ckpt)], samples(),
+                      batch_size=2, device="cpu", dtype="float32").to_json()
+    assert report["variants"][0]["mtp"] is None and report["original"]["mtp"] is None
+    (note,) = report["notes"]
+    assert f"multi-token-prediction layers [{n}] are not evaluated" in note and "no multi-token-prediction layer on disk" in note
