@@ -13,6 +13,7 @@ from reapsurgery.calibration.calibrate import make_batches
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.mask import load_mask
 from reapsurgery.evaluation.evaluate import evaluate
+from reapsurgery.evaluation.report import table_rows
 from reapsurgery.evaluation.variants import resident, sized_variant
 from tests.helpers import apply_leaving_source_untouched, write_mask
 from tests.reference import decoder_layers, load, text_model
@@ -258,13 +259,15 @@ def test_mtp_layers_a_mask_keeps_are_run_as_the_applied_checkpoint_drafts(checkp
     lo, y, ho = mtp_reference(src, batches, tmp_path / "src-layers")
     assert y.numel() == sum(max(k - 2, 0) for k in LENGTHS)
     (orig,) = report["original"]["mtp"].values()
-    assert orig["depth"] == 1 and orig["predicted_positions"] == y.numel()
+    assert orig["evaluated"] and orig["depth"] == 1 and orig["predicted_positions"] == y.numel()
     assert orig["perplexity"] == pytest.approx(perplexity(lo, y), rel=RTOL)
 
     apply_leaving_source_untouched(paths[0], src, tmp_path / "out")
     lv, yv, hv = mtp_reference(tmp_path / "out", batches, tmp_path / "out-layers")
     assert torch.equal(y, yv)
+    assert list(report["variants"][0]["mtp"]) == [str(n)]
     got = report["variants"][0]["mtp"][str(n)]
+    assert got["evaluated"] and got["predicted_positions"] == y.numel()
     assert got["kl_mean"] == pytest.approx(float((lo.exp() * (lo - lv)).sum(-1).mean()), rel=RTOL, abs=1e-7)
     assert got["top1_agreement"] == float((lo.argmax(-1) == lv.argmax(-1)).double().mean())
     assert got["perplexity"] == pytest.approx(perplexity(lv, yv), rel=RTOL)
@@ -272,9 +275,11 @@ def test_mtp_layers_a_mask_keeps_are_run_as_the_applied_checkpoint_drafts(checkp
     # a mask without the MTP layer: apply drops it, so there is no draft to evaluate
     assert report["variants"][1]["mtp"] is None
     assert report["notes"] == []
+    rows = table_rows(report)
+    assert rows[0][-1] == "MTP top-1 agree" and rows[2][-1] == f"{got['top1_agreement']:.4f}" and rows[3][-1] == "-"
 
 
-def test_mtp_layers_a_layout_cannot_run_are_reported_as_not_evaluated(checkpoints, tmp_path):
+def test_mtp_layers_that_cannot_run_are_reported_as_not_evaluated(checkpoints, tmp_path):
     """A mask naming an MTP layer on a checkpoint that does not store it (a fine-tune saved by
     transformers): the variant says so, and the note says why."""
     from fixtures.build import build
@@ -285,6 +290,9 @@ def test_mtp_layers_a_layout_cannot_run_are_reported_as_not_evaluated(checkpoint
     path = write_mask(checkpoints["deepseek_v3"], {l: [0, 2, 5, 7] for l in [*ckpt.moe_layers, n]}, tmp_path / "m.json")
     report = evaluate(src, [sized_variant(load_mask(path), path, str(path), load_mask(path).sha256, ckpt)], samples(),
                       batch_size=2, device="cpu", dtype="float32").to_json()
-    assert report["variants"][0]["mtp"] is None and report["original"]["mtp"] is None
+    assert report["original"]["mtp"] is None
+    (entry,) = report["variants"][0]["mtp"].items()
+    assert entry[0] == str(n) and not entry[1]["evaluated"] and "no multi-token-prediction layer on disk" in entry[1]["reason"]
     (note,) = report["notes"]
     assert f"multi-token-prediction layers [{n}] are not evaluated" in note and "no multi-token-prediction layer on disk" in note
+    assert "MTP top-1 agree" not in table_rows(report)[0]

@@ -35,7 +35,8 @@ class VariantResult:
     variant: Variant
     metrics: TokenMetrics
     layers: dict[int, LayerError]
-    mtp: list[MtpDepth] | None = None  # None: no MTP layer of this variant is run
+    mtp: list[MtpDepth] = field(default_factory=list)  # the MTP layers run
+    mtp_skipped: dict[int, str] = field(default_factory=dict)  # the MTP layers the mask keeps that are not: why
 
     def to_json(self, num_experts: int) -> dict:
         after = self.variant.size["after"]
@@ -49,7 +50,9 @@ class VariantResult:
             "bytes": after["bytes"],
             **self.metrics.to_json(),
             "layers": {str(l): {"relative_error": e.relative()} for l, e in sorted(self.layers.items())},
-            "mtp": None if self.mtp is None else {str(d.layer): d.to_json() for d in self.mtp},
+            # None: the mask keeps no MTP layer, so the checkpoint apply writes has none
+            "mtp": {**{str(d.layer): d.to_json() for d in self.mtp},
+                    **{str(l): {"evaluated": False, "reason": r} for l, r in sorted(self.mtp_skipped.items())}} or None,
         }
 
 
@@ -108,7 +111,7 @@ def evaluate(
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code, experts_implementation=None)
     n_layers = len(streamed.layers)
     moe = set(ckpt.moe_layers)
-    mtp, mtp_of, notes = mtp_to_run(streamed, variants)
+    mtp, mtp_of, mtp_skipped, notes = mtp_to_run(streamed, variants)
     skeletons = {}  # one meta model per pruned expert count
     for v in variants:
         if v.experts_kept not in skeletons:
@@ -173,7 +176,7 @@ def evaluate(
             "predicted_positions": base.positions, "batch_size": batch_size,
             "dtype": str(dt).removeprefix("torch."), "device": dev.type, "reapsurgery": __version__}
     return Evaluation(ckpt.fingerprint(), data, base, variants[0].size["before"],
-                      [VariantResult(v, m, e, p or None) for v, m, e, p in zip(variants, metrics, errors, variant_mtp)],
+                      [VariantResult(*r) for r in zip(variants, metrics, errors, variant_mtp, mtp_skipped)],
                       notes, base_mtp)
 
 

@@ -37,36 +37,44 @@ class MtpDepth:
     error: LayerError | None = None
 
     def to_json(self, original: bool = False) -> dict:
-        out = {"depth": self.depth, "predicted_positions": self.metrics.positions,
+        out = {"evaluated": True, "depth": self.depth, "predicted_positions": self.metrics.positions,
                **(self.metrics.to_json(original=original) if self.metrics.positions else {})}
         if self.error is not None:
             out["relative_error"] = self.error.relative()
         return out
 
 
-def mtp_to_run(streamed: StreamedModel, variants: list[Variant]) -> tuple[list[int], list[list[int]], list[str]]:
-    """The MTP layers to run, each variant's share of them (the leading depths its mask keeps),
-    and notes for what cannot be run (the reason calibrate --mtp calibrate would give)."""
+def mtp_to_run(streamed: StreamedModel,
+               variants: list[Variant]) -> tuple[list[int], list[list[int]], list[dict[int, str]], list[str]]:
+    """The MTP layers to run; each variant's share of them (the leading depths its mask keeps);
+    per variant, the MTP layers its mask keeps that are not run, with why (the reason calibrate
+    --mtp calibrate would give); and notes saying so."""
     n = len(streamed.layers)
-    covered = sorted({l for v in variants for l in v.mask.layers if l >= n})
-    if not covered:
-        return [], [[] for _ in variants], []
+    covered = [sorted(l for l in v.mask.layers if l >= n) for v in variants]
+    if not any(covered):
+        return [], [[] for _ in variants], [{} for _ in variants], []
     try:
         layers = mtp_layers(streamed)
         if _head_keys(streamed, layers[0])[0] is None:
             raise ReapError(None, f"no head norm ({streamed.ckpt.layout.mtp_modules.get('head')}) stored")
     except ReapError as e:
-        return [], [[] for _ in variants], [f"multi-token-prediction layers {covered} are not evaluated "
-                                            f"({e.message}); their pruned experts count in params and bytes only"]
-    per_variant = []
-    for v in variants:
+        reason = e.message
+        every = sorted({l for c in covered for l in c})
+        return [], [[] for _ in variants], [{l: reason for l in c} for c in covered], [
+            f"multi-token-prediction layers {every} are not evaluated ({reason}); "
+            "their pruned experts count in params and bytes only"]
+    per_variant, skipped = [], []
+    for c in covered:
         mine = []
         for l in layers:  # depth d reads depth d-1's output: a depth runs only after the ones before it
-            if l not in v.mask.layers:
+            if l not in c:
                 break
             mine.append(l)
         per_variant.append(mine)
-    return [l for l in layers if any(l in m for m in per_variant)], per_variant, []
+        skipped.append({l: "the multi-token-prediction layer before it is not kept" for l in c if l not in mine})
+    notes = [f"{variants[v].label}: multi-token-prediction layers {sorted(s)} are not evaluated ({next(iter(s.values()))})"
+             for v, s in enumerate(skipped) if s]
+    return [l for l in layers if any(l in m for m in per_variant)], per_variant, skipped, notes
 
 
 def _head_keys(streamed: StreamedModel, i: int) -> tuple[str | None, str | None]:
