@@ -296,3 +296,29 @@ def test_mtp_layers_that_cannot_run_are_reported_as_not_evaluated(checkpoints, t
     (note,) = report["notes"]
     assert f"multi-token-prediction layers [{n}] are not evaluated" in note and "no multi-token-prediction layer on disk" in note
     assert "MTP top-1 agree" not in table_rows(report)[0]
+
+
+def test_fp8_checkpoint_with_its_mtp_layer_evaluates_as_its_dequantised_twin(checkpoints, tmp_path):
+    """Block FP8 everywhere, the MTP layer's own head projection too (F8 with its scales): the
+    report equals that of the same checkpoint dequantised to F32 on disk."""
+    from fixtures.quantize import dequantized_twin, to_fp8_block
+
+    src = to_fp8_block(checkpoints["deepseek_v3"], tmp_path / "fp8", block=(8, 8))
+    twin = dequantized_twin(src, tmp_path / "twin")
+    n = Checkpoint.open(src).num_hidden_layers
+    assert f"model.layers.{n}.shared_head.head.weight_scale_inv" in Checkpoint.open(src).weight_map
+    reports = []
+    for path in (src, twin):
+        ckpt = Checkpoint.open(path)
+        mask = write_mask(path, {l: [0, 2, 5, 7] for l in [*ckpt.moe_layers, n]}, tmp_path / f"{path.name}.json")
+        variant = sized_variant(load_mask(mask), mask, "m", load_mask(mask).sha256, ckpt)
+        reports.append(evaluate(path, [variant], samples(), batch_size=2, device="cpu", dtype="float32").to_json())
+    (q,), (t,) = reports[0]["variants"], reports[1]["variants"]
+    assert q["mtp"][str(n)]["evaluated"]
+    for key in ("perplexity", "kl_mean", "top1_agreement"):
+        assert q[key] == pytest.approx(t[key], rel=RTOL)
+        assert q["mtp"][str(n)][key] == pytest.approx(t["mtp"][str(n)][key], rel=RTOL)
+    assert q["mtp"][str(n)]["relative_error"] == pytest.approx(t["mtp"][str(n)]["relative_error"], rel=RTOL)
+    assert reports[0]["original"]["mtp"][str(n)]["perplexity"] == \
+        pytest.approx(reports[1]["original"]["mtp"][str(n)]["perplexity"], rel=RTOL)
+    assert q["bytes"] < t["bytes"]  # sized as the FP8 checkpoint apply writes
