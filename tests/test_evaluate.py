@@ -216,33 +216,56 @@ def test_plot_draws_a_png_or_says_what_is_missing(tmp_path, monkeypatch):
 
 
 def mtp_reference(path, batches, scratch):
-    """The MTP layer (depth 1) as the draft runs: transformers' model with it as one more decoder
-    layer fed the MTP block's input (tests/test_mtp.py); logits head(head_norm(out)) from the block's
-    own head tensors (the LM head where it has none), read with safetensors. Returns log-probs where
-    tokens t and t + 2 are real, their targets, and the layer's output where t and t + 1 are."""
-    from tests.test_mtp import feed_mtp_inputs, layer_style_copy, mtp_as_decoder_layer, mtp_tensors, norm_like
+    """The MTP layers as the draft runs them: transformers' model with them as more decoder layers
+    fed the MTP block's inputs (tests/test_mtp.py); logits head(head_norm(out)) from each block's own
+    head tensors (the LM head where it has none), read with safetensors. Per depth d: log-probs where
+    tokens t and t + d + 1 are real, their targets, and the layer's output where t and t + d are."""
+    from tests.test_mtp import (feed_mtp_inputs, layer_style_copy, mtp_as_decoder_layer, mtp_depths, mtp_tensors,
+                                norm_like)
 
     config = mtp_as_decoder_layer(path)
-    n = config.num_hidden_layers - 1
+    depths = mtp_depths(config)
+    n = config.num_hidden_layers - depths
     model, info = load(layer_style_copy(path, scratch), config=config)
-    assert not [k for k in info["missing_keys"] if f"layers.{n}." in k], info
-    feed_mtp_inputs(model, path, n, 1)
-    w = mtp_tensors(path, n)
-    norm, head = norm_like(model, w["head_norm"]), w.get("head", model.get_output_embeddings().weight)
+    assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
+    feed_mtp_inputs(model, path, n, depths)
     seen = {}
-    decoder_layers(model)[n].register_forward_hook(lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-    logp, targets, outs = [], [], []
+    for d in range(1, depths + 1):
+        decoder_layers(model)[n + d - 1].register_forward_hook(
+            lambda m, a, out, d=d: seen.__setitem__(d, out[0] if isinstance(out, tuple) else out))
+    out = {}
     with torch.no_grad():
         for ids, am in batches:
             model(input_ids=ids, attention_mask=am)
-            h = seen["h"]
-            ahead = am[:, :-2].bool() & am[:, 2:].bool()
-            logp.append(torch.log_softmax((norm(h) @ head.T)[:, :-2][ahead].float(), dim=-1).double())
-            targets.append(ids[:, 2:][ahead])
-            real = torch.zeros_like(am, dtype=torch.bool)
-            real[:, :-1] = am[:, :-1].bool() & am[:, 1:].bool()
-            outs.append(h[real].double())
-    return torch.cat(logp), torch.cat(targets), torch.cat(outs)
+            for d in range(1, depths + 1):
+                w = mtp_tensors(path, n + d - 1)
+                norm, head = norm_like(model, w["head_norm"]), w.get("head", model.get_output_embeddings().weight)
+                h = seen[d]
+                ahead = am[:, : -d - 1].bool() & am[:, d + 1 :].bool()
+                real = torch.zeros_like(am, dtype=torch.bool)
+                real[:, :-d] = am[:, :-d].bool() & am[:, d:].bool()
+                lp, y, o = out.setdefault(n + d - 1, ([], [], []))
+                lp.append(torch.log_softmax((norm(h) @ head.T)[:, : -d - 1][ahead].float(), dim=-1).double())
+                y.append(ids[:, d + 1 :][ahead])
+                o.append(h[real].double())
+    return {l: tuple(torch.cat(x) for x in v) for l, v in out.items()}
+
+
+def assert_mtp_matches(report, ref_original, ref_variants: dict[int, dict]):
+    """report's original and variant `mtp` entries against the reference, per MTP layer."""
+    assert sorted(map(int, report["original"]["mtp"])) == sorted(ref_original)
+    for l, (lo, y, ho) in ref_original.items():
+        orig = report["original"]["mtp"][str(l)]
+        assert orig["evaluated"] and orig["predicted_positions"] == y.numel()
+        assert orig["perplexity"] == pytest.approx(perplexity(lo, y), rel=RTOL)
+        for v, ref in ref_variants.items():
+            lv, yv, hv = ref[l]
+            got = report["variants"][v]["mtp"][str(l)]
+            assert torch.equal(y, yv) and got["evaluated"] and got["predicted_positions"] == y.numel()
+            assert got["kl_mean"] == pytest.approx(float((lo.exp() * (lo - lv)).sum(-1).mean()), rel=RTOL, abs=1e-7)
+            assert got["top1_agreement"] == float((lo.argmax(-1) == lv.argmax(-1)).double().mean())
+            assert got["perplexity"] == pytest.approx(perplexity(lv, yv), rel=RTOL)
+            assert got["relative_error"] == pytest.approx(float((hv - ho).norm() / ho.norm()), rel=RTOL, abs=1e-6)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next"])
@@ -256,27 +279,37 @@ def test_mtp_layers_a_mask_keeps_are_run_as_the_applied_checkpoint_drafts(checkp
     variants = [sized_variant(load_mask(p), p, str(p), load_mask(p).sha256, ckpt) for p in paths]
     report = evaluate(src, variants, samples(), batch_size=2, device="cpu", dtype="float32").to_json()
     batches = make_batches(samples(), 2)
-    lo, y, ho = mtp_reference(src, batches, tmp_path / "src-layers")
-    assert y.numel() == sum(max(k - 2, 0) for k in LENGTHS)
-    (orig,) = report["original"]["mtp"].values()
-    assert orig["evaluated"] and orig["depth"] == 1 and orig["predicted_positions"] == y.numel()
-    assert orig["perplexity"] == pytest.approx(perplexity(lo, y), rel=RTOL)
-
     apply_leaving_source_untouched(paths[0], src, tmp_path / "out")
-    lv, yv, hv = mtp_reference(tmp_path / "out", batches, tmp_path / "out-layers")
-    assert torch.equal(y, yv)
-    assert list(report["variants"][0]["mtp"]) == [str(n)]
+    ref = mtp_reference(src, batches, tmp_path / "src-layers")
+    assert list(ref) == [n] and ref[n][1].numel() == sum(max(k - 2, 0) for k in LENGTHS)
+    assert list(report["variants"][0]["mtp"]) == [str(n)] and report["original"]["mtp"][str(n)]["depth"] == 1
+    assert_mtp_matches(report, ref, {0: mtp_reference(tmp_path / "out", batches, tmp_path / "out-layers")})
     got = report["variants"][0]["mtp"][str(n)]
-    assert got["evaluated"] and got["predicted_positions"] == y.numel()
-    assert got["kl_mean"] == pytest.approx(float((lo.exp() * (lo - lv)).sum(-1).mean()), rel=RTOL, abs=1e-7)
-    assert got["top1_agreement"] == float((lo.argmax(-1) == lv.argmax(-1)).double().mean())
-    assert got["perplexity"] == pytest.approx(perplexity(lv, yv), rel=RTOL)
-    assert got["relative_error"] == pytest.approx(float((hv - ho).norm() / ho.norm()), rel=RTOL, abs=1e-6)
     # a mask without the MTP layer: apply drops it, so there is no draft to evaluate
     assert report["variants"][1]["mtp"] is None
     assert report["notes"] == []
     rows = table_rows(report)
     assert rows[0][-1] == "MTP top-1 agree" and rows[2][-1] == f"{got['top1_agreement']:.4f}" and rows[3][-1] == "-"
+
+
+def test_two_mtp_depths_chain_on_each_variants_own_outputs(tmp_path):
+    """Depth 2 reads depth 1's output and predicts the token three ahead."""
+    from fixtures.build import build
+
+    src = build("glm4_moe", tmp_path / "glm", overrides={"num_nextn_predict_layers": 2})
+    ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
+    keep = [0, 2, 5, 7]
+    paths = [write_mask(src, {l: keep for l in [*ckpt.moe_layers, n, n + 1]}, tmp_path / "both.json")]
+    variants = [sized_variant(load_mask(p), p, str(p), load_mask(p).sha256, ckpt) for p in paths]
+    report = evaluate(src, variants, samples(), batch_size=2, device="cpu", dtype="float32").to_json()
+    batches = make_batches(samples(), 2)
+    apply_leaving_source_untouched(paths[0], src, tmp_path / "out")
+    ref = mtp_reference(src, batches, tmp_path / "src-layers")
+    assert [report["original"]["mtp"][str(l)]["depth"] for l in (n, n + 1)] == [1, 2]
+    assert ref[n + 1][1].numel() == sum(max(k - 3, 0) for k in LENGTHS)
+    assert_mtp_matches(report, ref, {0: mtp_reference(tmp_path / "out", batches, tmp_path / "out-layers")})
+    assert report["notes"] == []
 
 
 def test_mtp_layers_that_cannot_run_are_reported_as_not_evaluated(checkpoints, tmp_path):

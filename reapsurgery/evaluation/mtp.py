@@ -46,8 +46,8 @@ class MtpDepth:
 
 def mtp_to_run(streamed: StreamedModel,
                variants: list[Variant]) -> tuple[list[int], list[list[int]], list[dict[int, str]], list[str]]:
-    """The MTP layers to run; each variant's share of them (the leading depths its mask keeps);
-    per variant, the MTP layers its mask keeps that are not run, with why (the reason calibrate
+    """The MTP layers to run; the ones each variant runs (all where its mask keeps them);
+    per variant, the MTP layers its mask keeps that cannot be run, with why (the reason calibrate
     --mtp calibrate would give); and notes saying so."""
     n = len(streamed.layers)
     covered = [sorted(l for l in v.mask.layers if l >= n) for v in variants]
@@ -63,18 +63,9 @@ def mtp_to_run(streamed: StreamedModel,
         return [], [[] for _ in variants], [{l: reason for l in c} for c in covered], [
             f"multi-token-prediction layers {every} are not evaluated ({reason}); "
             "their pruned experts count in params and bytes only"]
-    per_variant, skipped = [], []
-    for c in covered:
-        mine = []
-        for l in layers:  # depth d reads depth d-1's output: a depth runs only after the ones before it
-            if l not in c:
-                break
-            mine.append(l)
-        per_variant.append(mine)
-        skipped.append({l: "the multi-token-prediction layer before it is not kept" for l in c if l not in mine})
-    notes = [f"{variants[v].label}: multi-token-prediction layers {sorted(s)} are not evaluated ({next(iter(s.values()))})"
-             for v, s in enumerate(skipped) if s]
-    return [l for l in layers if any(l in m for m in per_variant)], per_variant, skipped, notes
+    # apply keeps a mask's MTP layers all or none (sized_variant ran its checks): a variant runs every depth
+    per_variant = [layers if c else [] for c in covered]
+    return layers, per_variant, [{} for _ in variants], []
 
 
 def _head_keys(streamed: StreamedModel, i: int) -> tuple[str | None, str | None]:
