@@ -13,6 +13,7 @@ from reapsurgery.calibration.calibrate import make_batches
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.mask import load_mask
 from reapsurgery.evaluation.evaluate import evaluate
+from reapsurgery.evaluation.report import table_rows
 from reapsurgery.evaluation.variants import resident, sized_variant
 from tests.helpers import apply_leaving_source_untouched, write_mask
 from tests.reference import decoder_layers, load, text_model
@@ -42,10 +43,11 @@ def variants_for(src, keeps, tmp_path):
     return out
 
 
-def reference(path, batches):
+def reference(path, batches, quantization_config=None):
     """Log-probs at every predicted position and each decoder layer's output on real positions,
-    from the whole model loaded with from_pretrained, on the same padded batches."""
-    model, info = load(path)
+    from the whole model loaded with from_pretrained (dequantised by transformers where
+    `quantization_config` says so), on the same padded batches."""
+    model, info = load(path, quantization_config)
     assert not info["missing_keys"]  # (a source's MTP layer is unexpected: transformers does not run it)
     outputs = []
     hooks = [l.register_forward_hook(lambda m, a, out, i=i: outputs.append((i, out[0] if isinstance(out, tuple) else out)))
@@ -70,10 +72,20 @@ def perplexity(logp, y) -> float:
     return math.exp(float(-logp.gather(1, y[:, None]).mean()))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, "deepseek_v3-fp8"])
 def test_metrics_equal_those_of_the_applied_checkpoint(checkpoints, tmp_path, family):
-    src = checkpoints[family]
-    keeps = FAMILIES[family]
+    """fp8: a block-FP8 checkpoint (8x8 blocks: real scale grids, dividing every shape, as transformers
+    needs: it derives the block from the grid) is read dequantised; its
+    reference is the original and the apply-written (still FP8) output, each loaded by
+    transformers with FineGrainedFP8Config(dequantize=True)."""
+    src, qc = checkpoints[family.removesuffix("-fp8")], None
+    if family.endswith("-fp8"):
+        from transformers import FineGrainedFP8Config
+
+        from fixtures.quantize import to_fp8_block
+
+        src, qc = to_fp8_block(src, tmp_path / "fp8", block=(8, 8)), FineGrainedFP8Config(dequantize=True)
+    keeps = FAMILIES[family.removesuffix("-fp8")]
     variants = variants_for(src, keeps, tmp_path)
     residency: list[tuple] = []
 
@@ -87,7 +99,7 @@ def test_metrics_equal_those_of_the_applied_checkpoint(checkpoints, tmp_path, fa
     ckpt = Checkpoint.open(src)
     batches = make_batches(samples(), 2)
 
-    lo, y, layers_o = reference(src, batches)
+    lo, y, layers_o = reference(src, batches, qc)
     assert report["original"]["perplexity"] == pytest.approx(perplexity(lo, y), rel=RTOL)
     assert report["data"]["predicted_positions"] == y.numel() == sum(n - 1 for n in LENGTHS)
     assert report["model"] == ckpt.fingerprint()
@@ -95,7 +107,9 @@ def test_metrics_equal_those_of_the_applied_checkpoint(checkpoints, tmp_path, fa
     for j, (keep, got) in enumerate(zip(keeps, report["variants"])):
         out = tmp_path / f"out{j}"
         apply_leaving_source_untouched(variants[j].mask_path, src, out)
-        lv, yv, layers_v = reference(out, batches)
+        if qc is not None:
+            assert any(info.dtype == "F8_E4M3" for _, info in Checkpoint.open(out).tensors().values())
+        lv, yv, layers_v = reference(out, batches, qc)
         assert torch.equal(y, yv)
         kl = float((lo.exp() * (lo - lv)).sum(-1).mean())
         assert got["kl_mean"] == pytest.approx(kl, rel=RTOL, abs=1e-7)
@@ -199,3 +213,145 @@ def test_plot_draws_a_png_or_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ReapError, match=r"pip install 'reapsurgery\[plot\]'"):
         plot_report(report, tmp_path / "q.png")
+
+
+def mtp_reference(path, batches, scratch):
+    """The MTP layers as the draft runs them: transformers' model with them as more decoder layers
+    fed the MTP block's inputs (tests/test_mtp.py); logits head(head_norm(out)) from each block's own
+    head tensors (the LM head where it has none), read with safetensors. Per depth d: log-probs where
+    tokens t and t + d + 1 are real, their targets, and the layer's output where t and t + d are."""
+    from tests.test_mtp import (feed_mtp_inputs, layer_style_copy, mtp_as_decoder_layer, mtp_depths, mtp_tensors,
+                                norm_like)
+
+    config = mtp_as_decoder_layer(path)
+    depths = mtp_depths(config)
+    n = config.num_hidden_layers - depths
+    model, info = load(layer_style_copy(path, scratch), config=config)
+    assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
+    feed_mtp_inputs(model, path, n, depths)
+    seen = {}
+    for d in range(1, depths + 1):
+        decoder_layers(model)[n + d - 1].register_forward_hook(
+            lambda m, a, out, d=d: seen.__setitem__(d, out[0] if isinstance(out, tuple) else out))
+    out = {}
+    with torch.no_grad():
+        for ids, am in batches:
+            model(input_ids=ids, attention_mask=am)
+            for d in range(1, depths + 1):
+                w = mtp_tensors(path, n + d - 1)
+                norm, head = norm_like(model, w["head_norm"]), w.get("head", model.get_output_embeddings().weight)
+                h = seen[d]
+                ahead = am[:, : -d - 1].bool() & am[:, d + 1 :].bool()
+                real = torch.zeros_like(am, dtype=torch.bool)
+                real[:, :-d] = am[:, :-d].bool() & am[:, d:].bool()
+                lp, y, o = out.setdefault(n + d - 1, ([], [], []))
+                lp.append(torch.log_softmax((norm(h) @ head.T)[:, : -d - 1][ahead].float(), dim=-1).double())
+                y.append(ids[:, d + 1 :][ahead])
+                o.append(h[real].double())
+    return {l: tuple(torch.cat(x) for x in v) for l, v in out.items()}
+
+
+def assert_mtp_matches(report, ref_original, ref_variants: dict[int, dict]):
+    """report's original and variant `mtp` entries against the reference, per MTP layer."""
+    assert sorted(map(int, report["original"]["mtp"])) == sorted(ref_original)
+    for l, (lo, y, ho) in ref_original.items():
+        orig = report["original"]["mtp"][str(l)]
+        assert orig["evaluated"] and orig["predicted_positions"] == y.numel()
+        assert orig["perplexity"] == pytest.approx(perplexity(lo, y), rel=RTOL)
+        for v, ref in ref_variants.items():
+            lv, yv, hv = ref[l]
+            got = report["variants"][v]["mtp"][str(l)]
+            assert torch.equal(y, yv) and got["evaluated"] and got["predicted_positions"] == y.numel()
+            assert got["kl_mean"] == pytest.approx(float((lo.exp() * (lo - lv)).sum(-1).mean()), rel=RTOL, abs=1e-7)
+            assert got["top1_agreement"] == float((lo.argmax(-1) == lv.argmax(-1)).double().mean())
+            assert got["perplexity"] == pytest.approx(perplexity(lv, yv), rel=RTOL)
+            assert got["relative_error"] == pytest.approx(float((hv - ho).norm() / ho.norm()), rel=RTOL, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+def test_mtp_layers_a_mask_keeps_are_run_as_the_applied_checkpoint_drafts(checkpoints, tmp_path, family):
+    src = checkpoints[family]
+    ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
+    keep_mtp, stack_only = [0, 2, 5, 7], [1, 3, 4, 6]
+    paths = [write_mask(src, {l: keep_mtp for l in [*ckpt.moe_layers, n]}, tmp_path / "with_mtp.json"),
+             write_mask(src, stack_only, tmp_path / "stack_only.json")]
+    variants = [sized_variant(load_mask(p), p, str(p), load_mask(p).sha256, ckpt) for p in paths]
+    report = evaluate(src, variants, samples(), batch_size=2, device="cpu", dtype="float32").to_json()
+    batches = make_batches(samples(), 2)
+    apply_leaving_source_untouched(paths[0], src, tmp_path / "out")
+    ref = mtp_reference(src, batches, tmp_path / "src-layers")
+    assert list(ref) == [n] and ref[n][1].numel() == sum(max(k - 2, 0) for k in LENGTHS)
+    assert list(report["variants"][0]["mtp"]) == [str(n)] and report["original"]["mtp"][str(n)]["depth"] == 1
+    assert_mtp_matches(report, ref, {0: mtp_reference(tmp_path / "out", batches, tmp_path / "out-layers")})
+    got = report["variants"][0]["mtp"][str(n)]
+    # a mask without the MTP layer: apply drops it, so there is no draft to evaluate
+    assert report["variants"][1]["mtp"] is None
+    assert report["notes"] == []
+    rows = table_rows(report)
+    assert rows[0][-1] == "MTP top-1 agree" and rows[2][-1] == f"{got['top1_agreement']:.4f}" and rows[3][-1] == "-"
+
+
+def test_two_mtp_depths_chain_on_each_variants_own_outputs(tmp_path):
+    """Depth 2 reads depth 1's output and predicts the token three ahead."""
+    from fixtures.build import build
+
+    src = build("glm4_moe", tmp_path / "glm", overrides={"num_nextn_predict_layers": 2})
+    ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
+    keep = [0, 2, 5, 7]
+    paths = [write_mask(src, {l: keep for l in [*ckpt.moe_layers, n, n + 1]}, tmp_path / "both.json")]
+    variants = [sized_variant(load_mask(p), p, str(p), load_mask(p).sha256, ckpt) for p in paths]
+    report = evaluate(src, variants, samples(), batch_size=2, device="cpu", dtype="float32").to_json()
+    batches = make_batches(samples(), 2)
+    apply_leaving_source_untouched(paths[0], src, tmp_path / "out")
+    ref = mtp_reference(src, batches, tmp_path / "src-layers")
+    assert [report["original"]["mtp"][str(l)]["depth"] for l in (n, n + 1)] == [1, 2]
+    assert ref[n + 1][1].numel() == sum(max(k - 3, 0) for k in LENGTHS)
+    assert_mtp_matches(report, ref, {0: mtp_reference(tmp_path / "out", batches, tmp_path / "out-layers")})
+    assert report["notes"] == []
+
+
+def test_mtp_layers_that_cannot_run_are_reported_as_not_evaluated(checkpoints, tmp_path):
+    """A mask naming an MTP layer on a checkpoint that does not store it (a fine-tune saved by
+    transformers): the variant says so, and the note says why."""
+    from fixtures.build import build
+
+    src = build("deepseek_v3", tmp_path / "tuned", with_mtp=False)
+    ckpt = Checkpoint.open(src)
+    n = ckpt.num_hidden_layers
+    path = write_mask(checkpoints["deepseek_v3"], {l: [0, 2, 5, 7] for l in [*ckpt.moe_layers, n]}, tmp_path / "m.json")
+    report = evaluate(src, [sized_variant(load_mask(path), path, str(path), load_mask(path).sha256, ckpt)], samples(),
+                      batch_size=2, device="cpu", dtype="float32").to_json()
+    assert report["original"]["mtp"] is None
+    (entry,) = report["variants"][0]["mtp"].items()
+    assert entry[0] == str(n) and not entry[1]["evaluated"] and "no multi-token-prediction layer on disk" in entry[1]["reason"]
+    (note,) = report["notes"]
+    assert f"multi-token-prediction layers [{n}] are not evaluated" in note and "no multi-token-prediction layer on disk" in note
+    assert "MTP top-1 agree" not in table_rows(report)[0]
+
+
+def test_fp8_checkpoint_with_its_mtp_layer_evaluates_as_its_dequantised_twin(checkpoints, tmp_path):
+    """Block FP8 everywhere, the MTP layer's own head projection too (F8 with its scales): the
+    report equals that of the same checkpoint dequantised to F32 on disk."""
+    from fixtures.quantize import dequantized_twin, to_fp8_block
+
+    src = to_fp8_block(checkpoints["deepseek_v3"], tmp_path / "fp8", block=(8, 8))
+    twin = dequantized_twin(src, tmp_path / "twin")
+    n = Checkpoint.open(src).num_hidden_layers
+    assert f"model.layers.{n}.shared_head.head.weight_scale_inv" in Checkpoint.open(src).weight_map
+    reports = []
+    for path in (src, twin):
+        ckpt = Checkpoint.open(path)
+        mask = write_mask(path, {l: [0, 2, 5, 7] for l in [*ckpt.moe_layers, n]}, tmp_path / f"{path.name}.json")
+        variant = sized_variant(load_mask(mask), mask, "m", load_mask(mask).sha256, ckpt)
+        reports.append(evaluate(path, [variant], samples(), batch_size=2, device="cpu", dtype="float32").to_json())
+    (q,), (t,) = reports[0]["variants"], reports[1]["variants"]
+    assert q["mtp"][str(n)]["evaluated"]
+    for key in ("perplexity", "kl_mean", "top1_agreement"):
+        assert q[key] == pytest.approx(t[key], rel=RTOL)
+        assert q["mtp"][str(n)][key] == pytest.approx(t["mtp"][str(n)][key], rel=RTOL)
+    assert q["mtp"][str(n)]["relative_error"] == pytest.approx(t["mtp"][str(n)]["relative_error"], rel=RTOL)
+    assert reports[0]["original"]["mtp"][str(n)]["perplexity"] == \
+        pytest.approx(reports[1]["original"]["mtp"][str(n)]["perplexity"], rel=RTOL)
+    assert q["bytes"] < t["bytes"]  # sized as the FP8 checkpoint apply writes

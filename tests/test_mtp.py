@@ -95,13 +95,16 @@ def layer_style_copy(src, dst):
 
 
 def mtp_tensors(path, layer: int) -> dict[str, torch.Tensor]:
-    """An MTP depth's block tensors: embed_norm, hidden_norm, proj, and embed where it has its own."""
+    """An MTP depth's block tensors: embed_norm, hidden_norm, proj, and embed where it has its own;
+    its output head: head_norm, and head where it has its own (else the LM head drafts)."""
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     if any(name.startswith("mtp.") for name in index):
-        names = dict(zip(("embed_norm", "hidden_norm", "proj"), (f"mtp.{m}.weight" for m in PREFIX_STYLE)))
+        names = dict(zip(("embed_norm", "hidden_norm", "proj", "head_norm"),
+                         (f"mtp.{m}.weight" for m in (*PREFIX_STYLE, "norm"))))
     else:
-        names = dict(zip(("embed_norm", "hidden_norm", "proj", "embed"),
-                         (f"model.layers.{layer}.{m}.weight" for m in (*LAYER_STYLE, "embed_tokens"))))
+        names = dict(zip(("embed_norm", "hidden_norm", "proj", "embed", "head_norm", "head"),
+                         (f"model.layers.{layer}.{m}.weight"
+                          for m in (*LAYER_STYLE, "embed_tokens", "shared_head.norm", "shared_head.head"))))
     out = {}
     for role, name in names.items():
         if name in index:
@@ -123,16 +126,10 @@ def norm_like(model, weight):
     return norm
 
 
-def reference_with_mtp(src, samples, tmp_path=None):
-    """Statistics of every MoE layer and of the MTP layers, from transformers' own model whose extra
-    last layers are the MTP layers. Depth d (layer n+d-1) is fed, at position t,
-    proj([embed_norm(embed(token t+d)); hidden_norm(h)]), where h is the previous depth's output at t
-    (the main model's, through its final norm, for d = 1)."""
-    config = mtp_as_decoder_layer(src)
-    model, info = load(layer_style_copy(src, tmp_path / "layer-style") if tmp_path else src, config=config)
-    depths = mtp_depths(config)
-    n = config.get_text_config().num_hidden_layers - depths
-    assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
+def feed_mtp_inputs(model, src, n: int, depths: int) -> None:
+    """Pre-hooks on transformers' layers n.. (the MTP layers loaded as decoder layers): depth d
+    (layer n+d-1) is fed, at position t, proj([embed_norm(embed(token t+d)); hidden_norm(h)]), where h
+    is the previous depth's output at t (the main model's, through its final norm, for d = 1)."""
     seen = {}
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.__setitem__("ids", a[0]))
 
@@ -149,6 +146,17 @@ def reference_with_mtp(src, samples, tmp_path=None):
     for d in range(1, depths + 1):
         decoder_layers(model)[n + d - 1].register_forward_pre_hook(
             lambda m, a, kw, d=d, w=mtp_tensors(src, n + d - 1): mtp_input(m, a, kw, d, w), with_kwargs=True)
+
+
+def reference_with_mtp(src, samples, tmp_path=None):
+    """Statistics of every MoE layer and of the MTP layers, from transformers' own model whose extra
+    last layers are the MTP layers, fed as `feed_mtp_inputs` says."""
+    config = mtp_as_decoder_layer(src)
+    model, info = load(layer_style_copy(src, tmp_path / "layer-style") if tmp_path else src, config=config)
+    depths = mtp_depths(config)
+    n = config.get_text_config().num_hidden_layers - depths
+    assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
+    feed_mtp_inputs(model, src, n, depths)
     stats, _ = reference_stats(src, samples, model=model, uncounted_tail={n + d - 1: d for d in range(1, depths + 1)})
     return stats
 

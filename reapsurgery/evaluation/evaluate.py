@@ -24,6 +24,7 @@ from ..common.checkpoint import Checkpoint
 from ..common.layouts import Layout
 from ..errors import ReapError
 from .head import LayerError, TokenMetrics, head_only, load_head, score
+from .mtp import MtpDepth, evaluate_mtp, mtp_to_run
 from .variants import Variant, fill_pruned, pruned_skeleton, release
 
 EVALUATION_FORMAT = "reapsurgery.evaluation"
@@ -34,6 +35,8 @@ class VariantResult:
     variant: Variant
     metrics: TokenMetrics
     layers: dict[int, LayerError]
+    mtp: list[MtpDepth] = field(default_factory=list)  # the MTP layers run
+    mtp_skipped: dict[int, str] = field(default_factory=dict)  # the MTP layers the mask keeps that are not: why
 
     def to_json(self, num_experts: int) -> dict:
         after = self.variant.size["after"]
@@ -47,6 +50,9 @@ class VariantResult:
             "bytes": after["bytes"],
             **self.metrics.to_json(),
             "layers": {str(l): {"relative_error": e.relative()} for l, e in sorted(self.layers.items())},
+            # None: the mask keeps no MTP layer, so the checkpoint apply writes has none
+            "mtp": {**{str(d.layer): d.to_json() for d in self.mtp},
+                    **{str(l): {"evaluated": False, "reason": r} for l, r in sorted(self.mtp_skipped.items())}} or None,
         }
 
 
@@ -58,6 +64,7 @@ class Evaluation:
     original_size: dict
     variants: list[VariantResult]
     notes: list[str] = field(default_factory=list)
+    original_mtp: list[MtpDepth] = field(default_factory=list)
 
     def to_json(self) -> dict:
         E = self.model["num_experts"]
@@ -68,7 +75,8 @@ class Evaluation:
             "data": self.data,
             "original": {"experts": E, "params": self.original_size["params"],
                          "active_params": self.original_size["active_params"], "bytes": self.original_size["bytes"],
-                         **self.original.to_json(original=True)},
+                         **self.original.to_json(original=True),
+                         "mtp": {str(d.layer): d.to_json(original=True) for d in self.original_mtp} or None},
             "variants": [v.to_json(E) for v in self.variants],
             "notes": self.notes,
         }
@@ -103,11 +111,7 @@ def evaluate(
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code, experts_implementation=None)
     n_layers = len(streamed.layers)
     moe = set(ckpt.moe_layers)
-    notes = []
-    mtp = sorted({l for v in variants for l in v.mask.layers if l >= n_layers})
-    if mtp:
-        notes.append(f"multi-token-prediction layers {mtp} are not run here (transformers does not run them); "
-                     "their pruned experts count in params and bytes only")
+    mtp, mtp_of, mtp_skipped, notes = mtp_to_run(streamed, variants)
     skeletons = {}  # one meta model per pruned expert count
     for v in variants:
         if v.experts_kept not in skeletons:
@@ -153,11 +157,15 @@ def evaluate(
         if outer:
             outer.update(1)
 
-    load_head(streamed)
-    inner = bar(total=len(batches), desc="LM head", unit="batch", leave=False) if bar else None
+    lm_head = load_head(streamed).weight
+    inner = bar(total=len(batches) * (1 + len(mtp)), desc="LM head", unit="batch", leave=False) if bar else None
+    vocab = streamed.model.config.get_text_config().vocab_size
     with head_only(streamed) as logits_of:
-        vocab = streamed.model.config.get_text_config().vocab_size
         base, metrics = score(logits_of, vocab, original, hidden, batches, inner)
+    base_mtp, variant_mtp = [], [[] for _ in variants]
+    if mtp:  # after the stack: the MTP blocks read the last layer's outputs
+        base_mtp, variant_mtp = evaluate_mtp(streamed, mtp, mtp_of, variants, variant_layers, original, hidden, calls,
+                                             batches, max(l for l in moe if l < n_layers), lm_head, vocab, inner)
     if inner:
         inner.close()
     if outer:
@@ -168,7 +176,8 @@ def evaluate(
             "predicted_positions": base.positions, "batch_size": batch_size,
             "dtype": str(dt).removeprefix("torch."), "device": dev.type, "reapsurgery": __version__}
     return Evaluation(ckpt.fingerprint(), data, base, variants[0].size["before"],
-                      [VariantResult(v, m, e) for v, m, e in zip(variants, metrics, errors)], notes)
+                      [VariantResult(*r) for r in zip(variants, metrics, errors, variant_mtp, mtp_skipped)],
+                      notes, base_mtp)
 
 
 def _run(layer, hidden: list[torch.Tensor], calls: list, i: int, bar) -> list[torch.Tensor]:

@@ -128,22 +128,24 @@ class LayerError:
 
 
 def score(logits_of, vocab: int, original: list[torch.Tensor], variants: list[list[torch.Tensor]],
-          batches: list[tuple[torch.Tensor, torch.Tensor]], bar=None) -> tuple[TokenMetrics, list[TokenMetrics]]:
+          batches: list[tuple[torch.Tensor, torch.Tensor]], bar=None,
+          shift: int = 1) -> tuple[TokenMetrics, list[TokenMetrics]]:
     """Next-token metrics of the original and every variant from their final hidden states.
 
-    At position t of a sample, with a next real token y = ids[t + 1]: NLL = -log p(y);
-    KL(p_original || p_variant) in nats; agreement when the argmaxes are equal."""
+    At position t of a sample, with a real token y = ids[t + shift] (the next one; an MTP layer of
+    depth d predicts shift = d + 1): NLL = -log p(y); KL(p_original || p_variant) in nats;
+    agreement when the argmaxes are equal."""
     base = TokenMetrics()
     out = [TokenMetrics() for _ in variants]
     for b, (ids, am) in enumerate(batches):
         ids, am = ids.to(original[b].device), am.to(original[b].device)
-        predicted = am[:, :-1].bool() & am[:, 1:].bool()  # [B, T-1]
+        predicted = am[:, :-shift].bool() & am[:, shift:].bool()  # [B, T-shift]
         step = max(1, LOGIT_ELEMENTS // vocab)
         for row in range(ids.shape[0]):
             n = int(predicted[row].sum())
             if n == 0:
                 continue
-            targets = ids[row, 1 : n + 1]
+            targets = ids[row, shift : n + shift]
             for start in range(0, n, step):
                 stop = min(n, start + step)
                 y = targets[start:stop]

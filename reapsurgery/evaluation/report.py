@@ -26,6 +26,12 @@ def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[
         rows.append((v["source"], v["experts_kept"], f"{v['sparsity']:.4g}", size(v["bytes"]),
                      f"{v['perplexity']:.4g}", f"{v['kl_mean']:.4g}", f"{v['top1_agreement']:.4f}",
                      f"{worst[1]['relative_error']:.3g} (layer {worst[0]})" if worst else "-"))
+    if report["original"].get("mtp"):  # the draft's first depth, where a variant keeps its MTP layers
+        rows[0] += ("MTP top-1 agree",)
+        rows[1] += ("1",)
+        for j, v in enumerate(report["variants"], start=2):
+            first = next(iter(v["mtp"].values()), {}) if v.get("mtp") else {}
+            rows[j] += (f"{first['top1_agreement']:.4f}" if "top1_agreement" in first else "-",)
     return rows
 
 
