@@ -25,7 +25,8 @@ RTOL = 1e-4
 FAMILIES = {"qwen3_moe": [[0, 2, 3, 5], [1, 6]],
             "deepseek_v3": [[0, 2, 5, 7], [1, 3, 4, 6]],  # n_group=2: the same count kept per group
             "gpt_oss": [[0, 2, 3, 5], [4, 7]],
-            "llama4": [[1, 2, 4, 7], [0, 5]]}
+            "llama4": [[1, 2, 4, 7], [0, 5]],
+            "glm_moe_dsa": [[0, 2, 5, 7], [1, 6]]}  # its shared indexer: a value handed from layer to layer
 
 
 def samples(seed: int = 2) -> list[list[int]]:

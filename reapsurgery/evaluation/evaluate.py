@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..calibration.calibrate import BarFactory, make_batches, resolve_device, resolve_dtype
-from ..calibration.streaming import StreamedModel
+from ..calibration.streaming import StreamedModel, fill_carried
 from ..common.checkpoint import Checkpoint
 from ..common.layouts import Layout
 from ..errors import ReapError
@@ -129,6 +129,7 @@ def evaluate(
         masks.append(am.reshape(-1).bool().to(dev))
     streamed.release_embeddings()
     hidden = [list(original) for _ in variants]
+    carried = [[() for _ in batches] for _ in range(len(variants) + 1)]  # [original, *variants]
     errors: list[dict[int, LayerError]] = [{} for _ in variants]
 
     outer = bar(total=n_layers + 1, desc="layers", unit="layer") if bar else None
@@ -137,7 +138,7 @@ def evaluate(
         inner = bar(total=len(batches) * (1 + len(variants)), desc=f"layer {i}", unit="batch", leave=False) if bar else None
         if on_layer:
             on_layer(i, None, streamed, variant_layers)
-        original = _run(layer, original, calls, i, inner)
+        original, carried[0] = _run(layer, original, carried[0], calls, i, inner)
         for v, variant in enumerate(variants):
             pruned = layer
             if i in moe:
@@ -145,7 +146,7 @@ def evaluate(
                                      f"decoder layer {i}, {variant.label}")
             if on_layer:
                 on_layer(i, v, streamed, variant_layers)
-            hidden[v] = _run(pruned, hidden[v], calls, i, inner)
+            hidden[v], carried[v + 1] = _run(pruned, hidden[v], carried[v + 1], calls, i, inner)
             if i in moe:
                 release(pruned)
                 err = errors[v][i] = LayerError()
@@ -180,12 +181,16 @@ def evaluate(
                       notes, base_mtp)
 
 
-def _run(layer, hidden: list[torch.Tensor], calls: list, i: int, bar) -> list[torch.Tensor]:
-    out = []
-    for h, layer_calls in zip(hidden, calls):
-        args, kwargs = layer_calls[i]
+def _run(layer, hidden: list[torch.Tensor], carried: list[tuple], calls: list, i: int,
+         bar) -> tuple[list[torch.Tensor], list[tuple]]:
+    """Layer i over every batch: its hidden states, and what it hands the next layer's call
+    (GLM-5's shared indexer: the top-k indices), as calibration carries them."""
+    out, passed = [], []
+    for h, c, layer_calls in zip(hidden, carried, calls):
+        args, kwargs = fill_carried(*layer_calls[i], i - 1, c)
         o = layer(h, *args, **kwargs)
         out.append(o[0] if isinstance(o, tuple) else o)
+        passed.append(tuple(o[1:]) if isinstance(o, tuple) else ())
         if bar:
             bar.update(1)
-    return out
+    return out, passed
