@@ -154,6 +154,17 @@ def _publish_locked(tmp: Path, out: Path, overwrite: bool) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _remove_uninterrupted(tmp: Path) -> None:
+    """Remove the partial output even if another Ctrl-C (or SIGTERM) arrives meanwhile: a second
+    interrupt during the removal must not leave half of it behind."""
+    while True:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 @contextmanager
 def staged_output(out: Path, overwrite: bool = False,
                   note: Callable[[str], None] | None = None) -> Iterator[Path]:
@@ -170,7 +181,7 @@ def staged_output(out: Path, overwrite: bool = False,
         yield tmp
         _publish(tmp, out, overwrite)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_uninterrupted(tmp)
         if isinstance(e, OSError) and not isinstance(e, ReapError) and e.filename is None:
             raise ReapError(out, f"cannot write: {e.strerror or e}") from None  # e.g. disk full
         raise
