@@ -145,12 +145,7 @@ def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, layout: 
         "shards_after": len(plan.shards),
         "bytes_saved": before["bytes"] - after["bytes"],
         "quantization": quantization_info(ckpt.config, ckpt.path),
-        "config_changes": {k: list(v) for k, v in plan.config_changes.items()},
-        "dropped_layers": plan.dropped_layers,
-        "dropped_prefixes": plan.dropped_prefixes,
-        "kept_mtp_layers": plan.kept_mtp_layers,
-        "notes": plan.notes,
-        "mtp_dropped": plan.mtp_dropped,
+        **plan.change_facts(),
     }
 
 

@@ -253,14 +253,7 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
     """Every layer over one chunk of batches: its statistics. `resumed`: (next layer, statistics
     so far, hidden states) from a saved state of this chunk."""
     streamed, observer, state, dev = run.streamed, run.observer, run.state, run.dev
-    streamed.load_outer()
-    hidden, calls, masks = [], [], []
-    for ids, am in batches:
-        h, c = streamed.layer_calls(ids.to(dev), am.to(dev))
-        hidden.append(h)
-        calls.append(c)
-        masks.append(am.reshape(-1).bool().to(dev))
-    streamed.release_embeddings()
+    hidden, calls, masks = streamed.layer_inputs(batches)
     start, stats = 0, {}
     carried: list[tuple] = [() for _ in batches]  # per batch, the last layer's outputs past its hidden states
     if resumed and resumed[0] > 0:

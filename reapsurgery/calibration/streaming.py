@@ -271,6 +271,20 @@ class StreamedModel:
             for n, (store, t) in loaded.items():
                 store[n] = t
 
+    def layer_inputs(self, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> tuple[list[torch.Tensor], list[list], list[torch.Tensor]]:
+        """Per batch: layer-0 hidden states, every layer's extra call arguments (`layer_calls`),
+        and the flattened mask of real (non-padding) tokens. The embeddings are held only meanwhile."""
+        self.load_outer()
+        hidden, calls, masks = [], [], []
+        for ids, am in batches:
+            h, c = self.layer_calls(ids.to(self.device), am.to(self.device))
+            hidden.append(h)
+            calls.append(c)
+            masks.append(am.reshape(-1).bool().to(self.device))
+        self.release_embeddings()
+        return hidden, calls, masks
+
     @torch.no_grad()
     def layer_calls(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Layer-0 hidden states and the extra (args, kwargs) the decoder passes to each layer.

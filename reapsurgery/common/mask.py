@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .checkpoint import FINGERPRINT_FIELDS
 from .files import layer_key, read_bytes, loads_strict, write_atomic
@@ -51,6 +51,19 @@ def _count(x, minimum: int = 0) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
 
 
+def versioned_model(data: dict, what: str, bad: Callable[[str], ReapError]) -> dict:
+    """A mask's or saliency file's version (1) and its model fingerprint, checked alike."""
+    if data.get("version") != 1:
+        raise bad(f"unsupported {what} version {data.get('version')!r} (this reapsurgery reads version 1)")
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise bad("'model' fingerprint missing or not an object")
+    problem = fingerprint_problem(model)
+    if problem:
+        raise bad(problem)
+    return model
+
+
 def fingerprint_problem(model: dict) -> str | None:
     """Why a file's 'model' fingerprint cannot describe a MoE model, or None."""
     missing = [f for f in FINGERPRINT_FIELDS if f not in model]
@@ -80,14 +93,7 @@ def parse_mask(data: Any, path: Path, sha256: str | None = None) -> Mask:
         raise bad("mask is not a JSON object")
     if data.get("format") != MASK_FORMAT:
         raise bad(f"'format' is {data.get('format')!r}, expected {MASK_FORMAT!r}")
-    if data.get("version") != 1:
-        raise bad(f"unsupported mask version {data.get('version')!r} (this reapsurgery reads version 1)")
-    model = data.get("model")
-    if not isinstance(model, dict):
-        raise bad("'model' fingerprint missing or not an object")
-    problem = fingerprint_problem(model)
-    if problem:
-        raise bad(problem)
+    model = versioned_model(data, "mask", bad)
     layers = data.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise bad("'layers' missing or empty: expected {\"<layer>\": [retained expert indices]}")

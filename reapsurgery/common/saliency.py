@@ -15,7 +15,7 @@ from typing import Any
 
 from .files import layer_key, loads_strict, read_bytes, write_atomic
 from ..errors import ReapError
-from .mask import check_fingerprint, fingerprint_problem
+from .mask import check_fingerprint, versioned_model
 
 SALIENCY_FORMAT = "reapsurgery.saliency"
 SUM_KEYS = ("count", "gate_sum", "norm_sum", "reap_sum")
@@ -103,14 +103,7 @@ def parse_saliency(data: Any, path: Path, sha256: str | None = None) -> Saliency
 
     if not isinstance(data, dict) or data.get("format") != SALIENCY_FORMAT:
         raise bad(f"not a saliency file ('format' should be {SALIENCY_FORMAT!r})")
-    if data.get("version") != 1:
-        raise bad(f"unsupported saliency version {data.get('version')!r} (this reapsurgery reads version 1)")
-    model = data.get("model")
-    if not isinstance(model, dict):
-        raise bad("'model' fingerprint missing or not an object")
-    problem = fingerprint_problem(model)
-    if problem:
-        raise bad(problem)
+    model = versioned_model(data, "saliency", bad)
     layers_raw = data.get("layers")
     if not isinstance(layers_raw, dict) or not layers_raw:
         raise bad("'layers' missing or empty")

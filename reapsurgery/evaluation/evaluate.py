@@ -120,14 +120,7 @@ def evaluate(
 
     pad_id = streamed.model.config.get_text_config().pad_token_id or 0
     batches = make_batches(samples, batch_size, pad_id)
-    streamed.load_outer()
-    original, calls, masks = [], [], []
-    for ids, am in batches:
-        h, c = streamed.layer_calls(ids.to(dev), am.to(dev))
-        original.append(h)
-        calls.append(c)
-        masks.append(am.reshape(-1).bool().to(dev))
-    streamed.release_embeddings()
+    original, calls, masks = streamed.layer_inputs(batches)
     hidden = [list(original) for _ in variants]
     carried = [[() for _ in batches] for _ in range(len(variants) + 1)]  # [original, *variants]
     errors: list[dict[int, LayerError]] = [{} for _ in variants]

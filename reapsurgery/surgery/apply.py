@@ -103,6 +103,18 @@ class SurgeryPlan:
     def elements(self) -> int:
         return sum(s.elements for s in self.shards)
 
+    def change_facts(self) -> dict:
+        """What the output changes besides experts (config keys, MTP blocks, notes), as plain JSON
+        values: `inspect --ckpt` and `apply --dry-run` report the same facts."""
+        return {
+            "config_changes": {k: list(v) for k, v in self.config_changes.items()},
+            "dropped_layers": self.dropped_layers,
+            "dropped_prefixes": self.dropped_prefixes,
+            "kept_mtp_layers": self.kept_mtp_layers,
+            "notes": self.notes,
+            "mtp_dropped": self.mtp_dropped,
+        }
+
     @property
     def total_size(self) -> int:
         return sum(s.nbytes for s in self.shards)
