@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .common.checkpoint import Checkpoint, resolve_checkpoint
 from .common.files import read_json
@@ -74,8 +74,10 @@ def account(tensors: Iterable[tuple[str, str, tuple[int, ...], int]], layout: La
     }
 
 
-def checkpoint_tensors(ckpt: Checkpoint) -> list[tuple[str, str, tuple[int, ...], int]]:
-    return [(name, info.dtype, info.shape, info.nbytes) for name, (_, info) in sorted(ckpt.tensors().items())]
+def checkpoint_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, str, tuple[int, ...], int]]:
+    """(name, dtype, shape, nbytes) of every tensor, one shard header in memory at a time."""
+    for _, header in ckpt.shard_headers():
+        yield from ((name, info.dtype, info.shape, info.nbytes) for name, info in header.tensors.items())
 
 
 def checkpoint_account(ckpt: Checkpoint) -> dict[str, Any]:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +13,7 @@ from ..errors import ReapError
 from .files import read_json_object
 from .layouts import Layout, builtin_layout_for, text_config
 from .safetensors_io import ShardHeader, TensorInfo, read_header
+from .weight_map import WeightMap, read_index
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -46,23 +45,12 @@ def resolve_checkpoint(spec: str | Path) -> Path:
                               "or pass the checkpoint directory") from None
 
 
-def _shard_name(index_path: Path, name, value) -> str:
-    """An index weight_map entry: a relative file name inside the checkpoint."""
-    if not isinstance(name, str) or not isinstance(value, str) or not value:
-        raise ReapError(index_path, f"weight_map entry {name!r}: {value!r} is not a shard file name")
-    norm = posixpath.normpath(value)
-    if value.startswith(("/", "\\")) or norm == ".." or norm.startswith("../") or "\\" in value or norm != value.removeprefix("./"):
-        raise ReapError(index_path, f"weight_map entry {name!r} names {value!r}, which is not a plain file "
-                                    "name inside the checkpoint directory")
-    return norm
-
-
 @dataclass
 class Checkpoint:
     path: Path
     config: dict
     layout: Layout
-    weight_map: dict[str, str]  # tensor name -> shard file name
+    weight_map: WeightMap  # tensor name -> shard file name
     index_metadata: dict | None  # None for a single-file checkpoint
     _headers: dict[str, ShardHeader] = field(default_factory=dict, repr=False)
 
@@ -135,7 +123,7 @@ class Checkpoint:
     # -- shards ---------------------------------------------------------------
     @property
     def shards(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
+        return self.weight_map.shards
 
     def header(self, shard: str) -> ShardHeader:
         if shard not in self._headers:
@@ -173,7 +161,7 @@ class Checkpoint:
                         raise ReapError(self.path / shard, f"index lists tensor {name!r} but the shard has no such tensor")
 
 
-def read_files(path: Path) -> tuple[dict, dict[str, str], dict | None]:
+def read_files(path: Path) -> tuple[dict, WeightMap, dict | None]:
     """config.json, the tensor -> shard map and the index metadata (None for a single file)."""
     if not path.is_dir():
         raise ReapError(path, "not a checkpoint directory" if not path.exists()
@@ -181,20 +169,13 @@ def read_files(path: Path) -> tuple[dict, dict[str, str], dict | None]:
     config = read_json_object(path / "config.json", "config.json")
     index_path = path / INDEX
     if index_path.exists():
-        index = read_json_object(index_path, "index")
-        if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
-            raise ReapError(index_path, "index has no 'weight_map' object")
-        # one string per shard, not per tensor: 139k names map to a few dozen files
-        weight_map = {k: sys.intern(_shard_name(index_path, k, v)) for k, v in index["weight_map"].items()}
-        metadata = index.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise ReapError(index_path, "index 'metadata' is not a JSON object")
-        for shard in sorted(set(weight_map.values())):
+        weight_map, metadata = read_index(index_path)
+        for shard in weight_map.shards:
             if not (path / shard).is_file():
                 raise ReapError(index_path, f"index names missing shard {shard!r}")
     elif (path / SINGLE).is_file():
         header = read_header(path / SINGLE)
-        weight_map = {name: SINGLE for name in header.tensors}
+        weight_map = WeightMap.from_pairs(((name, SINGLE) for name in header.tensors), path / SINGLE)
         metadata = None
     else:
         raise ReapError(path, f"no {INDEX} and no {SINGLE}: not a safetensors checkpoint")
@@ -217,7 +198,7 @@ def derive_entry(path: str | Path) -> dict:
 _DERIVED: dict[str, Layout] = {}  # one derivation per checkpoint and process (commands open it twice)
 
 
-def derived_layout_for(path: Path, config: dict, weight_map: dict[str, str]) -> Layout:
+def derived_layout_for(path: Path, config: dict, weight_map: WeightMap) -> Layout:
     """The layout transformers' own model implies, for a family without a built-in entry.
 
     Derivation builds the model on the meta device (torch and transformers, seconds); its result

@@ -45,14 +45,19 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def loads_strict(raw: bytes, path: str | os.PathLike, what: str = "file") -> Any:
-    """Parse UTF-8 JSON bytes strictly; raises ReapError(path, ...) on any defect."""
+def check_text(raw: bytes, path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse UTF-16 text and binary files by their first bytes, with a message that says which."""
     sample = raw[:64]
     ascii_utf16 = len(sample) >= 4 and any(not any(sample[i::2]) and all(sample[1 - i::2]) for i in (0, 1))
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or ascii_utf16:
         raise ReapError(path, f"{what} is UTF-16 text, not UTF-8 JSON; save it as UTF-8")
     if b"\x00" in raw[:4096]:
         raise ReapError(path, f"{what} is a binary file, not JSON")
+
+
+def loads_strict(raw: bytes, path: str | os.PathLike, what: str = "file") -> Any:
+    """Parse UTF-8 JSON bytes strictly; raises ReapError(path, ...) on any defect."""
+    check_text(raw, path, what)
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark changes nothing
     try:
         text = raw.decode("utf-8")

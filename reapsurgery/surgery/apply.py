@@ -10,7 +10,9 @@ import json
 import math
 import os
 import shutil
+from array import array
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -59,7 +61,7 @@ class OutShard:
 
     source: str
     header: bytes  # length prefix included, as written
-    ranges: list[tuple[int, int]]  # (absolute offset in the source shard, length), output order, coalesced
+    ranges: array  # offset, length, offset, length... of the source shard, output order, coalesced
     nbytes: int
     elements: int
     name: str = ""
@@ -70,7 +72,8 @@ class OutShard:
         order = write_order([(t.name, t.dtype) for t in tensors])
         tensors = [tensors[i] for i in order]
         header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], metadata)
-        return cls(source, header, coalesce(r for t in tensors for r in t.ranges),
+        ranges = array("Q", chain.from_iterable(coalesce(r for t in tensors for r in t.ranges)))
+        return cls(source, header, ranges,
                    sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors), name)
 
     @property
@@ -376,7 +379,7 @@ def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callabl
 
 def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
     """The source ranges of an output shard's data, in output order, each contiguous run merged."""
-    return shard.ranges
+    return list(zip(shard.ranges[::2], shard.ranges[1::2]))
 
 
 def copy_other_files(src: Path, dst: Path, handled: set[str]) -> list[str]:

@@ -4,9 +4,10 @@ what is stored, quantization settings that follow the kept experts, recomputed i
 from __future__ import annotations
 
 import copy
+import heapq
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from ..common.checkpoint import INDEX, Checkpoint
 from ..common.quant import rewrite_quantization_config
@@ -47,18 +48,39 @@ def write_index(plan: SurgeryPlan, ckpt: Checkpoint, dst: Path) -> None:
     if len(plan.shards) == 1 and ckpt.index_metadata is None:
         return
     metadata = index_metadata(plan, ckpt)
-    # (name, shard) pairs read back from the encoded headers one shard at a time, sorted, written
-    # line by line: what json.dump(indent=2, sort_keys=True) writes, without a dict of every name
-    pairs = sorted((t.name, s.name) for s in plan.shards for t in s.tensors)
+    # what json.dump(indent=2, sort_keys=True) writes, without a dict of every name: each shard's
+    # names sorted into one text block, merged across shards line by line
+    blocks = [(s.name, _block(sorted(t.name for t in s.tensors))) for s in plan.shards]
     head = json.dumps({"metadata": metadata, "weight_map": {}}, indent=2, sort_keys=True)
     with open(dst / INDEX, "w") as f:
-        if not pairs:
+        if not any(block for _, block in blocks):
             f.write(head + "\n")
             return
         f.write(head.removesuffix("{}\n}") + "{\n")
-        f.writelines(f"    {json.dumps(name)}: {json.dumps(shard)}{',' if i < len(pairs) - 1 else ''}\n"
-                     for i, (name, shard) in enumerate(pairs))
-        f.write("  }\n}\n")
+        separator = ""
+        for name, shard in heapq.merge(*(_lines(block, shard) for shard, block in blocks)):
+            f.write(f"{separator}    {json.dumps(name)}: {json.dumps(shard)}")
+            separator = ",\n"
+        f.write("\n  }\n}\n")
+
+
+def _block(names: list[str]) -> str | list[str]:
+    """Sorted names as one string, a line each (a few bytes per name instead of a str object each);
+    a name with a newline in it (legal, if odd) keeps the list."""
+    return names if any("\n" in name for name in names) else "\n".join(names)
+
+
+def _lines(block: str | list[str], shard: str) -> Iterator[tuple[str, str]]:
+    """(name, shard) for each name of a block, one at a time."""
+    if isinstance(block, list):
+        yield from ((name, shard) for name in block)
+        return
+    start = 0
+    while start < len(block):
+        end = block.find("\n", start)
+        end = len(block) if end < 0 else end
+        yield block[start:end], shard
+        start = end + 1
 
 
 def index_metadata(plan: SurgeryPlan, ckpt: Checkpoint) -> dict:

@@ -32,19 +32,24 @@ def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
     ckpt = Checkpoint.open(path, layout)
     report = VerifyReport(ckpt.path, shards=len(ckpt.shards), num_experts=ckpt.num_experts,
                           moe_layers=len(ckpt.moe_layers))
+    check = ExpertCheck(ckpt)
     try:
-        tensors = ckpt.tensors()
+        for shard, header in ckpt.shard_headers():  # one header in memory at a time
+            for name, info in header.tensors.items():
+                report.tensors += 1
+                report.total_size += info.nbytes
+                role = tensor_role(ckpt, name, info)
+                if role is not None:
+                    check.add(name, shard, info, role)
     except ReapError as e:
         report.problems.append(str(e))
         return report
-    report.tensors = len(tensors)
-    report.total_size = sum(info.nbytes for _, info in tensors.values())
     declared = (ckpt.index_metadata or {}).get("total_size")
     if ckpt.index_metadata is not None and declared != report.total_size:
         report.problems.append(f"{ckpt.path / INDEX}: index metadata.total_size is {declared}, "
                                f"tensors hold {report.total_size} bytes")
 
-    report.problems += [f"{where}: {msg}" for where, msg in expert_tensor_problems(ckpt, tensors)]
+    report.problems += [f"{where}: {msg}" for where, msg in check.result()]
     report.problems += [f"{ckpt.path / 'config.json'}: {msg}" for msg in mtp_count_problems(ckpt)]
     return report
 
@@ -123,13 +128,3 @@ class ExpertCheck:
                 detail = f"lacks tensors of experts {absent[:8]}" if absent else f"has tensors of experts {extra[:8]}"
                 problems.append((ckpt.path, f"MoE layer {layer} {detail}; config says {E} experts"))
         return problems
-
-
-def expert_tensor_problems(ckpt: Checkpoint, tensors: dict[str, tuple[str, TensorInfo]]) -> list[tuple[Path, str]]:
-    """Where expert and router tensors disagree with config.json, as (file, problem)."""
-    check = ExpertCheck(ckpt)
-    for name, (shard, info) in tensors.items():
-        role = tensor_role(ckpt, name, info)
-        if role is not None:
-            check.add(name, shard, info, role)
-    return check.result()
