@@ -73,6 +73,7 @@ BAD = {
     "an invalid escape": ('{"weight_map": {"a\\x": "s.safetensors"}}', "not valid JSON"),
     "a raw control character": ('{"weight_map": {"a\x01": "s.safetensors"}}', "not valid JSON"),
     "bytes that are not UTF-8": (b'{"weight_map": {"a\xff": "s.safetensors"}}', "not UTF-8"),
+    "UTF-8 split across two names": (b'{"weight_map": {"a\xc3": "s.safetensors", "\xa9b": "s.safetensors"}}', "not UTF-8"),
     "an empty weight_map": ('{"weight_map": {}}', "no 'weight_map' object"),
     "no weight_map": ('{"metadata": {}}', "no 'weight_map' object"),
     "metadata a list": ('{"metadata": [1], "weight_map": {"a": "s.safetensors"}}', "'metadata' is not a JSON object"),

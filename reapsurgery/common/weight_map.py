@@ -149,24 +149,30 @@ def _scan(raw: bytes, index_path: Path) -> tuple[bytearray, array, array, list[s
     before = before[:-1] + b"}" if before.endswith(b",") else before + b"}" if before.endswith(b"{") else None
     if before is None:
         raise _NotPlain
-    blob, ends, shard_of, index = bytearray(), array("I"), array("I"), {}
+    blob, ends, shard_of, index, shard_names = bytearray(), array("I"), array("I"), {}, []
     pos = found.end()
     empty = _EMPTY.match(raw, pos)
-    pos = empty.end() if empty else pos
-    while empty is None:
-        m = _PAIR.match(raw, pos)
-        if m is None:
+    if empty is not None:
+        pos = empty.end()
+    else:
+        for m in _PAIR.finditer(raw, pos):
+            if m.start() != pos:
+                raise _NotPlain
+            key, value, sep = m.groups()
+            if key.isascii() and b"\\" not in key:
+                blob += key[1:-1]
+            else:
+                blob += _text(key).encode("utf-8", "surrogatepass")
+            ends.append(len(blob))
+            if (shard := index.get(value)) is None:
+                shard = index[value] = len(index)
+                shard_names.append(shard_name(index_path, _text(key), _text(value)))
+            shard_of.append(shard)
+            pos = m.end()
+            if sep == b"}":
+                break
+        else:
             raise _NotPlain
-        key, value, sep = m.groups()
-        name = _text(key)
-        if value not in index:
-            index[value] = (len(index), shard_name(index_path, name, _text(value)))
-        blob += key[1:-1] if b"\\" not in key else name.encode("utf-8", "surrogatepass")
-        ends.append(len(blob))
-        shard_of.append(index[value][0])
-        pos = m.end()
-        if sep == b"}":
-            break
     after = raw[pos:].strip(b" \t\n\r")
     if after.startswith(b","):
         after = b"{" + after[1:]
@@ -180,8 +186,7 @@ def _scan(raw: bytes, index_path: Path) -> tuple[bytearray, array, array, list[s
         raise _NotPlain from None
     if set(head) & set(tail) or "weight_map" in head or "weight_map" in tail:
         raise _NotPlain  # a key twice: the strict reader names it
-    shards = [shard for _, shard in sorted(index.values())]
-    return blob, ends, shard_of, shards, {**head, **tail}
+    return blob, ends, shard_of, shard_names, {**head, **tail}
 
 
 def _text(token: bytes) -> str:
