@@ -262,3 +262,15 @@ def test_derived_entry_is_a_layout_file(checkpoints, tmp_path):
     layout = load_layout_file(str(path))
     assert layout.moe_layers(ckpt.cfg) == builtin_layouts()["mixtral"].moe_layers(ckpt.cfg)
     assert layout.experts == ("block_sparse_moe.experts.{expert}.",)
+
+
+@pytest.mark.parametrize("family", ["mistral4", "step3p7"])
+def test_a_config_without_architectures_derives_the_same_layout(checkpoints, family):
+    """These families are only in transformers' image-text-to-text auto map: with no class named,
+    derivation picks that map as calibration does, not AutoModelForCausalLM."""
+    ckpt = Checkpoint.open(checkpoints[family])
+    config = {k: v for k, v in ckpt.config.items() if k != "architectures"}
+    named = derive_layout(ckpt.config, ckpt.weight_map)
+    unnamed = derive_layout(config, ckpt.weight_map)
+    facts = lambda entry: {k: v for k, v in entry.items() if k not in ("derived", "architectures")}
+    assert facts(unnamed) == facts(named) and named["architectures"]

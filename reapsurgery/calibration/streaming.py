@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
 
 from ..common.checkpoint import Checkpoint
-from ..common.model_map import ConversionMap, find_decoder, model_class
+from ..common.model_map import ConversionMap, auto_class, find_decoder, model_class
 from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from ..errors import ReapError
 from .fused import FusedTarget, read_fused, readable, stacks_only
@@ -46,18 +46,8 @@ def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = Fal
         if cls is not None:
             model = cls._from_config(config, dtype=dtype)
         else:
-            model = _model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
-
-
-def _model_class(config):
-    """AutoModelForCausalLM, or for a family it does not map (Mistral4ForCausalLM and
-    Step3p7ForConditionalGeneration are only in the image-text-to-text map) the one that does."""
-    from transformers import AutoModelForImageTextToText
-
-    if type(config) in AutoModelForCausalLM._model_mapping or type(config) not in AutoModelForImageTextToText._model_mapping:
-        return AutoModelForCausalLM
-    return AutoModelForImageTextToText
 
 
 class LayoutConverter(ConversionMap):

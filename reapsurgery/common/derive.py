@@ -4,7 +4,7 @@ transformers already knows, for every model type it builds, which parameters are
 routed expert and how checkpoint names map onto parameters. `derive_layout` reads both:
 
 1. The skeleton is built on the meta device from config.json (the class ``architectures[0]``
-   names, else ``AutoModelForCausalLM``). Its experts modules carry ``num_experts`` (E).
+   names, else ``model_map.auto_class``). Its experts modules carry ``num_experts`` (E).
 2. Every int config key of the text config whose value is E is a candidate; the skeleton is
    built again with that key at E+1. A key counts routed experts when the experts modules then
    count E+1 and tensor shapes change. The parameters and buffers whose shape changed are the
@@ -200,16 +200,15 @@ def _unquantized(config: dict) -> dict:
 def _skeleton(config: dict):
     """The model class for this config, every tensor on the meta device."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from .model_map import model_class
+    from .model_map import auto_class, model_class
 
     cls = model_class(config.get("architectures"))
     cfg = _config_object(config, cls)
     with torch.device("meta"):
         if cls is not None:
             return cls._from_config(cfg)
-        return AutoModelForCausalLM.from_config(cfg)
+        return auto_class(cfg).from_config(cfg)
 
 
 def _config_object(config: dict, cls):

@@ -27,6 +27,17 @@ def model_class(architectures: list[str] | None, trust_remote_code: bool = False
     return cls if cls is not None and hasattr(cls, "_from_config") else None
 
 
+def auto_class(config):
+    """Where config.json names no class transformers has: AutoModelForCausalLM, or for a family it
+    does not map (Mistral4ForCausalLM and Step3p7ForConditionalGeneration are only in the
+    image-text-to-text map) the one that does. Calibration and layout derivation both use it."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if type(config) in AutoModelForCausalLM._model_mapping or type(config) not in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
+
+
 def find_decoder(model: nn.Module) -> nn.Module:
     """The module holding the decoder layers: `get_decoder()`, or where that returns a wrapper
     without them (Llama4ForCausalLM answers itself), its shallowest submodule with a `layers` list."""
