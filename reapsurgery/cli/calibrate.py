@@ -60,9 +60,13 @@ class Size(click.ParamType):
               help="Save the resume state at most this often (90, 30s, 10m, 1h; 0: after every layer). It is "
                    "written in the background as one file replaced atomically, and also on Ctrl-C or an error.")
 @click.option("--hidden-memory", type=Size(), default=None, metavar="SIZE",
-              help="Most memory the hidden states may take (512M, 8G...). When all samples' do not fit, they are "
-                   "split into chunks and each chunk streams the layers again (same statistics: they are sums; "
-                   "the chunk count goes into the provenance). Default: no limit.")
+              help="Most memory the hidden states may take on the compute device (512M, 8G...). Default: what is "
+                   "free there (CUDA's free memory, or MemAvailable on the CPU) less two layers' weights and 1/8 "
+                   "for the forward. When all samples' do not fit, they are kept in host memory and each batch is "
+                   "moved to the device for its forward; when even host memory (MemAvailable less two layers and "
+                   "1/8) does not hold them (on the CPU: at once), the samples are split into chunks and each "
+                   "chunk streams the layers again. Same statistics either way (they are sums); a note says "
+                   "which was chosen, and the provenance records it (hidden_states, chunks).")
 @click.option("--mtp", type=click.Choice(["auto", "drop", "calibrate"]), default="auto", show_default=True,
               help="Multi-token-prediction block (DeepSeek-V3, GLM-4.x: layers past the stack; Qwen3-Next: "
                    "mtp.*), run by vLLM, SGLang and llama.cpp for speculative decoding: 'calibrate' measures its "
