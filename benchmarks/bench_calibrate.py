@@ -133,7 +133,7 @@ def helper_build(out: str, size_gib: float, dtype: str, seed: int) -> None:
     out = Path(out)
     out.mkdir(parents=True)
     names_check = check_names_against_transformers(out.parent)
-    c = arch_for(size_gib, dtype)
+    c = arch_for(size_gib, dtype, LAYERS)
     cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=LAYERS, dtype=dtype, **c)
     cfg.architectures = ["Qwen3MoeForCausalLM"]
     cfg.save_pretrained(out)
@@ -499,7 +499,7 @@ def fp8_case(args, work: Path, log: Path) -> None:
     """Build, quantize to block FP8 (fixtures.quantize.to_fp8_block), run calibrate profiled once."""
     src = work / "qwen3-moe-random"
     run_measured([sys.executable, str(HERE), "--_build", str(src), "--size-gb", str(args.size_gb), "--dtype", args.dtype,
-                  "--seed", str(args.seed), "--experts", str(args.experts)], log, ENV)
+                  "--seed", str(args.seed), "--experts", str(args.experts), "--layers", str(LAYERS)], log, ENV)
     ck = work / "qwen3-moe-fp8"
     code = (f"import sys; sys.path.insert(0, {str(HERE.parents[1])!r}); from fixtures.quantize import to_fp8_block; "
             f"to_fp8_block({str(src)!r}, {str(ck)!r})")
@@ -517,13 +517,50 @@ def fp8_case(args, work: Path, log: Path) -> None:
                       "rss_mib": p["rss_mib"], "phases": p.get("phases"), "bytes_read": p.get("bytes_read")}))
 
 
+def resume_cost_case(args, work: Path, log: Path) -> None:
+    """The resume state's share of calibrate() at --samples x --tokens (the issue's target: <= 5% at
+    64 x 2048): the profiled calibrate run once with calibrate's default --checkpoint-every (10m) and
+    once saving after every layer (0), each printing its phase table."""
+    ck = work / "qwen3-moe-random"
+    run_measured([sys.executable, str(HERE), "--_build", str(ck), "--size-gb", str(args.size_gb), "--dtype", args.dtype,
+                  "--seed", str(args.seed), "--experts", str(args.experts), "--layers", str(LAYERS)], log, ENV)
+    a = json.loads(Path(f"{ck}.build.json").read_text())["arch"]
+    data = work / "tokens.jsonl"
+    write_tokens(data, args.samples, args.tokens, a["vocab_size"], args.seed)
+    hidden = args.samples * args.tokens * a["hidden_size"] * DTYPE_BYTES[args.dtype]
+    print(f"[resume-cost] random Qwen3-MoE, {LAYERS} layers x {args.experts} experts, hidden {a['hidden_size']}, "
+          f"{dir_bytes(ck) / GiB:.2f} GiB; {args.samples} x {args.tokens} tokens, {args.dtype}: hidden states "
+          f"{hidden / MiB:.0f} MiB per saved state", flush=True)
+    rows = []
+    for every in ("10m", "0"):
+        args.checkpoint_every = every
+        p = run_profile(args, ck, data, work, log)
+        wall = p["timers"].get("calibrate() total", [0.0])[0]
+        save = (p.get("phases") or {}).get("state save", 0.0)
+        saves = p["timers"].get("ResumeState.save (hands the state to its writer thread)", [0.0, 0])[1]
+        print(f"\n  --checkpoint-every {every}: calibrate() {wall:.2f}s, {saves} state saves, state save {save:.2f}s "
+              f"(background writer) = {save / wall if wall else 0:.1%} of calibrate()", flush=True)
+        report_phases(p)
+        rows.append({"checkpoint_every": every, "calibrate_s": wall, "saves": saves, "state_save_s": save,
+                     "share": save / wall if wall else 0.0, "wall_s": p["wall_s"], "rss_mib": p["rss_mib"]})
+    per_save = rows[1]["state_save_s"] / rows[1]["saves"] if rows[1]["saves"] else 0.0
+    extra = rows[1]["calibrate_s"] / rows[0]["calibrate_s"] - 1 if rows[0]["calibrate_s"] else 0.0
+    print(f"\n  state-save share: {rows[0]['share']:.1%} at the default --checkpoint-every 10m, {rows[1]['share']:.1%} "
+          f"saving after every layer (target <= 5%); calibrate() {extra:+.1%} longer when saving after every layer; "
+          f"{per_save:.2f}s per save, so one save per 10 minutes costs {per_save / 600:.2%} of a longer run", flush=True)
+    print(json.dumps({"case": "resume_cost", "samples": args.samples, "tokens": args.tokens, "layers": LAYERS,
+                      "hidden_state_bytes": hidden, "runs": rows, "per_save_s": per_save}))
+    shutil.rmtree(ck, ignore_errors=True)
+
+
 def bench(args, work: Path, log: Path) -> dict:
     ck = work / "qwen3-moe-random"
     print(f"[build] random-weight Qwen3-MoE, {LAYERS} layers x {ARCH['num_experts']} experts, top-"
           f"{ARCH['num_experts_per_tok']}, {args.dtype}, ~{args.size_gb:g} GiB in {ck} ...", flush=True)
     t = time.perf_counter()
     m = run_measured([sys.executable, str(HERE), "--_build", str(ck), "--size-gb", str(args.size_gb),
-                      "--dtype", args.dtype, "--seed", str(args.seed), "--experts", str(args.experts)], log, ENV)
+                      "--dtype", args.dtype, "--seed", str(args.seed), "--experts", str(args.experts),
+                      "--layers", str(LAYERS)], log, ENV)
     desc = json.loads(Path(f"{ck}.build.json").read_text())
     sync_s = fs_sync(work)
     size = dir_bytes(ck)
@@ -784,6 +821,7 @@ def report(args, machine: dict, res: dict, floor: dict, total_s: float) -> None:
 
 
 def main() -> None:
+    global LAYERS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size, GiB (default 4)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
@@ -805,6 +843,11 @@ def main() -> None:
                          "the worst case of its cost)")
     ap.add_argument("--experts", type=int, default=64, help="routed experts per layer (default 64; e.g. 256 for the "
                                                              "large-expert-count case)")
+    ap.add_argument("--layers", type=int, default=LAYERS, help=f"decoder layers (default {LAYERS})")
+    ap.add_argument("--resume-cost", action="store_true",
+                    help="resume-state case: only the profiled calibrate, with the default --checkpoint-every 10m and "
+                         "with 0 (a save after every layer); prints the state-save share of each (e.g. --samples 64 "
+                         "--tokens 2048 --size-gb 0.25 --layers 4: the issue's 64 x 2048 target)")
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch directory (default: /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--_build", dest="build", help=argparse.SUPPRESS)
@@ -814,7 +857,7 @@ def main() -> None:
     ap.add_argument("--_gemm", dest="gemm", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    ARCH["num_experts"] = args.experts
+    ARCH["num_experts"], LAYERS = args.experts, args.layers
 
     if args.build:
         return helper_build(args.build, args.size_gb, args.dtype, args.seed)
@@ -849,6 +892,8 @@ def main() -> None:
         floor = {k: {"wall_s": round(v["wall_s"], 3), "rss_mib": round(v["rss_mib"], 1)} for k, v in floor.items()}
         if args.fp8:
             return fp8_case(args, work, log)
+        if args.resume_cost:
+            return resume_cost_case(args, work, log)
         res = bench(args, work, log)
         machine["loadavg_end"] = list(os.getloadavg())
         machine["rss_method"] = RSS_METHOD
