@@ -553,6 +553,83 @@ def resume_cost_case(args, work: Path, log: Path) -> None:
     shutil.rmtree(ck, ignore_errors=True)
 
 
+def _proc_io() -> dict:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(":") for line in f)}
+
+
+def helper_rank_io(cli_args: list[str], out_dir: str) -> None:
+    """Child process (one torchrun rank): the calibrate command in-process; what it read, from
+    /proc/self/io around the command (imports excluded): rchar counts every byte its read calls
+    returned, read_bytes only those fetched from storage (the rest came from the page cache)."""
+    import torch  # noqa: F401  (imported before the window, as the command would)
+    import transformers  # noqa: F401
+
+    main = reap("cli").main
+    timings = importlib.import_module("reapsurgery.calibration.timing").TIMINGS
+    before = _proc_io()
+    main.main(args=cli_args, prog_name="reapsurgery", standalone_mode=False)
+    after = _proc_io()
+    rank = int(os.environ.get("RANK", "0") or 0)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world": int(os.environ.get("WORLD_SIZE", "1") or 1), "pread_bytes": timings.bytes_read,
+        **{k: after[k] - before[k] for k in ("rchar", "read_bytes")}}))
+
+
+def _evict(ck: Path) -> str:
+    """Empty the page cache of the checkpoint: drop_caches where allowed, else posix_fadvise DONTNEED per file."""
+    from common import DROP_CACHES, can_drop_caches
+
+    subprocess.run(["sync"], check=False)
+    if can_drop_caches():
+        DROP_CACHES.write_text("3\n")
+        return "drop_caches"
+    for f in ck.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "posix_fadvise(DONTNEED) per file"
+
+
+def ranks_io_case(args, work: Path, log: Path) -> None:
+    """Ranks on one node share the page cache: `torchrun --nproc-per-node N` (gloo, CPU) from a cold
+    cache, against one process, with per-rank bytes read from storage and from the page cache."""
+    ck = work / "qwen3-moe-random"
+    run_measured([sys.executable, str(HERE), "--_build", str(ck), "--size-gb", str(args.size_gb), "--dtype", args.dtype,
+                  "--seed", str(args.seed), "--experts", str(args.experts), "--layers", str(LAYERS)], log, ENV)
+    weights = sum(p.stat().st_size for p in ck.glob("*.safetensors"))
+    a = json.loads(Path(f"{ck}.build.json").read_text())["arch"]
+    data = work / "tokens.jsonl"
+    write_tokens(data, args.samples, args.tokens, a["vocab_size"], args.seed)
+    args.checkpoint_every = "10m"
+    print(f"[ranks-io] random Qwen3-MoE, {LAYERS} layers x {args.experts} experts, {weights / GiB:.2f} GiB of shards "
+          f"({weights} bytes); {args.samples} x {args.tokens} tokens; cold page cache before each run", flush=True)
+    print(f"  {'ranks':>5} {'rank':>4} {'pread (asked)':>14} {'rchar':>14} {'read_bytes (storage)':>21} "
+          f"{'from page cache':>16} {'wall':>7}", flush=True)
+    rows = []
+    for n in (1, args.ranks_io):
+        how = _evict(ck)
+        out_dir = work / f"io-{n}"
+        out_dir.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), str(HERE),
+               "--_rank_io", str(out_dir), "--", *calibrate_cmd(args, ck, data, work / f"sal-{n}.json")]
+        m = run_measured(cmd, log, dict(ENV, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n))))
+        ranks = sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
+        for r in ranks:
+            cached = max(r["rchar"] - r["read_bytes"], 0)
+            print(f"  {n:>5} {r['rank']:>4} {r['pread_bytes'] / MiB:11.0f} MiB {r['rchar'] / MiB:10.0f} MiB "
+                  f"{r['read_bytes'] / MiB:17.0f} MiB {cached / MiB:12.0f} MiB {m['wall_s']:6.1f}s", flush=True)
+        storage = sum(r["read_bytes"] for r in ranks)
+        print(f"  {n} rank(s): storage reads {storage / MiB:.0f} MiB = {storage / weights:.2f} x the shards "
+              f"(cache emptied by {how})", flush=True)
+        rows.append({"ranks": n, "per_rank": ranks, "storage_bytes": storage, "wall_s": m["wall_s"], "evicted_by": how})
+    print(json.dumps({"case": "ranks_io", "weight_bytes": weights, "runs": rows}))
+    shutil.rmtree(ck, ignore_errors=True)
+
+
 def bench(args, work: Path, log: Path) -> dict:
     ck = work / "qwen3-moe-random"
     print(f"[build] random-weight Qwen3-MoE, {LAYERS} layers x {ARCH['num_experts']} experts, top-"
@@ -848,12 +925,16 @@ def main() -> None:
                     help="resume-state case: only the profiled calibrate, with the default --checkpoint-every 10m and "
                          "with 0 (a save after every layer); prints the state-save share of each (e.g. --samples 64 "
                          "--tokens 2048 --size-gb 0.25 --layers 4: the issue's 64 x 2048 target)")
+    ap.add_argument("--ranks-io", type=int, default=0, metavar="N",
+                    help="page-cache case: calibrate from a cold cache as one process and under torchrun with N ranks "
+                         "(gloo, CPU); prints per rank the bytes read from storage and from the page cache")
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch directory (default: /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--_build", dest="build", help=argparse.SUPPRESS)
     ap.add_argument("--_baseline", dest="baseline", nargs=9, help=argparse.SUPPRESS)
     ap.add_argument("--_profile", dest="profile_json", help=argparse.SUPPRESS)
     ap.add_argument("--_cprofile", dest="cprofile_out", help=argparse.SUPPRESS)
+    ap.add_argument("--_rank_io", dest="rank_io", help=argparse.SUPPRESS)
     ap.add_argument("--_gemm", dest="gemm", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -869,6 +950,9 @@ def main() -> None:
         return helper_profile(rest, args.profile_json, args.cprofile_out)
     if args.gemm:
         return helper_gemm()
+    if args.rank_io:
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        return helper_rank_io(rest, args.rank_io)
 
     work = make_scratch(args.workdir, "reapsurgery-bench-cal-")
     log = work / "commands.log"
@@ -894,6 +978,8 @@ def main() -> None:
             return fp8_case(args, work, log)
         if args.resume_cost:
             return resume_cost_case(args, work, log)
+        if args.ranks_io:
+            return ranks_io_case(args, work, log)
         res = bench(args, work, log)
         machine["loadavg_end"] = list(os.getloadavg())
         machine["rss_method"] = RSS_METHOD

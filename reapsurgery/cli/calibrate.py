@@ -87,7 +87,8 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     The run's state is kept beside OUTPUT (OUTPUT.resume/, every --checkpoint-every), so --resume
     continues a crashed run; it is removed once OUTPUT is written. Under torchrun
     (`torchrun --nproc-per-node N -m reapsurgery calibrate ...`) each rank takes a share of the
-    samples and rank 0 writes.
+    samples and rank 0 writes; on several nodes the same command runs on each, with torchrun's
+    --nnodes, --node-rank and --master-addr.
     """
     from functools import partial
 
@@ -129,6 +130,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
         return
     never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
     chunks = f" in {cal['chunks']} chunks" if cal.get("chunks", 1) > 1 else ""
+    chunks += ", hidden states in host memory," if cal.get("hidden_states") == "host" else ""
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
     click.echo(f"wrote {output}: {len(saliency.layers)} MoE layers{mtp_note}, {cal['samples']} samples, "
                f"{cal['tokens']} tokens{chunks} on {cal['device']} ({cal['dtype']}); {never} (layer, expert) pairs never routed")
