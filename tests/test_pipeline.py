@@ -50,7 +50,9 @@ def test_hidden_memory_budget_forcing_three_chunks_equals_one_chunk(checkpoints)
                                        torch.tensor(getattr(a, key), dtype=torch.float64), rtol=1e-12, atol=0)
 
 
-def test_resume_in_a_later_chunk_equals_the_chunked_run(checkpoints, tmp_path):
+# resumed with the default budget (all of this machine's free memory: one chunk), it keeps the saved chunks
+@pytest.mark.parametrize("resumed_budget", ["same", "default"])
+def test_resume_in_a_later_chunk_equals_the_chunked_run(checkpoints, tmp_path, resumed_budget):
     run = dict(batch_size=2, device="cpu", dtype="float32", hidden_memory=2 * 24 * 32 * 4,
                state_dir=tmp_path / "s.resume", checkpoint_every=0)
     whole = calibrate(checkpoints["qwen3_moe"], texts(), **run)
@@ -64,6 +66,8 @@ def test_resume_in_a_later_chunk_equals_the_chunked_run(checkpoints, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         calibrate(checkpoints["qwen3_moe"], texts(), on_layer=crash, **run)
     started = []
+    if resumed_budget == "default":
+        run["hidden_memory"] = None
     resumed = calibrate(checkpoints["qwen3_moe"], texts(), resume=True, on_layer=lambda i, s: started.append(i), **run)
     assert started == [1, 2, 0, 1, 2]  # the rest of chunk 1, then chunk 2
     assert resumed.to_json() == whole.to_json()
