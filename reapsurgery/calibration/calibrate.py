@@ -8,6 +8,7 @@ is saved (resume.py) so `--resume` continues from the last finished layer with i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -442,6 +443,9 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
     except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
         if done > start and state.saved_next != (chunk, done):
             state.save(done, stats, hidden, {**extra, "carried": _cpu(carried)}, background=False)
+        else:  # the last background save is on disk before the caller can resume from it
+            with contextlib.suppress(Exception):
+                state.wait()
         raise
     finally:
         if reader is not None:
