@@ -133,7 +133,7 @@ def helper_build(out: str, size_gib: float, dtype: str, seed: int) -> None:
     out = Path(out)
     out.mkdir(parents=True)
     names_check = check_names_against_transformers(out.parent)
-    c = arch_for(size_gib, dtype)
+    c = arch_for(size_gib, dtype, LAYERS)
     cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=LAYERS, dtype=dtype, **c)
     cfg.architectures = ["Qwen3MoeForCausalLM"]
     cfg.save_pretrained(out)
@@ -499,7 +499,7 @@ def fp8_case(args, work: Path, log: Path) -> None:
     """Build, quantize to block FP8 (fixtures.quantize.to_fp8_block), run calibrate profiled once."""
     src = work / "qwen3-moe-random"
     run_measured([sys.executable, str(HERE), "--_build", str(src), "--size-gb", str(args.size_gb), "--dtype", args.dtype,
-                  "--seed", str(args.seed), "--experts", str(args.experts)], log, ENV)
+                  "--seed", str(args.seed), "--experts", str(args.experts), "--layers", str(LAYERS)], log, ENV)
     ck = work / "qwen3-moe-fp8"
     code = (f"import sys; sys.path.insert(0, {str(HERE.parents[1])!r}); from fixtures.quantize import to_fp8_block; "
             f"to_fp8_block({str(src)!r}, {str(ck)!r})")
@@ -517,13 +517,132 @@ def fp8_case(args, work: Path, log: Path) -> None:
                       "rss_mib": p["rss_mib"], "phases": p.get("phases"), "bytes_read": p.get("bytes_read")}))
 
 
+def resume_cost_case(args, work: Path, log: Path) -> None:
+    """The resume state's share of calibrate() at --samples x --tokens (the issue's target: <= 5% at
+    64 x 2048): the profiled calibrate run once with calibrate's default --checkpoint-every (10m) and
+    once saving after every layer (0), each printing its phase table."""
+    ck = work / "qwen3-moe-random"
+    run_measured([sys.executable, str(HERE), "--_build", str(ck), "--size-gb", str(args.size_gb), "--dtype", args.dtype,
+                  "--seed", str(args.seed), "--experts", str(args.experts), "--layers", str(LAYERS)], log, ENV)
+    a = json.loads(Path(f"{ck}.build.json").read_text())["arch"]
+    data = work / "tokens.jsonl"
+    write_tokens(data, args.samples, args.tokens, a["vocab_size"], args.seed)
+    hidden = args.samples * args.tokens * a["hidden_size"] * DTYPE_BYTES[args.dtype]
+    print(f"[resume-cost] random Qwen3-MoE, {LAYERS} layers x {args.experts} experts, hidden {a['hidden_size']}, "
+          f"{dir_bytes(ck) / GiB:.2f} GiB; {args.samples} x {args.tokens} tokens, {args.dtype}: hidden states "
+          f"{hidden / MiB:.0f} MiB per saved state", flush=True)
+    rows = []
+    for every in ("10m", "0"):
+        args.checkpoint_every = every
+        p = run_profile(args, ck, data, work, log)
+        wall = p["timers"].get("calibrate() total", [0.0])[0]
+        save = (p.get("phases") or {}).get("state save", 0.0)
+        saves = p["timers"].get("ResumeState.save (hands the state to its writer thread)", [0.0, 0])[1]
+        print(f"\n  --checkpoint-every {every}: calibrate() {wall:.2f}s, {saves} state saves, state save {save:.2f}s "
+              f"(background writer) = {save / wall if wall else 0:.1%} of calibrate()", flush=True)
+        report_phases(p)
+        rows.append({"checkpoint_every": every, "calibrate_s": wall, "saves": saves, "state_save_s": save,
+                     "share": save / wall if wall else 0.0, "wall_s": p["wall_s"], "rss_mib": p["rss_mib"]})
+    per_save = rows[1]["state_save_s"] / rows[1]["saves"] if rows[1]["saves"] else 0.0
+    extra = rows[1]["calibrate_s"] / rows[0]["calibrate_s"] - 1 if rows[0]["calibrate_s"] else 0.0
+    print(f"\n  state-save share: {rows[0]['share']:.1%} at the default --checkpoint-every 10m, {rows[1]['share']:.1%} "
+          f"saving after every layer (target <= 5%); calibrate() {extra:+.1%} longer when saving after every layer; "
+          f"{per_save:.2f}s per save, so one save per 10 minutes costs {per_save / 600:.2%} of a longer run", flush=True)
+    print(json.dumps({"case": "resume_cost", "samples": args.samples, "tokens": args.tokens, "layers": LAYERS,
+                      "hidden_state_bytes": hidden, "runs": rows, "per_save_s": per_save}))
+    shutil.rmtree(ck, ignore_errors=True)
+
+
+def _proc_io() -> dict:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(":") for line in f)}
+
+
+def helper_rank_io(cli_args: list[str], out_dir: str) -> None:
+    """Child process (one torchrun rank): the calibrate command in-process; what it read, from
+    /proc/self/io around the command (imports excluded): rchar counts every byte its read calls
+    returned, read_bytes only those fetched from storage (the rest came from the page cache)."""
+    import torch  # noqa: F401  (imported before the window, as the command would)
+    import transformers  # noqa: F401
+
+    main = reap("cli").main
+    timings = importlib.import_module("reapsurgery.calibration.timing").TIMINGS
+    before = _proc_io()
+    main.main(args=cli_args, prog_name="reapsurgery", standalone_mode=False)
+    after = _proc_io()
+    rank = int(os.environ.get("RANK", "0") or 0)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world": int(os.environ.get("WORLD_SIZE", "1") or 1), "pread_bytes": timings.bytes_read,
+        **{k: after[k] - before[k] for k in ("rchar", "read_bytes")}}))
+
+
+def _evict(ck: Path) -> str:
+    """Empty the page cache of the checkpoint: drop_caches where allowed, else posix_fadvise DONTNEED per file."""
+    from common import DROP_CACHES, can_drop_caches
+
+    subprocess.run(["sync"], check=False)
+    if can_drop_caches():
+        DROP_CACHES.write_text("3\n")
+        return "drop_caches"
+    for f in ck.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "posix_fadvise(DONTNEED) per file"
+
+
+def ranks_io_case(args, work: Path, log: Path) -> None:
+    """Ranks on one node share the page cache: `torchrun --nproc-per-node N` (gloo, CPU) from a cold
+    cache, against one process, with per-rank bytes read from storage and from the page cache."""
+    ck = work / "qwen3-moe-random"
+    run_measured([sys.executable, str(HERE), "--_build", str(ck), "--size-gb", str(args.size_gb), "--dtype", args.dtype,
+                  "--seed", str(args.seed), "--experts", str(args.experts), "--layers", str(LAYERS)], log, ENV)
+    weights = sum(p.stat().st_size for p in ck.glob("*.safetensors"))
+    a = json.loads(Path(f"{ck}.build.json").read_text())["arch"]
+    data = work / "tokens.jsonl"
+    write_tokens(data, args.samples, args.tokens, a["vocab_size"], args.seed)
+    args.checkpoint_every = "10m"
+    print(f"[ranks-io] random Qwen3-MoE, {LAYERS} layers x {args.experts} experts, {weights / GiB:.2f} GiB of shards "
+          f"({weights} bytes); {args.samples} x {args.tokens} tokens; cold page cache before each run", flush=True)
+    print("  per rank: pread = checkpoint bytes it asked for; rchar = bytes its read calls returned; read_bytes = "
+          "bytes it fetched from storage (mmap faults of safe_open included); from page cache = what one process "
+          "alone fetched from storage less this rank's read_bytes", flush=True)
+    print(f"  {'ranks':>5} {'rank':>4} {'pread':>10} {'rchar':>10} {'read_bytes':>11} {'from page cache':>16} "
+          f"{'wall':>7}", flush=True)
+    rows, alone = [], 0
+    for n in (1, args.ranks_io):
+        how = _evict(ck)
+        out_dir = work / f"io-{n}"
+        out_dir.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), str(HERE),
+               "--_rank_io", str(out_dir), "--", *calibrate_cmd(args, ck, data, work / f"sal-{n}.json")]
+        m = run_measured(cmd, log, dict(ENV, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n))))
+        ranks = sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
+        alone = alone or ranks[0]["read_bytes"]  # the first run is one process
+        for r in ranks:
+            cached = max(alone - r["read_bytes"], 0)
+            r["from_page_cache"] = cached
+            print(f"  {n:>5} {r['rank']:>4} {r['pread_bytes'] / MiB:6.0f} MiB {r['rchar'] / MiB:6.0f} MiB "
+                  f"{r['read_bytes'] / MiB:7.0f} MiB {cached / MiB:12.0f} MiB {m['wall_s']:6.1f}s", flush=True)
+        storage = sum(r["read_bytes"] for r in ranks)
+        print(f"  {n} rank(s): storage reads {storage / MiB:.0f} MiB in all = {storage / weights:.2f} x the shards, "
+              f"{storage / alone:.2f} x one process's (cache emptied by {how})", flush=True)
+        rows.append({"ranks": n, "per_rank": ranks, "storage_bytes": storage, "wall_s": m["wall_s"], "evicted_by": how})
+    print(json.dumps({"case": "ranks_io", "weight_bytes": weights, "runs": rows}))
+    shutil.rmtree(ck, ignore_errors=True)
+
+
 def bench(args, work: Path, log: Path) -> dict:
     ck = work / "qwen3-moe-random"
     print(f"[build] random-weight Qwen3-MoE, {LAYERS} layers x {ARCH['num_experts']} experts, top-"
           f"{ARCH['num_experts_per_tok']}, {args.dtype}, ~{args.size_gb:g} GiB in {ck} ...", flush=True)
     t = time.perf_counter()
     m = run_measured([sys.executable, str(HERE), "--_build", str(ck), "--size-gb", str(args.size_gb),
-                      "--dtype", args.dtype, "--seed", str(args.seed), "--experts", str(args.experts)], log, ENV)
+                      "--dtype", args.dtype, "--seed", str(args.seed), "--experts", str(args.experts),
+                      "--layers", str(LAYERS)], log, ENV)
     desc = json.loads(Path(f"{ck}.build.json").read_text())
     sync_s = fs_sync(work)
     size = dir_bytes(ck)
@@ -784,6 +903,7 @@ def report(args, machine: dict, res: dict, floor: dict, total_s: float) -> None:
 
 
 def main() -> None:
+    global LAYERS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=4.0, help="checkpoint size, GiB (default 4)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
@@ -805,16 +925,25 @@ def main() -> None:
                          "the worst case of its cost)")
     ap.add_argument("--experts", type=int, default=64, help="routed experts per layer (default 64; e.g. 256 for the "
                                                              "large-expert-count case)")
+    ap.add_argument("--layers", type=int, default=LAYERS, help=f"decoder layers (default {LAYERS})")
+    ap.add_argument("--resume-cost", action="store_true",
+                    help="resume-state case: only the profiled calibrate, with the default --checkpoint-every 10m and "
+                         "with 0 (a save after every layer); prints the state-save share of each (e.g. --samples 64 "
+                         "--tokens 2048 --size-gb 0.25 --layers 4: the issue's 64 x 2048 target)")
+    ap.add_argument("--ranks-io", type=int, default=0, metavar="N",
+                    help="page-cache case: calibrate from a cold cache as one process and under torchrun with N ranks "
+                         "(gloo, CPU); prints per rank the bytes read from storage and from the page cache")
     ap.add_argument("--workdir", type=Path, default=None, help="parent of the scratch directory (default: /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--_build", dest="build", help=argparse.SUPPRESS)
     ap.add_argument("--_baseline", dest="baseline", nargs=9, help=argparse.SUPPRESS)
     ap.add_argument("--_profile", dest="profile_json", help=argparse.SUPPRESS)
     ap.add_argument("--_cprofile", dest="cprofile_out", help=argparse.SUPPRESS)
+    ap.add_argument("--_rank_io", dest="rank_io", help=argparse.SUPPRESS)
     ap.add_argument("--_gemm", dest="gemm", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    ARCH["num_experts"] = args.experts
+    ARCH["num_experts"], LAYERS = args.experts, args.layers
 
     if args.build:
         return helper_build(args.build, args.size_gb, args.dtype, args.seed)
@@ -826,6 +955,9 @@ def main() -> None:
         return helper_profile(rest, args.profile_json, args.cprofile_out)
     if args.gemm:
         return helper_gemm()
+    if args.rank_io:
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        return helper_rank_io(rest, args.rank_io)
 
     work = make_scratch(args.workdir, "reapsurgery-bench-cal-")
     log = work / "commands.log"
@@ -849,6 +981,10 @@ def main() -> None:
         floor = {k: {"wall_s": round(v["wall_s"], 3), "rss_mib": round(v["rss_mib"], 1)} for k, v in floor.items()}
         if args.fp8:
             return fp8_case(args, work, log)
+        if args.resume_cost:
+            return resume_cost_case(args, work, log)
+        if args.ranks_io:
+            return ranks_io_case(args, work, log)
         res = bench(args, work, log)
         machine["loadavg_end"] = list(os.getloadavg())
         machine["rss_method"] = RSS_METHOD

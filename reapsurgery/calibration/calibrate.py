@@ -8,6 +8,9 @@ is saved (resume.py) so `--resume` continues from the last finished layer with i
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
 from dataclasses import dataclass
 from concurrent import futures
@@ -26,10 +29,11 @@ from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from ..common.saliency import LayerStats, Saliency
 from .resume import ResumeState, state_key
-from .streaming import StreamedModel, fill_carried
+from .streaming import StreamedModel, fill_carried, moved
 from .timing import TIMINGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("reapsurgery")
 BarFactory = Callable[..., Any]  # tqdm-like: bar(total=..., desc=...) with update() and close()
 
 
@@ -98,6 +102,98 @@ def plan_chunks(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden_size: i
     return chunks
 
 
+MEMINFO = "/proc/meminfo"
+MARGIN = 1 / 8  # of the free memory, left for the forward's scratch (attention, routed experts) and allocator slack
+
+
+def free_memory(dev: torch.device) -> int:
+    """Bytes free on `dev` now: CUDA's own count of free device memory, else the host's MemAvailable."""
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    return host_available()
+
+
+def host_available() -> int:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), shared by the ranks
+    of this node under torchrun (LOCAL_WORLD_SIZE); free physical pages where there is no /proc."""
+    share = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    try:
+        with open(MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // share
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // share
+
+
+def default_budget(free: int, layer_bytes: int) -> int:
+    """What the hidden states may take of `free` bytes beside two layers' weights (the one running and
+    the one prefetched) and a margin for the forward: the default of --hidden-memory."""
+    return max(int(free * (1 - MARGIN)) - 2 * layer_bytes, 0)
+
+
+@dataclass
+class Placement:
+    """Where the hidden states live between layers, and the sample chunks that each stream the layers."""
+
+    where: str  # "device": on the compute device; "host": in host memory, each batch moved for its forward
+    chunks: list[list[int]]
+    need: int  # bytes of all samples' hidden states (a layer's inputs and outputs)
+    budget: int  # bytes allowed where they live
+    budget_of: str  # what set the budget, for the note
+
+    def store(self) -> torch.device | None:
+        """Where layer_inputs puts them: None keeps them on the compute device."""
+        return torch.device("cpu") if self.where == "host" else None
+
+    def note(self, dev: torch.device) -> str:
+        where = f"on the device ({dev})" if self.where == "device" else "in host memory, each batch moved to the device for its forward"
+        chunks = (f", in {len(self.chunks)} chunks that each stream the layers again" if len(self.chunks) > 1 else "")
+        return f"hidden states ({_size(self.need)}) {where}{chunks}; budget {_size(self.budget)} ({self.budget_of})"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def place_hidden(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden_size: int, dtype: torch.dtype,
+                 dev: torch.device, layer_bytes: int, hidden_memory: int | None = None,
+                 host_memory: int | None = None, chunks: list[list[int]] | None = None) -> Placement:
+    """On the device when all samples' hidden states fit in `hidden_memory` (None: the free device
+    memory beside two layers, `default_budget`), else in host memory (`host_memory`, None: MemAvailable
+    beside two layers), else in host memory in sample chunks that each fit. On the CPU the device is
+    host memory: the budget is `hidden_memory` unless `host_memory` is given (then "host" places them
+    apart, moved per batch as on a GPU). `chunks` (from a resume state) are kept as they were."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per_batch = [2 * ids.numel() * hidden_size * size for ids, _ in batches]
+    need = sum(per_batch)
+    device_budget = default_budget(free_memory(dev), layer_bytes) if hidden_memory is None else hidden_memory
+    option = ("--hidden-memory" if hidden_memory is not None else
+              f"{'MemAvailable' if dev.type == 'cpu' else 'free memory'} less two layers and 1/8")
+    largest = max(per_batch) if chunks is None else max(sum(per_batch[b] for b in c) for c in chunks)
+    if (largest if chunks else need) <= device_budget:
+        return Placement("device", chunks or [list(range(len(batches)))], need, device_budget, option)
+    if dev.type == "cpu" and host_memory is None:
+        where, budget = "device", device_budget
+    else:
+        where = "host"
+        budget = default_budget(host_available(), layer_bytes) if host_memory is None else host_memory
+        if dev.type != "cpu" and max(per_batch) > device_budget:
+            raise ReapError(None, f"one batch's hidden states ({_size(max(per_batch))}) do not fit on {dev} "
+                                  f"({_size(device_budget)} by {option}); lower --batch-size or raise --hidden-memory")
+        option = "host MemAvailable less two layers and 1/8" if host_memory is None else "host_memory"
+    if max(per_batch) > budget:
+        hint = "" if option.startswith("host MemAvailable") else " or raise --hidden-memory"
+        raise ReapError(None, f"one batch's hidden states ({_size(max(per_batch))}) do not fit in "
+                              f"{_size(budget)} ({option}); lower --batch-size{hint}")
+    return Placement(where, chunks or plan_chunks(batches, hidden_size, dtype, None if need <= budget else budget),
+                     need, budget, option)
+
+
 def _merge(total: dict[int, LayerStats], part: dict[int, LayerStats]) -> dict[int, LayerStats]:
     """Statistics are sums (and maxima): chunks of samples add up to the whole."""
     return {k: total[k].merged(part[k]) if k in total else part[k] for k in sorted({*total, *part})}
@@ -119,6 +215,7 @@ class _Run:
     bar: BarFactory | None
     on_layer: Callable[[int, StreamedModel], None] | None
     ranks: Ranks | None
+    placement: Placement
 
     @property
     def total(self) -> int:
@@ -145,6 +242,7 @@ def calibrate(
     mtp: str = "auto",
     prefetch: bool = True,
     hidden_memory: int | None = None,
+    host_memory: int | None = None,
 ) -> Saliency:
     """Per-expert REAP statistics of every MoE layer, measured on `samples` (token id lists).
 
@@ -156,9 +254,12 @@ def calibrate(
     every layer); when `output` is given the result is written there before the state is removed.
     `prefetch` reads (and dequantises, converts) layer i+1 on a background thread while layer i
     runs; the arithmetic is the same either way, so are the statistics.
-    `hidden_memory` (bytes) bounds the hidden states held at once: when all samples' do not fit,
-    the samples are split into chunks and each chunk streams the layers again; statistics are
-    sums, so the result is the same (up to float64 summation order); None: one chunk."""
+    `hidden_memory` (bytes) bounds the hidden states on the compute device (None: what is free there
+    beside two layers). When all samples' do not fit, they are kept in host memory (`host_memory`,
+    None: MemAvailable beside two layers) and each batch is moved to the device for its forward;
+    when even that is exceeded (on the CPU, at once: it is the same memory), the samples are split
+    into chunks and each chunk streams the layers again. Statistics are sums, so the result is the
+    same (up to float64 summation order); the placement and chunk count go into the provenance."""
     if mtp not in ("auto", "drop", "calibrate"):
         raise ReapError(None, f"--mtp {mtp}: choose auto, drop or calibrate")
     if not samples:
@@ -189,36 +290,39 @@ def calibrate(
         batches = ranks.share(batches)
         if state_dir:
             state_dir = Path(state_dir) / f"rank{ranks.rank}of{ranks.world}"
-    chunks = plan_chunks(batches, text_config.hidden_size, dt, hidden_memory)
-    if hidden_memory is not None and any(2 * batches[c[0]][0].numel() * text_config.hidden_size
-                                         * torch.empty((), dtype=dt).element_size() > hidden_memory
-                                         for c in chunks if len(c) == 1):
-        raise ReapError(None, f"--hidden-memory {hidden_memory} bytes: one batch's hidden states do not fit; "
-                              "lower --batch-size or raise --hidden-memory")
-    if ranks and hidden_memory is not None:  # a collective: every rank calls it
-        chunks = ranks.same_count(chunks)
+    # the chunks are not part of the key: a resumed run keeps the saved ones, whatever is free now
     key = state_key(ckpt, samples, {"batch_size": batch_size, "dtype": str(dt), "mtp_layers": extra_layers,
-                                    "device": dev.type, "chunks": chunks,
-                                    "ranks": [ranks.rank, ranks.world] if ranks else None})
+                                    "device": dev.type, "ranks": [ranks.rank, ranks.world] if ranks else None})
     state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every)
+    loaded = state.load() if resume else None
+    layer_bytes = max(sum(p.numel() for p in layer.parameters()) for layer in streamed.layers) * \
+        torch.empty((), dtype=dt).element_size()
+    placement = place_hidden(batches, text_config.hidden_size, dt, dev, layer_bytes, hidden_memory, host_memory,
+                             loaded[3].get("chunks") if loaded else None)
+    if ranks:  # a collective: every rank calls it (their free memory may differ)
+        placement.chunks = ranks.same_count(placement.chunks)
+    if ranks is None or ranks.rank == 0:
+        log.info(placement.note(dev))
+    chunks = placement.chunks
     run = _Run(streamed, Observer(names=names), experts_layer, moe_layers, extra_layers, dev, dt, state,
-               prefetch, bar, on_layer, ranks)
+               prefetch, bar, on_layer, ranks, placement)
 
     first_chunk, resumed, stats = 0, None, {}
-    if resume and (loaded := state.load()):
+    if loaded:
         start, layers, saved, extra = loaded
         first_chunk = int(extra.get("chunk", 0))
         stats = {int(k): LayerStats(**v) for k, v in (extra.get("previous") or {}).items()}
-        resumed = (start, layers, [h.to(device=dev, dtype=dt) for h in saved],
-                   [tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in c) for c in extra.get("carried") or []]
-                   or [() for _ in saved])
+        store = placement.store() or dev
+        resumed = (start, layers, [h.to(device=store, dtype=dt) for h in saved],
+                   [moved(tuple(c), store) for c in extra.get("carried") or []] or [() for _ in saved])
     outer = bar(total=len(chunks) * run.total, initial=first_chunk * run.total + (resumed[0] if resumed else 0),
                 desc="layers", unit="layer") if bar else None
     for c in range(first_chunk, len(chunks)):
         part = _stream_chunk(run, [batches[b] for b in chunks[c]], c, stats, resumed, outer)
         stats, resumed = _merge(stats, part), None
         if c + 1 < len(chunks) and state.due():  # the next chunk starts from its embeddings
-            state.save(0, {}, [], {"chunk": c + 1, "previous": {str(k): v.to_json() for k, v in stats.items()}})
+            state.save(0, {}, [], {"chunk": c + 1, "chunks": chunks,
+                                   "previous": {str(k): v.to_json() for k, v in stats.items()}})
     if outer:
         outer.close()
 
@@ -231,6 +335,7 @@ def calibrate(
         "mtp": mtp,
         "device": dev.type,
         "chunks": len(chunks),
+        "hidden_states": placement.where,
         **({"ranks": ranks.world} if ranks else {}),
         "reapsurgery": __version__,
     }
@@ -253,12 +358,15 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
     """Every layer over one chunk of batches: its statistics. `resumed`: (next layer, statistics
     so far, hidden states) from a saved state of this chunk."""
     streamed, observer, state, dev = run.streamed, run.observer, run.state, run.dev
-    hidden, calls, masks = streamed.layer_inputs(batches)
+    store = run.placement.store()  # None: on the device; the CPU: in host memory, moved per batch
+    pin = dev.type == "cuda"
+    hidden, calls, masks = streamed.layer_inputs(batches, store)
     start, stats = 0, {}
     carried: list[tuple] = [() for _ in batches]  # per batch, the last layer's outputs past its hidden states
     if resumed and resumed[0] > 0:
         start, stats, hidden, carried = resumed
-    extra = {"chunk": chunk, "previous": {str(k): v.to_json() for k, v in previous.items()}}
+    extra = {"chunk": chunk, "chunks": run.placement.chunks,
+             "previous": {str(k): v.to_json() for k, v in previous.items()}}
     n_layers, total = len(streamed.layers), run.total
     done, pending = start, None
     reader = ThreadPoolExecutor(1, thread_name_prefix="layer-read") if run.prefetch else None
@@ -288,8 +396,11 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                 outputs, passed = [], []
                 forward_start = time.perf_counter()
                 for b, (h, layer_calls) in enumerate(zip(hidden, calls)):
+                    call, carried_b = layer_calls[calls_of], carried[b]
+                    if store is not None:  # this batch's inputs to the device for its forward
+                        h, call, carried_b = moved((h, call, carried_b), dev)
                     # an MTP block takes what the stack's last layer passed on (GLM-5: its indexer's top-k)
-                    args, kwargs = fill_carried(*layer_calls[calls_of], None if in_mtp else calls_of - 1, carried[b])
+                    args, kwargs = fill_carried(*call, None if in_mtp else calls_of - 1, carried_b)
                     if in_mtp:
                         ids, am = batches[b]
                         observer.token_mask = counted_positions(am, module.depth).to(dev)
@@ -297,11 +408,15 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                     else:
                         observer.token_mask = masks[b]
                         out = module(h, *args, **kwargs)
-                    outputs.append(out[0] if isinstance(out, tuple) else out)
-                    passed.append(carried[b] if in_mtp else tuple(out[1:]) if isinstance(out, tuple) else ())
+                    out_h = out[0] if isinstance(out, tuple) else out
+                    out_passed = carried[b] if in_mtp else tuple(out[1:]) if isinstance(out, tuple) else ()
+                    if store is not None:  # and its outputs back (asynchronous into pinned memory on CUDA)
+                        out_h, out_passed = moved((out_h, out_passed), store, pin=pin)
+                    outputs.append(out_h)
+                    passed.append(out_passed)
                     if inner:
                         inner.update(1)
-                if dev.type == "cuda":
+                if dev.type == "cuda":  # also completes the copies into pinned host memory before any host read
                     torch.cuda.synchronize(dev)
                 TIMINGS.add("forward/observe", time.perf_counter() - forward_start)
                 if inner:
@@ -328,6 +443,9 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
     except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
         if done > start and state.saved_next != (chunk, done):
             state.save(done, stats, hidden, {**extra, "carried": _cpu(carried)}, background=False)
+        else:  # the last background save is on disk before the caller can resume from it
+            with contextlib.suppress(Exception):
+                state.wait()
         raise
     finally:
         if reader is not None:

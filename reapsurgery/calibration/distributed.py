@@ -8,8 +8,9 @@ torch.distributed (NCCL on GPUs, gloo on CPU): sums for counts and sums, max for
 activation. Every rank then holds the whole run's statistics; rank 0 writes the result.
 
 Disk reads: every rank reads every layer's bytes. On one node the ranks stream the same
-layers at about the same time, so all but the first read of a byte range come from the page
-cache; this is not measured here (no multi-GPU machine), see README.
+layers in lockstep (the all-reduce after every layer), so all but the first read of a byte
+range come from the page cache: measured with `benchmarks/bench_calibrate.py --ranks-io 2`
+(two ranks fetch 1.03 x one process's bytes from storage in all; README, "Ranks on one node").
 """
 
 from __future__ import annotations

@@ -261,14 +261,19 @@ class StreamedModel:
             for n, (store, t) in loaded.items():
                 store[n] = t
 
-    def layer_inputs(self, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    def layer_inputs(self, batches: list[tuple[torch.Tensor, torch.Tensor]], store: torch.device | None = None
                      ) -> tuple[list[torch.Tensor], list[list], list[torch.Tensor]]:
         """Per batch: layer-0 hidden states, every layer's extra call arguments (`layer_calls`),
-        and the flattened mask of real (non-padding) tokens. The embeddings are held only meanwhile."""
+        and the flattened mask of real (non-padding) tokens. The embeddings are held only meanwhile.
+        `store` (the CPU, for hidden states kept in host memory): where each batch's hidden states and
+        call arguments are moved as soon as they are computed, so the device holds one batch's."""
         self.load_outer()
         hidden, calls, masks = [], [], []
+        pin = self.device.type == "cuda"
         for ids, am in batches:
             h, c = self.layer_calls(ids.to(self.device), am.to(self.device))
+            if store is not None:  # one memo per batch: the layers share their masks and position embeddings
+                h, c = moved((h, c), store, pin=pin)
             hidden.append(h)
             calls.append(c)
             masks.append(am.reshape(-1).bool().to(self.device))
@@ -367,6 +372,36 @@ def _annotated_arity(layer: nn.Module) -> int:
         return 1
     args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
     return len(args) if len(args) > 1 and Ellipsis not in args else 1
+
+
+def moved(obj, device: torch.device, pin: bool = False, memo: dict | None = None):
+    """`obj` with every tensor inside its tuples, lists and dicts on `device` (other values as they
+    are), for hidden states kept in host memory and brought to the device per batch. A tensor met
+    twice is moved once. Into host memory with `pin` (the device is CUDA): a pinned copy written
+    asynchronously, so a reader on the host must synchronize the device first (the layer loop does);
+    to a device: non_blocking, which is safe from pinned and from pageable memory."""
+    memo = {} if memo is None else memo
+
+    def go(o):
+        if isinstance(o, torch.Tensor):
+            if id(o) not in memo:
+                if device.type == "cpu" and o.device.type == "cpu":
+                    memo[id(o)] = o
+                elif device.type == "cpu" and pin:
+                    memo[id(o)] = torch.empty(o.shape, dtype=o.dtype, pin_memory=True).copy_(o, non_blocking=True)
+                else:
+                    memo[id(o)] = o.to(device, non_blocking=True)
+            return memo[id(o)]
+        if isinstance(o, tuple):
+            items = [go(x) for x in o]
+            return type(o)(*items) if hasattr(o, "_fields") else tuple(items)
+        if isinstance(o, list):
+            return [go(x) for x in o]
+        if type(o) is dict:
+            return {k: go(v) for k, v in o.items()}
+        return o
+
+    return go(obj)
 
 
 def fill_carried(args: tuple, kwargs: dict, previous: int | None, outputs: tuple) -> tuple[tuple, dict]:

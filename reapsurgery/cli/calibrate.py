@@ -60,9 +60,13 @@ class Size(click.ParamType):
               help="Save the resume state at most this often (90, 30s, 10m, 1h; 0: after every layer). It is "
                    "written in the background as one file replaced atomically, and also on Ctrl-C or an error.")
 @click.option("--hidden-memory", type=Size(), default=None, metavar="SIZE",
-              help="Most memory the hidden states may take (512M, 8G...). When all samples' do not fit, they are "
-                   "split into chunks and each chunk streams the layers again (same statistics: they are sums; "
-                   "the chunk count goes into the provenance). Default: no limit.")
+              help="Most memory the hidden states may take on the compute device (512M, 8G...). Default: what is "
+                   "free there (CUDA's free memory, or MemAvailable on the CPU) less two layers' weights and 1/8 "
+                   "for the forward. When all samples' do not fit, they are kept in host memory and each batch is "
+                   "moved to the device for its forward; when even host memory (MemAvailable less two layers and "
+                   "1/8) does not hold them (on the CPU: at once), the samples are split into chunks and each "
+                   "chunk streams the layers again. Same statistics either way (they are sums); a note says "
+                   "which was chosen, and the provenance records it (hidden_states, chunks).")
 @click.option("--mtp", type=click.Choice(["auto", "drop", "calibrate"]), default="auto", show_default=True,
               help="Multi-token-prediction block (DeepSeek-V3, GLM-4.x: layers past the stack; Qwen3-Next: "
                    "mtp.*), run by vLLM, SGLang and llama.cpp for speculative decoding: 'calibrate' measures its "
@@ -83,7 +87,8 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     The run's state is kept beside OUTPUT (OUTPUT.resume/, every --checkpoint-every), so --resume
     continues a crashed run; it is removed once OUTPUT is written. Under torchrun
     (`torchrun --nproc-per-node N -m reapsurgery calibrate ...`) each rank takes a share of the
-    samples and rank 0 writes.
+    samples and rank 0 writes; on several nodes the same command runs on each, with torchrun's
+    --nnodes, --node-rank and --master-addr.
     """
     from functools import partial
 
@@ -125,6 +130,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
         return
     never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
     chunks = f" in {cal['chunks']} chunks" if cal.get("chunks", 1) > 1 else ""
+    chunks += ", hidden states in host memory," if cal.get("hidden_states") == "host" else ""
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
     click.echo(f"wrote {output}: {len(saliency.layers)} MoE layers{mtp_note}, {cal['samples']} samples, "
                f"{cal['tokens']} tokens{chunks} on {cal['device']} ({cal['dtype']}); {never} (layer, expert) pairs never routed")
