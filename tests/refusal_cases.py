@@ -75,6 +75,15 @@ def _edit_index(d: Path, w: dict, edit) -> Path:
     return ckpt
 
 
+def _index_text(d: Path, w: dict, edit: Callable[[str], str]) -> Path:
+    """A checkpoint copy whose index text is edited as text (what a JSON round trip cannot write);
+    lone surrogates become the bytes they escape (invalid UTF-8)."""
+    ckpt = _ckpt(d, w)
+    text = edit((ckpt / INDEX).read_text())
+    _raw(ckpt / INDEX, text.encode("utf-8", "surrogateescape"))
+    return ckpt
+
+
 def _mask(w: dict, **changes) -> dict:
     return {**json.loads(Path(w["mask"]).read_text()), **changes}
 
@@ -164,6 +173,9 @@ CASES: dict[str, Case] = {
     "index: absolute shard path": lambda d, w: (["apply", w["mask"], _edit_index(d, w, lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "/etc/passwd"})), d / "out"], INDEX),
     "index: tensor mapped to the wrong shard": lambda d, w: (["apply", w["mask"], _edit_index(d, w, lambda i: i["weight_map"].update({k: w["other_shard"] for k in [next(iter(i["weight_map"]))]})), d / "out"], "safetensors"),
     "index: metadata a list": lambda d, w: (["apply", w["mask"], _edit_index(d, w, lambda i: i.update(metadata=[1])), d / "out"], INDEX),
+    "index: a tensor named twice": lambda d, w: (["apply", w["mask"], _index_text(d, w, lambda t: t.replace('"weight_map": {', '"weight_map": {"lm_head.weight": "x.safetensors", ', 1)), d / "out"], INDEX),
+    "index: weight_map twice": lambda d, w: (["verify", _index_text(d, w, lambda t: t.rstrip()[:-1] + ', "weight_map": {}}')], INDEX),
+    "index: a name that is not UTF-8": lambda d, w: (["inspect", _index_text(d, w, lambda t: t.replace('"weight_map": {', '"weight_map": {"a\udcc3": "x.safetensors", ', 1))], INDEX),
     "index: UTF-16": lambda d, w: (["verify", (lambda c: (_raw(c / INDEX, (c / INDEX).read_text().encode("utf-16")), c)[1])(_ckpt(d, w))], INDEX),
     "config: binary": lambda d, w: (["inspect", (lambda c: (_raw(c / "config.json", b"\x00\x01\x02" * 50), c)[1])(_ckpt(d, w))], "config.json"),
     "config: a JSON list": lambda d, w: (["inspect", (lambda c: (_json(c / "config.json", [1]), c)[1])(_ckpt(d, w))], "config.json"),
