@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def main() -> None:
             print(f"  {layers} layers, {tensors} tensors: " +
                   ", ".join(f"{r['command']} {r['rss_mib']:.1f} MiB" for r in rows if r["layers"] == layers), flush=True)
     finally:
-        machine["loadavg_end"] = list(__import__("os").getloadavg())
+        machine["loadavg_end"] = list(os.getloadavg())
         drop_scratch(args.keep, work)
 
     print_machine("surgery memory in tensor count (header-scale Kimi-K2 layout, 50% of 384 experts kept)", machine)

@@ -40,16 +40,15 @@ class WeightMap(Mapping[str, str]):
     def __init__(self, blob: bytearray, ends: array, shard_of: array, shards: list[str], path: Path | None = None):
         self._blob, self._ends, self._shard_of, self._shard_names = blob, ends, shard_of, shards
         n = len(ends)
-        self._hashes = array("q", (hash(self._name(i)) for i in range(n)))
         size = 1 << max(3, (2 * n).bit_length())  # at most half full: short probes
         self._mask, self._slots = size - 1, array("i", bytes(4 * size))  # slot: name index + 1, 0 = empty
+        self._hashes = array("q", bytes(8 * n))
         for i in range(n):
-            h = self._hashes[i]
-            slot = h & self._mask
-            while (j := self._slots[slot]):
-                if self._hashes[j - 1] == h and self._name(j - 1) == self._name(i):
-                    raise ReapError(path, f"index is not valid JSON (duplicate key {self._name(i)!r})")
-                slot = (slot + 1) & self._mask
+            name = self._name(i)
+            self._hashes[i] = hash(name)
+            slot, found = self._probe(name, self._hashes[i])
+            if found >= 0:
+                raise ReapError(path, f"index is not valid JSON (duplicate key {name!r})")
             self._slots[slot] = i + 1
         self.shards = sorted(set(shards[s] for s in set(shard_of)))
 
@@ -65,14 +64,17 @@ class WeightMap(Mapping[str, str]):
     def _name(self, i: int) -> str:
         return self._blob[self._ends[i - 1] if i else 0:self._ends[i]].decode("utf-8", "surrogatepass")
 
-    def _find(self, name: str) -> int:
-        h = hash(name)
+    def _probe(self, name: str, h: int) -> tuple[int, int]:
+        """(slot, index): where `name` is in the table, or (the empty slot it would take, -1)."""
         slot = h & self._mask
         while (j := self._slots[slot]):
             if self._hashes[j - 1] == h and self._name(j - 1) == name:
-                return j - 1
+                return slot, j - 1
             slot = (slot + 1) & self._mask
-        return -1
+        return slot, -1
+
+    def _find(self, name: str) -> int:
+        return self._probe(name, hash(name))[1]
 
     def __getitem__(self, name: str) -> str:
         i = self._find(name) if isinstance(name, str) else -1
