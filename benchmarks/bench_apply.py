@@ -5,10 +5,11 @@ One run does four things and prints a table, then one JSON line (the last line o
 
 1. Builds synthetic Qwen3-MoE checkpoints (BF16, per-expert tensor names, shards of
    --shard-gb GiB, valid safetensors headers over arbitrary bytes, an exact index) of
-   several sizes (--sizes, default half of --size-gb and --size-gb).
+   several sizes (--sizes, default 1.8 (about 1 GiB of output) and --size-gb).
 2. For each size, times `reapsurgery apply` at 50% sparsity with 1 and N copy workers
-   (--jobs), `cp -r` of the apply output (the very same bytes) and `cat` of its shards to
-   /dev/null (reading the kept bytes once, front to back: the read floor), in rotating order,
+   (--jobs), `cp -r` of the apply output (the very same bytes), `cat` of its shards to
+   /dev/null (reading the kept bytes once, front to back: the read floor) and, for scale,
+   `cp -r` of the input checkpoint, in rotating order,
    median of --repeat runs, twice: cold (sync, then drop_caches, before every command: what
    a real checkpoint of hundreds of GB sees) and warm (the command's input read once before).
 3. Reports the peak RSS of the apply process alone (run under GNU time, see common.run_measured).
@@ -286,7 +287,7 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
     print(f"  output check: {check}", flush=True)
     shards = " ".join(str(p) for p in weight_files(ref))
 
-    ops = [f"apply-j{j}" for j in args.jobs] + ["cp", "cat"]
+    ops = [f"apply-j{j}" for j in args.jobs] + ["cp", "cp-in", "cat"]
     res = {"size_gib": size, "input_bytes": desc["file_bytes"], "layers": desc["layers"],
            "num_experts": SYNTH["num_experts"], "shards": desc["shards"], "output_bytes": dir_bytes(ref),
            "output_weight_bytes": sum(p.stat().st_size for p in weight_files(ref)), "check": check, "modes": {}}
@@ -302,6 +303,8 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
                     cmd = reapsurgery_cmd() + ["apply", str(mask), str(ck), str(target), "-q", "--jobs", op[7:]]
                 elif op == "cp":
                     src, cmd = ref, ["cp", "-r", str(ref), str(target)]
+                elif op == "cp-in":  # what copying the checkpoint costs, for scale
+                    src, cmd = ck, ["cp", "-r", str(ck), str(target)]
                 else:
                     src, cmd = ref, ["sh", "-c", f"cat {shards} > /dev/null"]
                 m = run_cold(cmd, log, work) if mode == "cold" else run_warm(cmd, log, src, sync=work)
@@ -314,6 +317,7 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
             "runs_s": {op: [round(m["wall_s"], 3) for m in runs[op]] for op in ops},
             "ratio_cp": {op: med_s[op] / med_s["cp"] for op in ops if op.startswith("apply")},
             "ratio_cat": {op: med_s[op] / med_s["cat"] for op in ops if op.startswith("apply")},
+            "ratio_cp_in": {op: med_s[op] / med_s["cp-in"] for op in ops if op.startswith("apply")},
             "paired_cp": {op: paired_ratio(runs[op], runs["cp"]) for op in ops if op.startswith("apply")},
             "apply_rss_mib": max(max_of(runs[op], "rss_mib") for op in ops if op.startswith("apply")),
             "machine_busy_pct": med_of([m for op in ops for m in runs[op]], "machine_busy_pct"),
@@ -395,19 +399,22 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
     jobs = [f"apply-j{j}" for j in args.jobs]
     p("\n1) apply vs cp of the same output bytes and vs cat of them (the read floor), synthetic Qwen3-MoE, BF16")
     hdr = (f"{'input':>8} {'output':>8} {'cache':>5} | " + " ".join(f"{op:>9}" for op in jobs) +
-           f" {'cp':>7} {'cat':>7} | " + " ".join(f"{op[6:] + '/cp':>7}" for op in jobs) +
-           " " + " ".join(f"{op[6:] + '/cat':>7}" for op in jobs) + f" | {'RSS MiB':>7} {'busy':>5}")
+           f" {'cp':>7} {'cat':>7} {'cp-in':>7} | " + " ".join(f"{op[6:] + '/cp':>7}" for op in jobs) +
+           " " + " ".join(f"{op[6:] + '/cat':>7}" for op in jobs) +
+           " " + " ".join(f"{op[6:] + '/cpin':>7}" for op in jobs) + f" | {'RSS MiB':>7} {'busy':>5}")
     print_header(hdr)
     for r in sizes:
         for mode, m in r["modes"].items():
             t = m["median_s"]
             p(f"{r['input_bytes'] / GiB:6.2f}Gi {r['output_bytes'] / GiB:6.2f}Gi {mode:>5} | " +
-              " ".join(f"{t[op]:8.2f}s" for op in jobs) + f" {t['cp']:6.2f}s {t['cat']:6.2f}s | " +
+              " ".join(f"{t[op]:8.2f}s" for op in jobs) + f" {t['cp']:6.2f}s {t['cat']:6.2f}s {t['cp-in']:6.2f}s | " +
               " ".join(f"{m['ratio_cp'][op]:7.2f}" for op in jobs) + " " +
-              " ".join(f"{m['ratio_cat'][op]:7.2f}" for op in jobs) +
+              " ".join(f"{m['ratio_cat'][op]:7.2f}" for op in jobs) + " " +
+              " ".join(f"{m['ratio_cp_in'][op]:7.2f}" for op in jobs) +
               f" | {m['apply_rss_mib']:7.1f} {m['machine_busy_pct']:4.0f}%")
     p("   medians of the rotated runs; jN/cp = apply with N jobs / cp -r of its output, jN/cat = / cat of the output's")
-    p("   shards to /dev/null; cold = sync + drop_caches before every command, warm = inputs read once before;")
+    p("   shards to /dev/null, jN/cpin = / cp -r of the input checkpoint (for scale: apply writes about half of it);")
+    p("   cold = sync + drop_caches before every command, warm = inputs read once before;")
     p("   apply times include interpreter start-up. Targets: at 5 GiB cold <= 1.0 and warm <= 0.6 x cp; at ~1 GiB")
     p("   of output <= 1.1 x cp.")
     for r in sizes:

@@ -7,20 +7,26 @@ import errno
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
+import torch
 
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.mask import load_mask
-from reapsurgery.surgery import copier
+from reapsurgery.common.safetensors_io import PAGE, read_header
+from reapsurgery.surgery import apply as surgery, copier
 from reapsurgery.surgery.apply import apply_mask, plan_surgery, shard_ranges
 from tests.conftest import tree_hash
-from tests.helpers import write_mask
+from tests.helpers import assert_output_is_input_slices, cli, write_mask
+from tests.reference import load, logits, pruned_in_memory
 from tests.test_apply import FAMILIES
 from tests.test_quantized import CT_CASES, FP8_FAMILIES, KEEP, compressed, fp8, mxfp4  # noqa: F401 (fixtures)
 
 
 def _serial_and_parallel(src, keep, tmp_path, monkeypatch):
+    """Also with the output split into shards for the workers (as a large one is): the split
+    depends on the plan alone, never on --jobs."""
     mask = write_mask(src, keep, tmp_path / "m.json")
     apply_mask(load_mask(mask), mask, src, tmp_path / "serial", jobs=1)
     monkeypatch.setattr(copier, "PIECE", 4096)  # many pieces, ranges split across workers
@@ -28,6 +34,18 @@ def _serial_and_parallel(src, keep, tmp_path, monkeypatch):
     serial, parallel = tree_hash(tmp_path / "serial"), tree_hash(tmp_path / "parallel")
     assert serial == parallel
     assert any(name.endswith(".safetensors") for name in serial)
+    _split_like_a_large_output(monkeypatch)
+    apply_mask(load_mask(mask), mask, src, tmp_path / "split-serial", jobs=1)
+    apply_mask(load_mask(mask), mask, src, tmp_path / "split-parallel", jobs=3)
+    split = tree_hash(tmp_path / "split-serial")
+    assert split == tree_hash(tmp_path / "split-parallel")
+    assert sum(n.endswith(".safetensors") for n in split) > sum(n.endswith(".safetensors") for n in serial)
+
+
+def _split_like_a_large_output(monkeypatch):
+    """Fixtures are small, and some have many shards: split them as a large output of few shards is."""
+    monkeypatch.setattr(surgery, "PART_MIN", 1)
+    monkeypatch.setattr(surgery, "MAX_JOBS", 64)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -69,6 +87,73 @@ def test_adjacent_source_ranges_are_one_copy(checkpoints, tmp_path, family):
         assert shard_ranges(shard) == [(header.data_offset + a, b - a) for a, b in runs], shard.source
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "single_file"])
+def test_output_split_for_the_workers_loads_like_the_unsplit_one(checkpoints, tmp_path, monkeypatch, family):
+    """A large output shard is written as several, so that each worker has a file of its own:
+    transformers loads them to the same logits as in-memory pruning, every tensor is the
+    input's bytes, and each part's data starts where its first source range does in a page."""
+    src, keep = checkpoints[family], [0, 2, 5, 7]
+    ckpt = Checkpoint.open(src)
+    mask = write_mask(src, keep, tmp_path / "m.json")
+    _split_like_a_large_output(monkeypatch)
+    plan = plan_surgery(ckpt, load_mask(mask), mask)
+    assert len(plan.shards) > len(ckpt.shards)
+    apply_mask(load_mask(mask), mask, src, tmp_path / "out", jobs=3)
+
+    pruned, info = load(tmp_path / "out")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.equal(logits(pruned), logits(pruned_in_memory(src, {l: keep for l in ckpt.moe_layers}, len(keep))))
+    assert_output_is_input_slices(src, tmp_path / "out", keep)
+    assert cli("verify", tmp_path / "out").returncode == 0
+    for shard in plan.shards:
+        data_offset = read_header(tmp_path / "out" / shard.name).data_offset
+        assert data_offset % 8 == 0 and data_offset % PAGE == shard.ranges[0] % PAGE, shard.name
+
+
+def test_workers_keep_to_files_nobody_else_writes(tmp_path, monkeypatch):
+    """A worker shares a file (on ext4 no faster than one writer) only when every other file is
+    being written or has nothing left; each piece is copied once, each file's in order."""
+    taken = []  # (thread, file, piece), recorded under the scheduler's lock as pieces are handed out
+
+    def file(f, n):
+        for i in range(n):
+            piece = copier.Piece(tmp_path / "src", tmp_path / f"out{f}", i, ((i, 1),))
+            taken.append((threading.get_ident(), f, piece))
+            yield piece
+
+    sizes = [7, 2, 5, 1, 3]
+    monkeypatch.setattr(copier, "_copy_piece", lambda piece, stop, drop: threading.Event().wait(0.002 * (1 + piece.dst_offset % 3)))
+    copier.run_pieces([file(f, n) for f, n in enumerate(sizes)], 3)
+
+    held: dict[int, int] = {}  # thread -> the file it writes, until it takes its next piece
+    handed = [0] * len(sizes)
+    for thread, f, piece in taken:
+        held.pop(thread, None)
+        if f in held.values():
+            free = [g for g in range(len(sizes)) if g not in held.values() and handed[g] < sizes[g] and g != f]
+            assert not free, f"a worker joined file {f} while files {free} had no writer"
+        held[thread] = f
+        assert piece.dst_offset == handed[f]
+        handed[f] += 1
+    assert handed == sizes
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_source_pages_are_dropped_only_when_the_run_exceeds_free_memory(checkpoints, tmp_path, monkeypatch, fits):
+    """A run that fits in free memory evicts nothing, so the source stays cached for the next
+    run (another sparsity); a larger one drops each source range once copied."""
+    src = checkpoints["qwen3_moe"]
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    advice = []
+    monkeypatch.setattr(copier, "_advise", lambda fd, off, n, how: advice.append((how, n)))
+    monkeypatch.setattr(surgery, "free_memory", lambda: (1 << 40) if fits else PAGE)
+    plan = plan_surgery(Checkpoint.open(src), load_mask(mask), mask)
+    apply_mask(load_mask(mask), mask, src, tmp_path / "out", jobs=2)
+    dropped = [n for how, n in advice if how == __import__("os").POSIX_FADV_DONTNEED]
+    assert sum(n for how, n in advice if how == __import__("os").POSIX_FADV_WILLNEED) == plan.total_size
+    assert sum(dropped) == (0 if fits else plan.total_size)
+
+
 def _no_output_left(tmp_path, out):
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "hidden partial left"
@@ -90,11 +175,11 @@ def test_worker_failing_mid_run_leaves_nothing(checkpoints, tmp_path, monkeypatc
     calls = []
     real = copier.copy_piece
 
-    def failing(piece, stop):
+    def failing(piece, stop, drop_source):
         calls.append(piece)
         if len(calls) == 5:
             raise OSError(err, __import__("os").strerror(err))
-        real(piece, stop)
+        real(piece, stop, drop_source)
 
     monkeypatch.setattr(copier, "PIECE", 4096)
     monkeypatch.setattr(copier, "_copy_piece", failing)

@@ -65,8 +65,6 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     the model card are rewritten; other files are copied. CKPT is never written,
     and OUT appears only once complete.
     """
-    from tqdm import tqdm
-
     from ..common.files import read_bytes, loads_strict
     from ..common.mask import MASK_FORMAT, parse_mask
     from ..common.saliency import SALIENCY_FORMAT
@@ -112,7 +110,9 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     def progress(n: int) -> None:
         nonlocal bar
         if bar is None:  # created on the first write, so refusals print nothing but the error
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=quiet)
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing shards")
         bar.update(n)
 
     def on_plan(plan) -> None:  # called once every check has passed, before anything is written
@@ -122,7 +122,8 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
             echo_plan(planned, with_table=not quiet)
 
     try:
-        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress, on_plan=on_plan,
+        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=None if quiet else progress,
+                            on_plan=on_plan,
                             layout=layout, jobs=jobs, mtp=mtp, note=lambda text: click.echo(f"note: {text}", err=True))
     finally:
         if bar is not None:

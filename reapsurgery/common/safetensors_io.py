@@ -121,11 +121,17 @@ def _tensor_info(path: Path, name: str, entry) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), start, end)
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:
+PAGE = 4096
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None,
+                  data_phase: int | None = None) -> bytes:
     """Header bytes (length prefix included) for tensors laid out back to back in the given order.
 
     entries: (name, dtype, shape, nbytes). The JSON is padded with spaces to a multiple of 8
-    so that the data buffer starts aligned, as the official writer does.
+    so that the data buffer starts aligned, as the official writer does. `data_phase` (a
+    multiple of 8) pads further, so that the data starts at that offset modulo PAGE: where
+    it matches the source's, a range copy moves whole pages instead of splitting each in two.
     """
     header: dict[str, object] = {}
     if metadata:
@@ -135,7 +141,10 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    if data_phase is not None and data_phase % 8 == 0:
+        raw += b" " * ((data_phase - 8 - len(raw)) % PAGE)
+    else:
+        raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
 

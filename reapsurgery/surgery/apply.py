@@ -21,10 +21,10 @@ from ..errors import ReapError
 from ..common.layouts import Layout
 from ..common.mask import Mask, check_fingerprint
 from .modelcard import pruned_card
-from .copier import coalesce, default_jobs, pieces, run_pieces
+from .copier import MAX_JOBS, coalesce, default_jobs, free_memory, pieces, run_pieces
 from .outdir import check_output, staged_output
 from ..common.quant import rewrite_hf_quant_config
-from ..common.safetensors_io import DTYPE_BITS, TensorInfo, encode_header, write_order
+from ..common.safetensors_io import DTYPE_BITS, PAGE, TensorInfo, encode_header, write_order
 from .draft import DRAFT_DIR, plan_draft, write_draft
 from .verify import ExpertCheck, tensor_role
 from .outconfig import rewrite_config, write_index
@@ -71,10 +71,42 @@ class OutShard:
         """The shard holding `tensors` in write order (dtype size descending, then name)."""
         order = write_order([(t.name, t.dtype) for t in tensors])
         tensors = [tensors[i] for i in order]
-        header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], metadata)
         ranges = array("Q", chain.from_iterable(coalesce(r for t in tensors for r in t.ranges)))
+        header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], metadata,
+                               _phase(ranges))
         return cls(source, header, ranges,
                    sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors), name)
+
+    def split(self, parts: int) -> list["OutShard"]:
+        """This shard as up to `parts` shards of about equal bytes, cut between tensors (each
+        part still in write order), its source ranges cut at the same output offsets."""
+        entries = json.loads(self.header[8:])
+        metadata = entries.pop("__metadata__", None)
+        groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
+        done = 0
+        for name, v in entries.items():
+            if groups[-1] and done >= len(groups) * self.nbytes / parts:
+                groups.append([])
+            nbytes = v["data_offsets"][1] - v["data_offsets"][0]
+            groups[-1].append((name, v["dtype"], tuple(v["shape"]), nbytes))
+            done += nbytes
+        if len(groups) == 1:
+            return [self]
+        ranges = zip(self.ranges[::2], self.ranges[1::2])
+        off = left = 0
+        out = []
+        for group in groups:
+            nbytes = need = sum(t[3] for t in group)
+            cut = array("Q")
+            while need:
+                if not left:
+                    off, left = next(ranges)
+                take = min(need, left)
+                cut.extend((off, take))
+                off, left, need = off + take, left - take, need - take
+            out.append(OutShard(self.source, encode_header(group, metadata, _phase(cut)), cut, nbytes,
+                                sum(math.prod(t[2]) for t in group)))
+        return out
 
     @property
     def tensors(self) -> list[Entry]:
@@ -83,6 +115,23 @@ class OutShard:
         entries.pop("__metadata__", None)
         return [Entry(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
                 for k, v in entries.items()]
+
+
+def _phase(ranges: array) -> int | None:
+    """Where in its page the shard's first source range starts: the output's data starts there too."""
+    return ranges[0] % PAGE if ranges else None
+
+
+PART_MIN = 256 << 20  # no shard is split below this size: smaller files gain nothing
+
+
+def for_writers(shards: list[OutShard]) -> list[OutShard]:
+    """The shards, those larger than the output's share per worker (of MAX_JOBS) split, so that
+    every worker can write a file of its own (see copier). Depends only on the plan, never on
+    --jobs, so a mask gives the same files on every machine; a real checkpoint, with more
+    shards than workers, is left as it is."""
+    share = max(PART_MIN, -(-sum(s.nbytes for s in shards) // MAX_JOBS))
+    return [part for s in shards for part in s.split(-(-s.nbytes // share))]
 
 
 @dataclass
@@ -285,6 +334,7 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = Fa
             out = OutShard.build(source, out, metadata[source]) if out else None
         if out is not None:
             shards.append(out)
+    shards = for_writers(shards)
     n = len(shards)
     for i, shard in enumerate(shards, 1):
         shard.name = SINGLE if (n == 1 and ckpt.index_metadata is None) else f"model-{i:05d}-of-{n:05d}.safetensors"
@@ -358,7 +408,10 @@ def _check_groups(ckpt: Checkpoint, mask: Mask, mask_path: Path) -> None:
 def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callable[[int], None] | None = None,
                  jobs: int = 1, name_of: Callable[[Path], Path] = lambda p: p) -> None:
     """Every output shard, complete: headers first (files created at their final size), then the
-    tensor bytes, copied by `jobs` workers in pieces; adjacent source ranges become one copy."""
+    tensor bytes, copied by `jobs` workers in pieces; adjacent source ranges become one copy.
+    Source pages are dropped from the page cache once copied only when the run, read and
+    written, would not fit in free memory: a smaller one evicts nothing, and keeping its
+    pages makes the next run over the same checkpoint (another sparsity) read no disk."""
     work = []
     for shard in shards:
         header = shard.header
@@ -370,11 +423,8 @@ def write_shards(shards: list[OutShard], src: Path, dst: Path, progress: Callabl
             os.close(fd)
         work.append((shard, len(header)))
 
-    def all_pieces():
-        for shard, start in work:
-            yield from pieces(src / shard.source, dst / shard.name, start, shard_ranges(shard))
-
-    run_pieces(all_pieces(), jobs, progress, name_of)
+    files = (pieces(src / shard.source, dst / shard.name, start, shard_ranges(shard)) for shard, start in work)
+    run_pieces(files, jobs, progress, name_of, drop_source=2 * sum(s.nbytes for s in shards) > free_memory())
 
 
 def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
