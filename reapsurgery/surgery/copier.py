@@ -8,7 +8,8 @@ larger than free memory, what is done with (DONTNEED on the source, so a terabyt
 not evict everything else from the page cache).
 Each worker keeps to an output file of its own: ext4, like most filesystems, lets one writer
 into a file at a time (the inode lock), so two threads copying into one file go no faster
-than one (measured: one thread 0.32 s, two into one file 0.34 s, two into two files 0.17 s).
+than one (benchmarks/bench_writers.py, 1 GiB warm: one thread 0.27 s, two into one file
+0.30 s, two into two files 0.15 s).
 copy_file_range releases the GIL, so threads are enough.
 """
 
