@@ -80,6 +80,8 @@ class OutShard:
     def split(self, parts: int) -> list["OutShard"]:
         """This shard as up to `parts` shards of about equal bytes, cut between tensors (each
         part still in write order), its source ranges cut at the same output offsets."""
+        if parts <= 1:
+            return [self]
         entries = json.loads(self.header[8:])
         metadata = entries.pop("__metadata__", None)
         groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
