@@ -15,6 +15,7 @@ range come from the page cache: measured with `benchmarks/bench_calibrate.py --r
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -22,6 +23,13 @@ import torch
 
 from ..errors import ReapError
 from .observe import ExpertStats
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -49,6 +57,9 @@ class Ranks:
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # ours, so ours to end: a process group still alive when the interpreter is torn down
+            # can abort it (gloo's threads free tensors that need the GIL: SIGABRT; pytorch#179291)
+            atexit.register(_end_process_group)
         if dist.get_world_size() != self.world:
             raise ReapError(None, f"torch.distributed has {dist.get_world_size()} ranks, WORLD_SIZE says {self.world}")
 
