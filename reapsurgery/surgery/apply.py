@@ -82,23 +82,21 @@ class OutShard:
         part still in write order), its source ranges cut at the same output offsets."""
         if parts <= 1:
             return [self]
-        entries = json.loads(self.header[8:])
-        metadata = entries.pop("__metadata__", None)
-        groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
+        metadata, tensors = self._read_back()
+        groups: list[list[Entry]] = [[]]
         done = 0
-        for name, v in entries.items():
+        for t in tensors:
             if groups[-1] and done >= len(groups) * self.nbytes / parts:
                 groups.append([])
-            nbytes = v["data_offsets"][1] - v["data_offsets"][0]
-            groups[-1].append((name, v["dtype"], tuple(v["shape"]), nbytes))
-            done += nbytes
+            groups[-1].append(t)
+            done += t.nbytes
         if len(groups) == 1:
             return [self]
         ranges = zip(self.ranges[::2], self.ranges[1::2])
         off = left = 0
         out = []
         for group in groups:
-            nbytes = need = sum(t[3] for t in group)
+            nbytes = need = sum(t.nbytes for t in group)
             cut = array("Q")
             while need:
                 if not left:
@@ -107,16 +105,20 @@ class OutShard:
                 cut.extend((off, take))
                 off, left, need = off + take, left - take, need - take
             out.append(OutShard(self.source, encode_header(group, metadata, _phase(cut)), cut, nbytes,
-                                sum(math.prod(t[2]) for t in group)))
+                                sum(math.prod(t.shape) for t in group)))
         return out
 
     @property
     def tensors(self) -> list[Entry]:
         """The shard's tensors in output order, read back from its header."""
+        return self._read_back()[1]
+
+    def _read_back(self) -> tuple[dict | None, list[Entry]]:
+        """The header's metadata and its tensors in output order."""
         entries = json.loads(self.header[8:])
-        entries.pop("__metadata__", None)
-        return [Entry(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
-                for k, v in entries.items()]
+        metadata = entries.pop("__metadata__", None)
+        return metadata, [Entry(k, v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
+                          for k, v in entries.items()]
 
 
 def _phase(ranges: array) -> int | None:
