@@ -89,7 +89,6 @@ def main() -> None:
                 f.write(block)
             f.write(block[: size % len(block)])
         os.sync()
-        src.read_bytes() if size <= 2 * GiB else None  # warm
         ways = ["one thread", "two threads, one file", "two threads, two files"]
         runs: dict[str, list[dict]] = {w: [] for w in ways}
         for r in range(args.repeat):
