@@ -4,6 +4,7 @@ copied as one, and a worker that fails mid-run leaves nothing behind and says so
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -149,8 +150,8 @@ def test_source_pages_are_dropped_only_when_the_run_exceeds_free_memory(checkpoi
     monkeypatch.setattr(surgery, "free_memory", lambda: (1 << 40) if fits else PAGE)
     plan = plan_surgery(Checkpoint.open(src), load_mask(mask), mask)
     apply_mask(load_mask(mask), mask, src, tmp_path / "out", jobs=2)
-    dropped = [n for how, n in advice if how == __import__("os").POSIX_FADV_DONTNEED]
-    assert sum(n for how, n in advice if how == __import__("os").POSIX_FADV_WILLNEED) == plan.total_size
+    dropped = [n for how, n in advice if how == os.POSIX_FADV_DONTNEED]
+    assert sum(n for how, n in advice if how == os.POSIX_FADV_WILLNEED) == plan.total_size
     assert sum(dropped) == (0 if fits else plan.total_size)
 
 
@@ -178,7 +179,7 @@ def test_worker_failing_mid_run_leaves_nothing(checkpoints, tmp_path, monkeypatc
     def failing(piece, stop, drop_source):
         calls.append(piece)
         if len(calls) == 5:
-            raise OSError(err, __import__("os").strerror(err))
+            raise OSError(err, os.strerror(err))
         real(piece, stop, drop_source)
 
     monkeypatch.setattr(copier, "PIECE", 4096)
@@ -187,7 +188,7 @@ def test_worker_failing_mid_run_leaves_nothing(checkpoints, tmp_path, monkeypatc
     code, stderr = _cli_in_process(["apply", mask, src, out, "-q", "--jobs", "3"], capsys)
     assert code == 2
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {out}/model-") and __import__("os").strerror(err) in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}/model-") and os.strerror(err) in lines[0]
     assert "Traceback" not in stderr
     _no_output_left(tmp_path, out)
     assert tree_hash(src) == before

@@ -3,7 +3,7 @@
 Kimi-K2's index names 139,583 tensors. Parsed by `json` into a dict of str it costs ~75 MB at
 its peak (the text, a pair list, a string per value) and ~25 MB to hold, more than the whole of
 surgery needs otherwise. Here the weight_map object is scanned from the file's bytes pair by
-pair, and the names are kept as one UTF-8 blob found through a sorted array of their hashes:
+pair, and the names are kept as one UTF-8 blob found through a hash table:
 ~10 MB held, and the parse never holds a Python object per pair. Everything else in the index
 (metadata, any other key) still goes through the strict reader, and any input the scan does not
 recognise is parsed by the strict reader whole, so the errors and the accepted files are the
