@@ -28,6 +28,7 @@ from .distributed import Ranks
 from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
 from ..common.saliency import LayerStats, Saliency
+from ..common.units import human
 from .resume import ResumeState, state_key
 from .streaming import StreamedModel, fill_carried, moved
 from .timing import TIMINGS
@@ -150,14 +151,7 @@ class Placement:
     def note(self, dev: torch.device) -> str:
         where = f"on the device ({dev})" if self.where == "device" else "in host memory, each batch moved to the device for its forward"
         chunks = (f", in {len(self.chunks)} chunks that each stream the layers again" if len(self.chunks) > 1 else "")
-        return f"hidden states ({_size(self.need)}) {where}{chunks}; budget {_size(self.budget)} ({self.budget_of})"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
+        return f"hidden states ({human(self.need)}) {where}{chunks}; budget {human(self.budget)} ({self.budget_of})"
 
 
 def place_hidden(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden_size: int, dtype: torch.dtype,
@@ -183,13 +177,13 @@ def place_hidden(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden_size: 
         where = "host"
         budget = default_budget(host_available(), layer_bytes) if host_memory is None else host_memory
         if dev.type != "cpu" and max(per_batch) > device_budget:
-            raise ReapError(None, f"one batch's hidden states ({_size(max(per_batch))}) do not fit on {dev} "
-                                  f"({_size(device_budget)} by {option}); lower --batch-size or raise --hidden-memory")
+            raise ReapError(None, f"one batch's hidden states ({human(max(per_batch))}) do not fit on {dev} "
+                                  f"({human(device_budget)} by {option}); lower --batch-size or raise --hidden-memory")
         option = "host MemAvailable less two layers and 1/8" if host_memory is None else "host_memory"
     if max(per_batch) > budget:
         hint = "" if option.startswith("host MemAvailable") else " or raise --hidden-memory"
-        raise ReapError(None, f"one batch's hidden states ({_size(max(per_batch))}) do not fit in "
-                              f"{_size(budget)} ({option}); lower --batch-size{hint}")
+        raise ReapError(None, f"one batch's hidden states ({human(max(per_batch))}) do not fit in "
+                              f"{human(budget)} ({option}); lower --batch-size{hint}")
     return Placement(where, chunks or plan_chunks(batches, hidden_size, dtype, None if need <= budget else budget),
                      need, budget, option)
 

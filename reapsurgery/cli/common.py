@@ -14,18 +14,11 @@ from typing import Iterator
 
 import click
 
+from ..common.units import human
 from ..errors import ReapError
 from ..plan import METHODS  # light: no torch
 
 EXIT_BAD_INPUT = 2
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class Interrupted(KeyboardInterrupt):
