@@ -226,6 +226,16 @@ CASES: dict[str, Case] = {
     "calibrate: unknown architecture": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, model_type="bogus", architectures=["BogusForCausalLM"])), "config.json"),
     "calibrate: index maps a tensor to the wrong shard": lambda d, w: (_calibrate(d, w, ckpt=_edit_index(d, w, lambda i: i["weight_map"].update({k: w["other_shard"] for k in [next(iter(i["weight_map"]))]}))), "safetensors"),
     "calibrate: dataset with duplicate keys": lambda d, w: (_calibrate(d, w, "--dataset", _raw(d / "rows.jsonl", b'{"input_ids": [1], "input_ids": [2]}\n')), "rows.jsonl"),
+    # -- wording: what the path is, what was expected, and the order of apply's arguments --
+    "apply: a checkpoint as MASK": lambda d, w: (["apply", w["ckpt"], w["mask"], d / "out"], f"{w['ckpt']}: is a directory, not a mask or saliency file; the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"),
+    "apply: a mask as CKPT": lambda d, w: (["apply", w["saliency"], w["mask"], d / "out", "--keep", 4], f"{w['mask']}: is a file, not a checkpoint directory; the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"),
+    "apply: the checkpoint as OUT": lambda d, w: (["apply", w["mask"], d / "out", w["ckpt"]], f"{d / 'out'}: does not exist (and OUT {w['ckpt']} is a checkpoint: arguments in the wrong order? the order is"),
+    "apply: OUT is CKPT": lambda d, w: (["apply", w["mask"], w["ckpt"], w["ckpt"]], f"{w['ckpt']}: output directory is the input checkpoint"),
+    "apply: CKPT does not exist": lambda d, w: (["apply", w["mask"], d / "nope", d / "out"], f"{d / 'nope'}: does not exist"),
+    "inspect: a shard": lambda d, w: (["inspect", Path(w["ckpt"]) / w["shard"]], f"{w['shard']}: is a safetensors file (weights), not a checkpoint directory, mask or saliency file"),
+    "inspect: a path that does not exist": lambda d, w: (["inspect", d / "nope"], f"{d / 'nope'}: does not exist"),
+    "verify: a path that does not exist": lambda d, w: (["verify", d / "nope"], f"{d / 'nope'}: does not exist"),
+    "calibrate: -o CKPT": lambda d, w: (["calibrate", _ckpt(d, w), "-o", d / "ckpt"], f"{d / 'ckpt'}: -o is the input checkpoint"),
     "inspect: binary file": lambda d, w: (["inspect", _raw(d / "x.bin", b"\x00" * 64)], "x.bin"),
     "inspect: UTF-16 mask": lambda d, w: (["inspect", _raw(d / "m.json", json.dumps(_mask(w)).encode("utf-16"))], "m.json"),
 }

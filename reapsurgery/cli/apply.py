@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..common.checkpoint import HUB_ID
 from ..errors import ReapError
 from .common import (EXIT_BAD_INPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, layout_from, plan_kwargs, table,
                      layout_option, one_line_errors, plan_options)
@@ -32,6 +33,20 @@ def _echo_preview(p: dict) -> None:
         click.echo(f"  would replace the existing contents of {p['out']} (--overwrite)")
 
 
+ORDER = "the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"
+
+
+def check_order(mask: Path, ckpt: Path, out: Path) -> None:
+    """Arguments given in another order (a checkpoint as MASK, a mask as CKPT, the checkpoint as OUT)
+    refused with the order, before any message about what the misplaced file is not."""
+    if mask.is_dir():
+        raise ReapError(mask, f"is a directory, not a mask or saliency file; {ORDER}")
+    if ckpt.is_file():
+        raise ReapError(ckpt, f"is a file, not a checkpoint directory; {ORDER}")
+    if not ckpt.exists() and not HUB_ID.match(str(ckpt)) and (out / "config.json").is_file():
+        raise ReapError(ckpt, f"does not exist (and OUT {out} is a checkpoint: arguments in the wrong order? {ORDER})")
+
+
 @click.command()
 @click.argument("mask", metavar="MASK_OR_SALIENCY", type=click.Path(path_type=Path))
 @click.argument("ckpt", type=click.Path(path_type=Path))
@@ -53,7 +68,7 @@ def _echo_preview(p: dict) -> None:
 @one_line_errors
 def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs: int | None, dry_run: bool, mtp: str,
           layout_file: Path | None, **opts) -> None:
-    """Write CKPT with only the experts MASK keeps into OUT.
+    """Write CKPT into OUT with only the experts that MASK_OR_SALIENCY keeps.
 
     MASK_OR_SALIENCY is a mask.json, or a saliency.json together with --sparsity
     or --keep (and the other options of `reapsurgery plan`) to plan the mask
@@ -70,6 +85,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     from ..common.saliency import SALIENCY_FORMAT
     from ..surgery.apply import apply_mask
 
+    check_order(mask, ckpt, out)
     layout = layout_from(layout_file)
     raw = read_bytes(mask, "mask or saliency file")
     data = loads_strict(raw, mask, "mask or saliency file")

@@ -164,8 +164,7 @@ class Checkpoint:
 def read_files(path: Path) -> tuple[dict, WeightMap, dict | None]:
     """config.json, the tensor -> shard map and the index metadata (None for a single file)."""
     if not path.is_dir():
-        raise ReapError(path, "not a checkpoint directory" if not path.exists()
-                        else "is a file, not a checkpoint directory")
+        raise ReapError(path, "does not exist" if not path.exists() else "is a file, not a checkpoint directory")
     config = read_json_object(path / "config.json", "config.json")
     index_path = path / INDEX
     if index_path.exists():
