@@ -229,6 +229,9 @@ def plan_mask(
     notes: list[str] = []
     requested = drop_count(E, sparsity, keep)
     drop = requested
+    if sparsity is not None and requested and abs(sparsity * E - requested) > 1e-9:
+        notes.append(f"--sparsity {sparsity} of {E} experts is {sparsity * E:.4g} experts per layer, rounded to "
+                     f"{requested}: sparsity {requested / E:.4g} ({E - requested} kept; --keep N sets the count exactly)")
     n_group = model.get("n_group")
     groups = n_group if isinstance(n_group, int) and n_group > 1 else 1
     if groups > 1:

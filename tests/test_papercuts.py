@@ -45,6 +45,23 @@ def test_sparsity_that_drops_nothing_says_so(tmp_path):
     assert any("drops 0 of 8" in n and "nothing is pruned" in n for n in plan.notes)
 
 
+def test_sparsity_that_rounds_to_another_says_so():
+    """0.3 of 8 experts is 2.4: 2 are dropped, sparsity 0.25, and a note says so; exact ones get no note."""
+    from reapsurgery.common.saliency import LayerStats, Saliency
+    from reapsurgery.plan import plan_mask
+
+    model = {"architecture": "X", "model_type": "x", "num_hidden_layers": 1, "moe_layers": [0],
+             "num_experts": 8, "num_experts_per_tok": 2, "n_group": None}
+    saliency = Saliency(model, {}, {0: LayerStats(10, [1.0] * 8, [1.0] * 8, [1.0] * 8, [1.0] * 8, [1.0] * 8)})
+    plan = plan_mask(saliency, sparsity=0.3)
+    assert plan.drop == 2
+    assert [n for n in plan.notes if "rounded" in n] == [
+        "--sparsity 0.3 of 8 experts is 2.4 experts per layer, rounded to 2: sparsity 0.25 "
+        "(6 kept; --keep N sets the count exactly)"]
+    for exact in ({"sparsity": 0.5}, {"sparsity": 0.125}, {"keep": 5}):
+        assert not [n for n in plan_mask(saliency, **exact).notes if "rounded" in n], exact
+
+
 def test_hub_id_from_the_local_cache_offline(checkpoints, tmp_path):
     """org/name[@revision] is found in the Hugging Face cache; an uncached id is named in the error."""
     cache = tmp_path / "hub"
