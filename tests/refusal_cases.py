@@ -132,6 +132,7 @@ def _tokens(d: Path, w: dict, ids: list[int]) -> tuple[list, str]:
 
 
 VOCAB = 320  # fixtures.build COMMON vocab_size
+STDOUT = "'-': writing to standard output is not supported"  # `-o -` would have written a file named '-'
 
 CASES: dict[str, Case] = {
     # -- a file that is not the JSON expected (mask, saliency, config, index, layout, inspect) --
@@ -235,6 +236,12 @@ CASES: dict[str, Case] = {
     "inspect: a shard": lambda d, w: (["inspect", Path(w["ckpt"]) / w["shard"]], f"{w['shard']}: is a safetensors file (weights), not a checkpoint directory, mask or saliency file"),
     "inspect: a path that does not exist": lambda d, w: (["inspect", d / "nope"], f"{d / 'nope'}: does not exist"),
     "verify: a path that does not exist": lambda d, w: (["verify", d / "nope"], f"{d / 'nope'}: does not exist"),
+    "plan: -o -": lambda d, w: (["plan", w["saliency"], "--keep", 4, "-o", "-"], STDOUT),
+    "calibrate: -o -": lambda d, w: (_calibrate(d, w)[:2] + ["-o", "-"], STDOUT),
+    "merge: -o -": lambda d, w: (["merge-saliency", w["saliency"], "-o", "-"], STDOUT),
+    "evaluate: -o -": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "-o", "-"], STDOUT),
+    "evaluate: --plot -": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "--plot", "-"], STDOUT),
+    "apply: OUT -": lambda d, w: (["apply", w["mask"], w["ckpt"], "-"], STDOUT),
     "calibrate: -o CKPT": lambda d, w: (["calibrate", _ckpt(d, w), "-o", d / "ckpt"], f"{d / 'ckpt'}: -o is the input checkpoint"),
     "inspect: binary file": lambda d, w: (["inspect", _raw(d / "x.bin", b"\x00" * 64)], "x.bin"),
     "inspect: UTF-16 mask": lambda d, w: (["inspect", _raw(d / "m.json", json.dumps(_mask(w)).encode("utf-16"))], "m.json"),

@@ -9,7 +9,7 @@ import click
 
 from ..common.checkpoint import HUB_ID
 from ..errors import ReapError
-from .common import (EXIT_BAD_INPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, layout_from, plan_kwargs, table,
+from .common import (EXIT_BAD_INPUT, OUTPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, layout_from, plan_kwargs, table,
                      layout_option, one_line_errors, plan_options)
 
 
@@ -50,7 +50,7 @@ def check_order(mask: Path, ckpt: Path, out: Path) -> None:
 @click.command()
 @click.argument("mask", metavar="MASK_OR_SALIENCY", type=click.Path(path_type=Path))
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=OUTPUT)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",

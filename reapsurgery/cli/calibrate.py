@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import data_options, layout_from, layout_option, load_data, one_line_errors, run_options
+from .common import OUTPUT, data_options, layout_from, layout_option, load_data, one_line_errors, run_options
 
 
 class Duration(click.ParamType):
@@ -52,7 +52,7 @@ class Size(click.ParamType):
 
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write saliency.json.")
+@click.option("-o", "--output", type=OUTPUT, required=True, help="Where to write saliency.json.")
 @data_options
 @run_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last saved layer (state in OUTPUT.resume/).")
@@ -138,7 +138,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 
 @click.command("merge-saliency")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Merged saliency.json.")
+@click.option("-o", "--output", type=OUTPUT, required=True, help="Merged saliency.json.")
 @one_line_errors
 def merge_saliency(files: tuple[Path, ...], output: Path) -> None:
     """Sum the statistics of calibration runs on the same model (e.g. several datasets)."""

@@ -99,6 +99,23 @@ class DeviceType(click.ParamType):
 
 
 
+class OutputPath(click.Path):
+    """A file or directory the command writes. `-` is refused: it is not standard output here (the
+    result goes to stdout with --json), and a file named `-` is never what was meant."""
+
+    def __init__(self):
+        super().__init__(path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if str(value) == "-":
+            self.fail("'-': writing to standard output is not supported; give a path (--json prints the result "
+                      "on stdout)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT = OutputPath()
+
+
 # -- planning: options shared by `plan` and `apply` ------------------------------
 
 

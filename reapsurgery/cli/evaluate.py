@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import ReapError
-from .common import (PLAN_FLAGS, data_options, echo_plan, human, layout_from, layout_option, load_data, one_line_errors,
+from .common import (OUTPUT, PLAN_FLAGS, data_options, echo_plan, human, layout_from, layout_option, load_data, one_line_errors,
                      plan_kwargs, plan_options, run_options, table)
 
 
@@ -56,8 +56,8 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
 @click.argument("saliency", required=False, type=click.Path(path_type=Path))
 @click.option("--mask", "masks", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
               help="A mask.json to evaluate; repeat for several (evaluated in the order given, before planned ones).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write report.json.")
-@click.option("--plot", type=click.Path(path_type=Path), metavar="FILE.png",
+@click.option("-o", "--output", type=OUTPUT, help="Where to write report.json.")
+@click.option("--plot", type=OUTPUT, metavar="FILE.png",
               help="Draw KL, top-1 agreement and perplexity against checkpoint size (needs reapsurgery[plot]).")
 @plan_options(lists=True)
 @data_options

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from .common import echo_plan, layout_from, plan_kwargs, layout_option, one_line_errors, plan_options
+from .common import OUTPUT, echo_plan, layout_from, plan_kwargs, layout_option, one_line_errors, plan_options
 
 
 @click.command()
 @click.argument("saliency", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write mask.json.")
+@click.option("-o", "--output", type=OUTPUT, required=True, help="Where to write mask.json.")
 @plan_options
 @click.option("--ckpt", type=click.Path(path_type=Path),
               help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
