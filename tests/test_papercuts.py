@@ -78,3 +78,52 @@ def test_hub_id_from_the_local_cache_offline(checkpoints, tmp_path):
     assert run("verify", "acme/tiny-moe@main").returncode == 0
     r = run("inspect", "acme/other")
     assert r.returncode == 2 and r.stderr.startswith("error: acme/other: ") and "hf download acme/other" in r.stderr
+
+
+def _cached(checkpoints, cache, repo_id: str, card: str | None):
+    """A copy of the qwen3_moe fixture as a snapshot of repo_id in a Hugging Face cache, with this README."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / ("b" * 40)
+    shutil.copytree(checkpoints["qwen3_moe"], snap)
+    (snap / "README.md").unlink()
+    if card is not None:
+        (snap / "README.md").write_text(card)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    return snap
+
+
+def test_model_card_names_the_hub_source_as_base_model(checkpoints, tmp_path):
+    """From the cache (by hub id or by path), the card's front matter gets base_model: the hub id, read back
+    by the hub client; the source card's own keys and text are kept; a plain directory gets no base_model."""
+    from huggingface_hub import ModelCard
+
+    cache = tmp_path / "hub"
+    card = ("---\nlicense: mit\nbase_model: upstream/base\nbase_model_relation: finetune\ntags:\n- chat\n---\n\n"
+            "# Tiny\n\nThe source's own words.\n")
+    snap = _cached(checkpoints, cache, "acme/tiny-moe", card)
+    bare = _cached(checkpoints, cache, "acme/no-card", None)
+    mask = write_mask(snap, [0, 2, 5, 7], tmp_path / "m.json")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "reapsurgery", *map(str, a)], capture_output=True,  # noqa: E731
+                                    text=True, env=env)
+    for source, out in (("acme/tiny-moe", tmp_path / "by-id"), (snap, tmp_path / "by-path")):
+        r = run("apply", mask, source, out, "-q")
+        assert r.returncode == 0, r.stderr
+        got = ModelCard.load(out / "README.md")
+        assert got.data.base_model == "acme/tiny-moe"
+        assert got.data.license == "mit" and got.data.tags == ["chat"]
+        assert "base_model_relation" not in got.data.to_dict()
+        assert "The source's own words." in got.text and "## Expert pruning (reapsurgery)" in got.text
+        assert "https://huggingface.co/acme/tiny-moe" in got.text and "b" * 40 in got.text
+    r = run("apply", mask, "acme/no-card", tmp_path / "no-card", "-q")
+    assert r.returncode == 0, r.stderr
+    got = ModelCard.load(tmp_path / "no-card" / "README.md")
+    assert got.data.base_model == "acme/no-card" and "pruned" in got.data.tags
+    plain = tmp_path / "plain"
+    shutil.copytree(bare, plain)
+    r = run("apply", mask, plain, tmp_path / "from-plain", "-q")
+    assert r.returncode == 0, r.stderr
+    got = ModelCard.load(tmp_path / "from-plain" / "README.md")
+    assert "base_model" not in got.data.to_dict() and "huggingface.co" not in got.text
+
