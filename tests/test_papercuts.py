@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,82 @@ def test_model_card_names_the_hub_source_as_base_model(checkpoints, tmp_path):
     got = ModelCard.load(tmp_path / "from-plain" / "README.md")
     assert "base_model" not in got.data.to_dict() and "huggingface.co" not in got.text
 
+
+# -- progress bars: tqdm on a terminal, plain lines in a log, closed before a message --------------
+
+
+def _on_a_terminal(*args) -> tuple[int, bytes]:
+    """`reapsurgery ARGS` with stderr on a pseudo-terminal of 100 columns: (exit code, what it drew)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    p = subprocess.Popen([sys.executable, "-m", "reapsurgery", *map(str, args)], stdout=subprocess.DEVNULL,
+                         stderr=slave)
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    return p.wait(), drawn
+
+
+def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(checkpoints, tmp_path):
+    src = checkpoints["qwen3_moe"]
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    r = subprocess.run([sys.executable, "-m", "reapsurgery", "apply", str(mask), str(src), str(tmp_path / "logged")],
+                       capture_output=True)  # bytes: text mode would turn a carriage return into a newline
+    assert r.returncode == 0, r.stderr
+    assert b"\r" not in r.stderr and b"\x1b" not in r.stderr
+    assert re.fullmatch(rb"writing shards: (\S+ \S+)/\1 \(100%\) after 0:0\d\n", r.stderr), r.stderr
+    code, drawn = _on_a_terminal("apply", mask, src, tmp_path / "drawn")
+    assert code == 0
+    assert b"\rwriting shards: 100%|" in drawn and drawn.endswith(b"\n")
+
+
+def test_calibrate_progress_in_a_log_has_no_escapes(checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from reapsurgery.cli import main
+
+    r = CliRunner().invoke(main, ["calibrate", str(checkpoints["qwen3_moe"]), "-o", str(tmp_path / "s.json"),
+                                  "--num-samples", "4", "--max-length", "16", "--batch-size", "2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "\r" not in r.stderr and "\x1b" not in r.stderr
+    assert re.search(r"^layers: 3/3 \(100%\) after 0:\d\d$", r.stderr, re.M), r.stderr
+
+
+def test_interrupt_closes_the_bars_before_its_message(checkpoints, tmp_path, monkeypatch):
+    """On a terminal, Ctrl-C after a layer: the bar ends its line (at 1 of 3 layers), then the message."""
+    import click.testing
+    from click.testing import CliRunner
+
+    from reapsurgery.calibration.streaming import StreamedModel
+    from reapsurgery.cli import main
+    from reapsurgery.cli.common import Interrupted
+
+    monkeypatch.setattr(click.testing._NamedTextIOWrapper, "isatty", lambda self: True, raising=False)
+    release = StreamedModel.release_layer
+
+    def interrupted_in_layer_1(self, i):
+        release(self, i)
+        if i == 1:
+            raise Interrupted()
+
+    monkeypatch.setattr(StreamedModel, "release_layer", interrupted_in_layer_1)
+    r = CliRunner().invoke(main, ["calibrate", str(checkpoints["qwen3_moe"]), "-o", str(tmp_path / "s.json"),
+                                  "--num-samples", "4", "--max-length", "16", "--batch-size", "2", "--device", "cpu"])
+    assert r.exit_code == 130, r.output
+    drawn, message = r.stderr.rsplit("interrupted", 1)
+    assert drawn.endswith("\n"), repr(r.stderr[-300:])
+    assert "layers:  33%|" in drawn.rsplit("\n", 2)[-2]  # the bar's last state, on the line it ended
+    assert message.startswith("; the finished layers are kept") and message.count("\n") == 1

@@ -17,11 +17,12 @@ from .evaluate import evaluate
 from .inspect import architectures, inspect_cmd
 from .common import EXIT_BAD_INPUT, quiet_stdout, signals_as_interrupts
 from .plan import plan
+from .progress import close_bars, echo_above_bars
 
 
 class _NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"note: {record.getMessage()}", err=True)  # the stderr of now, not of set-up
+        echo_above_bars(f"note: {record.getMessage()}")  # the stderr of now, not of set-up
 
 
 def show_notes() -> None:
@@ -47,13 +48,16 @@ class PipelineGroup(click.Group):
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
                 sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         except click.UsageError as e:
+            close_bars()
             hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
             click.echo(f"error: {e.format_message()}{hint}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except click.ClickException as e:
+            close_bars()
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:
+            close_bars()
             click.echo("interrupted", err=True)
             sys.exit(130)
         except BrokenPipeError:

@@ -11,6 +11,7 @@ from ..common.checkpoint import HUB_ID
 from ..errors import ReapError
 from .common import (EXIT_BAD_INPUT, OUTPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, layout_from, plan_kwargs, table,
                      layout_option, one_line_errors, plan_options)
+from .progress import echo_above_bars, progress_bars
 
 
 def _echo_preview(p: dict) -> None:
@@ -122,13 +123,12 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 
     total = 0
     bar = None
+    bars = progress_bars(quiet)
 
     def progress(n: int) -> None:
         nonlocal bar
         if bar is None:  # created on the first write, so refusals print nothing but the error
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing shards")
+            bar = bars(total=total, unit="B", unit_scale=True, desc="writing shards")
         bar.update(n)
 
     def on_plan(plan) -> None:  # called once every check has passed, before anything is written
@@ -138,9 +138,9 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
             echo_plan(planned, with_table=not quiet)
 
     try:
-        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=None if quiet else progress,
+        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress if bars else None,
                             on_plan=on_plan,
-                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: click.echo(f"note: {text}", err=True))
+                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: echo_above_bars(f"note: {text}"))
     finally:
         if bar is not None:
             bar.close()

@@ -17,6 +17,7 @@ import click
 from ..common.units import human
 from ..errors import ReapError
 from ..plan import METHODS  # light: no torch
+from .progress import close_bars
 
 EXIT_BAD_INPUT = 2
 
@@ -68,16 +69,19 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ReapError as e:
+            close_bars()
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly
             quiet_stdout()
             sys.exit(0)
         except OSError as e:
+            close_bars()
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt as e:
+            close_bars()  # the message on a line of its own, not over a bar
             signum = getattr(e, "signum", signal.SIGINT)
             message = getattr(e, "message", Interrupted().message)
             click.echo(message, err=True)
