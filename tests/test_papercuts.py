@@ -207,3 +207,42 @@ def test_interrupt_closes_the_bars_before_its_message(checkpoints, tmp_path, mon
     assert drawn.endswith("\n"), repr(r.stderr[-300:])
     assert "layers:  33%|" in drawn.rsplit("\n", 2)[-2]  # the bar's last state, on the line it ended
     assert message.startswith("; the finished layers are kept") and message.count("\n") == 1
+
+
+# -- refusals that need no torch cost no torch ----------------------------------------------------
+
+WITHOUT_TORCH = ("import sys; sys.modules.update(torch=None, transformers=None)  # any import of them fails\n"
+                 "from reapsurgery.cli import main; main(prog_name='reapsurgery')")
+
+
+def test_calibrate_and_evaluate_refuse_before_importing_torch(checkpoints, tmp_path):
+    """A missing checkpoint or dataset, an option error, --device cuda where there is certainly no CUDA:
+    refused in a process where importing torch or transformers fails (a traceback, exit 1)."""
+    from reapsurgery.calibration.preflight import certainly_no_cuda
+
+    src = checkpoints["qwen3_moe"]
+    mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
+    out = ["-o", tmp_path / "s.json"]
+    cases = [
+        (["calibrate", tmp_path / "nockpt", *out], f"{tmp_path / 'nockpt'}: does not exist"),
+        (["calibrate", src, *out, "--dataset", tmp_path / "no.jsonl"], f"{tmp_path / 'no.jsonl'}: no such file"),
+        (["evaluate", tmp_path / "nockpt", "--mask", mask], f"{tmp_path / 'nockpt'}: does not exist"),
+        (["evaluate", src, "--mask", mask, "--dataset", tmp_path / "no.jsonl"], f"{tmp_path / 'no.jsonl'}: no such file"),
+        (["evaluate", src, "--mask", mask, "--keep", "4"], "--keep: planning options need a SALIENCY file"),
+        (["evaluate", src, "--mask", tmp_path / "nomask.json"], f"{tmp_path / 'nomask.json'}: does not exist"),
+    ]
+    if certainly_no_cuda():
+        cases += [(["calibrate", src, *out, "--device", "cuda"], "--device cuda: no CUDA device is available"),
+                  (["evaluate", src, "--mask", mask, "--device", "cuda:1"], "--device cuda:1: no CUDA device is available")]
+    for args, error in cases:
+        r = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {error}") and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_no_cuda_is_said_only_where_torch_agrees():
+    import torch
+
+    from reapsurgery.calibration.preflight import certainly_no_cuda
+
+    assert not certainly_no_cuda() or not torch.cuda.is_available()

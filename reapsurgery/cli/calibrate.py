@@ -91,24 +91,25 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     samples and rank 0 writes; on several nodes the same command runs on each, with torchrun's
     --nnodes, --node-rank and --master-addr.
     """
-    from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
+    from ..calibration.preflight import check_device, mtp_layers_on_disk
     from ..common.checkpoint import Checkpoint, resolve_checkpoint
     from ..common.files import check_output_file
 
-    # every check before the data and the model are loaded: a refusal costs nothing
+    # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
+    check_device(device)
     ckpt_dir = resolve_checkpoint(ckpt)
     check_output_file(output, input_dirs=[ckpt_dir] if ckpt_dir.is_dir() else [])
     layout = layout_from(layout_file)
     opened = Checkpoint.open(ckpt_dir, layout)
     opened.tensors()  # index and shard headers agree, before any layer is read
     if mtp == "calibrate":
-        from ..calibration.mtp import mtp_layers_on_disk
-
         mtp_layers_on_disk(opened)
-    resolve_device(device)
     vocab = opened.cfg.get("vocab_size")
     data, provenance = load_data(opened.path, dataset, text_field, num_samples, max_length, seed,
-                                 vocab_size=vocab if isinstance(vocab, int) else None)
+                                 vocab_size=vocab if isinstance(vocab, int) else None)  # tokenizing imports torch
+    from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
+
+    resolve_device(device)  # what the cheap check could not rule out
     state_dir = Path(f"{output}.resume")
     try:
         saliency = run_calibrate(

@@ -26,21 +26,22 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
     """Every variant, checked against the checkpoint and sized, before the model is touched."""
     from ..common.checkpoint import Checkpoint
     from ..common.mask import load_mask
-    from ..evaluation.variants import sized_variant
+    from ..evaluation.masks import sized_variant
 
-    ckpt = Checkpoint.open(ckpt_path, layout)
-    out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
     requests = [("sparsity", s) for s in _values(opts["sparsity"], "--sparsity", float)]
     requests += [("keep", k) for k in _values(opts["keep"], "--keep", int)]
     if saliency is None:
         given = [flag for key, flag in PLAN_FLAGS.items() if opts[key] not in (None, False)]
         if given:
             raise ReapError(None, f"{', '.join(given)}: planning options need a SALIENCY file")
-        if not out:
+        if not masks:
             raise ReapError(None, "nothing to evaluate: give --mask FILE (repeatable), or SALIENCY with --sparsity/--keep")
-        return out
-    if not requests:
+    elif not requests:
         raise ReapError(saliency, "pass --sparsity F[,F...] or --keep N[,N...] to plan masks from this saliency file")
+    ckpt = Checkpoint.open(ckpt_path, layout)
+    out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
+    if saliency is None:
+        return out
     from ..plan import mask_bytes, plan_from_files
 
     for key, value in requests:
@@ -83,18 +84,24 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     bytes; and per MoE layer the relative error of its output. Use held-out data, not the
     calibration set. Data, device and dtype options are calibrate's.
     """
-    from ..evaluation.evaluate import evaluate as run_evaluate
+    from ..calibration.preflight import check_device
+    from ..common.checkpoint import resolve_checkpoint
     from ..evaluation.report import plot_report, save_report, table_rows
 
+    # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
+    check_device(device)
+    ckpt_dir = resolve_checkpoint(ckpt)
     layout = layout_from(layout_file)
-    variants = _variants(ckpt, saliency, masks, layout, opts)
+    variants = _variants(ckpt_dir, saliency, masks, layout, opts)
     if plot is not None:  # refuse before the long run if the plot cannot be drawn
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ReapError(plot, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
-    data, provenance = load_data(ckpt, dataset, text_field, num_samples, max_length, seed)
-    result = run_evaluate(ckpt, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
+    data, provenance = load_data(ckpt_dir, dataset, text_field, num_samples, max_length, seed)
+    from ..evaluation.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(ckpt_dir, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, provenance=provenance,
                           bar=progress_bars(quiet), layout=layout)
     report = result.to_json()
