@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -9,9 +10,15 @@ import click
 
 from ..common.checkpoint import HUB_ID
 from ..errors import ReapError
-from .common import (EXIT_BAD_INPUT, OUTPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, layout_from, plan_kwargs, table,
-                     layout_option, one_line_errors, plan_options)
+from .common import (EXIT_BAD_INPUT, OUTPUT, PLAN_FLAGS, echo_mtp, echo_plan, emit_json, human, json_option, layout_from,
+                     layout_option, one_line_errors, plan_facts, plan_kwargs, plan_options, table)
 from .progress import echo_above_bars, progress_bars
+
+
+def _echo_notes(notes: list[str]) -> None:
+    """With --json, the notes that the text output prints among its facts go to stderr."""
+    for note in notes:
+        echo_above_bars(f"note: {note}")
 
 
 def _echo_preview(p: dict) -> None:
@@ -66,9 +73,10 @@ def check_order(mask: Path, ckpt: Path, out: Path) -> None:
                    "from the trunk's config.")
 @plan_options
 @layout_option
+@json_option
 @one_line_errors
 def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs: int | None, dry_run: bool, mtp: str,
-          layout_file: Path | None, **opts) -> None:
+          layout_file: Path | None, as_json: bool, **opts) -> None:
     """Write CKPT into OUT with only the experts that MASK_OR_SALIENCY keeps.
 
     MASK_OR_SALIENCY is a mask.json, or a saliency.json together with --sparsity
@@ -117,8 +125,12 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 
         preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
         if planned:
-            echo_plan(planned)
-        _echo_preview(preview)
+            echo_plan(planned, with_table=not as_json)
+        if as_json:
+            _echo_notes(preview["notes"])
+            emit_json({"dry_run": True, **preview, "plan": plan_facts(planned) if planned else None})
+        else:
+            _echo_preview(preview)
         return
 
     total = 0
@@ -135,7 +147,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         nonlocal total
         total = plan.total_size
         if planned:
-            echo_plan(planned, with_table=not quiet)
+            echo_plan(planned, with_table=not quiet and not as_json)
 
     try:
         result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress if bars else None,
@@ -144,6 +156,10 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     finally:
         if bar is not None:
             bar.close()
+    if as_json:
+        _echo_notes(result.notes)
+        emit_json({"dry_run": False, **dataclasses.asdict(result), "plan": plan_facts(planned) if planned else None})
+        return
     click.echo(
         f"wrote {result.out}: {result.experts_before} -> {result.experts_after} experts in "
         f"{result.moe_layers} MoE layers, {result.shards} shard(s), "
@@ -159,16 +175,24 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @layout_option
+@json_option
 @one_line_errors
-def verify(ckpt: Path, layout_file: Path | None) -> None:
-    """Check that a checkpoint's index, shard headers, expert tensors and config agree."""
+def verify(ckpt: Path, layout_file: Path | None, as_json: bool) -> None:
+    """Check that a checkpoint's index, shard headers, expert tensors and config agree.
+
+    Exit code 0 when they do; otherwise every problem is an `error:` line and the exit code is 2
+    (with --json, the report, "ok": false and its problems, is printed as well)."""
     from ..surgery.verify import verify as run_verify
 
     report = run_verify(ckpt, layout_from(layout_file))
+    if as_json:
+        emit_json({"ok": report.ok, **dataclasses.asdict(report)})
     if not report.ok:
         for problem in report.problems:  # each names its file
             click.echo(f"error: {problem}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    if as_json:
+        return
     click.echo(
         f"ok: {ckpt}: {report.tensors} tensors in {report.shards} shard(s), {human(report.total_size)}, "
         f"{report.moe_layers} MoE layers with {report.num_experts} experts each"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import OUTPUT, data_options, layout_from, layout_option, load_data, one_line_errors, run_options
+from .common import (OUTPUT, data_options, emit_json, json_option, layout_from, layout_option, load_data,
+                     one_line_errors, run_options)
 from .progress import progress_bars
 
 
@@ -75,11 +76,12 @@ class Size(click.ParamType):
                    "and apply drops it; 'auto' calibrates it for families whose loaders need it present "
                    "(Qwen3-Next: llama.cpp's converter) and drops it for the others.")
 @layout_option
+@json_option
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
               max_length: int, seed: int, batch_size: int, device: str, dtype: str, resume: bool,
               checkpoint_every: float, hidden_memory: int | None, trust_remote_code: bool, mtp: str, quiet: bool,
-              layout_file: Path | None) -> None:
+              layout_file: Path | None, as_json: bool) -> None:
     """Measure per-expert REAP saliency of CKPT on calibration text.
 
     Loads one decoder layer at a time from the shards into a transformers model built
@@ -126,7 +128,12 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     cal = saliency.calibration
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun rank 0 writes and reports
         return
-    never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
+    never_routed = {layer: sum(1 for c in stats.count if c == 0) for layer, stats in saliency.layers.items()}
+    if as_json:
+        emit_json({"output": output, "moe_layers": sorted(saliency.layers), "mtp_layers": saliency.mtp_layers,
+                   "never_routed": never_routed, "calibration": cal})
+        return
+    never = sum(never_routed.values())
     chunks = f" in {cal['chunks']} chunks" if cal.get("chunks", 1) > 1 else ""
     chunks += ", hidden states in host memory," if cal.get("hidden_states") == "host" else ""
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
@@ -137,8 +144,9 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 @click.command("merge-saliency")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=OUTPUT, required=True, help="Merged saliency.json.")
+@json_option
 @one_line_errors
-def merge_saliency(files: tuple[Path, ...], output: Path) -> None:
+def merge_saliency(files: tuple[Path, ...], output: Path, as_json: bool) -> None:
     """Sum the statistics of calibration runs on the same model (e.g. several datasets)."""
     from ..common.files import check_output_file
     from ..common.saliency import load_saliency, merge_saliency as merge
@@ -146,4 +154,8 @@ def merge_saliency(files: tuple[Path, ...], output: Path) -> None:
     check_output_file(output, inputs=files)
     merged = merge([load_saliency(f) for f in files], list(files))
     merged.save(output)
+    if as_json:
+        emit_json({"output": output, "inputs": files, "moe_layers": sorted(merged.layers),
+                   "calibration": merged.calibration})
+        return
     click.echo(f"wrote {output}: {len(files)} runs, {merged.calibration['tokens']} tokens")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import re
 import signal
@@ -101,6 +103,40 @@ class DeviceType(click.ParamType):
             return text
         self.fail(f"{text!r} is not a device reapsurgery calibrates on; use auto, cpu, cuda or cuda:N", param, ctx)
 
+
+
+# -- --json: a command's result as one JSON document on stdout --------------------------
+
+
+def json_option(fn):
+    """Add --json (as_json) to a command that reports a result."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the result as one JSON document on stdout, for scripts; notes and errors "
+                             "stay on stderr.")(fn)
+
+
+def _plain(value):
+    """What json cannot write itself, from the library's values: dataclasses, paths, sets."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def emit_json(result) -> None:
+    """The one way every command prints its --json result: one document on stdout."""
+    click.echo(json.dumps(result, indent=2, default=_plain))
+
+
+def plan_facts(plan) -> dict:
+    """A plan (plan.Plan) as JSON values: the mask's hash and provenance, the counts and every layer's choice."""
+    facts = dataclasses.asdict(plan)
+    mask = facts.pop("mask")
+    return {"sha256": plan.mask.sha256, "kept": plan.kept, "sparsity": plan.drop / plan.num_experts, **facts,
+            "provenance": mask["provenance"]}
 
 
 class OutputPath(click.Path):

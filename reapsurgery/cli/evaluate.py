@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..errors import ReapError
-from .common import (OUTPUT, PLAN_FLAGS, data_options, echo_plan, human, layout_from, layout_option, load_data, one_line_errors,
-                     plan_kwargs, plan_options, run_options, table)
+from .common import (OUTPUT, PLAN_FLAGS, data_options, echo_plan, emit_json, human, json_option, layout_from, layout_option,
+                     load_data, one_line_errors, plan_kwargs, plan_options, run_options, table)
 from .progress import progress_bars
 
 
@@ -65,11 +65,12 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
 @data_options
 @run_options
 @layout_option
+@json_option
 @one_line_errors
 def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output: Path | None, plot: Path | None,
              dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int,
              batch_size: int, device: str, dtype: str, trust_remote_code: bool, quiet: bool,
-             layout_file: Path | None, **opts) -> None:
+             layout_file: Path | None, as_json: bool, **opts) -> None:
     """Measure what pruning CKPT with each mask would cost, without writing a checkpoint.
 
     \b
@@ -106,13 +107,20 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
                           bar=progress_bars(quiet), layout=layout)
     report = result.to_json()
     d = report["data"]
-    click.echo(f"{d['samples']} samples, {d['predicted_positions']} predicted tokens on {d['device']} ({d['dtype']}):")
-    table(table_rows(report, human))
+    if not as_json:
+        click.echo(f"{d['samples']} samples, {d['predicted_positions']} predicted tokens on {d['device']} ({d['dtype']}):")
+        table(table_rows(report, human))
     for note in report["notes"]:
         click.echo(f"note: {note}", err=True)
+    written = []
     if output is not None:
         save_report(report, output)
-        click.echo(f"wrote {output}")
+        written.append(output)
     if plot is not None:
         plot_report(report, plot)
-        click.echo(f"wrote {plot}")
+        written.append(plot)
+    if as_json:
+        emit_json({**report, "written": written})
+        return
+    for path in written:
+        click.echo(f"wrote {path}")
