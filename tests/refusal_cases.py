@@ -199,6 +199,8 @@ CASES: dict[str, Case] = {
     "saliency: a mask given to plan": lambda d, w: (["plan", w["mask"], "--keep", 4, "-o", d / "m.json"], "mask.json"),
     "plan: --preserve with a superscript digit": lambda d, w: (["plan", w["saliency"], "--keep", 4, "--preserve", "²:1", "-o", d / "m.json"], "--preserve"),
     "plan: --sparsity 1.5": lambda d, w: (["plan", w["saliency"], "--sparsity", 1.5, "-o", d / "m.json"], "--sparsity"),
+    "plan: --sparsity 50 (a percentage)": lambda d, w: (["plan", w["saliency"], "--sparsity", 50, "-o", d / "m.json"], "50 is not a fraction in [0, 1); for 50% of the experts give 0.5"),
+    "evaluate: --sparsity 50 (a percentage)": lambda d, w: (["evaluate", w["ckpt"], w["saliency"], "--sparsity", 50], "got 50.0 (for 50.0% of the experts give 0.5)"),
     "plan: --keep 0": lambda d, w: (["plan", w["saliency"], "--keep", 0, "-o", d / "m.json"], "--keep"),
     # -- outputs that would clobber an input, or cannot be written --
     "plan: -o its own input": lambda d, w: (["plan", (lambda p: (shutil.copy(w["saliency"], p), p)[1])(d / "s.json"), "--keep", 4, "-o", d / "s.json"], "s.json"),

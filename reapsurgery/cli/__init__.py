@@ -82,6 +82,8 @@ def main() -> None:
       reapsurgery evaluate ckpt/ --mask mask.json # what it costs: KL, agreement, perplexity
       reapsurgery apply mask.json ckpt/ out/      # write the pruned checkpoint
       reapsurgery verify out/                     # check it is self-consistent
+
+    Every command that reports a result takes --json: one JSON document on stdout.
     """
     show_notes()
 

@@ -145,6 +145,7 @@ class OutputPath(click.Path):
 
     def __init__(self):
         super().__init__(path_type=Path)
+        self.name = "file"  # FILE in --help, not PATH
 
     def convert(self, value, param, ctx):
         if str(value) == "-":
@@ -159,6 +160,19 @@ OUTPUT = OutputPath()
 # -- planning: options shared by `plan` and `apply` ------------------------------
 
 
+class Fraction(click.FloatRange):
+    """--sparsity: 0 <= F < 1. A percentage (50 for half) is refused with what was meant."""
+
+    def __init__(self):
+        super().__init__(0, 1, max_open=True)
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if 1 < number <= 100:
+            self.fail(f"{value} is not a fraction in [0, 1); for {value}% of the experts give {number / 100:g}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 PLAN_FLAGS = {"sparsity": "--sparsity", "keep": "--keep", "method": "--method",
               "preserve_super_experts": "--preserve-super-experts", "preserve_outliers": "--preserve-outliers",
               "pins": "--preserve", "strict": "--strict"}
@@ -170,7 +184,7 @@ def plan_options(fn=None, *, lists: bool = False):
     With lists=True (`evaluate`), --sparsity and --keep take comma-separated values, one mask each."""
     many = " Comma-separated values plan one mask each." if lists else ""
     options = [
-        click.option("--sparsity", type=str if lists else click.FloatRange(0, 1, max_open=True),
+        click.option("--sparsity", type=str if lists else Fraction(),
                      metavar="F[,F...]" if lists else "F",
                      help="Fraction of routed experts removed from every MoE layer; experts dropped per layer = "
                           "F*E rounded to the nearest integer (halves up)." + many),
@@ -212,9 +226,9 @@ def plan_kwargs(opts: dict) -> dict:
 def data_options(fn):
     """--dataset, --text-field, --num-samples, --max-length, --seed: which token ids to run."""
     options = [
-        click.option("--dataset", help="Local .jsonl/.json/.parquet/.txt file or a cached hub dataset id. "
+        click.option("--dataset", metavar="FILE|ID", help="Local .jsonl/.json/.parquet/.txt file or a cached hub dataset id. "
                                        "Default: built-in text."),
-        click.option("--text-field", help="Field holding the text (default: text, content or prompt)."),
+        click.option("--text-field", metavar="NAME", help="Field holding the text (default: text, content or prompt)."),
         click.option("--num-samples", default=512, show_default=True, type=click.IntRange(min=1),
                      help="Samples to use."),
         click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=1),

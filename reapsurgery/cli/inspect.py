@@ -143,7 +143,7 @@ def _echo_saliency(f: dict) -> None:
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--ckpt", type=click.Path(path_type=Path),
+@click.option("--ckpt", type=click.Path(path_type=Path), metavar="CKPT",
               help="For a mask: the checkpoint, to compute bytes and parameters before and after.")
 @click.option("--method", type=click.Choice(METHODS), default="reap", show_default=True,
               help="For a saliency file: the score whose spread is shown.")

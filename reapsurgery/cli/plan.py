@@ -14,7 +14,7 @@ from .common import (OUTPUT, echo_plan, emit_json, json_option, layout_from, lay
 @click.argument("saliency", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=OUTPUT, required=True, help="Where to write mask.json.")
 @plan_options
-@click.option("--ckpt", type=click.Path(path_type=Path),
+@click.option("--ckpt", type=click.Path(path_type=Path), metavar="CKPT",
               help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
 @layout_option
 @json_option
