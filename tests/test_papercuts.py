@@ -63,6 +63,12 @@ def test_sparsity_that_rounds_to_another_says_so():
         assert not [n for n in plan_mask(saliency, **exact).notes if "rounded" in n], exact
 
 
+def test_no_command_prints_the_help():
+    r, help_ = cli(), cli("--help")
+    assert (r.returncode, r.stdout, r.stderr) == (0, help_.stdout, "")
+    assert "Every command that reports a result takes --json" in r.stdout
+
+
 def test_hub_id_from_the_local_cache_offline(checkpoints, tmp_path):
     """org/name[@revision] is found in the Hugging Face cache; an uncached id is named in the error."""
     cache = tmp_path / "hub"

@@ -47,6 +47,9 @@ class PipelineGroup(click.Group):
             with signals_as_interrupts():
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
                 sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        except click.exceptions.NoArgsIsHelpError as e:  # `reapsurgery` alone: its help, not an error
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.UsageError as e:
             close_bars()
             hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
