@@ -115,20 +115,16 @@ def json_option(fn):
                              "stay on stderr.")(fn)
 
 
-def _plain(value):
-    """What json cannot write itself, from the library's values: dataclasses, paths, sets."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+def _path(value) -> str:
+    """Paths in the library's values (outputs, inputs, ApplyResult.out) as strings."""
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def emit_json(result) -> None:
+def emit_json(result: dict | list) -> None:
     """The one way every command prints its --json result: one document on stdout."""
-    click.echo(json.dumps(result, indent=2, default=_plain))
+    click.echo(json.dumps(result, indent=2, default=_path))
 
 
 def plan_facts(plan) -> dict:

@@ -113,14 +113,11 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     for note in report["notes"]:
         click.echo(f"note: {note}", err=True)
     written = []
-    if output is not None:
-        save_report(report, output)
-        written.append(output)
-    if plot is not None:
-        plot_report(report, plot)
-        written.append(plot)
+    for path, write in ((output, save_report), (plot, plot_report)):
+        if path is not None:
+            write(report, path)
+            written.append(path)
+            if not as_json:
+                click.echo(f"wrote {path}")
     if as_json:
         emit_json({**report, "written": written})
-        return
-    for path in written:
-        click.echo(f"wrote {path}")
