@@ -224,7 +224,7 @@ WITHOUT_TORCH = ("import sys; sys.modules.update(torch=None, transformers=None) 
 def test_calibrate_and_evaluate_refuse_before_importing_torch(checkpoints, tmp_path):
     """A missing checkpoint or dataset, an option error, --device cuda where there is certainly no CUDA:
     refused in a process where importing torch or transformers fails (a traceback, exit 1)."""
-    from reapsurgery.calibration.preflight import certainly_no_cuda
+    from reapsurgery.calibration.preflight import why_no_cuda
 
     src = checkpoints["qwen3_moe"]
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
@@ -237,7 +237,7 @@ def test_calibrate_and_evaluate_refuse_before_importing_torch(checkpoints, tmp_p
         (["evaluate", src, "--mask", mask, "--keep", "4"], "--keep: planning options need a SALIENCY file"),
         (["evaluate", src, "--mask", tmp_path / "nomask.json"], f"{tmp_path / 'nomask.json'}: does not exist"),
     ]
-    if certainly_no_cuda():
+    if why_no_cuda():
         cases += [(["calibrate", src, *out, "--device", "cuda"], "--device cuda: no CUDA device is available"),
                   (["evaluate", src, "--mask", mask, "--device", "cuda:1"], "--device cuda:1: no CUDA device is available")]
     for args, error in cases:
@@ -249,6 +249,6 @@ def test_calibrate_and_evaluate_refuse_before_importing_torch(checkpoints, tmp_p
 def test_no_cuda_is_said_only_where_torch_agrees():
     import torch
 
-    from reapsurgery.calibration.preflight import certainly_no_cuda
+    from reapsurgery.calibration.preflight import why_no_cuda
 
-    assert not certainly_no_cuda() or not torch.cuda.is_available()
+    assert not why_no_cuda() or not torch.cuda.is_available()

@@ -17,27 +17,28 @@ from ..errors import ReapError
 
 def check_device(device: str) -> None:
     """Refuse --device cuda[:N] where this machine certainly has no CUDA device."""
-    if device.startswith("cuda") and certainly_no_cuda():
-        raise ReapError(None, f"--device {device}: no CUDA device is available (no NVIDIA driver here: "
-                              "libcuda.so.1 cannot be loaded)")
+    why = why_no_cuda() if device.startswith("cuda") else None
+    if why:
+        raise ReapError(None, f"--device {device}: no CUDA device is available ({why})")
 
 
-def certainly_no_cuda() -> bool:
-    """True only where torch.cuda.is_available() is certainly False, without importing torch.
+def why_no_cuda() -> str | None:
+    """Why torch.cuda.is_available() is certainly False here, found without importing torch; None when
+    it may be True.
 
     macOS: torch has no CUDA builds there. Linux: a CUDA build of torch reaches the GPU through
     the NVIDIA driver's libcuda.so.1, found by the dynamic loader as this lookup finds it; a ROCm
     build answers torch.cuda through AMD's driver, which needs /dev/kfd. Neither present: no device.
     Anywhere else (Windows, WSL's driver, a driver present but no device), torch decides."""
     if sys.platform == "darwin":
-        return True
+        return "torch has no CUDA on macOS"
     if sys.platform != "linux" or os.path.exists("/dev/kfd"):
-        return False
+        return None
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return True
-    return False
+        return "no NVIDIA driver here: libcuda.so.1 cannot be loaded"
+    return None
 
 
 def mtp_layers_on_disk(ckpt: Checkpoint) -> list[int]:
