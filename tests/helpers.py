@@ -15,7 +15,7 @@ from reapsurgery.common.mask import Mask
 def write_mask(ckpt: Path, keep: list[int] | dict[int, list[int]], path: Path) -> Path:
     c = Checkpoint.open(ckpt)
     layers = keep if isinstance(keep, dict) else {layer: list(keep) for layer in c.moe_layers}
-    Mask(c.fingerprint(), layers, {"method": "manual"}).save(path)
+    Mask(c.fingerprint(), layers, {"method": "manual"}).save(path, overwrite=True)
     return path
 
 

@@ -117,13 +117,13 @@ def test_broken_pipe_exits_quietly(checkpoints):
 def test_interrupted_calibrate_says_where_the_resume_state_is(checkpoints, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from reapsurgery.calibration import calibrate as calibration
+    from reapsurgery.calibration import calibrate as calibration, statedir
     from reapsurgery.cli import main
     from reapsurgery.cli.common import Interrupted
 
     def killed_after_a_layer(*args, state_dir, **kwargs):
-        state_dir.mkdir()
-        (state_dir / "state.json").write_text("{}")
+        statedir.adopt(state_dir)
+        (state_dir / statedir.STATE).write_bytes(b"state")
         raise Interrupted(signal.SIGTERM)
 
     monkeypatch.setattr(calibration, "calibrate", killed_after_a_layer)

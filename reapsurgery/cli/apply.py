@@ -98,7 +98,8 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     if dry_run:
         from ..surgery.preview import apply_preview
 
-        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
+        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp,
+                                inputs=[layout_file] if layout_file else [])
         if planned:
             echo_plan(planned)
         _echo_preview(preview)
@@ -124,7 +125,8 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     try:
         result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=None if quiet else progress,
                             on_plan=on_plan,
-                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: click.echo(f"note: {text}", err=True))
+                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: click.echo(f"note: {text}", err=True),
+                            inputs=[layout_file] if layout_file else [])
     finally:
         if bar is not None:
             bar.close()

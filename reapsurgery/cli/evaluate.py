@@ -9,7 +9,7 @@ import click
 
 from ..errors import ReapError
 from .common import (PLAN_FLAGS, data_options, echo_plan, human, layout_from, layout_option, load_data, one_line_errors,
-                     plan_kwargs, plan_options, run_options, table)
+                     overwrite_option, plan_kwargs, plan_options, run_options, table)
 
 
 def _values(text: str | None, flag: str, kind: type) -> list:
@@ -51,6 +51,23 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
     return out
 
 
+def _check_outputs(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], layout_file: Path | None,
+                   dataset: str | None, output: Path | None, plot: Path | None, overwrite: bool) -> None:
+    """-o and --plot: not onto an input or into the checkpoint, not one file, not over a file unless --overwrite."""
+    from ..common.checkpoint import resolve_checkpoint
+    from ..common.files import check_output_file, input_clash
+
+    ckpt_dir = resolve_checkpoint(ckpt)
+    inputs = [p for p in (saliency, *masks, layout_file, Path(dataset) if dataset else None) if p and p.exists()]
+    dirs = [ckpt_dir] if ckpt_dir.is_dir() else []
+    if output is not None:
+        check_output_file(output, inputs, dirs, "-o", overwrite)
+    if plot is not None:
+        if output is not None and input_clash(plot, [output]):
+            raise ReapError(plot, "--plot and -o name the same file; give each its own")
+        check_output_file(plot, inputs, dirs, "--plot", overwrite)
+
+
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("saliency", required=False, type=click.Path(path_type=Path))
@@ -63,11 +80,12 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
 @data_options
 @run_options
 @layout_option
+@overwrite_option
 @one_line_errors
 def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output: Path | None, plot: Path | None,
              dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int,
              batch_size: int, device: str, dtype: str, trust_remote_code: bool, quiet: bool,
-             layout_file: Path | None, **opts) -> None:
+             layout_file: Path | None, overwrite: bool, **opts) -> None:
     """Measure what pruning CKPT with each mask would cost, without writing a checkpoint.
 
     \b
@@ -89,6 +107,7 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     from ..evaluation.evaluate import evaluate as run_evaluate
     from ..evaluation.report import plot_report, save_report, table_rows
 
+    _check_outputs(ckpt, saliency, masks, layout_file, dataset, output, plot, overwrite)
     layout = layout_from(layout_file)
     variants = _variants(ckpt, saliency, masks, layout, opts)
     if plot is not None:  # refuse before the long run if the plot cannot be drawn
@@ -107,8 +126,8 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     for note in report["notes"]:
         click.echo(f"note: {note}", err=True)
     if output is not None:
-        save_report(report, output)
+        save_report(report, output, overwrite)
         click.echo(f"wrote {output}")
     if plot is not None:
-        plot_report(report, plot)
+        plot_report(report, plot, overwrite)
         click.echo(f"wrote {plot}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import echo_plan, layout_from, plan_kwargs, layout_option, one_line_errors, plan_options
+from .common import echo_plan, layout_from, layout_option, one_line_errors, overwrite_option, plan_kwargs, plan_options
 
 
 @click.command()
@@ -16,8 +16,9 @@ from .common import echo_plan, layout_from, plan_kwargs, layout_option, one_line
 @click.option("--ckpt", type=click.Path(path_type=Path),
               help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
 @layout_option
+@overwrite_option
 @one_line_errors
-def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | None, **opts) -> None:
+def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | None, overwrite: bool, **opts) -> None:
     """Choose the experts each MoE layer keeps from SALIENCY; write a mask.
 
     \b
@@ -41,8 +42,9 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | No
     from ..plan import plan_from_files, save_mask
 
     ckpt_dirs = [resolve_checkpoint(ckpt)] if ckpt is not None else []
-    check_output_file(output, inputs=[saliency], input_dirs=[d for d in ckpt_dirs if d.is_dir()])
+    check_output_file(output, inputs=[saliency, *filter(None, [layout_file])],
+                      input_dirs=[d for d in ckpt_dirs if d.is_dir()], overwrite=overwrite)
     result = plan_from_files(saliency, ckpt, layout=layout_from(layout_file), **plan_kwargs(opts))
-    save_mask(result.mask, output)
+    save_mask(result.mask, output, overwrite)
     echo_plan(result)
     click.echo(f"wrote {output} (sha256 {result.mask.sha256})")
