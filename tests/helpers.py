@@ -19,6 +19,18 @@ def write_mask(ckpt: Path, keep: list[int] | dict[int, list[int]], path: Path) -
     return path
 
 
+def write_saliency(ckpt: Path, path: Path) -> Path:
+    """A saliency file of `ckpt` with made-up statistics, each expert's scores distinct."""
+    from reapsurgery.common.saliency import LayerStats, Saliency
+
+    c = Checkpoint.open(ckpt)
+    E = c.fingerprint()["num_experts"]
+    stats = {l: LayerStats(100, [float(10 + e) for e in range(E)], [1.0 + e for e in range(E)],
+                           [2.0 + e for e in range(E)], [0.5 + e for e in range(E)], [3.0] * E) for l in c.moe_layers}
+    Saliency(c.fingerprint(), {"samples": 4, "tokens": 100}, stats).save(path, overwrite=True)
+    return path
+
+
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "reapsurgery", *map(str, args)],
                           capture_output=True, text=True)
