@@ -287,7 +287,7 @@ def test_a_killed_file_write_is_removed_by_the_next_run_and_lookalikes_are_not(s
     before = _snapshot(tmp_path)
     r = subprocess.run([STRACE, "-qq", "-o", "/dev/null", "-e", "trace=renameat2", "-e",
                         "inject=renameat2:signal=SIGKILL:when=1", sys.executable, "-m", "reapsurgery",
-                        "plan", sal, "--keep", 4, "-o", out], capture_output=True, text=True)
+                        "plan", str(sal), "--keep", "4", "-o", str(out)], capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL and not out.exists()
     left = sorted(set(hidden(tmp_path)) - set(lookalikes))
     assert len(left) == 1 and left[0].startswith(".m.json.reapsurgery-partial-")
@@ -331,3 +331,37 @@ def _snapshot(root) -> dict[str, str]:
 
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(root.rglob("*"))}
+
+
+@needs_strace
+@pytest.mark.parametrize("inject, code, last", [
+    ("renameat2:signal=SIGTERM:when=1", 143, "interrupted after {out} was written (it is complete)"),
+    ("fsync:error=ENOSPC:when=1", 2, "error: {out}: cannot write: No space left on device"),
+], ids=["SIGTERM at the rename", "ENOSPC at the flush"])
+def test_evaluate_report_after_a_signal_or_a_full_disk(setup, tmp_path, inject, code, last):
+    """evaluate's report is written like every file: after a signal at its rename it is complete and
+    said so; after a full disk it is absent and the error names it; nothing hidden is left either way."""
+    src, a, _ = setup
+    out = tmp_path / "r.json"
+    syscall = inject.split(":")[0]
+    r = subprocess.run([STRACE, "-qq", "-o", "/dev/null", "-e", f"trace={syscall}", "-e", f"inject={inject}",
+                        sys.executable, "-m", "reapsurgery", "evaluate", str(src), "--mask", str(a), "-o", str(out),
+                        "--device", "cpu", "-q", "--num-samples", "2", "--max-length", "8"],
+                       capture_output=True, text=True)
+    assert r.returncode == code and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(last.format(out=out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["r.json"] if code == 143 else [])
+    if code == 143:
+        assert json.loads(out.read_text())["format"] == "reapsurgery.evaluation"
+
+
+@needs_strace
+@pytest.mark.parametrize("inject, message", [("fsync:error=EIO:when=1", "Input/output error"),
+                                             ("renameat2:error=ENOSPC:when=1", "No space left on device")])
+def test_a_file_that_cannot_be_written_leaves_nothing(setup, tmp_path, inject, message):
+    """EIO at the flush or a full disk at the rename of `plan -o`: one error line naming the file, exit 2, nothing left."""
+    sal = write_saliency(setup[0], tmp_path / "s.json")
+    out = tmp_path / "m.json"
+    r = traced(inject, "plan", sal, "--keep", 4, "-o", out)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {out}: cannot write: {message}"], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
