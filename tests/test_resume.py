@@ -89,12 +89,12 @@ def test_resume_after_a_kill_at_every_write_and_rename_equals_a_clean_run(checkp
 def test_the_state_is_removed_only_after_the_result_is_in_place(checkpoints, tmp_path):
     """A kill between the two can only leave both: the result and a state --resume may use."""
     out, log = tmp_path / "sal.json", tmp_path / "trace.txt"
-    cmd = [STRACE, "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", "trace=rename,unlink,unlinkat,rmdir",
+    cmd = [STRACE, "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", "trace=rename,renameat2,unlink,unlinkat,rmdir",
            sys.executable, "-m", "reapsurgery", "calibrate", str(checkpoints["qwen3_moe"]), "-o", str(out),
            "--dataset", str(_tokens(tmp_path / "tokens.jsonl")), *OPTS]
     assert subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True).returncode == 0
     calls = [line for line in log.read_text().splitlines() if "= 0" in line]
-    placed = next(i for i, line in enumerate(calls) if "rename(" in line and f'"{out}")' in line)
+    placed = next(i for i, line in enumerate(calls) if "rename" in line.split("(")[0] and f', "{out}"' in line)
     removed = [i for i, line in enumerate(calls) if "state.pt" in line and "unlink" in line]
     assert removed and placed < min(removed)
 

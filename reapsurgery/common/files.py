@@ -192,7 +192,7 @@ def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
         raise ReapError(out, "already exists (pass --overwrite to replace it)")
     try:
         with deferred_signals():  # an interrupt cannot leave the probe behind
-            fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+            fd, probe = tempfile.mkstemp(prefix=f".{target.name[:120]}.", suffix=".probe", dir=target.parent)
             os.close(fd)
             os.unlink(probe)
     except OSError as e:

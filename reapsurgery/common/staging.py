@@ -42,6 +42,7 @@ _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if 
 _AT_FDCWD = -100
 NOREPLACE, EXCHANGE = 1, 2  # renameat2 flags
 
+NAME_KEPT = 120  # of the output's name in hidden names beside it: room for the suffix within NAME_MAX (255)
 _published: list[Path] = []  # outputs this process has moved into place, as the user named them
 
 
@@ -131,7 +132,7 @@ def _stale(entry: Path, out: Path) -> bool:
     """Proven ours and abandoned: named for `out`, its process gone, made on this host (the marker
     says so), and holding nothing but what a scratch directory holds."""
     m = _SCRATCH.match(entry.name) or _LOCK.match(entry.name)
-    if not m or m["name"] != out.name:
+    if not m or m["name"] != out.name[:NAME_KEPT]:
         return False
     pid = int(m["pid"])
     if pid == os.getpid() or _alive(pid):
@@ -186,7 +187,7 @@ def remove_scratch(scratch: Path) -> None:
 
 def lock_file(out: Path) -> Path:
     """Create the O_EXCL lock of `out` (the publish without renameat2), marked as ours."""
-    lock = out.parent / f".{out.name}.reapsurgery-lock-{os.getpid()}"
+    lock = out.parent / f".{out.name[:NAME_KEPT]}.reapsurgery-lock-{os.getpid()}"
     fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, _marker(os.getpid(), out.name))
@@ -231,7 +232,8 @@ def staged(out: Path, publish: Callable[[Path], None], shown: Path | None = None
         for stale in remove_stale(out):
             (note or log.info)(f"removed {stale}, left by an earlier run that was killed")
         with deferred_signals():
-            scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.reapsurgery-partial-{os.getpid()}-", dir=out.parent))
+            scratch = Path(tempfile.mkdtemp(prefix=f".{out.name[:NAME_KEPT]}.reapsurgery-partial-{os.getpid()}-",
+                                            dir=out.parent))
             (scratch / MARKER).write_bytes(_marker(os.getpid(), out.name))
         yield scratch / out.name
         with deferred_signals():

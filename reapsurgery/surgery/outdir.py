@@ -17,13 +17,14 @@ created with O_EXCL serialises the check and the plain rename instead.
 from __future__ import annotations
 
 import errno
+import glob
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..common.files import input_clash, real_path
-from ..common.staging import EXCHANGE, NOREPLACE, REPLACED, lock_file, renameat2, staged
+from ..common.staging import EXCHANGE, NAME_KEPT, NOREPLACE, REPLACED, lock_file, renameat2, staged
 from ..errors import ReapError
 
 
@@ -74,11 +75,12 @@ def _publish(tmp: Path, out: Path, overwrite: bool, shown: Path) -> None:
 
 def _publish_locked(tmp: Path, out: Path, overwrite: bool, shown: Path) -> None:
     """Without renameat2: check and rename under an O_EXCL lock file beside OUT."""
-    if list(out.parent.glob(f".{out.name}.reapsurgery-lock-*")):
+    others = lambda: [p for p in out.parent.glob(f".{glob.escape(out.name[:NAME_KEPT])}.reapsurgery-lock-*")]  # noqa: E731
+    if others():
         raise _taken(shown)
     lock = lock_file(out)
     try:
-        if [p for p in out.parent.glob(f".{out.name}.reapsurgery-lock-*") if p != lock]:
+        if [p for p in others() if p != lock]:
             raise _taken(shown)
         if out.is_dir() and any(out.iterdir()):
             if not overwrite:
@@ -96,11 +98,11 @@ def staged_output(out: Path, overwrite: bool = False,
                   note: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Yield a directory that becomes `out` on success; call check_output first."""
     target = real_path(out)
-    with staged(target, lambda tmp: _publish(tmp, target, overwrite, out), shown=out, note=note) as tmp:
-        tmp.mkdir()
-        try:
+    try:
+        with staged(target, lambda tmp: _publish(tmp, target, overwrite, out), shown=out, note=note) as tmp:
+            tmp.mkdir()
             yield tmp
-        except BaseException as e:
-            if isinstance(e, OSError) and not isinstance(e, ReapError) and e.filename is None:
-                raise ReapError(out, f"cannot write: {e.strerror or e}") from None  # e.g. disk full
+    except OSError as e:  # a full disk, no permission: named as OUT, not as the hidden directory beside it
+        if e.filename is not None and ".reapsurgery-partial-" not in os.fsdecode(e.filename):
             raise
+        raise ReapError(out, f"cannot write: {e.strerror or e}") from None
