@@ -176,8 +176,8 @@ def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
                       overwrite: bool = False) -> Path:
     """Refuse, before any work, an output file that would touch an input (input_clash), that
     exists (unless `overwrite`), or that cannot be written there (probed by creating and removing
-    a file beside it)."""
-    from .staging import deferred_signals
+    a file beside it). Claims it as the command's output (staging.claim)."""
+    from .staging import claim, deferred_signals
 
     out = Path(out)
     clash = input_clash(out, inputs, input_dirs)
@@ -199,6 +199,7 @@ def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
         raise ReapError(out, f"cannot write in {out.parent}: {e.strerror or e}") from None
     if target.exists() and not os.access(target, os.W_OK):
         raise ReapError(out, "cannot write: the file is read-only")
+    claim(out)
     return out
 
 

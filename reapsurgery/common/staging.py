@@ -6,7 +6,8 @@ its creation on a marker of its own, `.reapsurgery-scratch` (the process, the ho
 name), and is moved into place with one rename. The rename, and the removal of the scratch
 directory with whatever the rename replaced, run with SIGINT, SIGTERM and SIGHUP deferred: a signal
 that arrives meanwhile is raised once they are done, so after any signal the output is either absent
-(or the old one) or complete, and `published()` says which. The creation of the scratch directory
+(or the old one) or complete, and `published()` says which of the command's outputs (claimed by
+their checks) were written. The creation of the scratch directory
 and of missing parents are deferred the same way, so an interrupt always finds them recorded and
 removes them.
 
@@ -43,16 +44,24 @@ _AT_FDCWD = -100
 NOREPLACE, EXCHANGE = 1, 2  # renameat2 flags
 
 NAME_KEPT = 120  # of the output's name in hidden names beside it: room for the suffix within NAME_MAX (255)
-_published: list[Path] = []  # outputs this process has moved into place, as the user named them
+_claimed: set[Path] = set()  # the outputs the command was asked to write, as the user named them
+_published: list[Path] = []  # those of them moved into place
+
+
+def claim(path: Path) -> None:
+    """Record `path` as an output of this command (its checks call this), so that `published()`
+    lists it once written; what else is written (a cache) is not the command's to report."""
+    _claimed.add(Path(path))
 
 
 def published() -> list[Path]:
-    """The outputs written so far (complete: each was published by one rename)."""
+    """The command's outputs written so far (complete: each was published by one rename)."""
     return list(_published)
 
 
 def forget_published() -> None:
     """Start a new record (a command run in-process after another)."""
+    _claimed.clear()
     _published.clear()
 
 
@@ -238,7 +247,8 @@ def staged(out: Path, publish: Callable[[Path], None], shown: Path | None = None
         yield scratch / out.name
         with deferred_signals():
             publish(scratch / out.name)
-            _published.append(shown or out)
+            if (shown or out) in _claimed:
+                _published.append(shown or out)
             remove_scratch(scratch)
     except BaseException:
         with deferred_signals():

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..common.files import input_clash, real_path
-from ..common.staging import EXCHANGE, NAME_KEPT, NOREPLACE, REPLACED, lock_file, renameat2, staged
+from ..common.staging import EXCHANGE, NAME_KEPT, NOREPLACE, REPLACED, claim, lock_file, renameat2, staged
 from ..errors import ReapError
 
 
 def check_output(out: Path, overwrite: bool, inputs: Iterable[Path] = (), input_dirs: Iterable[Path] = ()) -> None:
-    """Refuse an OUT that is, holds or lies inside an input, is a file, or is not empty (unless `overwrite`)."""
+    """Refuse an OUT that is, holds or lies inside an input, is a file, or is not empty (unless
+    `overwrite`); claim it as the command's output (staging.claim)."""
     clash = input_clash(out, inputs, input_dirs, directory=True)
     if clash:
         raise ReapError(out, f"output directory {clash}")
@@ -38,6 +39,7 @@ def check_output(out: Path, overwrite: bool, inputs: Iterable[Path] = (), input_
         raise ReapError(out, "output path exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ReapError(out, "output directory is not empty (pass --overwrite to replace it)")
+    claim(out)
 
 
 def _taken(out: Path) -> ReapError:
