@@ -212,6 +212,8 @@ def write_atomic(path: str | os.PathLike, data: bytes, overwrite: bool = False) 
     target = real_path(path)
     if target.is_dir():
         raise ReapError(path, "is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise ReapError(path, f"cannot write: directory {path.parent} does not exist")
     try:
         with staged(target, lambda tmp: publish_file(tmp, target, overwrite), shown=path) as tmp:
             with open(tmp, "wb") as f:
