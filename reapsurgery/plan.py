@@ -23,7 +23,6 @@ multiple (halves towards fewer dropped), with a note, or refused when ``strict``
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -361,14 +360,12 @@ def _describe_protected(guarded: list[int], pinned, supers) -> str:
 
 def mask_bytes(mask: Mask) -> bytes:
     """The exact bytes Mask.save writes, so sha256 of the plan's mask is that of the file."""
-    return (json.dumps(mask.to_json(), indent=2) + "\n").encode()
+    return mask.encode()
 
 
-def save_mask(mask: Mask, path: str | Path) -> None:
+def save_mask(mask: Mask, path: str | Path, overwrite: bool = False) -> None:
     """Write atomically: a mask file is either complete or absent."""
-    from .common.files import write_atomic
-
-    write_atomic(path, mask_bytes(mask))
+    mask.save(path, overwrite)
 
 
 def plan_for_checkpoint(saliency: Saliency, saliency_path: str | Path, ckpt: "Checkpoint", **options) -> Plan:

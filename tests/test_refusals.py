@@ -12,7 +12,7 @@ import pytest
 from reapsurgery.errors import ReapError
 
 from tests.conftest import tree_hash
-from tests.helpers import cli, write_mask
+from tests.helpers import cli, write_mask, write_saliency
 
 
 def refused(r, *needles):
@@ -205,16 +205,13 @@ def world(checkpoints, tmp_path_factory):
     from importlib import resources
 
     from reapsurgery.common.checkpoint import Checkpoint
-    from reapsurgery.common.saliency import LayerStats, Saliency
 
     root = tmp_path_factory.mktemp("world")
     ckpt = root / "ckpt"
     shutil.copytree(checkpoints["qwen3_moe"], ckpt)
     c = Checkpoint.open(ckpt)
     mask = write_mask(ckpt, [0, 2, 5, 7], root / "mask.json")
-    stats = {l: LayerStats(100, [float(10 + e) for e in range(8)], [1.0 + e for e in range(8)],
-                           [2.0 + e for e in range(8)], [0.5 + e for e in range(8)], [3.0] * 8) for l in c.moe_layers}
-    Saliency(c.fingerprint(), {"samples": 4, "tokens": 100}, stats).save(root / "saliency.json")
+    write_saliency(ckpt, root / "saliency.json")
     first_2d = next(v[0] for v in c.tensors().values() if len(v[1].shape) == 2)
     table = json.loads(resources.files("reapsurgery.common").joinpath("layouts.json").read_text())
     return {"root": root, "ckpt": ckpt, "mask": mask, "saliency": root / "saliency.json", "shard": first_2d,

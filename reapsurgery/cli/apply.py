@@ -123,7 +123,8 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     if dry_run:
         from ..surgery.preview import apply_preview
 
-        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
+        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp,
+                                inputs=[layout_file] if layout_file else [])
         if planned:
             echo_plan(planned, with_table=not as_json)
         if as_json:
@@ -152,7 +153,8 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     try:
         result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress if bars else None,
                             on_plan=on_plan,
-                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: echo_above_bars(f"note: {text}"))
+                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: echo_above_bars(f"note: {text}"),
+                            inputs=[layout_file] if layout_file else [])
     finally:
         if bar is not None:
             bar.close()

@@ -27,12 +27,25 @@ EXIT_BAD_INPUT = 2
 class Interrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP, raised in the main thread so every cleanup runs as for Ctrl-C.
 
-    `message` says what was left behind; a command that keeps something sets it."""
+    `message` says what was left behind; a command that keeps something sets it, else it is
+    said from what the run published (interrupted_message)."""
 
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signum)
         self.signum = signum
-        self.message = "interrupted; nothing was written (no output file or directory was left)"
+        self.message: str | None = None
+
+
+def interrupted_message() -> str:
+    """What an interrupt leaves: the outputs already moved into place (complete), else nothing."""
+    from ..common.staging import published
+
+    done = published()
+    if not done:
+        return "interrupted; nothing was written (no output file or directory was left)"
+    names = ", ".join(map(str, done))
+    return (f"interrupted after {names} {'was' if len(done) == 1 else 'were'} written "
+            f"({'it is' if len(done) == 1 else 'each is'} complete); nothing else was written")
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -68,6 +81,9 @@ def one_line_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from ..common.staging import forget_published
+
+        forget_published()  # a command run in-process after another reports only its own outputs
         try:
             return fn(*args, **kwargs)
         except ReapError as e:
@@ -85,7 +101,7 @@ def one_line_errors(fn):
         except KeyboardInterrupt as e:
             close_bars()  # the message on a line of its own, not over a bar
             signum = getattr(e, "signum", signal.SIGINT)
-            message = getattr(e, "message", Interrupted().message)
+            message = getattr(e, "message", None) or interrupted_message()
             click.echo(message, err=True)
             sys.exit(128 + int(signum))
 
@@ -263,6 +279,12 @@ def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_sampl
     data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
                         text_field=text_field, vocab_size=vocab_size)
     return data, {"dataset": data.description, "max_length": max_length, "seed": seed}
+
+
+def overwrite_option(fn):
+    """--overwrite for a command that writes files: without it an existing output is refused."""
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an output file that exists (without it, an existing file is refused).")(fn)
 
 
 LAYOUT_HELP = ("A layout file (JSON, the fields of an entry of reapsurgery/common/layouts.json) describing the "

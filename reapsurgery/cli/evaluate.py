@@ -9,7 +9,7 @@ import click
 
 from ..errors import ReapError
 from .common import (OUTPUT, PLAN_FLAGS, data_options, echo_plan, emit_json, human, json_option, layout_from, layout_option,
-                     load_data, one_line_errors, plan_kwargs, plan_options, run_options, table)
+                     load_data, one_line_errors, overwrite_option, plan_kwargs, plan_options, run_options, table)
 from .progress import progress_bars
 
 
@@ -53,6 +53,21 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
     return out
 
 
+def _check_outputs(ckpt_dir: Path, saliency: Path | None, masks: tuple[Path, ...], layout_file: Path | None,
+                   dataset: str | None, output: Path | None, plot: Path | None, overwrite: bool) -> None:
+    """-o and --plot: not onto an input or into the checkpoint, not one file, not over a file unless --overwrite."""
+    from ..common.files import check_output_file, input_clash
+
+    inputs = [p for p in (saliency, *masks, layout_file, Path(dataset) if dataset else None) if p and p.exists()]
+    dirs = [ckpt_dir] if ckpt_dir.is_dir() else []
+    if output is not None:
+        check_output_file(output, inputs, dirs, "-o", overwrite)
+    if plot is not None:
+        if output is not None and input_clash(plot, [output]):
+            raise ReapError(plot, "--plot and -o name the same file; give each its own")
+        check_output_file(plot, inputs, dirs, "--plot", overwrite)
+
+
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("saliency", required=False, type=click.Path(path_type=Path))
@@ -65,12 +80,13 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
 @data_options
 @run_options
 @layout_option
+@overwrite_option
 @json_option
 @one_line_errors
 def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output: Path | None, plot: Path | None,
              dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int,
              batch_size: int, device: str, dtype: str, trust_remote_code: bool, quiet: bool,
-             layout_file: Path | None, as_json: bool, **opts) -> None:
+             layout_file: Path | None, overwrite: bool, as_json: bool, **opts) -> None:
     """Measure what pruning CKPT with each mask would cost, without writing a checkpoint.
 
     \b
@@ -92,6 +108,7 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
     check_device(device)
     ckpt_dir = resolve_checkpoint(ckpt)
+    _check_outputs(ckpt_dir, saliency, masks, layout_file, dataset, output, plot, overwrite)
     layout = layout_from(layout_file)
     variants = _variants(ckpt_dir, saliency, masks, layout, opts)
     if plot is not None:  # refuse before the long run if the plot cannot be drawn
@@ -115,7 +132,7 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     written = []
     for path, write in ((output, save_report), (plot, plot_report)):
         if path is not None:
-            write(report, path)
+            write(report, path, overwrite)
             written.append(path)
             if not as_json:
                 click.echo(f"wrote {path}")

@@ -262,6 +262,6 @@ def _save_quietly(path: Path, entry: dict) -> None:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(entry, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(path, (json.dumps(entry, indent=1, sort_keys=True) + "\n").encode(), overwrite=True)
     except (OSError, ReapError):
         pass
