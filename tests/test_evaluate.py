@@ -178,7 +178,7 @@ def test_cli_both_forms_write_one_report_in_the_order_given(checkpoints, tmp_pat
     assert cli("plan", sal, "--sparsity", 0.5, "-o", planned).exit_code == 0
     assert got["variants"][2]["mask_sha256"] == load_mask(planned).sha256
     assert got["data"]["predicted_positions"] == sum(n - 1 for n in LENGTHS)
-    assert "saliency.json --sparsity 0.25" in r.stdout and "original" in r.stdout
+    assert "saliency.json --method reap --sparsity 0.25" in r.stdout and "original" in r.stdout
     # the same numbers as the library gives for that mask
     (one,) = evaluate(src, variants_for(src, [[0, 3, 4, 6]], tmp_path), samples(4), batch_size=2,
                       device="cpu", dtype="float32").to_json()["variants"]

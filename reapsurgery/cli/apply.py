@@ -10,8 +10,9 @@ import click
 
 from ..common.checkpoint import HUB_ID
 from ..errors import ReapError
-from .common import (EXIT_BAD_INPUT, OUTPUT, PLAN_FLAGS, echo_mtp, echo_plan, emit_json, human, json_option, layout_from,
-                     layout_option, one_line_errors, plan_facts, plan_kwargs, plan_options, table)
+from .common import (CHOICE_FLAGS, EXIT_BAD_INPUT, OUTPUT, PLAN_FLAGS, choice_options, echo_mtp, echo_plan, emit_json,
+                     human, json_option, layout_from, layout_option, one_line_errors, plan_facts, plan_from_options,
+                     plan_options, table)
 from .progress import echo_above_bars, progress_bars
 
 
@@ -72,6 +73,7 @@ def check_order(mask: Path, ckpt: Path, out: Path) -> None:
                    "the source's config, to OUT/mtp-draft/: a draft model for loaders that build the MTP head "
                    "from the trunk's config.")
 @plan_options
+@choice_options
 @layout_option
 @json_option
 @one_line_errors
@@ -81,7 +83,8 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 
     MASK_OR_SALIENCY is a mask.json, or a saliency.json together with --sparsity
     or --keep (and the other options of `reapsurgery plan`) to plan the mask
-    here; the mask used is stored in OUT either way.
+    here, or --from-evaluation REPORT to plan the variant an evaluation measured
+    best (as `reapsurgery plan` does); the mask used is stored in OUT either way.
 
     Streams the safetensors shards once, copying byte ranges: dropped experts'
     tensors are left out, retained ones renumbered 0..E'-1 in their original
@@ -103,15 +106,13 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         raise ReapError(mask, f"is not a mask or saliency file ('format' is {kind!r}; expected "
                               f"{MASK_FORMAT!r} or {SALIENCY_FORMAT!r})")
     if kind == SALIENCY_FORMAT:
-        if opts["sparsity"] is None and opts["keep"] is None:
+        if opts["sparsity"] is None and opts["keep"] is None and opts["max_kl"] is None:
             raise ReapError(mask, "is a saliency file: pass --sparsity F or --keep N to choose how many experts "
                                   "to keep (or make a mask with `reapsurgery plan` first)")
-        from ..plan import plan_from_files
-
-        planned = plan_from_files(mask, ckpt, layout=layout, **plan_kwargs(opts))
+        planned = plan_from_options(mask, ckpt, layout, opts)
         chosen = planned.mask
     else:
-        given = [flag for key, flag in PLAN_FLAGS.items() if opts[key] not in (None, False)]
+        given = [flag for key, flag in {**PLAN_FLAGS, **CHOICE_FLAGS}.items() if opts[key] not in (None, False)]
         if given:
             raise ReapError(mask, f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to a "
                                   "saliency file; this is a mask (its experts are already chosen)")
@@ -124,7 +125,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         from ..surgery.preview import apply_preview
 
         preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp,
-                                inputs=[layout_file] if layout_file else [])
+                                inputs=[p for p in (layout_file, opts["from_evaluation"]) if p])
         if planned:
             echo_plan(planned, with_table=not as_json)
         if as_json:
@@ -154,7 +155,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress if bars else None,
                             on_plan=on_plan,
                             layout=layout, jobs=jobs, mtp=mtp, note=lambda text: echo_above_bars(f"note: {text}"),
-                            inputs=[layout_file] if layout_file else [])
+                            inputs=[p for p in (layout_file, opts["from_evaluation"]) if p])
     finally:
         if bar is not None:
             bar.close()

@@ -202,8 +202,11 @@ def plan_options(fn=None, *, lists: bool = False):
                           "F*E rounded to the nearest integer (halves up)." + many),
         click.option("--keep", type=str if lists else click.IntRange(min=1), metavar="N[,N...]" if lists else "N",
                      help="Experts kept per MoE layer (instead of --sparsity)." + many),
-        click.option("--method", type=click.Choice(METHODS), default=None,
-                     help="Saliency score that ranks experts; default reap (see `reapsurgery plan --help`)."),
+        click.option("--method", type=str if lists else click.Choice(METHODS), default=None,
+                     metavar="M[,M...]" if lists else None,
+                     help="Saliency score that ranks experts; default reap (see `reapsurgery plan --help`)."
+                          + (f" Comma-separated methods ({', '.join(METHODS)}) plan one mask each, for every "
+                             "--sparsity/--keep value." if lists else "")),
         click.option("--preserve-super-experts", is_flag=True,
                      help="Never drop super experts: max activation above both the 99.5th percentile of all "
                           "experts' max activations and a tenth of the largest, in the first 75% of MoE layers."),
@@ -222,6 +225,47 @@ def plan_options(fn=None, *, lists: bool = False):
         return fn
 
     return add(fn) if fn is not None else add
+
+
+CHOICE_FLAGS = {"from_evaluation": "--from-evaluation", "max_kl": "--max-kl", "metric": "--metric"}
+
+
+def choice_options(fn):
+    """--from-evaluation REPORT, --max-kl X, --metric: plan the mask an evaluation measured best (plan, apply)."""
+    options = [
+        click.option("--from-evaluation", "from_evaluation", type=click.Path(path_type=Path), metavar="REPORT",
+                     help="Plan the variant this `evaluate` report measured best, with the options it was planned "
+                          "with: the best at --sparsity F (or --keep N), or the sparsest within --max-kl X. Only "
+                          "variants planned from this saliency file are candidates."),
+        click.option("--max-kl", type=click.FloatRange(min=0), metavar="X",
+                     help="With --from-evaluation: the sparsest variant whose mean KL is at most X nats."),
+        click.option("--metric", type=click.Choice(["kl", "perplexity", "top1"]), default=None,
+                     help="With --from-evaluation: what 'best' means (default kl: lowest mean KL; perplexity: "
+                          "lowest; top1: highest top-1 agreement)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def plan_from_options(saliency: Path, ckpt: Path | None, layout, opts: dict):
+    """The plan `plan` and `apply` make from a saliency file: from the planning options, or, with
+    --from-evaluation, the variant an evaluation report measured best (one implementation for both)."""
+    if opts.get("from_evaluation") is None:
+        given = [flag for key, flag in CHOICE_FLAGS.items() if opts.get(key) is not None]
+        if given:
+            raise ReapError(None, f"{', '.join(given)}: choose from an evaluation report; pass --from-evaluation REPORT")
+        from ..plan import plan_from_files
+
+        return plan_from_files(saliency, ckpt, layout=layout, **plan_kwargs(opts))
+    given = [flag for key, flag in PLAN_FLAGS.items() if key not in ("sparsity", "keep") and opts[key] not in (None, False)]
+    if given:
+        raise ReapError(None, f"{', '.join(given)}: with --from-evaluation the planning options are those the "
+                              "report's variant was planned with")
+    from ..evaluation.choice import plan_from_evaluation
+
+    return plan_from_evaluation(saliency, opts["from_evaluation"], ckpt, layout, sparsity=opts["sparsity"],
+                                keep=opts["keep"], max_kl=opts["max_kl"], metric=opts["metric"] or "kl")
 
 
 def plan_kwargs(opts: dict) -> dict:

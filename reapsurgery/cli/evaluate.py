@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import click
 
 from ..errors import ReapError
-from .common import (OUTPUT, PLAN_FLAGS, data_options, echo_plan, emit_json, human, json_option, layout_from, layout_option,
+from .common import (OUTPUT, PLAN_FLAGS, data_options, emit_json, human, json_option, layout_from, layout_option,
                      load_data, one_line_errors, overwrite_option, plan_kwargs, plan_options, run_options, table)
 from .progress import progress_bars
 
@@ -17,16 +16,28 @@ def _values(text: str | None, flag: str, kind: type) -> list:
     if text is None:
         return []
     try:
-        return [kind(v) for v in text.split(",") if v.strip()]
+        return [kind(v.strip()) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ReapError(None, f"{flag} {text}: expected comma-separated {'numbers' if kind is float else 'integers'}") from None
+
+
+def _methods(text: str | None) -> list[str]:
+    """--method M[,M...]: each one of plan's methods, each once."""
+    from ..plan import METHODS
+
+    methods = [m.strip() for m in (text or "reap").split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ReapError(None, f"--method {text}: {', '.join(map(repr, unknown)) or 'no method given'}; "
+                              f"choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
 
 
 def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], layout, opts: dict) -> list:
     """Every variant, checked against the checkpoint and sized, before the model is touched."""
     from ..common.checkpoint import Checkpoint
     from ..common.mask import load_mask
-    from ..evaluation.masks import sized_variant
+    from ..evaluation.masks import planned_variants, sized_variant
 
     requests = [("sparsity", s) for s in _values(opts["sparsity"], "--sparsity", float)]
     requests += [("keep", k) for k in _values(opts["keep"], "--keep", int)]
@@ -38,19 +49,16 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
             raise ReapError(None, "nothing to evaluate: give --mask FILE (repeatable), or SALIENCY with --sparsity/--keep")
     elif not requests:
         raise ReapError(saliency, "pass --sparsity F[,F...] or --keep N[,N...] to plan masks from this saliency file")
+    methods = _methods(opts["method"])
     ckpt = Checkpoint.open(ckpt_path, layout)
     out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
     if saliency is None:
         return out
-    from ..plan import mask_bytes, plan_from_files
-
-    for key, value in requests:
-        planned = plan_from_files(saliency, ckpt_path, layout=layout, **{**plan_kwargs(opts), "sparsity": None,
-                                                                       "keep": None, key: value})
-        echo_plan(planned, with_table=False)
-        sha = hashlib.sha256(mask_bytes(planned.mask)).hexdigest()
-        out.append(sized_variant(planned.mask, saliency, f"{saliency.name} --{key} {value}", sha, ckpt))
-    return out
+    options = {k: v for k, v in plan_kwargs(opts).items() if k not in ("sparsity", "keep", "method")}
+    planned, plans = planned_variants(saliency, ckpt, methods, requests, options)
+    for note in dict.fromkeys(n for p in plans for n in p.notes):  # each once, not once per method
+        click.echo(f"note: {note}", err=True)
+    return out + planned
 
 
 def _check_outputs(ckpt_dir: Path, saliency: Path | None, masks: tuple[Path, ...], layout_file: Path | None,

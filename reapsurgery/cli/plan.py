@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
-from .common import (OUTPUT, echo_plan, emit_json, json_option, layout_from, layout_option, one_line_errors,
-                     overwrite_option, plan_facts, plan_kwargs, plan_options)
+from .common import (OUTPUT, choice_options, echo_plan, emit_json, json_option, layout_from, layout_option,
+                     one_line_errors, overwrite_option, plan_facts, plan_from_options, plan_options)
 
 
 @click.command()
 @click.argument("saliency", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=OUTPUT, required=True, help="Where to write mask.json.")
 @plan_options
+@choice_options
 @click.option("--ckpt", type=click.Path(path_type=Path), metavar="CKPT",
               help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
 @layout_option
@@ -39,15 +40,23 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | No
     lose the same number of experts in every group. Refuses, before writing
     anything, a plan that leaves fewer experts (or fewer reachable through
     topk_group groups) than num_experts_per_tok.
+
+    \b
+    Chosen by measurement, after `reapsurgery evaluate CKPT SALIENCY --sparsity
+    0.25,0.5 --method reap,frequency,ean-sum -o report.json`:
+      plan SALIENCY --from-evaluation report.json --sparsity 0.5 -o mask.json
+      plan SALIENCY --from-evaluation report.json --max-kl 0.1 -o mask.json
+    write the variant measured best at that sparsity (by --metric, default kl),
+    or the sparsest within the KL budget, planned again with its recorded options.
     """
     from ..common.checkpoint import resolve_checkpoint
     from ..common.files import check_output_file
-    from ..plan import plan_from_files, save_mask
+    from ..plan import save_mask
 
     ckpt_dirs = [resolve_checkpoint(ckpt)] if ckpt is not None else []
-    check_output_file(output, inputs=[saliency, *filter(None, [layout_file])],
+    check_output_file(output, inputs=[saliency, *filter(None, [layout_file, opts["from_evaluation"]])],
                       input_dirs=[d for d in ckpt_dirs if d.is_dir()], overwrite=overwrite)
-    result = plan_from_files(saliency, ckpt, layout=layout_from(layout_file), **plan_kwargs(opts))
+    result = plan_from_options(saliency, ckpt, layout_from(layout_file), opts)
     save_mask(result.mask, output, overwrite)
     echo_plan(result, with_table=not as_json)
     if as_json:

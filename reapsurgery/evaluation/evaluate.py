@@ -25,9 +25,8 @@ from ..common.layouts import Layout
 from ..errors import ReapError
 from .head import LayerError, TokenMetrics, head_only, load_head, score
 from .mtp import MtpDepth, evaluate_mtp, mtp_to_run
+from .report import EVALUATION_FORMAT
 from .variants import Variant, fill_pruned, pruned_skeleton, release
-
-EVALUATION_FORMAT = "reapsurgery.evaluation"
 
 
 @dataclass
@@ -43,6 +42,7 @@ class VariantResult:
         return {
             "source": self.variant.label,
             "mask_sha256": self.variant.sha256,
+            "made": self.variant.made,
             "sparsity": (num_experts - self.variant.experts_kept) / num_experts,
             "experts_kept": self.variant.experts_kept,
             "params": after["params"],

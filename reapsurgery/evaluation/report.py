@@ -9,6 +9,8 @@ from pathlib import Path
 from ..common.files import write_atomic
 from ..errors import ReapError
 
+EVALUATION_FORMAT = "reapsurgery.evaluation"
+
 
 def save_report(report: dict, path: str | Path, overwrite: bool = False) -> None:
     """Write atomically: a report is either complete or absent."""
