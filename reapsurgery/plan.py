@@ -145,6 +145,19 @@ def super_experts(layers: dict[int, LayerStats], all_layers: bool = False,
     return found, threshold
 
 
+def never_routed_meaning(tokens: int, num_experts: int, top_k: int) -> str:
+    """What an expert never routed in `tokens` calibration tokens says. Unseen in N tokens, its share of
+    the tokens is below 3/N (95% confidence, the rule of three): far below an average expert's top_k/E,
+    the router does not use it (a dead expert, not a lack of data); else the data is too small to tell."""
+    bound = 3 / tokens if tokens > 0 else 1.0
+    average = top_k / num_experts
+    if bound * 10 <= average:
+        return (f"in {tokens} tokens each was chosen for under {bound:.2g} of them (95% bound; an average expert "
+                f"for {average:.2g}): the router does not use them, so dropping them costs nothing measurable")
+    return (f"{tokens} tokens cannot tell a dead expert from a rare one (one chosen for under {bound:.2g} of the "
+            f"tokens is missed by chance; an average expert is chosen for {average:.2g}): calibrate on more data")
+
+
 # -- counts -------------------------------------------------------------------
 
 def drop_count(num_experts: int, sparsity: float | None = None, keep: int | None = None) -> int:
@@ -316,8 +329,9 @@ def plan_mask(
         counts = " ".join(f"{l}:{len(p.never_routed)}" for l, p in sorted(layers.items()) if p.never_routed)
         kept_never = [l for l, p in sorted(layers.items()) if set(p.never_routed) & set(p.kept)]
         also = f"; some kept anyway in layers {kept_never}" if kept_never else ""
+        tokens = min(saliency.layers[l].tokens for l, p in layers.items() if p.never_routed)
         notes.append(f"experts never routed during calibration, per layer: {counts} (dropped first{also}); "
-                     "a sign of too little calibration data")
+                     + never_routed_meaning(tokens, E, top_k))
 
     provenance = {
         "method": method,

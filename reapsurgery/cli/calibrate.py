@@ -118,9 +118,12 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     if mtp == "calibrate":
         mtp_layers_on_disk(opened)
     vocab = opened.cfg.get("vocab_size")
-    data, provenance = load_data(opened.path, dataset, text_field, num_samples, max_length, seed,
+    data, provenance, data_notes = load_data(opened.path, dataset, text_field, num_samples, max_length, seed,
                                  vocab_size=vocab if isinstance(vocab, int) else None)  # tokenizing imports torch
+    for note in data_notes:
+        click.echo(f"note: {note}", err=True)
     from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
+    from ..plan import never_routed_meaning
 
     resolve_device(device)  # what the cheap check could not rule out
     try:
@@ -139,11 +142,16 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun rank 0 writes and reports
         return
     never_routed = {layer: sum(1 for c in stats.count if c == 0) for layer, stats in saliency.layers.items()}
+    never = sum(never_routed.values())
+    if never:
+        model = saliency.model
+        tokens = min(saliency.layers[l].tokens for l, n in never_routed.items() if n)
+        click.echo(f"note: {never} (layer, expert) pairs never routed: "
+                   f"{never_routed_meaning(tokens, model['num_experts'], model['num_experts_per_tok'])}", err=True)
     if as_json:
         emit_json({"output": output, "moe_layers": sorted(saliency.layers), "mtp_layers": saliency.mtp_layers,
                    "never_routed": never_routed, "calibration": cal})
         return
-    never = sum(never_routed.values())
     chunks = f" in {cal['chunks']} chunks" if cal.get("chunks", 1) > 1 else ""
     chunks += ", hidden states in host memory," if cal.get("hidden_states") == "host" else ""
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""

@@ -317,12 +317,21 @@ def run_options(fn):
 
 def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_samples: int, max_length: int,
               seed: int, vocab_size: int | None = None):
-    """The samples of data_options (token ids checked against vocab_size), and their provenance."""
+    """The samples of data_options (token ids checked against vocab_size), their provenance (with the
+    samples' sha256: the same token ids, whatever the path or options that found them) and notes."""
+    import hashlib
+
     from ..calibration.data import load_samples
 
     data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
                         text_field=text_field, vocab_size=vocab_size)
-    return data, {"dataset": data.description, "max_length": max_length, "seed": seed}
+    digest = hashlib.sha256(json.dumps(sorted(data.samples), separators=(",", ":")).encode()).hexdigest()  # order aside
+    provenance = {"dataset": data.description, "max_length": max_length, "seed": seed, "samples_sha256": digest}
+    notes = []
+    if len(data.samples) < num_samples:
+        notes.append(f"{dataset or 'the built-in text'}: only {len(data.samples)} non-empty samples, "
+                     f"{num_samples} requested (--num-samples): the results rest on fewer tokens than asked")
+    return data, provenance, notes
 
 
 def overwrite_option(fn):

@@ -124,12 +124,19 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ReapError(plot, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
-    data, provenance = load_data(ckpt_dir, dataset, text_field, num_samples, max_length, seed)
+    data, provenance, data_notes = load_data(ckpt_dir, dataset, text_field, num_samples, max_length, seed)
+    if saliency is not None:
+        from ..common.saliency import load_saliency
+        from ..evaluation.datanote import calibration_overlap
+
+        overlap = calibration_overlap(load_saliency(saliency).calibration, provenance, saliency.name)
+        data_notes += [overlap] if overlap else []
     from ..evaluation.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(ckpt_dir, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, provenance=provenance,
                           bar=progress_bars(quiet), layout=layout)
+    result.notes[:0] = data_notes
     report = result.to_json()
     d = report["data"]
     if not as_json:
