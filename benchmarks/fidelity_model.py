@@ -34,12 +34,13 @@ def model_options(args: argparse.Namespace) -> dict:
     return {"recipe": CACHE_VERSION, "python": sys.version.split()[0], "vocab": args.vocab,
             "layers": args.layers, "hidden": args.hidden, "experts": args.experts, "top_k": args.top_k,
             "expert_hidden": args.expert_hidden, "seq_len": args.seq_len, "batch": args.batch,
-            "steps": args.steps, "lr": args.lr, "aux_coef": args.aux_coef, "seed": args.seed}
+            "steps": args.steps, "lr": args.lr, "aux_coef": args.aux_coef, "seed": args.seed,
+            "threads": args.threads}
 
 
 def add_model_options(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("the trained model (changing one trains another, cached separately)")
-    g.add_argument("--steps", type=int, default=600, help="optimizer steps (fixed: the model is reproducible)")
+    g.add_argument("--steps", type=int, default=400, help="optimizer steps (fixed: the model is reproducible)")
     g.add_argument("--aux-coef", type=float, default=0.001,
                    help="router_aux_loss_coef, the load-balancing loss (transformers' default 0.001; "
                         "larger routes closer to evenly)")
@@ -53,6 +54,8 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=16)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch threads while training (part of the key: the sums' order, so the bits, follow it)")
 
 
 def cache_key(options: dict) -> str:
@@ -149,6 +152,7 @@ def build_and_train(args: argparse.Namespace, out: Path) -> dict:
     from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     rnd = random.Random(args.seed)
     t0 = time.perf_counter()
     splits = split_files()
