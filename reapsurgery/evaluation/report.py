@@ -36,35 +36,52 @@ def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[
     return rows
 
 
+def variant_group(variant: dict) -> str:
+    """What a plot's legend names a variant by: the method it was planned with, else its mask file."""
+    made = variant.get("made") or {}
+    if "method" in made:
+        return made["method"]
+    return Path(made.get("mask_file") or variant.get("source") or "mask").name
+
+
 def plot_report(report: dict, path: str | Path, overwrite: bool = False) -> None:
-    """KL, top-1 agreement and perplexity against checkpoint size, one point per variant."""
+    """KL, top-1 agreement and perplexity against checkpoint size: one marker and line per method (or
+    mask file), so masks of the same size are told apart; sizes in the unit the table uses."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator, ScalarFormatter
     except ImportError:
         raise ReapError(path, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
-    gib = 1 << 30
+    from ..common.units import unit_of
+
     orig = report["original"]
-    variants = report["variants"]
-    sizes = [v["bytes"] / gib for v in variants]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    unit, scale = unit_of(orig["bytes"])
+    groups: dict[str, list[dict]] = {}
+    for v in report["variants"]:
+        groups.setdefault(variant_group(v), []).append(v)
+    markers = "os^vD<>pP*Xh"
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
     panels = [("kl_mean", "KL(original || pruned), nats", 0.0), ("top1_agreement", "top-1 agreement", 1.0),
               ("perplexity", "perplexity", orig["perplexity"])]
     for ax, (key, title, at_original) in zip(axes, panels):
-        ax.plot(sizes, [v[key] for v in variants], "o", label="pruned")
-        ax.plot([orig["bytes"] / gib], [at_original], "s", color="black", label="original")
-        for x, v in zip(sizes, variants):
-            ax.annotate(f"{v['experts_kept']}/{orig['experts']}", (x, v[key]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("checkpoint size (GiB)")
+        for j, (name, members) in enumerate(groups.items()):
+            members = sorted(members, key=lambda v: v["bytes"])
+            ax.plot([v["bytes"] / scale for v in members], [v[key] for v in members], marker=markers[j % len(markers)],
+                    linestyle="-" if len(members) > 1 else "none", alpha=0.85, label=name)
+        ax.plot([orig["bytes"] / scale], [at_original], "s", color="black", label="original")
+        ax.set_xlabel(f"checkpoint size ({unit})")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
     fig.suptitle(f"{report['model'].get('architecture')}: {report['data'].get('predicted_positions')} predicted tokens "
                  f"of {report['data'].get('dataset', 'the evaluation data')}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     image = io.BytesIO()
     fig.savefig(image, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
