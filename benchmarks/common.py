@@ -38,6 +38,7 @@ MODULES = {
     "observe": "reapsurgery.calibration.observe",
     "saliency": "reapsurgery.common.saliency",
     "streaming": "reapsurgery.calibration.streaming",
+    "plan": "reapsurgery.plan",
 }
 CLI_MAIN = ("reapsurgery.cli", "main")  # the console script's entry point (pyproject [project.scripts])
 

@@ -38,12 +38,13 @@ def model_options(args: argparse.Namespace) -> dict:
             "threads": args.threads}
 
 
-def add_model_options(ap: argparse.ArgumentParser) -> None:
+def add_model_options(ap: argparse.ArgumentParser, several: bool = False) -> None:
+    """The model's options; with `several`, --aux-coef takes comma-separated values (one model each)."""
     g = ap.add_argument_group("the trained model (changing one trains another, cached separately)")
     g.add_argument("--steps", type=int, default=400, help="optimizer steps (fixed: the model is reproducible)")
-    g.add_argument("--aux-coef", type=float, default=0.001,
-                   help="router_aux_loss_coef, the load-balancing loss (transformers' default 0.001; "
-                        "larger routes closer to evenly)")
+    g.add_argument("--aux-coef", type=str if several else float, default="0.001,0.1" if several else 0.001,
+                   help="router_aux_loss_coef, the load-balancing loss (transformers' default 0.001; larger routes "
+                        "closer to evenly)" + ("; comma-separated: one model and table each" if several else ""))
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--experts", type=int, default=32)
