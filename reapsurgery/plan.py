@@ -23,7 +23,6 @@ multiple (halves towards fewer dropped), with a note, or refused when ``strict``
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -357,7 +356,9 @@ def _describe_protected(guarded: list[int], pinned, supers) -> str:
 
 def mask_bytes(mask: Mask) -> bytes:
     """The exact bytes Mask.save writes, so sha256 of the plan's mask is that of the file."""
-    return (json.dumps(mask.to_json(), indent=2) + "\n").encode()
+    from .common.files import json_bytes
+
+    return json_bytes(mask.to_json())
 
 
 def save_mask(mask: Mask, path: str | Path) -> None:

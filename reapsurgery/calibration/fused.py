@@ -21,6 +21,7 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 
 from ..common.checkpoint import Checkpoint
 from .dequant import is_quantized, read_layer_tensors
+from .finite import check_weight
 from .shardread import ShardFiles
 from .timing import TIMINGS
 from ..errors import ReapError
@@ -127,7 +128,9 @@ class _Pieces:
                 buf = self.buffers.get(nbytes)
                 if buf is None:
                     buf = self.buffers[nbytes] = torch.empty(nbytes, dtype=torch.uint8)
-                yield key, self.files.read(key, into=buf)
+                piece = self.files.read(key, into=buf)
+                check_weight(self.ckpt.path / self.ckpt.weight_map[key], key, piece)
+                yield key, piece
 
 
 def _info(ckpt: Checkpoint, key: str):

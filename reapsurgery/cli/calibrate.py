@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import data_options, layout_from, layout_option, load_data, one_line_errors, run_options
+from .common import data_options, layout_from, layout_option, load_data, one_line_errors, progress_bar, run_options
 
 
 class Duration(click.ParamType):
@@ -90,10 +90,6 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     samples and rank 0 writes; on several nodes the same command runs on each, with torchrun's
     --nnodes, --node-rank and --master-addr.
     """
-    from functools import partial
-
-    from tqdm import tqdm
-
     from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
     from ..common.checkpoint import Checkpoint, resolve_checkpoint
     from ..common.files import check_output_file
@@ -118,7 +114,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
             opened.path, data.samples, batch_size=batch_size, device=device, dtype=dtype,
             state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every, output=output,
             hidden_memory=hidden_memory, trust_remote_code=trust_remote_code,
-            provenance=provenance, bar=partial(tqdm, disable=quiet), layout=layout, mtp=mtp,
+            provenance=provenance, bar=progress_bar(quiet), layout=layout, mtp=mtp,
         )
     except KeyboardInterrupt as e:
         if state_dir.is_dir() and any(state_dir.iterdir()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import signal
@@ -49,6 +50,58 @@ def signals_as_interrupts() -> Iterator[None]:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+class NoteHandler(logging.Handler):
+    """The library's notes as `note: ...` lines on stderr: held while the command checks its inputs,
+    printed once it goes on (its first progress: `progress_bar`, or its end), so that a refusal,
+    however late its check, is the command's one line (a derived layout's note and calibrate's
+    hidden-state placement are logged before the first layer's shapes are checked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[str] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"note: {record.getMessage()}"
+        if self.held is None:
+            _write_note(line)
+        else:
+            self.held.append(line)
+
+    def release(self) -> None:
+        held, self.held = self.held or [], None
+        for line in held:
+            _write_note(line)
+
+
+def _write_note(line: str) -> None:
+    from tqdm import tqdm
+
+    if getattr(tqdm, "_instances", None):  # above the progress bars, not through them
+        tqdm.write(line, file=sys.stderr)
+    else:
+        click.echo(line, err=True)  # the stderr of now, not of set-up
+
+
+def release_notes() -> None:
+    """Print the notes held so far, and every later one at once: the command goes on."""
+    for h in logging.getLogger("reapsurgery").handlers:
+        if isinstance(h, NoteHandler):
+            h.release()
+
+
+def progress_bar(quiet: bool):
+    """A tqdm factory for a command's progress (none drawn with --quiet); the first step of any bar
+    releases the notes held while the inputs were checked."""
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        def update(self, n=1):
+            release_notes()
+            return super().update(n)
+
+    return functools.partial(Bar, disable=quiet)
 
 
 def quiet_stdout() -> None:

@@ -9,7 +9,7 @@ import click
 
 from ..errors import ReapError
 from .common import (PLAN_FLAGS, data_options, echo_plan, human, layout_from, layout_option, load_data, one_line_errors,
-                     plan_kwargs, plan_options, run_options, table)
+                     plan_kwargs, plan_options, progress_bar, run_options, table)
 
 
 def _values(text: str | None, flag: str, kind: type) -> list:
@@ -82,10 +82,6 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     bytes; and per MoE layer the relative error of its output. Use held-out data, not the
     calibration set. Data, device and dtype options are calibrate's.
     """
-    from functools import partial
-
-    from tqdm import tqdm
-
     from ..evaluation.evaluate import evaluate as run_evaluate
     from ..evaluation.report import plot_report, save_report, table_rows
 
@@ -99,7 +95,7 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     data, provenance = load_data(ckpt, dataset, text_field, num_samples, max_length, seed)
     result = run_evaluate(ckpt, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, provenance=provenance,
-                          bar=partial(tqdm, disable=quiet), layout=layout)
+                          bar=progress_bar(quiet), layout=layout)
     report = result.to_json()
     d = report["data"]
     click.echo(f"{d['samples']} samples, {d['predicted_positions']} predicted tokens on {d['device']} ({d['dtype']}):")

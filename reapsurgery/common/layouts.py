@@ -179,6 +179,14 @@ class Layout:
                 return m
         return None
 
+    def prefix_pattern(self, layer: bytes) -> bytes:
+        """A bytes regex of the layer prefixes, the layer number matching `layer` (a regex) in the
+        only capturing group of the prefix that matched: for `WeightMap.starting`, which finds
+        names in one scan of their bytes."""
+        parts = [_pattern(a).encode() + b"(" + layer + b")" + _pattern(b).encode()
+                 for a, b in (p.split("{layer}", 1) for p in self.layer_prefixes)]
+        return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"  # one: a literal the search skips to
+
     def layer_of(self, name: str) -> int | None:
         m = self._layer_match(name)
         return int(m.group("layer")) if m else None
@@ -371,7 +379,7 @@ def text_config(config: dict) -> dict:
     """The part of config.json that describes the decoder (nested for multimodal models), with
     num_hidden_layers filled in from a per-layer list where the config leaves it out."""
     cfg = config.get("text_config") or config
-    if not isinstance(cfg.get("num_hidden_layers"), int):
+    if cfg.get("num_hidden_layers") is None:
         for key in LAYER_LIST_KEYS:
             if isinstance(cfg.get(key), (list, str)) and cfg[key]:
                 return {**cfg, "num_hidden_layers": len(cfg[key])}

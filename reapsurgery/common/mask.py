@@ -6,13 +6,12 @@ Users write masks by hand, so every defect gets a precise message.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import FINGERPRINT_FIELDS
-from .files import layer_key, read_bytes, loads_strict, write_atomic
+from .files import json_bytes, layer_key, read_bytes, loads_strict, write_atomic
 from ..errors import ReapError
 
 MASK_FORMAT = "reapsurgery.mask"
@@ -39,7 +38,7 @@ class Mask:
         }
 
     def save(self, path: str | Path) -> None:
-        write_atomic(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+        write_atomic(path, json_bytes(self.to_json(), path))
 
 
 def load_mask(path: str | Path) -> Mask:

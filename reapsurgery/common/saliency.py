@@ -7,13 +7,12 @@ resumed run add up to what one run over all the data would have measured.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import layer_key, loads_strict, read_bytes, write_atomic
+from .files import json_bytes, layer_key, loads_strict, read_bytes, write_atomic
 from ..errors import ReapError
 from .mask import check_fingerprint, versioned_model
 
@@ -85,7 +84,7 @@ class Saliency:
 
     def save(self, path: str | Path) -> None:
         """Write atomically, so an interrupted run never leaves a truncated file."""
-        write_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        write_atomic(path, json_bytes(self.to_json(), path, indent=1))
 
 
 def load_saliency(path: str | Path) -> Saliency:

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import ReapError
 
 
 def save_report(report: dict, path: str | Path) -> None:
-    """Write atomically: a report is either complete or absent."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    """Strict JSON (never a bare NaN), written atomically: a report is either complete or absent."""
+    from ..common.files import write_json
+
+    write_json(path, report)
 
 
 def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[tuple]:
     """One row for the original, one per variant, in the order given; `size` formats bytes."""
     orig = report["original"]
     rows = [("variant", "experts", "sparsity", "size", "perplexity", "KL (nats)", "top-1 agree", "worst layer error"),
-            ("original", orig["experts"], "0", size(orig["bytes"]), f"{orig['perplexity']:.4g}", "0", "1", "-")]
+            ("original", orig["experts"], "0", size(orig["bytes"]), _ppl(orig), "0", "1", "-")]
     for v in report["variants"]:
         worst = max(v["layers"].items(), key=lambda kv: kv[1]["relative_error"], default=None)
         rows.append((v["source"], v["experts_kept"], f"{v['sparsity']:.4g}", size(v["bytes"]),
-                     f"{v['perplexity']:.4g}", f"{v['kl_mean']:.4g}", f"{v['top1_agreement']:.4f}",
+                     _ppl(v), f"{v['kl_mean']:.4g}", f"{v['top1_agreement']:.4f}",
                      f"{worst[1]['relative_error']:.3g} (layer {worst[0]})" if worst else "-"))
     if report["original"].get("mtp"):  # the draft's first depth, where a variant keeps its MTP layers
         rows[0] += ("MTP top-1 agree",)
@@ -33,6 +31,11 @@ def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[
             first = next(iter(v["mtp"].values()), {}) if v.get("mtp") else {}
             rows[j] += (f"{first['top1_agreement']:.4f}" if "top1_agreement" in first else "-",)
     return rows
+
+
+def _ppl(metrics: dict) -> str:
+    """Perplexity, or "inf" where it exceeds the float range (null in the report)."""
+    return "inf" if metrics["perplexity"] is None else f"{metrics['perplexity']:.4g}"
 
 
 def plot_report(report: dict, path: str | Path) -> None:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import stat
 from array import array
 from dataclasses import dataclass, field
 from itertools import chain
@@ -436,22 +437,65 @@ def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
     return list(zip(shard.ranges[::2], shard.ranges[1::2]))
 
 
-def copy_other_files(src: Path, dst: Path, handled: set[str]) -> list[str]:
-    """Copy tokenizer, templates, code, licence...; skip weight files we cannot prune. Returns skipped paths."""
-    skipped = []
-    for root, dirs, files in os.walk(src):
+def other_files(src: Path, handled: set[str]) -> tuple[list[str], list[str]]:
+    """The files besides config, index and shards that the output gets (tokenizer, templates, code,
+    licence...), and the weight files it does not (we cannot prune them), as relative paths.
+
+    Everything that cannot be listed or copied is an error naming it, never a file quietly missing
+    from the output: a directory that cannot be read (os.walk skips those by default), a dangling
+    link, a FIFO, socket or device (reading a FIFO waits forever, /dev/zero never ends). Linked
+    directories are followed (a Hugging Face snapshot is links), each real directory once."""
+    copied, skipped, seen = [], [], set()
+
+    def refuse(e: OSError) -> None:
+        raise ReapError(e.filename or src, f"cannot read it ({e.strerror or e}), so the output would lack "
+                                           "what it holds; nothing was written") from None
+
+    for root, dirs, files in os.walk(src, onerror=refuse, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            raise ReapError(root, "is a link to a directory already copied (a link loop?); nothing was written")
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel_root = Path(root).relative_to(src)
         for fname in sorted(files):
-            rel = rel_root / fname
-            if str(rel) in handled or fname.startswith("."):
+            rel = str(rel_root / fname)
+            if rel in handled or fname.startswith("."):
                 continue
-            if fname.endswith(WEIGHT_SUFFIXES):
-                skipped.append(str(rel))
-                continue
-            (dst / rel_root).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(root) / fname, dst / rel)
-    return skipped
+            path = Path(root) / fname
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError as e:
+                refuse(e)
+            if not regular:
+                raise ReapError(path, "is not a regular file (a FIFO, socket or device), so it cannot be copied "
+                                      "into the output; nothing was written")
+            (skipped if fname.endswith(WEIGHT_SUFFIXES) else copied).append(rel)
+    return copied, skipped
+
+
+def copy_other_files(src: Path, dst: Path, files: list[str]) -> None:
+    """Copy `files` (relative paths, from `other_files`) from src into dst."""
+    for rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(src / rel, dst / rel)
+        except OSError as e:
+            raise ReapError(src / rel, f"cannot copy it ({e.strerror or e}); nothing was written") from None
+
+
+def source_card(ckpt_path: Path) -> str | None:
+    """The source's model card (README.md), which the output's extends; None when there is none."""
+    path = ckpt_path / "README.md"
+    if not path.is_file():
+        return None
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ReapError(path, f"cannot read the model card: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ReapError(path, f"model card is not UTF-8 text (invalid byte at offset {e.start}); the pruned "
+                              "model's card extends it, so save it as UTF-8") from None
 
 
 def apply_mask(
@@ -479,6 +523,9 @@ def apply_mask(
     ckpt = Checkpoint.open(ckpt_path, layout)
     check_output(ckpt.path, out_path, overwrite)
     plan = plan_surgery(ckpt, mask, mask_path, draft=mtp == "keep-full")
+    # what else the output gets is known, and readable, before a byte is written
+    card = source_card(ckpt.path)
+    copied, skipped = other_files(ckpt.path, {"config.json", "README.md", INDEX, *ckpt.shards})
     if on_plan:
         on_plan(plan)
     with staged_output(out_path, overwrite, note) as tmp:
@@ -486,14 +533,11 @@ def apply_mask(
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
-        source_card = ckpt.path / "README.md"
-        card = source_card.read_text() if source_card.is_file() else None
         (tmp / "README.md").write_text(
             pruned_card(card, ckpt, mask, plan.experts_before, len(plan.moe_layers), plan.dropped_layers))
         mask.save(tmp / MASK_COPY)
-        handled = {"config.json", "README.md", INDEX, *ckpt.shards}
-        handled |= rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)
-        skipped = copy_other_files(ckpt.path, tmp, handled)
+        handled = rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)
+        copy_other_files(ckpt.path, tmp, [rel for rel in copied if rel not in handled])
         write_index(plan, ckpt, tmp)
         if plan.draft_bytes is not None:
             write_draft(ckpt, tmp / DRAFT_DIR)
