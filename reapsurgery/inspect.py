@@ -160,10 +160,7 @@ def inspect_saliency(path: str | Path, method: str = "reap") -> dict[str, Any]:
 def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap") -> dict[str, Any]:
     layers = {}
     for l, stats in sorted(sal.layers.items()):
-        try:
-            scores = expert_scores(stats, method)
-        except ReapError as e:
-            raise ReapError(path, f"layer {l}: {e.message}") from None
+        scores = expert_scores(stats, method, l, path)
         routed = sorted(s for s in scores if s is not None)
         spread = None
         if routed:

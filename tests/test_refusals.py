@@ -217,8 +217,12 @@ def world(checkpoints, tmp_path_factory):
     Saliency(c.fingerprint(), {"samples": 4, "tokens": 100}, stats).save(root / "saliency.json")
     first_2d = next(v[0] for v in c.tensors().values() if len(v[1].shape) == 2)
     table = json.loads(resources.files("reapsurgery.common").joinpath("layouts.json").read_text())
+    mtp_ckpt = root / "mtp_ckpt"  # DeepSeek-V3: 3 decoder layers and an MTP layer stored as layer 3
+    shutil.copytree(checkpoints["deepseek_v3"], mtp_ckpt)
+    mtp_mask = write_mask(mtp_ckpt, [0, 2, 5, 7], root / "mtp_mask.json")
     return {"root": root, "ckpt": ckpt, "mask": mask, "saliency": root / "saliency.json", "shard": first_2d,
-            "other_shard": next(s for s in c.shards if s != first_2d), "layout": table["qwen3_moe"]}
+            "other_shard": next(s for s in c.shards if s != first_2d), "layout": table["qwen3_moe"],
+            "mtp_ckpt": mtp_ckpt, "mtp_mask": mtp_mask}
 
 
 @pytest.mark.parametrize("case", list(CASES))

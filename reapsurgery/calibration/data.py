@@ -330,7 +330,7 @@ def _check_ids(ids: list[Any], vocab_size: int | None, source: _Source, i: int) 
                                          f"integers, found {t!r}")
         if t >= (vocab_size if vocab_size is not None else 2**63):
             raise ReapError(source.name, f"{source.label(i)}: token id {t} is out of range for "
-                                         f"the model's vocab_size {vocab_size}" if vocab_size else
+                                         f"the model's vocab_size {vocab_size}" if vocab_size is not None else
                                          f"{source.label(i)}: token id {t} does not fit in 64 bits")
 
 
@@ -368,6 +368,12 @@ def load_tokenizer(path: str | os.PathLike | None, data_name: str = "calibration
     try:
         return AutoTokenizer.from_pretrained(p, local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken tokenizer
+        from transformers import AutoConfig
+
+        try:  # the tokenizer reads config.json too: a value transformers refuses there is named there
+            AutoConfig.from_pretrained(p, local_files_only=True)
+        except Exception as bad_config:  # noqa: BLE001
+            raise ReapError(p / "config.json", f"transformers cannot read it: {_one_line(bad_config)}") from None
         raise ReapError(path, f"cannot load its tokenizer: {_one_line(e)}") from None
 
 

@@ -105,9 +105,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 
         mtp_layers_on_disk(opened)
     resolve_device(device)
-    vocab = opened.cfg.get("vocab_size")
-    data, provenance = load_data(opened.path, dataset, text_field, num_samples, max_length, seed,
-                                 vocab_size=vocab if isinstance(vocab, int) else None)
+    data, provenance = load_data(opened, dataset, text_field, num_samples, max_length, seed)
     state_dir = Path(f"{output}.resume")
     try:
         saliency = run_calibrate(

@@ -69,7 +69,7 @@ class NoteHandler(logging.Handler):
         else:
             self.held.append(line)
 
-    def release(self) -> None:
+    def print_held(self) -> None:  # not `release`: logging.Handler's lock has that name
         held, self.held = self.held or [], None
         for line in held:
             _write_note(line)
@@ -88,7 +88,7 @@ def release_notes() -> None:
     """Print the notes held so far, and every later one at once: the command goes on."""
     for h in logging.getLogger("reapsurgery").handlers:
         if isinstance(h, NoteHandler):
-            h.release()
+            h.print_held()
 
 
 def progress_bar(quiet: bool):
@@ -205,6 +205,9 @@ def plan_kwargs(opts: dict) -> dict:
 # -- running a model over data: options shared by `calibrate` and `evaluate` ------------
 
 
+MAX_TOKENS = 2**31 - 1  # per sample: more than any model's context, and what tokenizers take (not 10^20)
+
+
 def data_options(fn):
     """--dataset, --text-field, --num-samples, --max-length, --seed: which token ids to run."""
     options = [
@@ -213,7 +216,7 @@ def data_options(fn):
         click.option("--text-field", help="Field holding the text (default: text, content or prompt)."),
         click.option("--num-samples", default=512, show_default=True, type=click.IntRange(min=1),
                      help="Samples to use."),
-        click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=1),
+        click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1, MAX_TOKENS),
                      help="Tokens per sample, at most."),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Seed for sample selection."),
@@ -241,13 +244,16 @@ def run_options(fn):
     return fn
 
 
-def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_samples: int, max_length: int,
-              seed: int, vocab_size: int | None = None):
-    """The samples of data_options (token ids checked against vocab_size), and their provenance."""
+def load_data(ckpt, dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int):
+    """The samples of data_options for the opened checkpoint `ckpt` (tokenized with its tokenizer, every
+    token id checked against its vocab_size), and their provenance."""
     from ..calibration.data import load_samples
 
-    data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
-                        text_field=text_field, vocab_size=vocab_size)
+    vocab = ckpt.cfg.get("vocab_size")
+    if vocab is not None and not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab >= 1):
+        raise ReapError(ckpt.path / "config.json", f"vocab_size must be a positive integer, found {vocab!r}")
+    data = load_samples(dataset, ckpt.path, num_samples=num_samples, max_length=max_length, seed=seed,
+                        text_field=text_field, vocab_size=vocab)
     return data, {"dataset": data.description, "max_length": max_length, "seed": seed}
 
 

@@ -21,13 +21,12 @@ def _values(text: str | None, flag: str, kind: type) -> list:
         raise ReapError(None, f"{flag} {text}: expected comma-separated {'numbers' if kind is float else 'integers'}") from None
 
 
-def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], layout, opts: dict) -> list:
-    """Every variant, checked against the checkpoint and sized, before the model is touched."""
-    from ..common.checkpoint import Checkpoint
+def _variants(ckpt, saliency: Path | None, masks: tuple[Path, ...], opts: dict) -> list:
+    """Every variant, checked against the opened checkpoint and sized, before the model is touched."""
     from ..common.mask import load_mask
     from ..evaluation.variants import sized_variant
 
-    ckpt = Checkpoint.open(ckpt_path, layout)
+    ckpt_path, layout = ckpt.path, ckpt.layout
     out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
     requests = [("sparsity", s) for s in _values(opts["sparsity"], "--sparsity", float)]
     requests += [("keep", k) for k in _values(opts["keep"], "--keep", int)]
@@ -85,14 +84,16 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     from ..evaluation.evaluate import evaluate as run_evaluate
     from ..evaluation.report import plot_report, save_report, table_rows
 
+    from ..common.checkpoint import Checkpoint
+
     layout = layout_from(layout_file)
-    variants = _variants(ckpt, saliency, masks, layout, opts)
+    opened = Checkpoint.open(ckpt, layout)
+    variants = _variants(opened, saliency, masks, opts)
     if plot is not None:  # refuse before the long run if the plot cannot be drawn
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ReapError(plot, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
-    data, provenance = load_data(ckpt, dataset, text_field, num_samples, max_length, seed)
+        from ..evaluation.report import plot_format
+
+        plot_format(plot)
+    data, provenance = load_data(opened, dataset, text_field, num_samples, max_length, seed)
     result = run_evaluate(ckpt, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, provenance=provenance,
                           bar=progress_bar(quiet), layout=layout)

@@ -14,7 +14,7 @@ from typing import Any
 
 from .files import json_bytes, layer_key, loads_strict, read_bytes, write_atomic
 from ..errors import ReapError
-from .mask import check_fingerprint, versioned_model
+from .mask import check_fingerprint, check_past_stack, versioned_model
 
 SALIENCY_FORMAT = "reapsurgery.saliency"
 SUM_KEYS = ("count", "gate_sum", "norm_sum", "reap_sum")
@@ -136,10 +136,15 @@ def parse_saliency(data: Any, path: Path, sha256: str | None = None) -> Saliency
                                  "non-negative numbers"))
             lists[k] = [None if v is None else float(v) for v in values]
         layers[layer] = LayerStats(tokens, **lists)
+    check_past_stack(layers, model, bad)
     calibration = data.get("calibration") or {}
     dense = data.get("dense_layers") or []
     if not isinstance(calibration, dict) or not isinstance(dense, list):
         raise bad("'calibration' must be an object and 'dense_layers' a list")
+    for key in ("samples", "tokens"):  # summed by merge-saliency
+        value = calibration.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise bad(f"calibration {key!r} must be a non-negative integer, got {value!r}")
     return Saliency(model, calibration, layers, list(dense), sha256)
 
 

@@ -38,6 +38,20 @@ def _ppl(metrics: dict) -> str:
     return "inf" if metrics["perplexity"] is None else f"{metrics['perplexity']:.4g}"
 
 
+def plot_format(path: str | Path) -> str:
+    """The image format `path` asks for (its suffix; png without one), checked before a run that ends
+    in drawing it: matplotlib must be installed and know the format."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise ReapError(path, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise ReapError(path, f"--plot cannot draw a .{fmt} file; use one of {', '.join('.' + k for k in sorted(known))}")
+    return fmt
+
+
 def plot_report(report: dict, path: str | Path) -> None:
     """KL, top-1 agreement and perplexity against checkpoint size, one point per variant."""
     try:
@@ -67,8 +81,11 @@ def plot_report(report: dict, path: str | Path) -> None:
     fig.suptitle(f"{report['model'].get('architecture')}: {report['data'].get('predicted_positions')} predicted tokens "
                  f"of {report['data'].get('dataset', 'the evaluation data')}", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    import io
+
+    from ..common.files import write_atomic
+
+    png = io.BytesIO()  # drawn in memory, then written as every file is: complete or absent, errors naming it
+    fig.savefig(png, dpi=120, format=plot_format(path))
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, png.getvalue())
