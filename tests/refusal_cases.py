@@ -345,6 +345,7 @@ CASES: dict[str, Case] = {
     "merge: sums that overflow a float": lambda d, w: (["merge-saliency", _sal_with(d, w, lambda s: _layer0(s)["reap_sum"].__setitem__(0, 1.5e308)), (lambda p: (shutil.copy(d / "s.json", p), _raw(p, p.read_bytes().replace(b'"samples": 4', b'"samples": 5')), p)[2])(d / "t.json"), "-o", d / "m.json"], "m.json"),
     "plan: a score that overflows a float": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer0(s)["count"].__setitem__(0, 1e-320))),
     "calibrate: --max-length 10**20": lambda d, w: (["calibrate", w["ckpt"], "-o", d / "s.json", "--max-length", 10**20], "--max-length"),
+    "apply: --jobs 10**20": lambda d, w: (["apply", w["mask"], w["ckpt"], d / "out", "-j", 10**20], "--jobs"),
     "evaluate: --max-length 10**20": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "--max-length", 10**20], "--max-length"),
     "evaluate: token id past the vocabulary": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "-q", "--device", "cpu", "--dataset", _raw(d / "ids.jsonl", b'{"input_ids": [1, 2, 320]}\n')], "ids.jsonl"),
     "evaluate: --plot in a format that cannot be drawn": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "--plot", d / "q.xyz"], "q.xyz"),

@@ -21,7 +21,7 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 
 from ..common.checkpoint import Checkpoint
 from .dequant import is_quantized, read_layer_tensors
-from .finite import check_weight
+from .finite import check_computed, check_weight, is_finite
 from .shardread import ShardFiles
 from .timing import TIMINGS
 from ..errors import ReapError
@@ -98,6 +98,19 @@ def read_fused(ckpt: Checkpoint, target: FusedTarget, source_of: dict[str, str],
     return out
 
 
+def check_fused(ckpt: Checkpoint, target: FusedTarget, source_of: dict[str, str], fused: torch.Tensor,
+                files: ShardFiles | None = None) -> None:
+    """A fused tensor (checked where it lives: on a GPU, at memory speed) holds no NaN or infinity;
+    where it does, each of its experts' tensors is read again to name the one that holds it."""
+    if is_finite(fused):
+        return
+    for keys in target.keys.values():
+        for key in keys:
+            check_weight(ckpt.path / ckpt.weight_map[source_of[key]], source_of[key],
+                         read_layer_tensors(ckpt, [source_of[key]], "cpu", files)[source_of[key]])
+    check_computed(ckpt.path, f"{target.name} (its experts' tensors fused)", fused, fused.dtype)
+
+
 class _Pieces:
     """One expert's tensor at a time: pread into a reusable buffer, or, for a quantized checkpoint,
     decoded a few experts at a time on the device of the fused tensor."""
@@ -128,9 +141,7 @@ class _Pieces:
                 buf = self.buffers.get(nbytes)
                 if buf is None:
                     buf = self.buffers[nbytes] = torch.empty(nbytes, dtype=torch.uint8)
-                piece = self.files.read(key, into=buf)
-                check_weight(self.ckpt.path / self.ckpt.weight_map[key], key, piece)
-                yield key, piece
+                yield key, self.files.read(key, into=buf)
 
 
 def _info(ckpt: Checkpoint, key: str):

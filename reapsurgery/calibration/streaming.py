@@ -23,7 +23,7 @@ from ..common.checkpoint import Checkpoint
 from ..common.model_map import ConversionMap, auto_class, cannot_build, find_decoder, model_class
 from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from ..errors import ReapError
-from .fused import FusedTarget, read_fused, readable, stacks_only
+from .fused import FusedTarget, check_fused, read_fused, readable, stacks_only
 from .dequant import is_quantized
 from .shardread import ShardFiles
 from .timing import TIMINGS
@@ -241,6 +241,7 @@ class StreamedModel:
                     dev.copy_(host, non_blocking=True)
                     self._copy_stream.synchronize()  # the host buffer is reused by the next tensor of its shape
                 converted[name] = dev
+            check_fused(self.ckpt, target, source_of, converted[name], self.files)
         self.pool = {}  # what the read did not reuse is freed now, not kept beside two layers
         return {k: v.to(self.device) for k, v in converted.items()}
 

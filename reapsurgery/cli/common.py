@@ -301,8 +301,8 @@ def echo_plan(plan, with_table: bool = True) -> None:
             rows.append((l, len(p.never_routed), preserved, _score_range([p.scores[e] for e in p.kept]),
                          _score_range([p.scores[e] for e in p.dropped])))
         table(rows)
-    for note in plan.notes:
-        click.echo(f"note: {note}", err=True)
+    for text in plan.notes:  # held with the library's: `evaluate` plans before its data and model are checked
+        logging.getLogger("reapsurgery").info(text)
 
 
 def echo_mtp(dropped: str | None, kept: list[int], notes: list[str], preview: bool, indent: str,
