@@ -249,6 +249,7 @@ CASES: dict[str, Case] = {
     "layout: prefix without {layer}": lambda d, w: _layout(d, w, json.dumps({**w["layout"], "layer_prefix": "model.layers."}).encode()),
     "layout: not UTF-8": lambda d, w: _layout(d, w, b'{"name": "\xe9t\xe9"}'),
     "layout: num_experts a string": lambda d, w: _layout(d, w, json.dumps({**w["layout"], "num_experts": "num_experts"}).encode()),
+    "layout: a moe_layers field that is not a key name": lambda d, w: _layout(d, w, json.dumps({**w["layout"], "moe_layers": {"sparse_step": [1]}}).encode()),
     # -- saliency files --
     "saliency: negative count": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer0(s)["count"].__setitem__(0, -5.0))),
     "saliency: NaN": _bad_sal_file(lambda d, w: _raw(d / "s.json", json.dumps(_sal(w)).replace('"reap_sum": [', '"reap_sum": [NaN, ', 1).replace(", 1.0]", "]", 0).encode())),

@@ -114,6 +114,10 @@ class Layout:
             if unknown:
                 raise ReapError(None, f"layout {name!r}: unknown moe_layers fields {sorted(unknown)}; "
                                       f"known: {', '.join(sorted(MOE_RULE_FIELDS))}")
+            keys = [f for f in rule if f not in ("indices", "moe_type")]
+            if any(not isinstance(rule[f], str) for f in keys) or not isinstance(rule.get("moe_type", ""), str):
+                raise ReapError(None, f"layout {name!r}: moe_layers fields ({', '.join(keys)}) name config keys, "
+                                      "and moe_type is a string")
             indices = rule.get("indices")
             if indices is not None and not (isinstance(indices, list)
                                             and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
