@@ -159,3 +159,22 @@ def test_a_config_asking_for_a_billion_experts_is_checked_against_what_is_stored
                        preexec_fn=limit, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "config says 1000000000000 experts" in r.stderr
+
+
+def test_inspect_json_stays_json_when_a_score_ratio_overflows(tmp_path):
+    """`inspect --json` printed max_over_min = Infinity (Python's json, not JSON) for scores 1e-300
+    and 1e300; a ratio past the float range is null."""
+    from reapsurgery.common.saliency import LayerStats, Saliency
+
+    model = {"architecture": "A", "model_type": "a", "num_hidden_layers": 1, "moe_layers": [0], "num_experts": 2,
+             "num_experts_per_tok": 1, "n_group": None}
+    Saliency(model, {}, {0: LayerStats(2, [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1e-300, 1e300], [1.0, 1.0])}).save(
+        tmp_path / "s.json")
+    r = cli("inspect", tmp_path / "s.json", "--json")
+    assert r.returncode == 0, r.stderr
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in inspect --json output")
+
+    facts = json.loads(r.stdout, parse_constant=no_constants)
+    assert facts["layers"]["0"]["scores"]["max_over_min"] is None

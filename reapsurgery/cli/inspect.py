@@ -165,13 +165,12 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
     Active params = non-expert params + top_k/E of the routed-expert params: roughly
     what one token uses. Only headers and config are read.
     """
-    import json
-
+    from ..common.files import json_bytes
     from ..inspect import inspect_path
 
     facts = inspect_path(path, ckpt, method, layout_from(layout_file))
     if as_json:
-        click.echo(json.dumps(facts, indent=2))
+        click.echo(json_bytes(facts).decode(), nl=False)
         return
     {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency}[facts["kind"]](facts)
 
@@ -192,18 +191,18 @@ def architectures(as_json: bool, derive_from: Path | None) -> None:
     conversion mapping). `--derive CKPT` prints that layout; save it, edit it if
     needed, and pass it with --layout to override.
     """
-    import json
+    from ..common.files import json_bytes
 
     if derive_from is not None:
         from ..common.checkpoint import derive_entry
 
-        click.echo(json.dumps(derive_entry(derive_from), indent=2))
+        click.echo(json_bytes(derive_entry(derive_from)).decode(), nl=False)
         return
     from ..common.layouts import describe_layouts
 
     rows = describe_layouts()
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json_bytes(rows).decode(), nl=False)
         return
 
     def rule(r: dict) -> str:
