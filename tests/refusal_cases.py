@@ -191,6 +191,16 @@ def _mtp_config(cmd: str, layers: int) -> Case:
     return case
 
 
+def _without_mtp_layer(d: Path, w: dict) -> Path:
+    """The DeepSeek-V3 checkpoint without its MTP layer (layer 3, in a shard of its own)."""
+    ckpt = _ckpt(d, {"ckpt": w["mtp_ckpt"]})
+    index = json.loads((ckpt / INDEX).read_text())
+    (ckpt / "model-mtp.safetensors").unlink()
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != "model-mtp.safetensors"}
+    _json(ckpt / INDEX, index)
+    return ckpt
+
+
 def _layer_past_stack(s: dict, layer: str) -> dict:
     s["layers"][layer] = _layer0(s)
     return s
@@ -332,6 +342,7 @@ CASES: dict[str, Case] = {
     # -- layers past the decoder stack that are not MTP layers --
     "saliency: a layer past the stack, family without MTP (plan)": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer_past_stack(s, "3"))),
     "saliency: a layer past the stack, family without MTP (inspect)": lambda d, w: (["inspect", _sal_with(d, w, lambda s: _layer_past_stack(s, "3"))], "s.json"),
+    "plan --ckpt: an MTP layer the checkpoint does not store": lambda d, w: (["plan", w["mtp_saliency"], "--keep", 4, "--ckpt", _without_mtp_layer(d, w), "-o", d / "m.json"], "mtp_saliency.json"),
     "saliency: layers past the stack with a gap": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer_past_stack(s, "5"))),
     "mask: a layer past the stack, family without MTP (inspect)": lambda d, w: (["inspect", _json(d / "m.json", _mask(w, layers={**_mask(w)["layers"], "3": [0, 2, 5, 7]}))], "m.json"),
     "mask: a layer far past the stack": lambda d, w: (["inspect", _json(d / "m.json", _mask(w, layers={**_mask(w)["layers"], "99999999999999999999": [0, 2, 5, 7]}))], "m.json"),

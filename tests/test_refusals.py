@@ -220,9 +220,11 @@ def world(checkpoints, tmp_path_factory):
     mtp_ckpt = root / "mtp_ckpt"  # DeepSeek-V3: 3 decoder layers and an MTP layer stored as layer 3
     shutil.copytree(checkpoints["deepseek_v3"], mtp_ckpt)
     mtp_mask = write_mask(mtp_ckpt, [0, 2, 5, 7], root / "mtp_mask.json")
+    m = Checkpoint.open(mtp_ckpt)  # and statistics for its MTP layer (calibrate --mtp calibrate)
+    Saliency(m.fingerprint(), {}, {l: stats[1] for l in [*m.moe_layers, 3]}).save(root / "mtp_saliency.json")
     return {"root": root, "ckpt": ckpt, "mask": mask, "saliency": root / "saliency.json", "shard": first_2d,
             "other_shard": next(s for s in c.shards if s != first_2d), "layout": table["qwen3_moe"],
-            "mtp_ckpt": mtp_ckpt, "mtp_mask": mtp_mask}
+            "mtp_ckpt": mtp_ckpt, "mtp_mask": mtp_mask, "mtp_saliency": root / "mtp_saliency.json"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

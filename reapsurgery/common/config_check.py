@@ -85,7 +85,8 @@ def check_layout_values(cfg: dict, layout) -> None:
              "dense_list": ("a list of layer indices", lambda v: _ints(v))}
     for field, (want, ok) in wants.items():
         key = rule.get(field)
-        if isinstance(key, str) and cfg.get(key, defaults.get(key)) is not None and not ok(cfg.get(key, defaults.get(key))):
+        value = cfg.get(key) if cfg.get(key) is not None else defaults.get(key)  # as Layout._get reads it
+        if value is not None and not ok(value):
             raise bad(key, want)
     groups = layout.groups or {}
     for key in (groups.get("n_group"), groups.get("topk_group")):
