@@ -298,6 +298,7 @@ CASES: dict[str, Case] = {
     "calibrate: hub id not in the cache": lambda d, w: (_calibrate(d, w, ckpt="no-such-org/no-such-model@v1"), "no-such-org/no-such-model"),
     "calibrate: unknown architecture": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, model_type="bogus", architectures=["BogusForCausalLM"])), "config.json"),
     "calibrate: index maps a tensor to the wrong shard": lambda d, w: (_calibrate(d, w, ckpt=_edit_index(d, w, lambda i: i["weight_map"].update({k: w["other_shard"] for k in [next(iter(i["weight_map"]))]}))), "safetensors"),
+    "calibrate: messages that are token ids": lambda d, w: (_calibrate(d, w, "--dataset", _raw(d / "rows.jsonl", b'{"messages": [1, 2]}\n')), "rows.jsonl"),
     "calibrate: dataset with duplicate keys": lambda d, w: (_calibrate(d, w, "--dataset", _raw(d / "rows.jsonl", b'{"input_ids": [1], "input_ids": [2]}\n')), "rows.jsonl"),
     "inspect: binary file": lambda d, w: (["inspect", _raw(d / "x.bin", b"\x00" * 64)], "x.bin"),
     # -- config.json values of the wrong type or size, and layer counts that disagree with what is stored --

@@ -292,6 +292,9 @@ def _classify(row: Any, text_field: str | None, source: _Source, i: int) -> tupl
                     raise ReapError(source.name, f"{where}: {field!r} is not a chat: every message "
                                                  f"needs 'role' and 'content', found keys {sorted(m)}")
             return "messages", list(value)
+        if field == "messages":  # not token ids under another name: a chat that is not one
+            raise ReapError(source.name, f"{where}: 'messages' is not a chat: expected a list of objects "
+                                         "with 'role' and 'content'")
         if field == "input_ids" or all(not isinstance(t, (dict, str)) for t in value):
             return "input_ids", list(value)
     raise ReapError(source.name, f"{where}: field {field!r} is {type(value).__name__}, expected "
