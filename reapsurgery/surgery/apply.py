@@ -445,21 +445,21 @@ def other_files(src: Path, handled: set[str]) -> tuple[list[str], list[str]]:
 
     Everything that cannot be listed or copied is an error naming it, never a file quietly missing
     from the output: a directory that cannot be read (os.walk skips those by default), a dangling
-    link, a FIFO, socket or device (reading a FIFO waits forever, /dev/zero never ends). Linked
-    directories are followed (a Hugging Face snapshot is links), each real directory once."""
-    copied, skipped, seen = [], [], set()
+    link, a FIFO, socket or device (reading a FIFO waits forever, /dev/zero never ends), a link to a
+    directory that holds it (copied forever). Other linked directories are followed."""
+    copied, skipped = [], []
 
     def refuse(e: OSError) -> None:
         raise ReapError(e.filename or src, f"cannot read it ({e.strerror or e}), so the output would lack "
                                            "what it holds; nothing was written") from None
 
     for root, dirs, files in os.walk(src, onerror=refuse, followlinks=True):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:
-            raise ReapError(root, "is a link to a directory already copied (a link loop?); nothing was written")
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel_root = Path(root).relative_to(src)
+        real = os.path.realpath(root)
+        if any(os.path.realpath(up) == real for up in [src, *(src / p for p in rel_root.parents)][: len(rel_root.parts)]):
+            raise ReapError(root, "is a link to a directory that holds it: copying it would never end; "
+                                  "nothing was written")
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for fname in sorted(files):
             rel = str(rel_root / fname)
             if rel in handled or fname.startswith("."):
