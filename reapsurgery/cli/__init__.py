@@ -15,9 +15,9 @@ from .apply import apply, verify
 from .calibrate import calibrate, merge_saliency
 from .evaluate import evaluate
 from .inspect import architectures, inspect_cmd
-from .common import EXIT_BAD_INPUT, NoteHandler, quiet_stdout, release_notes, signals_as_interrupts
+from .common import EXIT_BAD_INPUT, NoteHandler, quiet_stdout, signals_as_interrupts
 from .plan import plan
-from .progress import close_bars
+from .progress import close_bars, hold_notes, release_notes
 
 
 def show_notes() -> None:
@@ -29,6 +29,7 @@ def show_notes() -> None:
     log.addHandler(NoteHandler())
     log.setLevel(logging.INFO)
     log.propagate = False
+    hold_notes()
 
 
 class PipelineGroup(click.Group):

@@ -70,38 +70,14 @@ def signals_as_interrupts() -> Iterator[None]:
 
 class NoteHandler(logging.Handler):
     """The library's notes as `note: ...` lines on stderr: held while the command checks its inputs,
-    printed once it goes on (its first progress: cli/progress.py, or its end), so that a refusal,
-    however late its check, is the command's one line (a derived layout's note and calibrate's
-    hidden-state placement are logged before the first layer's shapes are checked)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[str] | None = []
+    printed once it goes on (its first progress, or its end: cli/progress.py `note`), so that a
+    refusal, however late its check, is the command's one line (a derived layout's note and
+    calibrate's hidden-state placement are logged before the first layer's shapes are checked)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = f"note: {record.getMessage()}"
-        if self.held is None:
-            _write_note(line)
-        else:
-            self.held.append(line)
+        from .progress import note
 
-    def print_held(self) -> None:  # not `release`: logging.Handler's lock has that name
-        held, self.held = self.held or [], None
-        for line in held:
-            _write_note(line)
-
-
-def _write_note(line: str) -> None:
-    from .progress import echo_above_bars
-
-    echo_above_bars(line)  # the stderr of now, not of set-up; above the progress bars, not through them
-
-
-def release_notes() -> None:
-    """Print the notes held so far, and every later one at once: the command goes on."""
-    for h in logging.getLogger("reapsurgery").handlers:
-        if isinstance(h, NoteHandler):
-            h.print_held()
+        note(f"note: {record.getMessage()}")
 
 
 def quiet_stdout() -> None:

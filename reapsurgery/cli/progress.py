@@ -21,6 +21,7 @@ from ..common.units import human
 PERIOD = 30.0  # seconds between two lines of one bar in a log
 BarFactory = Callable[..., Any]  # bar(total=..., desc=..., unit=..., leave=..., initial=...) -> update(), close()
 _open: list = []  # bars not closed yet, oldest first
+_held: list[str] | None = None  # notes waiting for the command to go on; None: printed at once
 
 
 def progress_bars(quiet: bool) -> BarFactory | None:
@@ -49,10 +50,31 @@ def echo_above_bars(text: str) -> None:
         click.echo(text, err=True)
 
 
+def hold_notes() -> None:
+    """From now on `note` holds its lines: the command is checking its inputs."""
+    global _held
+    _held = []
+
+
+def release_notes() -> None:
+    """Print the notes held so far, and every later one at once: the command goes on."""
+    global _held
+    held, _held = _held or [], None
+    for line in held:
+        echo_above_bars(line)
+
+
+def note(line: str) -> None:
+    """A line for the user that is not the command's result: held while the command checks its
+    inputs (so that a refusal is its one line), else written above the bars."""
+    if _held is None:
+        echo_above_bars(line)
+    else:
+        _held.append(line)
+
+
 def _going_on() -> None:
     """A bar moved: the command is past its checks, so the notes held until then are printed."""
-    from .common import release_notes
-
     release_notes()
 
 
