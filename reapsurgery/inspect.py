@@ -133,7 +133,7 @@ def inspect_mask(path: str | Path, ckpt_path: str | Path | None = None, layout: 
 
 def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, layout: Layout | None = None) -> dict[str, Any]:
     """Params and bytes of the checkpoint before and after applying the mask (exact: surgery's own plan)."""
-    from .surgery.apply import plan_surgery
+    from .surgery.safetensors_plan import plan_surgery
 
     ckpt = Checkpoint.open(ckpt_path, layout)
     plan = plan_surgery(ckpt, mask, Path(mask_path))

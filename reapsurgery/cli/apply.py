@@ -12,18 +12,24 @@ from .common import (EXIT_BAD_INPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, lay
                      layout_option, one_line_errors, plan_options)
 
 
+# what a format calls its output files and where the changed settings are
+WORDS = {"safetensors": ("shard", "config.json"), "gguf": ("file", "metadata")}
+
+
 def _echo_preview(p: dict) -> None:
+    unit, where = WORDS[p.get("format", "safetensors")]
     click.echo(
         f"dry run: would write {p['out']}: {p['experts_before']} -> {p['experts_after']} experts in "
-        f"{p['moe_layers']} MoE layers, {len(p['shards'])} shard(s), {human(p['bytes'])} "
+        f"{p['moe_layers']} MoE layers, {len(p['shards'])} {unit}(s), {human(p['bytes'])} "
         f"(was {human(p['bytes_before'])}); nothing was written"
     )
-    table([("shard", "from", "tensors", "bytes")] +
+    table([(unit, "from", "tensors", "bytes")] +
            [(s["name"], s["source"], s["tensors"], human(s["bytes"])) for s in p["shards"]])
     for key, (old, new) in p["config_changes"].items():
-        click.echo(f"  config.json: {key} {old} -> {new}")
+        click.echo(f"  {where}: {key} {old} -> {new}")
     echo_mtp(p["mtp_dropped"], p["kept_mtp_layers"], p["notes"], True, "  ", p["draft_bytes"])
-    click.echo(f"  would write: {' '.join(p['written'])}")
+    if p["written"]:
+        click.echo(f"  would write: {' '.join(p['written'])}")
     if p["copied"]:
         click.echo(f"  would copy: {' '.join(p['copied'])}")
     for path in p["skipped"]:
@@ -64,13 +70,22 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     order, routers and stacked expert tensors sliced. config.json, the index and
     the model card are rewritten; other files are copied. CKPT is never written,
     and OUT appears only once complete.
+
+    CKPT may also be a GGUF file (any quant; a split set by its first part,
+    NAME-00001-of-0000N.gguf): OUT is then the pruned .gguf file (a directory of
+    as many parts for a split set), its metadata rewritten and the mask recorded
+    in it (reapsurgery.mask, reapsurgery.mask_sha256).
     """
     from ..common.files import read_bytes, loads_strict
+    from ..common.gguf_file import is_gguf
     from ..common.mask import MASK_FORMAT, parse_mask
     from ..common.saliency import SALIENCY_FORMAT
     from ..surgery.apply import apply_mask
 
     layout = layout_from(layout_file)
+    if layout is not None and is_gguf(ckpt):
+        raise ReapError(layout_file, "--layout describes a safetensors checkpoint's tensors; a GGUF file needs none "
+                                     "(its expert tensors are known by llama.cpp's names)")
     raw = read_bytes(mask, "mask or saliency file")
     data = loads_strict(raw, mask, "mask or saliency file")
     kind = data.get("format") if isinstance(data, dict) else None
@@ -96,9 +111,14 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         planned = None
 
     if dry_run:
-        from ..surgery.preview import apply_preview
+        if is_gguf(ckpt):
+            from ..surgery.gguf_apply import gguf_preview
 
-        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
+            preview = gguf_preview(chosen, mask, ckpt, out, overwrite=overwrite, mtp=mtp)
+        else:
+            from ..surgery.preview import apply_preview
+
+            preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
         if planned:
             echo_plan(planned)
         _echo_preview(preview)
@@ -128,13 +148,14 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     finally:
         if bar is not None:
             bar.close()
+    unit, where = WORDS[result.format]
     click.echo(
         f"wrote {result.out}: {result.experts_before} -> {result.experts_after} experts in "
-        f"{result.moe_layers} MoE layers, {result.shards} shard(s), "
+        f"{result.moe_layers} MoE layers, {result.shards} {unit}(s), "
         f"{human(result.bytes_written)} (was {human(result.bytes_before)})"
     )
     for key, (old, new) in result.config_changes.items():
-        click.echo(f"  config.json: {key} {old} -> {new}")
+        click.echo(f"  {where}: {key} {old} -> {new}")
     echo_mtp(result.mtp_dropped, result.kept_mtp_layers, result.notes, False, "  ", result.draft_bytes)
     for path in result.skipped:
         click.echo(f"  not copied (weights reapsurgery does not prune): {path}")
@@ -145,7 +166,10 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 @layout_option
 @one_line_errors
 def verify(ckpt: Path, layout_file: Path | None) -> None:
-    """Check that a checkpoint's index, shard headers, expert tensors and config agree."""
+    """Check that a checkpoint's index, shard headers, expert tensors and config agree.
+
+    CKPT may be a GGUF file (a split set by its first part, or the directory apply wrote it to):
+    its header as llama.cpp reads it, expert counts against shapes, NextN and size-label metadata."""
     from ..surgery.verify import verify as run_verify
 
     report = run_verify(ckpt, layout_from(layout_file))
@@ -154,6 +178,6 @@ def verify(ckpt: Path, layout_file: Path | None) -> None:
             click.echo(f"error: {problem}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     click.echo(
-        f"ok: {ckpt}: {report.tensors} tensors in {report.shards} shard(s), {human(report.total_size)}, "
-        f"{report.moe_layers} MoE layers with {report.num_experts} experts each"
+        f"ok: {ckpt}: {report.tensors} tensors in {report.shards} {WORDS[report.format][0]}(s), "
+        f"{human(report.total_size)}, {report.moe_layers} MoE layers with {report.num_experts} experts each"
     )

@@ -386,3 +386,19 @@ def read_gguf_set(path: str | os.PathLike) -> list[GGUFFile]:
         raise ReapError(path, f"the {count} split parts hold {len(names)} tensors but "
                               f"{keys.LLM_KV_SPLIT_TENSORS_COUNT} says {total}")
     return parts
+
+
+def gguf_model_path(path: str | os.PathLike) -> Path | None:
+    """The GGUF file a command should read for `path`: the path itself when it names a .gguf file, the
+    first file of the one GGUF model a directory without config.json holds (apply's output for a split
+    set), else None (a safetensors checkpoint)."""
+    path = Path(path)
+    if is_gguf(path):
+        return path
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    files = sorted(p for p in path.iterdir() if is_gguf(p) and not p.name.startswith("."))
+    firsts = [p for p in files if (m := SPLIT_NAME.match(p.name)) and int(m["no"]) == 1]
+    if len(files) == 1:
+        return files[0]
+    return firsts[0] if len(firsts) == 1 else None

@@ -185,3 +185,73 @@ def staged_output(out: Path, overwrite: bool = False,
         if isinstance(e, OSError) and not isinstance(e, ReapError) and e.filename is None:
             raise ReapError(out, f"cannot write: {e.strerror or e}") from None  # e.g. disk full
         raise
+
+
+# -- one output file (a GGUF model): the same promises, a hidden sibling file renamed into place --------
+
+
+def check_output_file_of(inputs: list[Path], out: Path, overwrite: bool) -> None:
+    """Refuse an output file that is an input, a directory, or (without --overwrite) already there."""
+    from ..common.files import check_output_file
+
+    check_output_file(out, inputs=inputs, flag="output")
+    if out.exists() and not overwrite:
+        raise ReapError(out, "output file exists (pass --overwrite to replace it)")
+
+
+def check_output_dir_of(inputs: list[Path], out: Path, overwrite: bool) -> None:
+    """check_output for inputs that are files (a GGUF split set) rather than a checkpoint directory."""
+    out_r = out.resolve()
+    for src in inputs:
+        if out_r == src.resolve() or out_r in src.resolve().parents:
+            raise ReapError(out, f"output directory contains the input file {src}")
+    if out.exists() and not out.is_dir():
+        raise ReapError(out, "output path exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ReapError(out, "output directory is not empty (pass --overwrite to replace it)")
+
+
+@contextmanager
+def staged_file(out: Path, overwrite: bool = False, note: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield the path of a hidden sibling file (not created) that becomes `out` on success: renamed
+    with RENAME_NOREPLACE (a hard link where renameat2 is missing: it also refuses an existing name),
+    or RENAME_EXCHANGE under --overwrite, so `out` is at every instant the old file or the new one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_partials(out):
+        if note:
+            note(f"removed {stale}, left by an earlier run that was killed")
+    tmp = out.parent / f".{out.name}.reapsurgery-partial-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        _publish_file(tmp, out, overwrite)
+    except BaseException as e:
+        while True:  # as _remove_uninterrupted: a second Ctrl-C must not leave it behind
+            try:
+                tmp.unlink(missing_ok=True)
+                break
+            except KeyboardInterrupt:
+                continue
+        if isinstance(e, OSError) and not isinstance(e, ReapError) and e.filename is None:
+            raise ReapError(out, f"cannot write: {e.strerror or e}") from None
+        raise
+
+
+def _publish_file(tmp: Path, out: Path, overwrite: bool) -> None:
+    if overwrite and out.exists():
+        if out.is_dir():
+            raise ReapError(out, "is a directory; the output is one file")
+        if _renameat2(tmp, out, _EXCHANGE):  # out is now the new file; tmp holds the old one
+            if _hook:
+                _hook("exchanged")
+            tmp.unlink()
+        else:
+            os.replace(tmp, out)
+        return
+    try:
+        if not _renameat2(tmp, out, _NOREPLACE):
+            os.link(tmp, out)
+            tmp.unlink()
+    except FileExistsError:
+        raise ReapError(out, "another process wrote this output file while this run was writing; it was left "
+                             "as that run made it and nothing of this run was kept") from None

@@ -9,7 +9,8 @@ from typing import Any
 from ..common.checkpoint import INDEX, Checkpoint
 from ..common.layouts import Layout
 from ..common.mask import Mask
-from .apply import MASK_COPY, WEIGHT_SUFFIXES, plan_surgery
+from .apply import MASK_COPY, WEIGHT_SUFFIXES
+from .safetensors_plan import plan_surgery
 from .outdir import check_output
 
 
@@ -30,7 +31,7 @@ def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_
             if rel in handled or fname.startswith("."):
                 continue
             (skipped if fname.endswith(WEIGHT_SUFFIXES) else copied).append(rel)
-    writes_index = not (len(plan.shards) == 1 and ckpt.index_metadata is None)
+    writes_index = plan.index is not None
     return {
         "out": str(out_path),
         "replaces_existing": out_path.is_dir() and any(out_path.iterdir()),

@@ -1,0 +1,208 @@
+"""Planning GGUF surgery: from the model's headers and the mask, every output file's header and the
+source byte ranges of its data; writes nothing.
+
+In GGUF ne[0] is the fastest axis and the expert axis the slowest, so one expert of a stacked tensor
+is one contiguous run of whole quant blocks in every ggml type, and a router keeps one row per
+expert: slicing is byte arithmetic, nothing is decoded. Tensors keep their order and their file
+(a split set gives as many files, each with its source's tensors); each starts at the next
+multiple of general.alignment, as llama.cpp requires, the padding after a sliced one left as
+zeros. Metadata is copied record by record as bytes, except the keys that must change: the expert
+count, the size label the converter derives from the tensors, the block and NextN counts when
+NextN blocks are dropped, the split tensor count; the mask is recorded under reapsurgery.*.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Iterable
+
+from ..common.gguf_file import GGUFFile, GGUFTensor, constants, pad
+from ..common.gguf_model import BLOCK, GGUFModel, role_of
+from ..common.mask import Mask, check_routable, kept_mtp_layers
+from ..errors import ReapError
+from .copier import HOLE, coalesce
+from .gguf_header import encode_header, encode_kv
+
+RECORD_PREFIX = "reapsurgery."  # keys this tool writes; any from an earlier run are replaced
+MASK_KEY, SHA_KEY = "reapsurgery.mask", "reapsurgery.mask_sha256"
+
+
+@dataclass
+class GGUFOutFile:
+    """One output file: what writer.write_files needs, plus its tensor infos."""
+
+    name: str
+    source: str
+    header: bytes
+    ranges: array
+    nbytes: int
+    tensors: list[GGUFTensor] = field(repr=False)
+
+
+@dataclass
+class GGUFPlan:
+    files: list[GGUFOutFile]
+    kept: int
+    experts_before: int
+    moe_layers: list[int]
+    dropped_layers: list[int]  # NextN blocks dropped
+    kept_mtp_layers: list[int]  # NextN blocks pruned with the mask, like the stack
+    metadata_changes: dict[str, tuple]
+    notes: list[str]
+    bytes_before: int  # the source's data sections (tensors and their padding), as total_size counts the output's
+    mtp_dropped: str | None = None
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def change_facts(self) -> dict:
+        """The same facts as SurgeryPlan.change_facts, for apply --dry-run and inspect."""
+        return {"config_changes": {k: list(v) for k, v in self.metadata_changes.items()},
+                "dropped_layers": self.dropped_layers, "dropped_prefixes": [],
+                "kept_mtp_layers": self.kept_mtp_layers, "notes": self.notes, "mtp_dropped": self.mtp_dropped}
+
+
+def size_label(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> str:
+    """general.size_label as convert_hf_to_gguf.py computes it: the gguf package's parameter count
+    over the tensors (GGUFWriter.get_total_parameter_count, on their numpy-order shapes) and its
+    size_label() ("8x35K": expert count x parameters per expert plus shared)."""
+    from types import SimpleNamespace
+
+    import gguf  # numpy: imported only for a file that has a size label
+
+    held = {name: SimpleNamespace(shape=tuple(reversed(ne))) for name, ne in tensors}
+    total, shared, expert, count = gguf.GGUFWriter.get_total_parameter_count(SimpleNamespace(tensors=[held]))
+    return gguf.size_label(total, shared, expert, count)
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def plan_gguf(model: GGUFModel, mask: Mask, mask_path: Path, names: list[str] | None = None) -> GGUFPlan:
+    """Check the mask against the model and compute every output file; writes nothing.
+    `names`: the output file names, one per part (default: the source's)."""
+    model.check_model(mask.model, mask_path)
+    n, E = model.num_hidden_layers, model.num_experts
+    missing = sorted(set(model.moe_layers) - set(mask.layers))
+    extra = sorted(l for l in set(mask.layers) - set(model.moe_layers) if l < n)
+    if missing or extra:
+        detail = f"lacks MoE layers {missing}" if missing else f"names layers {extra} that are not MoE layers"
+        raise ReapError(mask_path, f"mask {detail} of {model.path}")
+    check_routable(mask, mask_path, model.router())
+    kept = mask.kept
+    keys = constants().Keys
+    with_experts = {r.layer for _, t in model.tensors() if (r := role_of(t.name)) and r.layer >= n}
+    kept_mtp = kept_mtp_layers(with_experts, mask, mask_path)
+    drop_mtp = not kept_mtp and (bool(model.stored_mtp_layers) or model.nextn > 0)
+    notes = []
+    unmatched = sorted(l for l in mask.layers if l >= n and l not in kept_mtp)
+    if unmatched:
+        notes.append(f"the mask has experts for multi-token-prediction layers {unmatched}, which this file does not "
+                     "store: nothing to keep there")
+    if model.nextn and not model.stored_mtp_layers:
+        notes.append(f"{model.key(keys.LLM.NEXTN_PREDICT_LAYERS)} announces {model.nextn} NextN block(s) that the file "
+                     "does not store; the output says 0")
+
+    # tensors first (shapes and data ranges), then the headers, which record the size label of them all
+    per_part: list[tuple[GGUFFile, list[GGUFTensor], list[tuple[int, int]]]] = []
+    for part in model.parts:
+        out: list[GGUFTensor] = []
+        ranges: list[tuple[int, int]] = []
+        offset = 0
+        for t in part.tensors:
+            m = BLOCK.match(t.name)
+            layer = int(m["layer"]) if m else None
+            if drop_mtp and layer is not None and layer >= n:
+                continue
+            base = part.data_offset + t.offset
+            role = role_of(t.name)
+            keep = mask.layers.get(layer) if role is not None else None
+            if keep is None:  # copied whole
+                ne, nbytes, pieces = t.ne, t.nbytes, [(base, t.nbytes)]
+            else:
+                inner = t.nbytes // E
+                ne, nbytes = t.ne[:-1] + (kept,), inner * kept
+                pieces = [(base + start * inner, count * inner) for start, count in _runs(keep)]
+            tail = pad(nbytes, part.alignment)
+            if nbytes == t.nbytes and base + nbytes + tail <= part.size:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + tail)  # the source's own padding, in the same copy
+            elif tail:
+                pieces.append((HOLE, tail))
+            out.append(GGUFTensor(t.name, ne, t.type, offset, nbytes))
+            ranges.extend(pieces)
+            offset += nbytes + tail
+        per_part.append((part, out, ranges))
+
+    first = model.first
+    changes: dict[str, tuple] = {}
+    rewrites: dict[str, object] = {model.key(keys.LLM.EXPERT_COUNT): kept}
+    if drop_mtp:
+        rewrites[model.key(keys.LLM.BLOCK_COUNT)] = n
+        if first.value(model.key(keys.LLM.NEXTN_PREDICT_LAYERS)) is not None:
+            rewrites[model.key(keys.LLM.NEXTN_PREDICT_LAYERS)] = 0
+    label_key = keys.General.SIZE_LABEL
+    if isinstance(first.value(label_key), str):
+        label = size_label((t.name, t.ne) for _, out, _ in per_part for t in out)
+        before = size_label((t.name, t.ne) for _, t in model.tensors())
+        if first.value(label_key) != before:
+            notes.append(f"{label_key} was {first.value(label_key)!r}, not the converter's count of this file's tensors "
+                         f"({before!r}); it is now the count of the output's")
+        rewrites[label_key] = label
+    total = sum(len(out) for _, out, _ in per_part)
+    if len(model.parts) > 1:
+        rewrites[keys.Split.LLM_KV_SPLIT_TENSORS_COUNT] = total
+    recorded = {SHA_KEY: mask.sha256 or "", MASK_KEY: json.dumps(mask.to_json(), separators=(",", ":"))}
+
+    files = []
+    names = names or [p.path.name for p in model.parts]
+    for i, (part, out, ranges) in enumerate(per_part):
+        records = _records(part, rewrites, recorded if i == 0 else {}, changes)
+        header = encode_header(part.version, records, len(records), out, part.alignment)
+        flat = array("Q", chain.from_iterable(coalesce(ranges)))
+        files.append(GGUFOutFile(names[i], part.path.name, header, flat, sum(flat[1::2]), out))
+    dropped = sorted(set(range(n, model.block_count)) | set(model.stored_mtp_layers)) if drop_mtp else []
+    plan = GGUFPlan(files, kept, E, model.moe_layers, dropped, sorted(kept_mtp), changes, notes,
+                    sum(t.nbytes + pad(t.nbytes, part.alignment) for part, t in model.tensors()))
+    if dropped:
+        counts = [f"{k} {old} -> {new}" for k, (old, new) in changes.items()
+                  if k in (model.key(keys.LLM.BLOCK_COUNT), model.key(keys.LLM.NEXTN_PREDICT_LAYERS))]
+        plan.mtp_dropped = (f"NextN (multi-token-prediction) blocks {dropped} dropped"
+                            + (f", {', '.join(counts)}" if counts else "")
+                            + ": no MTP speculative decoding from the output; to keep them, pruned like the stack, "
+                              "apply a mask that covers them (calibrate --mtp calibrate on the safetensors model)")
+    return plan
+
+
+def _records(part: GGUFFile, rewrites: dict[str, object], added: dict[str, str],
+             changes: dict[str, tuple]) -> list[bytes]:
+    """The part's key-value records: each copied as bytes unless rewritten (same value type), earlier
+    reapsurgery.* records dropped, `added` string records appended."""
+    with open(part.path, "rb") as f:
+        head = f.read(part.kv_end)
+    STRING = constants().GGUFValueType.STRING
+    records = []
+    for key, kv in part.kv.items():
+        if key.startswith(RECORD_PREFIX):
+            continue
+        if key in rewrites and kv.value != rewrites[key]:
+            if kv.type == constants().GGUFValueType.ARRAY:
+                raise ReapError(part.path, f"{key} is an array (a value per layer); reapsurgery rewrites it only "
+                                           "as one value")
+            changes[key] = (kv.value, rewrites[key])
+            records.append(encode_kv(key, kv.type, rewrites[key]))
+        else:
+            records.append(head[kv.start:kv.end])
+    records.extend(encode_kv(key, STRING, value) for key, value in added.items())
+    return records
