@@ -82,10 +82,10 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     from ..common.saliency import SALIENCY_FORMAT
     from ..surgery.apply import apply_mask
 
-    layout = layout_from(layout_file)
-    if layout is not None and is_gguf(ckpt):
+    if layout_file is not None and is_gguf(ckpt):
         raise ReapError(layout_file, "--layout describes a safetensors checkpoint's tensors; a GGUF file needs none "
                                      "(its expert tensors are known by llama.cpp's names)")
+    layout = layout_from(layout_file)
     raw = read_bytes(mask, "mask or saliency file")
     data = loads_strict(raw, mask, "mask or saliency file")
     kind = data.get("format") if isinstance(data, dict) else None

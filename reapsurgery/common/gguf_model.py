@@ -187,3 +187,15 @@ class GGUFModel:
             if model.get(f) != mine[f]:
                 raise ReapError(path, f"does not match {self.path}: {f} is {model.get(f)!r} in this file but "
                                       f"{mine[f]!r} there")
+
+
+class TensorKinds:
+    """What size accounting asks of a layout (common.layouts.Layout), for GGUF names: a tensor's expert
+    role, and whether it belongs to a NextN block (block num_hidden_layers and after)."""
+
+    def classify(self, name: str) -> Role | None:
+        return role_of(name)
+
+    def is_mtp(self, name: str, num_hidden_layers: int) -> bool:
+        m = BLOCK.match(name)
+        return m is not None and int(m["layer"]) >= num_hidden_layers
