@@ -97,6 +97,8 @@ class GGUFModel:
         arch = first.arch
         if not isinstance(arch, str) or not arch:
             raise ReapError(path, "GGUF metadata has no general.architecture")
+        if first.value(constants().Keys.General.TYPE) == "adapter":
+            raise ReapError(path, "is a LoRA adapter (general.type adapter), not a model")
 
         def key(template: str) -> str:
             return template.format(arch=arch)

@@ -14,6 +14,7 @@ NextN blocks are dropped, the split tensor count; the mask is recorded under rea
 from __future__ import annotations
 
 import json
+import math
 from array import array
 from dataclasses import dataclass, field
 from itertools import chain
@@ -68,16 +69,33 @@ class GGUFPlan:
 
 
 def size_label(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> str:
-    """general.size_label as convert_hf_to_gguf.py computes it: the gguf package's parameter count
-    over the tensors (GGUFWriter.get_total_parameter_count, on their numpy-order shapes) and its
-    size_label() ("8x35K": expert count x parameters per expert plus shared)."""
-    from types import SimpleNamespace
+    """general.size_label as convert_hf_to_gguf.py computes it from the tensors it writes ("8x35K":
+    expert count x parameters per expert plus shared; "7.2B" without experts): the gguf package's
+    GGUFWriter.get_total_parameter_count and size_label(), restated over GGUF shapes (numpy's shape is
+    ne reversed). Restated rather than called because the gguf package imports numpy on import
+    (0.2 s and 17 MiB, most of a warm 1 GiB run); tests/test_gguf_plan.py holds it equal to the
+    package's functions."""
+    total = shared = expert = expert_sum = expert_tensors = 0
+    for name, ne in tensors:
+        size = math.prod(ne)
+        if "_exps." in name and len(ne) >= 3:
+            count = ne[1] if ".bias" in name else ne[2]  # numpy shape[-2] / shape[-3]
+            expert += size // count
+            expert_sum += count
+            expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    count = expert_sum // expert_tensors if expert_tensors else 0
+    return f"{count}x{_rounded(shared + expert)}" if count > 0 else _rounded(total)
 
-    import gguf  # numpy: imported only for a file that has a size label
 
-    held = {name: SimpleNamespace(shape=tuple(reversed(ne))) for name, ne in tensors}
-    total, shared, expert, count = gguf.GGUFWriter.get_total_parameter_count(SimpleNamespace(tensors=[held]))
-    return gguf.size_label(total, shared, expert, count)
+def _rounded(n: int, min_digits: int = 2) -> str:
+    """gguf.utility.model_weight_count_rounded_notation."""
+    scaled, suffix = next(((n * f, s) for limit, f, s in ((1e12, 1e-12, "T"), (1e9, 1e-9, "B"), (1e6, 1e-6, "M"))
+                           if n > limit), (n * 1e-3, "K"))
+    fix = max(min_digits - len(str(round(scaled)).lstrip("0")), 0)
+    return f"{scaled:.{fix}f}{suffix}"
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
