@@ -176,3 +176,39 @@ def test_parallel_copy_writes_the_same_bytes(gguf_files, tmp_path, monkeypatch):
     monkeypatch.setattr(copier, "PIECE", 4096)  # many pieces, holes and ranges split across workers
     apply_mask(load_mask(mask), mask, src, tmp_path / "parallel", jobs=4)
     assert tree_hash(tmp_path / "serial") == tree_hash(tmp_path / "parallel")
+
+
+def test_a_saliency_file_plans_the_mask_against_the_gguf(gguf_files, tmp_path):
+    """apply SALIENCY X.gguf --sparsity F plans as `plan --ckpt X.gguf` does, with the GGUF's router facts."""
+    from tests.handmade import saliency, stats
+
+    src = gguf_files["nextn"]  # group-limited: 2 groups of 4, 1 used
+    m = GGUFModel.open(src)
+    sal = saliency(m.fingerprint(), {l: stats([10 * (e + 1) for e in range(8)], reap_sum=[e for e in range(8)])
+                                     for l in m.moe_layers})
+    sal.save(tmp_path / "sal.json")
+    r = cli("plan", tmp_path / "sal.json", "--sparsity", "0.5", "--ckpt", src, "-o", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr
+    applied(tmp_path / "sal.json", src, tmp_path / "out.gguf", "--sparsity", "0.5")
+    recorded = json.loads(reader_fields(tmp_path / "out.gguf")["reapsurgery.mask"])
+    assert recorded["layers"] == json.loads((tmp_path / "m.json").read_text())["layers"]
+    assert recorded["layers"][str(m.moe_layers[0])] == [2, 3, 6, 7]  # the most salient two of each group
+
+
+def test_masks_without_hidden_size_still_apply(checkpoints, gguf_files, tmp_path):
+    """Masks written before the fingerprint recorded hidden_size apply to both formats; a mask that records
+    another hidden size is refused for both."""
+    from tests.helpers import write_mask
+
+    st = checkpoints["qwen3_moe"]
+    for src, mask in ((st, write_mask(st, KEEP, tmp_path / "st.json")),
+                      (gguf_files["single"], gguf_mask(gguf_files["single"], KEEP, tmp_path / "gguf.json"))):
+        data = json.loads(mask.read_text())
+        assert isinstance(data["model"].pop("hidden_size"), int)
+        mask.write_text(json.dumps(data))
+        out = tmp_path / ("out.gguf" if src.suffix == ".gguf" else "out")
+        applied(mask, src, out)
+        data["model"]["hidden_size"] = 12345
+        mask.write_text(json.dumps(data))
+        r = cli("apply", mask, src, tmp_path / "other", "-q")
+        assert r.returncode == 2 and "hidden_size is 12345 in this file" in r.stderr, r.stderr
