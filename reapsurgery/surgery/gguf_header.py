@@ -40,6 +40,11 @@ def encode_tensor_info(t: GGUFTensor) -> bytes:
         struct.pack("<IQ", t.type, t.offset)
 
 
+def unpadded_size(records: Iterable[bytes], tensors: list[GGUFTensor]) -> int:
+    """Bytes of encode_header's output before the padding to the data section."""
+    return struct.calcsize("<IIQQ") + sum(map(len, records)) + sum(len(encode_tensor_info(t)) for t in tensors)
+
+
 def encode_header(version: int, kv_records: Iterable[bytes], n_kv: int, tensors: list[GGUFTensor],
                   alignment: int) -> bytes:
     """The whole header up to the data section: magic, version, counts, the records, the tensor infos,

@@ -8,7 +8,9 @@ expert: slicing is byte arithmetic, nothing is decoded. Tensors keep their order
 multiple of general.alignment, as llama.cpp requires, the padding after a sliced one left as
 zeros. Metadata is copied record by record as bytes, except the keys that must change: the expert
 count, the size label the converter derives from the tensors, the block and NextN counts when
-NextN blocks are dropped, the split tensor count; the mask is recorded under reapsurgery.*.
+NextN blocks are dropped, the split tensor count; the mask is recorded under reapsurgery.*, its
+JSON padded with spaces so that the data starts at the source data's offset within a page (a
+copied range then moves whole pages, as safetensors headers are padded for).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Iterable
 from ..common.gguf_file import GGUFFile, GGUFTensor, constants, pad
 from ..common.gguf_model import BLOCK, GGUFModel, role_of
 from ..common.mask import Mask, check_routable, kept_mtp_layers
+from ..common.safetensors_io import PAGE
 from ..errors import ReapError
 from .copier import HOLE, coalesce
-from .gguf_header import encode_header, encode_kv
+from .gguf_header import encode_header, encode_kv, unpadded_size
 
 RECORD_PREFIX = "reapsurgery."  # keys this tool writes; any from an earlier run are replaced
 MASK_KEY, SHA_KEY = "reapsurgery.mask", "reapsurgery.mask_sha256"
@@ -187,6 +190,9 @@ def plan_gguf(model: GGUFModel, mask: Mask, mask_path: Path, names: list[str] | 
     names = names or [p.path.name for p in model.parts]
     for i, (part, out, ranges) in enumerate(per_part):
         records = _records(part, rewrites, recorded if i == 0 else {}, changes)
+        if i == 0 and out:  # the data at the source's offset within a page: copies then move whole pages
+            spaces = (part.data_offset - unpadded_size(records, out)) % PAGE
+            records[-1] = encode_kv(MASK_KEY, constants().GGUFValueType.STRING, recorded[MASK_KEY] + " " * spaces)
         header = encode_header(part.version, records, len(records), out, part.alignment)
         flat = array("Q", chain.from_iterable(coalesce(ranges)))
         files.append(GGUFOutFile(names[i], part.path.name, header, flat, sum(flat[1::2]), out))
