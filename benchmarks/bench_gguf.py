@@ -104,7 +104,7 @@ def build_synthetic(out: Path, size_gib: float, parts: int, seed: int = 0) -> di
         for n, ne, t in group:
             infos.append(gf.GGUFTensor(n, ne, TYPES[t], off, nbytes(ne, t)))
             off += nbytes(ne, t) + gf.pad(nbytes(ne, t), 32)
-        head = header.encode_header(3, recs, len(recs), infos, 32)
+        head = header.encode_header(3, recs, len(recs), len(infos), header.encode_tensor_infos(infos), 32)
         fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, head)

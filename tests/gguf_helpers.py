@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reapsurgery.common.gguf_file import GGUFFile, GGUFTensor, read_gguf
-from reapsurgery.surgery.gguf_header import encode_header
+from reapsurgery.surgery.gguf_header import encode_header, encode_tensor_infos
 
 
 def raw_records(g: GGUFFile) -> dict[str, bytes]:
@@ -22,8 +22,9 @@ def rebuild(src: Path, dst: Path, records: dict[str, bytes] | None = None, tenso
     """src with its header re-encoded from (possibly changed) records and tensor infos, then its data."""
     g = read_gguf(src)
     records = raw_records(g) if records is None else records
+    tensors = g.tensors if tensors is None else tensors
     header = encode_header(version or g.version, records.values(), len(records) if n_kv is None else n_kv,
-                           g.tensors if tensors is None else tensors, alignment or g.alignment)
+                           len(tensors), encode_tensor_infos(tensors), alignment or g.alignment)
     with open(src, "rb") as f:
         f.seek(g.data_offset)
         body = f.read() if data is None else data

@@ -163,13 +163,13 @@ def test_bad_gguf_is_refused_naming_the_file(gguf_files, tmp_path, case):
     if case == "duplicate key":  # the record appears twice under one name
         g = read_gguf(gguf_files["single"])
         records = list(raw_records(g).values())
-        from reapsurgery.surgery.gguf_header import encode_header
+        from reapsurgery.surgery.gguf_header import encode_header, encode_tensor_infos
 
         with open(gguf_files["single"], "rb") as f:
             f.seek(g.data_offset)
             body = f.read()
-        bad.write_bytes(encode_header(g.version, records + [records[0]], len(records) + 1, g.tensors, g.alignment)
-                        + body)
+        bad.write_bytes(encode_header(g.version, records + [records[0]], len(records) + 1, len(g.tensors),
+                                      encode_tensor_infos(g.tensors), g.alignment) + body)
         message = f"key {next(iter(g.kv))!r} appears twice"
     else:
         make(gguf_files["single"], bad)

@@ -200,7 +200,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         raise ReapError(path, f"cannot read GGUF file: {e.strerror or e}") from None
 
 
-def _read(f, path: Path, size: int) -> GGUFFile:
+def read_gguf_header(raw: bytes, path: str | os.PathLike) -> GGUFFile:
+    """Parse a header held in memory (one surgery wrote), without the data it describes."""
+    import io
+
+    return _read(io.BytesIO(raw), Path(path), len(raw), data=False)
+
+
+def _read(f, path: Path, size: int, data: bool = True) -> GGUFFile:
     c = constants()
     VT = c.GGUFValueType
     cur = _Cursor(f, path, size)
@@ -254,7 +261,7 @@ def _read(f, path: Path, size: int) -> GGUFFile:
                                   f"(padded to {alignment}): it {what}")
         expected += t.nbytes + pad(t.nbytes, alignment)
     data_end = data_offset + tensors[-1].offset + tensors[-1].nbytes if tensors else info_end
-    if data_end > size:
+    if data and data_end > size:
         last = next(t for t in tensors if data_offset + t.offset + t.nbytes > size)
         raise ReapError(path, f"truncated GGUF file: tensor {last.name!r} ends at byte "
                               f"{data_offset + last.offset + last.nbytes}, past the end of the file ({size} bytes)")

@@ -35,7 +35,8 @@ class Role(NamedTuple):
     kind: str  # "router" (ffn_gate_inp, exp_probs_b) or "expert" (*_exps)
 
 
-def _router_bases() -> set[str]:
+def router_bases() -> set[str]:
+    """The router tensors' names within a block (ffn_gate_inp, exp_probs_b), from the gguf package."""
     c = constants()
     return {c.TENSOR_NAMES[t].removeprefix("blk.{bid}.") for t in (c.MODEL_TENSOR.FFN_GATE_INP,
                                                                      c.MODEL_TENSOR.FFN_EXP_PROBS_B)}
@@ -49,7 +50,7 @@ def role_of(name: str, routers: set[str] | None = None) -> Role | None:
     base = m["base"]
     if base.endswith("_exps"):
         return Role(int(m["layer"]), "expert")
-    if base in (routers if routers is not None else _router_bases()):
+    if base in (routers if routers is not None else router_bases()):
         return Role(int(m["layer"]), "router")
     return None
 
@@ -119,7 +120,7 @@ class GGUFModel:
             raise ReapError(path, f"{key(keys.NEXTN_PREDICT_LAYERS)}={nextn} is more than "
                                   f"{key(keys.BLOCK_COUNT)}={block_count}")
         E = count(keys.EXPERT_COUNT) or 0
-        routers = _router_bases()
+        routers = router_bases()
         moe: set[int] = set()
         stored_mtp: set[int] = set()
         n = block_count - nextn

@@ -66,7 +66,7 @@ def gguf_preview(mask: Mask, mask_path: Path, src: Path, out: Path, overwrite: b
         "experts_before": plan.experts_before,
         "experts_after": plan.kept,
         "moe_layers": len(plan.moe_layers),
-        "shards": [{"name": f.name, "source": f.source, "tensors": len(f.tensors), "bytes": f.nbytes}
+        "shards": [{"name": f.name, "source": f.source, "tensors": f.n_tensors, "bytes": f.nbytes}
                    for f in plan.files],
         "bytes": plan.total_size,
         "bytes_before": plan.bytes_before,

@@ -40,16 +40,20 @@ def encode_tensor_info(t: GGUFTensor) -> bytes:
         struct.pack("<IQ", t.type, t.offset)
 
 
-def unpadded_size(records: Iterable[bytes], tensors: list[GGUFTensor]) -> int:
+def encode_tensor_infos(tensors) -> bytes:
+    return b"".join(encode_tensor_info(t) for t in tensors)
+
+
+def unpadded_size(records: Iterable[bytes], infos: bytes) -> int:
     """Bytes of encode_header's output before the padding to the data section."""
-    return struct.calcsize("<IIQQ") + sum(map(len, records)) + sum(len(encode_tensor_info(t)) for t in tensors)
+    return struct.calcsize("<IIQQ") + sum(map(len, records)) + len(infos)
 
 
-def encode_header(version: int, kv_records: Iterable[bytes], n_kv: int, tensors: list[GGUFTensor],
+def encode_header(version: int, kv_records: Iterable[bytes], n_kv: int, n_tensors: int, infos: bytes,
                   alignment: int) -> bytes:
-    """The whole header up to the data section: magic, version, counts, the records, the tensor infos,
-    and zeros up to the next multiple of `alignment` (where the data starts)."""
+    """The whole header up to the data section: magic, version, counts, the records, the encoded tensor
+    infos, and zeros up to the next multiple of `alignment` (where the data starts)."""
     c = constants()
-    head = struct.pack("<IIQQ", c.GGUF_MAGIC, version, len(tensors), n_kv)
-    raw = b"".join([head, *kv_records, *(encode_tensor_info(t) for t in tensors)])
+    head = struct.pack("<IIQQ", c.GGUF_MAGIC, version, n_tensors, n_kv)
+    raw = b"".join([head, *kv_records, infos])
     return raw + b"\0" * pad(len(raw), alignment)

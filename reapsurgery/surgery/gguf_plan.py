@@ -18,18 +18,17 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from dataclasses import dataclass, field
-from itertools import chain
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..common.gguf_file import GGUFFile, GGUFTensor, constants, pad
-from ..common.gguf_model import BLOCK, GGUFModel, role_of
+from ..common.gguf_file import GGUFFile, GGUFTensor, constants, pad, read_gguf_header
+from ..common.gguf_model import BLOCK, GGUFModel, router_bases, role_of
 from ..common.mask import Mask, check_routable, kept_mtp_layers
 from ..common.safetensors_io import PAGE
 from ..errors import ReapError
-from .copier import HOLE, coalesce
-from .gguf_header import encode_header, encode_kv, unpadded_size
+from .copier import HOLE
+from .gguf_header import encode_header, encode_kv, encode_tensor_info, unpadded_size
 
 RECORD_PREFIX = "reapsurgery."  # keys this tool writes; any from an earlier run are replaced
 MASK_KEY, SHA_KEY = "reapsurgery.mask", "reapsurgery.mask_sha256"
@@ -37,14 +36,20 @@ MASK_KEY, SHA_KEY = "reapsurgery.mask", "reapsurgery.mask_sha256"
 
 @dataclass
 class GGUFOutFile:
-    """One output file: what writer.write_files needs, plus its tensor infos."""
+    """One output file, compact: what writer.write_files needs (its header, its coalesced source ranges),
+    not a record per tensor."""
 
     name: str
     source: str
     header: bytes
     ranges: array
     nbytes: int
-    tensors: list[GGUFTensor] = field(repr=False)
+    n_tensors: int
+
+    @property
+    def tensors(self) -> list[GGUFTensor]:
+        """The file's tensor infos, read back from its header."""
+        return read_gguf_header(self.header, self.name).tensors
 
 
 @dataclass
@@ -71,26 +76,39 @@ class GGUFPlan:
                 "kept_mtp_layers": self.kept_mtp_layers, "notes": self.notes, "mtp_dropped": self.mtp_dropped}
 
 
-def size_label(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> str:
-    """general.size_label as convert_hf_to_gguf.py computes it from the tensors it writes ("8x35K":
-    expert count x parameters per expert plus shared; "7.2B" without experts): the gguf package's
-    GGUFWriter.get_total_parameter_count and size_label(), restated over GGUF shapes (numpy's shape is
-    ne reversed). Restated rather than called because the gguf package imports numpy on import
-    (0.2 s and 17 MiB, most of a warm 1 GiB run); tests/test_gguf_plan.py holds it equal to the
-    package's functions."""
-    total = shared = expert = expert_sum = expert_tensors = 0
-    for name, ne in tensors:
+class ParamCount:
+    """GGUFWriter.get_total_parameter_count (convert_hf_to_gguf.py's count for the size label), one
+    tensor at a time, over GGUF shapes (numpy's shape is ne reversed)."""
+
+    def __init__(self) -> None:
+        self.total = self.shared = self.expert = self.expert_sum = self.expert_tensors = 0
+
+    def add(self, name: str, ne: tuple[int, ...]) -> None:
         size = math.prod(ne)
         if "_exps." in name and len(ne) >= 3:
             count = ne[1] if ".bias" in name else ne[2]  # numpy shape[-2] / shape[-3]
-            expert += size // count
-            expert_sum += count
-            expert_tensors += 1
+            self.expert += size // count
+            self.expert_sum += count
+            self.expert_tensors += 1
         else:
-            shared += size
-        total += size
-    count = expert_sum // expert_tensors if expert_tensors else 0
-    return f"{count}x{_rounded(shared + expert)}" if count > 0 else _rounded(total)
+            self.shared += size
+        self.total += size
+
+    def label(self) -> str:
+        """gguf.size_label: "8x35K" (expert count x parameters per expert plus shared), "7.2B" without experts."""
+        count = self.expert_sum // self.expert_tensors if self.expert_tensors else 0
+        return f"{count}x{_rounded(self.shared + self.expert)}" if count > 0 else _rounded(self.total)
+
+
+def size_label(tensors: Iterable[tuple[str, tuple[int, ...]]]) -> str:
+    """general.size_label as convert_hf_to_gguf.py computes it from the tensors it writes: the gguf
+    package's GGUFWriter.get_total_parameter_count and size_label(), restated because the package
+    imports numpy on import (0.2 s and 17 MiB, most of a warm 1 GiB run); tests/test_gguf_plan.py
+    holds it equal to the package's functions."""
+    count = ParamCount()
+    for name, ne in tensors:
+        count.add(name, ne)
+    return count.label()
 
 
 def _rounded(n: int, min_digits: int = 2) -> str:
@@ -99,6 +117,14 @@ def _rounded(n: int, min_digits: int = 2) -> str:
                            if n > limit), (n * 1e-3, "K"))
     fix = max(min_digits - len(str(round(scaled)).lstrip("0")), 0)
     return f"{scaled:.{fix}f}{suffix}"
+
+
+def _append(ranges: array, offset: int, n: int) -> None:
+    """Add (offset, n) to flat ranges, merged into the last one where contiguous in the source."""
+    if ranges and offset != HOLE and ranges[-2] + ranges[-1] == offset:
+        ranges[-1] += n
+    else:
+        ranges.extend((offset, n))
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -124,7 +150,8 @@ def plan_gguf(model: GGUFModel, mask: Mask, mask_path: Path, names: list[str] | 
     check_routable(mask, mask_path, model.router())
     kept = mask.kept
     keys = constants().Keys
-    with_experts = {r.layer for _, t in model.tensors() if (r := role_of(t.name)) and r.layer >= n}
+    routers = router_bases()
+    with_experts = {r.layer for _, t in model.tensors() if (r := role_of(t.name, routers)) and r.layer >= n}
     kept_mtp = kept_mtp_layers(with_experts, mask, mask_path)
     drop_mtp = not kept_mtp and (bool(model.stored_mtp_layers) or model.nextn > 0)
     notes = []
@@ -136,35 +163,40 @@ def plan_gguf(model: GGUFModel, mask: Mask, mask_path: Path, names: list[str] | 
         notes.append(f"{model.key(keys.LLM.NEXTN_PREDICT_LAYERS)} announces {model.nextn} NextN block(s) that the file "
                      "does not store; the output says 0")
 
-    # tensors first (shapes and data ranges), then the headers, which record the size label of them all
-    per_part: list[tuple[GGUFFile, list[GGUFTensor], list[tuple[int, int]]]] = []
+    # tensors first (infos and data ranges, encoded as they come), then the headers, which record the
+    # size label of them all
+    per_part: list[tuple[GGUFFile, bytes, int, array]] = []
+    before, after = ParamCount(), ParamCount()
     for part in model.parts:
-        out: list[GGUFTensor] = []
-        ranges: list[tuple[int, int]] = []
-        offset = 0
+        infos = bytearray()
+        ranges = array("Q")
+        offset = count = 0
         for t in part.tensors:
+            before.add(t.name, t.ne)
             m = BLOCK.match(t.name)
             layer = int(m["layer"]) if m else None
             if drop_mtp and layer is not None and layer >= n:
                 continue
             base = part.data_offset + t.offset
-            role = role_of(t.name)
-            keep = mask.layers.get(layer) if role is not None else None
+            keep = mask.layers.get(layer) if role_of(t.name, routers) is not None else None
             if keep is None:  # copied whole
-                ne, nbytes, pieces = t.ne, t.nbytes, [(base, t.nbytes)]
+                ne, nbytes = t.ne, t.nbytes
+                _append(ranges, base, nbytes)
             else:
                 inner = t.nbytes // E
                 ne, nbytes = t.ne[:-1] + (kept,), inner * kept
-                pieces = [(base + start * inner, count * inner) for start, count in _runs(keep)]
+                for start, run in _runs(keep):
+                    _append(ranges, base + start * inner, run * inner)
             tail = pad(nbytes, part.alignment)
             if nbytes == t.nbytes and base + nbytes + tail <= part.size:
-                pieces[-1] = (pieces[-1][0], pieces[-1][1] + tail)  # the source's own padding, in the same copy
+                ranges[-1] += tail  # the source's own padding, in the same copy
             elif tail:
-                pieces.append((HOLE, tail))
-            out.append(GGUFTensor(t.name, ne, t.type, offset, nbytes))
-            ranges.extend(pieces)
+                _append(ranges, HOLE, tail)
+            infos += encode_tensor_info(GGUFTensor(t.name, ne, t.type, offset, nbytes))
+            after.add(t.name, ne)
             offset += nbytes + tail
-        per_part.append((part, out, ranges))
+            count += 1
+        per_part.append((part, bytes(infos), count, ranges))
 
     first = model.first
     changes: dict[str, tuple] = {}
@@ -175,27 +207,23 @@ def plan_gguf(model: GGUFModel, mask: Mask, mask_path: Path, names: list[str] | 
             rewrites[model.key(keys.LLM.NEXTN_PREDICT_LAYERS)] = 0
     label_key = keys.General.SIZE_LABEL
     if isinstance(first.value(label_key), str):
-        label = size_label((t.name, t.ne) for _, out, _ in per_part for t in out)
-        before = size_label((t.name, t.ne) for _, t in model.tensors())
-        if first.value(label_key) != before:
+        if first.value(label_key) != before.label():
             notes.append(f"{label_key} was {first.value(label_key)!r}, not the converter's count of this file's tensors "
-                         f"({before!r}); it is now the count of the output's")
-        rewrites[label_key] = label
-    total = sum(len(out) for _, out, _ in per_part)
+                         f"({before.label()!r}); it is now the count of the output's")
+        rewrites[label_key] = after.label()
     if len(model.parts) > 1:
-        rewrites[keys.Split.LLM_KV_SPLIT_TENSORS_COUNT] = total
+        rewrites[keys.Split.LLM_KV_SPLIT_TENSORS_COUNT] = sum(count for _, _, count, _ in per_part)
     recorded = {SHA_KEY: mask.sha256 or "", MASK_KEY: json.dumps(mask.to_json(), separators=(",", ":"))}
 
     files = []
     names = names or [p.path.name for p in model.parts]
-    for i, (part, out, ranges) in enumerate(per_part):
+    for i, (part, infos, count, ranges) in enumerate(per_part):
         records = _records(part, rewrites, recorded if i == 0 else {}, changes)
-        if i == 0 and out:  # the data at the source's offset within a page: copies then move whole pages
-            spaces = (part.data_offset - unpadded_size(records, out)) % PAGE
+        if i == 0 and count:  # the data at the source's offset within a page: copies then move whole pages
+            spaces = (part.data_offset - unpadded_size(records, infos)) % PAGE
             records[-1] = encode_kv(MASK_KEY, constants().GGUFValueType.STRING, recorded[MASK_KEY] + " " * spaces)
-        header = encode_header(part.version, records, len(records), out, part.alignment)
-        flat = array("Q", chain.from_iterable(coalesce(ranges)))
-        files.append(GGUFOutFile(names[i], part.path.name, header, flat, sum(flat[1::2]), out))
+        header = encode_header(part.version, records, len(records), count, infos, part.alignment)
+        files.append(GGUFOutFile(names[i], part.path.name, header, ranges, sum(ranges[1::2]), count))
     dropped = sorted(set(range(n, model.block_count)) | set(model.stored_mtp_layers)) if drop_mtp else []
     plan = GGUFPlan(files, kept, E, model.moe_layers, dropped, sorted(kept_mtp), changes, notes,
                     sum(t.nbytes + pad(t.nbytes, part.alignment) for part, t in model.tensors()))
