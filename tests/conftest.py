@@ -62,6 +62,7 @@ GGUF_FIXTURES = {
     "nextn_split": {"nextn": 1, "dense_lead": 1, "split_max_tensors": 9},
     "bias": {"arch": "gpt-oss", "n_layer": 2, "expert_bias": True},
     "fused": {"arch": "qwen35moe", "n_layer": 2, "fused_gate_up": True, "alignment": 64},
+    "scales": {"arch": "gemma4", "n_layer": 2, "scales": True, "split_max_tensors": 7},
 }
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
 
 from reapsurgery.common.gguf_file import read_gguf
-from reapsurgery.common.gguf_model import GGUFModel, role_of
+from reapsurgery.common.gguf_model import GGUFModel
 from reapsurgery.common.mask import Mask
 from tests.conftest import tree_hash
 from tests.gguf_helpers import raw_records, reader_fields, reader_tensors, rebuild
@@ -41,16 +42,20 @@ def all_tensors(path):
     return out
 
 
+ROUTED = re.compile(r"^blk\.\d+\.(\w+_exps\.\w+|ffn_gate_inp\.(weight|bias)|exp_probs_b\.bias)$")
+
+
 def expected(src, keep, n_layer, drop_mtp=True):
     """Every output tensor as it must be: the source's bytes, or the rows of the kept experts (the
-    slowest axis: expert e's bytes are the e-th of E equal runs), NextN blocks dropped."""
+    slowest axis: expert e's bytes are the e-th of E equal runs), NextN blocks dropped. Indexed by
+    expert: llama.cpp's stacked experts (*_exps), the router's weight and bias, exp_probs_b."""
     E = GGUFModel.open(src).num_experts
     out = {}
     for name, (ne, ggml_type, data) in all_tensors(src).items():
         layer = int(name.split(".")[1]) if name.startswith("blk.") else None
         if drop_mtp and layer is not None and layer >= n_layer:
             continue
-        if role_of(name) is None:
+        if not ROUTED.match(name):
             out[name] = (ne, ggml_type, data)
             continue
         run = len(data) // E
@@ -66,7 +71,7 @@ def applied(mask, src, out, *args):
     return r
 
 
-@pytest.mark.parametrize("name", ["single", "split", "bias", "fused", "nextn"])
+@pytest.mark.parametrize("name", ["single", "split", "bias", "fused", "nextn", "scales"])
 def test_pruned_gguf_holds_the_kept_slices(gguf_files, tmp_path, name):
     src = gguf_files[name]
     model = GGUFModel.open(src)

@@ -3,7 +3,8 @@
 What is expert-indexed follows llama.cpp's tensor naming (the gguf package's MODEL_TENSOR names):
 every stacked routed-expert tensor of a block is named `blk.N.<name>_exps.<suffix>` (ffn_gate_exps,
 ffn_up_exps, ffn_down_exps, ffn_gate_up_exps, ffn_norm_exps; weights, biases, scales), the router
-is `blk.N.ffn_gate_inp` (weight and bias) and DeepSeek-V3's selection bias `blk.N.exp_probs_b`.
+is `blk.N.ffn_gate_inp` (weight and bias; Gemma-4's `.scale` is per hidden unit) and DeepSeek-V3's
+selection bias `blk.N.exp_probs_b`.
 Shared experts (`_shexp`) and GroveMoE's chunk experts (`_chexps`) are other words. In every one
 of them the expert axis is the slowest (the last ne), and `{arch}.expert_count` says its length:
 a shape that disagrees is refused, never guessed around.
@@ -24,7 +25,8 @@ from ..errors import ReapError
 from .gguf_file import GGUFFile, constants, read_gguf_set
 from .mask import Router
 
-BLOCK = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<base>[^.]+)\.")
+BLOCK = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<base>[^.]+)\.(?P<suffix>.*)$")
+ROUTER_SUFFIXES = ("weight", "bias")  # the router's rows; Gemma-4's ffn_gate_inp.scale is [n_embd]
 OLD_PER_EXPERT = re.compile(r"^blk\.\d+\.ffn_(?:gate|up|down)\.\d+\.")  # llama.cpp before stacked experts (2024)
 # llama.cpp picks a group by the sum of its two best experts (llama-graph.cpp build_moe_ffn: argsort_top_k(.., 2))
 MIN_PER_GROUP = 2
@@ -48,9 +50,9 @@ def role_of(name: str, routers: set[str] | None = None) -> Role | None:
     if not m:
         return None
     base = m["base"]
-    if base.endswith("_exps"):
+    if base.endswith("_exps"):  # weight, bias, scale, input_scale: all [..., E]
         return Role(int(m["layer"]), "expert")
-    if base in (routers if routers is not None else router_bases()):
+    if base in (routers if routers is not None else router_bases()) and m["suffix"] in ROUTER_SUFFIXES:
         return Role(int(m["layer"]), "router")
     return None
 
