@@ -173,6 +173,21 @@ class _Cursor:
         (n,) = self.unpack(_U64, what)
         return self.raw(n, what)
 
+    def skip_strings(self, count: int, what: str) -> None:
+        """Step over `count` strings (a tokenizer's hundreds of thousands) without decoding them: one
+        tight loop over the buffer, refilled as it runs out."""
+        unpack = _U64.unpack_from
+        buf, i = self.buf, self.pos - self.base
+        for _ in range(count):
+            if i + 8 > len(buf):
+                self.pos = self.base + i
+                i = self._need(8, what)
+                buf = self.buf
+            i += 8 + unpack(buf, i)[0]
+        self.pos = self.base + i
+        if self.pos > self.size:
+            raise ReapError(self.path, f"truncated GGUF file: {what} runs past the end of the file ({self.size} bytes)")
+
 
 _U32, _U64, _HEAD = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<4sIQQ")
 _SCALAR = {"UINT8": "B", "INT8": "b", "UINT16": "H", "INT16": "h", "UINT32": "I", "INT32": "i", "FLOAT32": "f",
@@ -290,9 +305,7 @@ def _value(cur: _Cursor, key: str, vtype: int, start: int, VT) -> KV:
     if item == VT.STRING:
         if count * 8 > cur.size:
             raise ReapError(path, f"truncated GGUF file: array {key!r} of {count} strings runs past the end of the file")
-        for _ in range(count):
-            (n,) = cur.unpack(_U64, f"an item of {key!r}")
-            cur.skip(n, f"an item of {key!r}")
+        cur.skip_strings(count, f"an item of {key!r}")
         return KV(key, vtype, None, start, cur.pos, item, count)
     fmt = scalar_format(item)
     if count <= _DECODED_ARRAY:
