@@ -148,61 +148,102 @@ def plan_gguf(model: GGUFModel, mask: Mask, mask_path: Path, names: list[str] | 
         detail = f"lacks MoE layers {missing}" if missing else f"names layers {extra} that are not MoE layers"
         raise ReapError(mask_path, f"mask {detail} of {model.path}")
     check_routable(mask, mask_path, model.router())
-    kept = mask.kept
-    keys = constants().Keys
+    kept_mtp, drop_mtp, notes = _nextn(model, mask, mask_path)
+
+    # tensors first (infos and data ranges), then the headers, which record the size label of them all
+    before, after = ParamCount(), ParamCount()
+    per_part = [_part_tensors(part, model, mask, drop_mtp, before, after) for part in model.parts]
+    rewrites = _rewrites(model, mask.kept, drop_mtp, before, after, sum(c for _, c, _ in per_part), notes)
+    recorded = {SHA_KEY: mask.sha256 or "", MASK_KEY: json.dumps(mask.to_json(), separators=(",", ":"))}
+    files = []
+    changes: dict[str, tuple] = {}
+    names = names or [p.path.name for p in model.parts]
+    for i, (part, (infos, count, ranges)) in enumerate(zip(model.parts, per_part)):
+        records = _records(part, rewrites, recorded if i == 0 else {}, changes)
+        if i == 0 and count:  # the data at the source's offset within a page: copies then move whole pages
+            spaces = (part.data_offset - unpadded_size(records, infos)) % PAGE
+            records[-1] = encode_kv(MASK_KEY, constants().GGUFValueType.STRING, recorded[MASK_KEY] + " " * spaces)
+        header = encode_header(part.version, records, len(records), count, infos, part.alignment)
+        files.append(GGUFOutFile(names[i], part.path.name, header, ranges, sum(ranges[1::2]), count))
+
+    dropped = sorted(set(range(n, model.block_count)) | set(model.stored_mtp_layers)) if drop_mtp else []
+    plan = GGUFPlan(files, mask.kept, E, model.moe_layers, dropped, sorted(kept_mtp), changes, notes,
+                    sum(t.nbytes + pad(t.nbytes, part.alignment) for part, t in model.tensors()))
+    if dropped:
+        keys = constants().Keys.LLM
+        counts = [f"{k} {old} -> {new}" for k, (old, new) in changes.items()
+                  if k in (model.key(keys.BLOCK_COUNT), model.key(keys.NEXTN_PREDICT_LAYERS))]
+        plan.mtp_dropped = (f"NextN (multi-token-prediction) blocks {dropped} dropped"
+                            + (f", {', '.join(counts)}" if counts else "")
+                            + ": no MTP speculative decoding from the output; to keep them, pruned like the stack, "
+                              "apply a mask that covers them (calibrate --mtp calibrate on the safetensors model)")
+    return plan
+
+
+def _nextn(model: GGUFModel, mask: Mask, mask_path: Path) -> tuple[set[int], bool, list[str]]:
+    """NextN blocks as MTP layers are for safetensors: (the ones kept and pruned, whether the others are
+    dropped, notes). Kept where the mask covers every stored one with experts; else all dropped."""
+    n, keys = model.num_hidden_layers, constants().Keys.LLM
     routers = router_bases()
     with_experts = {r.layer for _, t in model.tensors() if (r := role_of(t.name, routers)) and r.layer >= n}
-    kept_mtp = kept_mtp_layers(with_experts, mask, mask_path)
-    drop_mtp = not kept_mtp and (bool(model.stored_mtp_layers) or model.nextn > 0)
+    kept = kept_mtp_layers(with_experts, mask, mask_path)
     notes = []
-    unmatched = sorted(l for l in mask.layers if l >= n and l not in kept_mtp)
+    unmatched = sorted(l for l in mask.layers if l >= n and l not in kept)
     if unmatched:
         notes.append(f"the mask has experts for multi-token-prediction layers {unmatched}, which this file does not "
                      "store: nothing to keep there")
     if model.nextn and not model.stored_mtp_layers:
-        notes.append(f"{model.key(keys.LLM.NEXTN_PREDICT_LAYERS)} announces {model.nextn} NextN block(s) that the file "
+        notes.append(f"{model.key(keys.NEXTN_PREDICT_LAYERS)} announces {model.nextn} NextN block(s) that the file "
                      "does not store; the output says 0")
+    return kept, not kept and (bool(model.stored_mtp_layers) or model.nextn > 0), notes
 
-    # tensors first (infos and data ranges, encoded as they come), then the headers, which record the
-    # size label of them all
-    per_part: list[tuple[GGUFFile, bytes, int, array]] = []
-    before, after = ParamCount(), ParamCount()
-    for part in model.parts:
-        infos = bytearray()
-        ranges = array("Q")
-        offset = count = 0
-        for t in part.tensors:
-            before.add(t.name, t.ne)
-            m = BLOCK.match(t.name)
-            layer = int(m["layer"]) if m else None
-            if drop_mtp and layer is not None and layer >= n:
-                continue
-            base = part.data_offset + t.offset
-            keep = mask.layers.get(layer) if role_of(t.name, routers) is not None else None
-            if keep is None:  # copied whole
-                ne, nbytes = t.ne, t.nbytes
-                _append(ranges, base, nbytes)
-            else:
-                inner = t.nbytes // E
-                ne, nbytes = t.ne[:-1] + (kept,), inner * kept
-                for start, run in _runs(keep):
-                    _append(ranges, base + start * inner, run * inner)
-            tail = pad(nbytes, part.alignment)
-            if nbytes == t.nbytes and base + nbytes + tail <= part.size:
-                ranges[-1] += tail  # the source's own padding, in the same copy
-            elif tail:
-                _append(ranges, HOLE, tail)
-            infos += encode_tensor_info(GGUFTensor(t.name, ne, t.type, offset, nbytes))
-            after.add(t.name, ne)
-            offset += nbytes + tail
-            count += 1
-        per_part.append((part, bytes(infos), count, ranges))
 
-    first = model.first
-    changes: dict[str, tuple] = {}
+def _part_tensors(part: GGUFFile, model: GGUFModel, mask: Mask, drop_mtp: bool, before: ParamCount,
+                  after: ParamCount) -> tuple[bytes, int, array]:
+    """One part's output: its tensor infos encoded, how many, and the source ranges of its data (expert
+    runs of the slowest axis for expert-indexed tensors, whole tensors with their padding for the
+    others, a HOLE for the padding after a sliced one)."""
+    n, E, kept = model.num_hidden_layers, model.num_experts, mask.kept
+    routers = router_bases()
+    infos = bytearray()
+    ranges = array("Q")
+    offset = count = 0
+    for t in part.tensors:
+        before.add(t.name, t.ne)
+        m = BLOCK.match(t.name)
+        layer = int(m["layer"]) if m else None
+        if drop_mtp and layer is not None and layer >= n:
+            continue
+        base = part.data_offset + t.offset
+        keep = mask.layers.get(layer) if role_of(t.name, routers) is not None else None
+        if keep is None:  # copied whole
+            ne, nbytes = t.ne, t.nbytes
+            _append(ranges, base, nbytes)
+        else:
+            inner = t.nbytes // E
+            ne, nbytes = t.ne[:-1] + (kept,), inner * kept
+            for start, run in _runs(keep):
+                _append(ranges, base + start * inner, run * inner)
+        tail = pad(nbytes, part.alignment)
+        if nbytes == t.nbytes and base + nbytes + tail <= part.size:
+            ranges[-1] += tail  # the source's own padding, in the same copy
+        elif tail:
+            _append(ranges, HOLE, tail)
+        infos += encode_tensor_info(GGUFTensor(t.name, ne, t.type, offset, nbytes))
+        after.add(t.name, ne)
+        offset += nbytes + tail
+        count += 1
+    return bytes(infos), count, ranges
+
+
+def _rewrites(model: GGUFModel, kept: int, drop_mtp: bool, before: ParamCount, after: ParamCount, total: int,
+              notes: list[str]) -> dict[str, object]:
+    """The metadata values that change: the expert count, the block and NextN counts when NextN blocks
+    are dropped, the converter's size label, the split set's tensor count."""
+    first, keys = model.first, constants().Keys
     rewrites: dict[str, object] = {model.key(keys.LLM.EXPERT_COUNT): kept}
     if drop_mtp:
-        rewrites[model.key(keys.LLM.BLOCK_COUNT)] = n
+        rewrites[model.key(keys.LLM.BLOCK_COUNT)] = model.num_hidden_layers
         if first.value(model.key(keys.LLM.NEXTN_PREDICT_LAYERS)) is not None:
             rewrites[model.key(keys.LLM.NEXTN_PREDICT_LAYERS)] = 0
     label_key = keys.General.SIZE_LABEL
@@ -212,29 +253,8 @@ def plan_gguf(model: GGUFModel, mask: Mask, mask_path: Path, names: list[str] | 
                          f"({before.label()!r}); it is now the count of the output's")
         rewrites[label_key] = after.label()
     if len(model.parts) > 1:
-        rewrites[keys.Split.LLM_KV_SPLIT_TENSORS_COUNT] = sum(count for _, _, count, _ in per_part)
-    recorded = {SHA_KEY: mask.sha256 or "", MASK_KEY: json.dumps(mask.to_json(), separators=(",", ":"))}
-
-    files = []
-    names = names or [p.path.name for p in model.parts]
-    for i, (part, infos, count, ranges) in enumerate(per_part):
-        records = _records(part, rewrites, recorded if i == 0 else {}, changes)
-        if i == 0 and count:  # the data at the source's offset within a page: copies then move whole pages
-            spaces = (part.data_offset - unpadded_size(records, infos)) % PAGE
-            records[-1] = encode_kv(MASK_KEY, constants().GGUFValueType.STRING, recorded[MASK_KEY] + " " * spaces)
-        header = encode_header(part.version, records, len(records), count, infos, part.alignment)
-        files.append(GGUFOutFile(names[i], part.path.name, header, ranges, sum(ranges[1::2]), count))
-    dropped = sorted(set(range(n, model.block_count)) | set(model.stored_mtp_layers)) if drop_mtp else []
-    plan = GGUFPlan(files, kept, E, model.moe_layers, dropped, sorted(kept_mtp), changes, notes,
-                    sum(t.nbytes + pad(t.nbytes, part.alignment) for part, t in model.tensors()))
-    if dropped:
-        counts = [f"{k} {old} -> {new}" for k, (old, new) in changes.items()
-                  if k in (model.key(keys.LLM.BLOCK_COUNT), model.key(keys.LLM.NEXTN_PREDICT_LAYERS))]
-        plan.mtp_dropped = (f"NextN (multi-token-prediction) blocks {dropped} dropped"
-                            + (f", {', '.join(counts)}" if counts else "")
-                            + ": no MTP speculative decoding from the output; to keep them, pruned like the stack, "
-                              "apply a mask that covers them (calibrate --mtp calibrate on the safetensors model)")
-    return plan
+        rewrites[keys.Split.LLM_KV_SPLIT_TENSORS_COUNT] = total
+    return rewrites
 
 
 def _records(part: GGUFFile, rewrites: dict[str, object], added: dict[str, str],
