@@ -156,8 +156,8 @@ class GGUFModel:
                                   f"({key(keys.EXPERT_COUNT)} is {first.value(key(keys.EXPERT_COUNT))!r})")
         if first.value(key(keys.EXPERTS_PER_GROUP)) is not None or any(
                 (m := BLOCK.match(t.name)) and m["base"].endswith("_chexps") for p in parts for t in p.tensors):
-            raise ReapError(path, f"routed experts share chunk experts in groups of {key(keys.EXPERTS_PER_GROUP)} "
-                                  "(GroveMoE): pruning one would change its group's; not supported")
+            raise ReapError(path, f"groups of routed experts share chunk experts ({key(keys.EXPERTS_PER_GROUP)}, "
+                                  "*_chexps: GroveMoE), so an expert cannot be pruned alone; not supported")
         top_k = count(keys.EXPERT_USED_COUNT, required=True)
         if not 1 <= top_k <= E:
             raise ReapError(path, f"{key(keys.EXPERT_USED_COUNT)}={top_k} is not between 1 and the {E} experts")
