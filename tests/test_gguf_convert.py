@@ -33,6 +33,7 @@ CASES = {
     "glm4_moe-nextn": ("glm4_moe", [], True),  # NextN block kept, pruned by both
     "glm4_moe_lite-nextn": ("glm4_moe_lite", [], True),  # deepseek2 in llama.cpp: exp_probs_b and NextN
     "gpt_oss": ("gpt_oss", [], False),  # expert biases, router bias
+    "gpt_oss-mxfp4": ("gpt_oss-mxfp4", [], False),  # MXFP4 experts, written by the converter as ggml MXFP4
     "qwen3_5_moe-fused": ("qwen3_5_moe", ["--fuse-gate-up-exps"], True),  # fused ffn_gate_up_exps, MTP kept
 }
 
@@ -44,7 +45,12 @@ def converted(checkpoints, tmp_path_factory) -> dict[str, tuple[Path, Path, Path
     jobs, out = [], {}
     sources: dict[tuple, Path] = {}
     for case, (family, options, with_mtp) in CASES.items():
-        src = checkpoints[family]
+        if family == "gpt_oss-mxfp4":
+            from fixtures.quantize import build_gpt_oss_for_mxfp4, to_mxfp4
+
+            src = to_mxfp4(build_gpt_oss_for_mxfp4(root / "mxfp4-src"), root / "mxfp4" / "gpt_oss")
+        else:
+            src = checkpoints[family]
         ckpt = Checkpoint.open(src)
         layers = ckpt.moe_layers + (ckpt.stored_mtp_layers() if with_mtp else [])
         mask = write_mask(src, {l: KEEP for l in layers}, root / f"{case}.json")
