@@ -156,3 +156,34 @@ def test_full_disk_leaves_nothing_and_says_which_file(gguf_files, tmp_path, monk
     assert e.value.path.startswith(str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
     assert tree_hash(src.parent) == before
+
+
+def test_verify_reports_metadata_that_disagrees_with_the_tensors(gguf_files, tmp_path):
+    """Each defect is its own line naming the file: a size label that is not the converter's count of the
+    tensors, NextN blocks announced but not stored, a recorded mask keeping another count, a MoE block
+    without its router."""
+    from reapsurgery.common.gguf_file import read_gguf
+    from reapsurgery.surgery.gguf_header import encode_kv
+    from tests.gguf_helpers import raw_records, rebuild
+
+    src = gguf_files["single"]
+    g = read_gguf(src)
+    records = raw_records(g)
+    STR, U32 = 8, 4
+    records["general.size_label"] = encode_kv("general.size_label", STR, "8x999K")
+    records["qwen3moe.block_count"] = encode_kv("qwen3moe.block_count", U32, 4)
+    records["qwen3moe.nextn_predict_layers"] = encode_kv("qwen3moe.nextn_predict_layers", U32, 1)
+    records["reapsurgery.mask"] = encode_kv("reapsurgery.mask", STR, json.dumps({"layers": {"0": [0, 1]}}))
+    tensors = [t._replace(name="blk.1.ffn_gate_inq.weight") if t.name == "blk.1.ffn_gate_inp.weight" else t
+               for t in g.tensors]
+    bad = rebuild(src, tmp_path / "bad.gguf", records=records, tensors=tensors)
+    r = cli("verify", bad)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and all(line.startswith(f"error: {bad}: ") for line in lines), r.stderr
+    for needle in ("MoE block 1 has no router tensor blk.1.ffn_gate_inp.weight",
+                   "qwen3moe.nextn_predict_layers=1 announces 1 NextN block(s) but the file stores 0",
+                   "general.size_label is '8x999K' but the tensors make '8x555K'",
+                   "reapsurgery.mask does not record a mask keeping the qwen3moe.expert_count=8 experts"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+    assert len(lines) == 4
+    assert cli("verify", src).returncode == 0
