@@ -385,16 +385,16 @@ def plan_from_files(saliency_path: str | Path, ckpt_path: str | Path | None = No
 
     `layout` (a user's layout file) replaces the built-in one for the checkpoint."""
     from .common.checkpoint import Checkpoint
-    from .common.gguf_file import is_gguf
+    from .common.gguf_file import gguf_model_path
     from .common.saliency import load_saliency
 
     saliency = load_saliency(saliency_path)
     if ckpt_path is None:
         return plan_mask(saliency, source=saliency_path, **options)
-    if is_gguf(ckpt_path):
+    if gguf_model_path(ckpt_path) is not None:
         from .common.gguf_model import GGUFModel
 
-        model = GGUFModel.open(ckpt_path)
+        model = GGUFModel.open(gguf_model_path(ckpt_path))
         model.check_model(saliency.model, Path(saliency_path))
         router = model.router()
         return plan_mask(saliency, topk_group=router.topk_group or router.n_group, min_per_group=router.min_per_group,

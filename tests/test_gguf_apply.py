@@ -219,3 +219,18 @@ def test_masks_without_hidden_size_still_apply(checkpoints, gguf_files, tmp_path
         mask.write_text(json.dumps(data))
         r = cli("apply", mask, src, tmp_path / "other", "-q")
         assert r.returncode == 2 and "hidden_size is 12345 in this file" in r.stderr, r.stderr
+
+
+def test_the_directory_of_a_pruned_split_set_is_a_gguf_input(gguf_files, tmp_path):
+    """apply's split output directory is read as the GGUF model it holds: pruned again, verified, inspected."""
+    src = gguf_files["split"]
+    out = tmp_path / "out"
+    applied(gguf_mask(src, KEEP, tmp_path / "m.json"), src, out)
+    first = out / src.name
+    again = tmp_path / "again"
+    r = cli("apply", gguf_mask(first, [1, 3], tmp_path / "m2.json"), out, again, "-q")
+    assert r.returncode == 0, r.stderr
+    assert all_tensors(again / src.name) == expected(first, [1, 3], GGUFModel.open(first).num_hidden_layers)
+    assert cli("verify", again).returncode == 0
+    r = cli("inspect", again, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["model"]["num_experts"] == 2

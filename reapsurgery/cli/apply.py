@@ -77,12 +77,13 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     in it (reapsurgery.mask, reapsurgery.mask_sha256).
     """
     from ..common.files import read_bytes, loads_strict
-    from ..common.gguf_file import is_gguf
+    from ..common.gguf_file import gguf_model_path
     from ..common.mask import MASK_FORMAT, parse_mask
     from ..common.saliency import SALIENCY_FORMAT
     from ..surgery.apply import apply_mask
 
-    if layout_file is not None and is_gguf(ckpt):
+    gguf = gguf_model_path(ckpt)
+    if layout_file is not None and gguf is not None:
         raise ReapError(layout_file, "--layout describes a safetensors checkpoint's tensors; a GGUF file needs none "
                                      "(its expert tensors are known by llama.cpp's names)")
     layout = layout_from(layout_file)
@@ -111,10 +112,10 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         planned = None
 
     if dry_run:
-        if is_gguf(ckpt):
+        if gguf is not None:
             from ..surgery.gguf_apply import gguf_preview
 
-            preview = gguf_preview(chosen, mask, ckpt, out, overwrite=overwrite, mtp=mtp)
+            preview = gguf_preview(chosen, mask, gguf, out, overwrite=overwrite, mtp=mtp)
         else:
             from ..surgery.preview import apply_preview
 

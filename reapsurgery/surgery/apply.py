@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..common.checkpoint import INDEX, Checkpoint
-from ..common.gguf_file import is_gguf
+from ..common.gguf_file import gguf_model_path
 from ..common.layouts import Layout
 from ..common.mask import Mask
 from ..common.quant import rewrite_hf_quant_config
@@ -63,7 +63,8 @@ def apply_mask(
     note: Callable[[str], None] | None = None,
     mtp: str = "mask",
 ) -> ApplyResult:
-    """Write the pruned checkpoint to out_path; the output appears only once complete.
+    """Write the pruned checkpoint to out_path; the output appears only once complete. A GGUF file
+    (or a directory holding one GGUF model) is pruned by gguf_apply into a file (a split set: a directory).
 
     `layout` overrides the built-in layout chosen from config.json (a user's layout file);
     `jobs` copy workers run at once (default: from the CPU count). mtp="keep-full" also writes
@@ -72,10 +73,11 @@ def apply_mask(
     if mtp not in ("mask", "keep-full"):
         raise ReapError(None, f"--mtp {mtp}: choose mask or keep-full")
     mask_path, out_path = Path(mask_path), Path(out_path)
-    if is_gguf(ckpt_path):
+    gguf = gguf_model_path(ckpt_path)
+    if gguf is not None:
         from .gguf_apply import apply_gguf
 
-        return apply_gguf(mask, mask_path, Path(ckpt_path), out_path, overwrite, progress, on_plan, jobs, note, mtp)
+        return apply_gguf(mask, mask_path, gguf, out_path, overwrite, progress, on_plan, jobs, note, mtp)
     ckpt = Checkpoint.open(ckpt_path, layout)
     check_output(ckpt.path, out_path, overwrite)
     plan = plan_surgery(ckpt, mask, mask_path, draft=mtp == "keep-full")
