@@ -187,3 +187,57 @@ def test_verify_reports_metadata_that_disagrees_with_the_tensors(gguf_files, tmp
         assert sum(needle in line for line in lines) == 1, (needle, lines)
     assert len(lines) == 4
     assert cli("verify", src).returncode == 0
+
+
+def _records_edit(key, vtype, value):
+    def edit(records, tensors):
+        from reapsurgery.surgery.gguf_header import encode_kv
+
+        records[key] = encode_kv(key, vtype, value)
+        return tensors
+    return edit
+
+
+def _rename(old, new):
+    def edit(records, tensors):
+        return [t._replace(name=new) if t.name == old else t for t in tensors]
+    return edit
+
+
+MODELS = {
+    "expert count disagreeing with the shapes": (_records_edit("qwen3moe.expert_count", 4, 16),
+                                                 "qwen3moe.expert_count=16 experts are expected on its last axis"),
+    "no experts": (_records_edit("qwen3moe.expert_count", 4, 0), "is indexed by expert but the metadata has no"),
+    "experts one tensor each": (_rename("blk.0.attn_q.weight", "blk.0.ffn_gate.3.weight"),
+                                "experts stored one tensor each"),
+    "chunk experts": (_records_edit("qwen3moe.experts_per_group", 4, 2), "GroveMoE"),
+    "an adapter": (_records_edit("general.type", 8, "adapter"), "is a LoRA adapter"),
+    "a block past block_count": (_records_edit("qwen3moe.block_count", 4, 2), "is in block 2, past qwen3moe.block_count=2"),
+}
+
+
+@pytest.mark.parametrize("case", MODELS)
+def test_a_gguf_reapsurgery_cannot_prune_is_refused(gguf_files, tmp_path, case):
+    from reapsurgery.common.gguf_file import read_gguf
+    from tests.gguf_helpers import raw_records, rebuild
+
+    edit, message = MODELS[case]
+    src = gguf_files["single"]
+    g = read_gguf(src)
+    records = raw_records(g)
+    tensors = edit(records, list(g.tensors))
+    bad = rebuild(src, tmp_path / "bad.gguf", records=records, tensors=tensors)
+    mask = gguf_mask(src, KEEP, tmp_path / "m.json")
+    refused(cli("apply", mask, bad, tmp_path / "out.gguf"), str(bad), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "m.json"]
+
+
+def test_a_split_set_with_a_missing_part_is_refused(gguf_files, tmp_path):
+    src_dir = tmp_path / "src"
+    shutil.copytree(gguf_files["split"].parent, src_dir)
+    first = src_dir / gguf_files["split"].name
+    parts = sorted(src_dir.glob("*.gguf"))
+    parts[-1].unlink()
+    mask = gguf_mask(gguf_files["split"], KEEP, tmp_path / "m.json")
+    refused(cli("apply", mask, first, tmp_path / "out"), str(parts[-1]), "is missing")
+    assert not (tmp_path / "out").exists()
