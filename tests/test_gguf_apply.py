@@ -234,3 +234,17 @@ def test_the_directory_of_a_pruned_split_set_is_a_gguf_input(gguf_files, tmp_pat
     assert cli("verify", again).returncode == 0
     r = cli("inspect", again, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["model"]["num_experts"] == 2
+
+
+def test_inspect_a_mask_against_a_gguf_gives_the_written_sizes(gguf_files, tmp_path):
+    src = gguf_files["nextn_split"]
+    mask = gguf_mask(src, KEEP, tmp_path / "m.json")
+    r = cli("inspect", mask, "--ckpt", src, "--json")
+    assert r.returncode == 0, r.stderr
+    size = json.loads(r.stdout)["size"]
+    applied(mask, src, tmp_path / "out")
+    written = all_tensors(tmp_path / "out" / src.name)
+    assert size["after"]["bytes"] == sum(len(d) for _, _, d in written.values())
+    assert size["after"]["tensors"] == len(written) and size["before"]["tensors"] == len(all_tensors(src))
+    assert size["after"]["by_category"]["mtp"]["bytes"] == 0 < size["before"]["by_category"]["mtp"]["bytes"]
+    assert size["config_changes"]["qwen3moe.expert_count"] == [8, 4]
