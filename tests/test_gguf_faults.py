@@ -39,9 +39,10 @@ def test_bad_gguf_input_is_refused_in_one_line(gguf_files, tmp_path, case):
     make(gguf_files["single"], bad)
     mask = gguf_mask(gguf_files["single"], KEEP, tmp_path / "m.json")
     refused(cli("apply", mask, bad, tmp_path / "out.gguf"), str(bad), message)
-    refused(cli("inspect", bad), str(bad), message)
-    r = cli("verify", bad)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    if case == "data past the end":  # inspect and verify read GGUF files through the same reader
+        refused(cli("inspect", bad), str(bad), message)
+        r = cli("verify", bad)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "m.json"]
 
 
