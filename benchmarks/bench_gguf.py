@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 
 from common import (  # noqa: E402  (this directory; standard library only at import)
-    GiB, RSS_METHOD, Filler, can_drop_caches, drop_scratch, fs_sync, machine_info, make_scratch, max_of, med_of,
+    GiB, RSS_METHOD, Filler, can_drop_caches, cpu_s, drop_scratch, fs_sync, machine_info, make_scratch, max_of, med_of,
     need_disk, paired_ratio, print_header, print_machine, reap, reapsurgery_cmd, rmtree, rotated, run_cold,
     run_measured, run_warm,
 )
@@ -210,6 +210,7 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
             "paired_cp": {op: paired_ratio(runs[op], runs["cp"]) for op in ops if op.startswith("apply")},
             "apply_rss_mib": max(max_of(runs[op], "rss_mib") for op in ops if op.startswith("apply")),
             "loadavg": med_of([m for op in ops for m in runs[op]], "loadavg_1m_before"),
+            "cpu_s": {op: med_of(runs[op], cpu_s) for op in ops},  # user + sys: what load does not stretch
         }
     rmtree(ref) if split else ref.unlink()
     if not args.keep:
@@ -243,6 +244,8 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], total_s: float) 
     p("   the input. Targets: cold <= 1.0 x cp; warm, ~1 GiB of output, <= 1.1 x cp (start-up included).")
     for r in sizes:
         for mode, m in r["modes"].items():
+            p(f"   {r['size_gib']:g} GiB {mode} CPU seconds (user + sys, medians): " +
+              ", ".join(f"{op} {v:.2f}" for op, v in m["cpu_s"].items()))
             p(f"   {r['size_gib']:g} GiB {mode}: " + "; ".join(f"{op} [{', '.join(f'{x:.2f}' for x in xs)}]"
                                                         for op, xs in m["runs_s"].items()) +
               "; paired /cp " + ", ".join(f"{op[6:]} {v:.2f}" for op, v in m["paired_cp"].items()))
