@@ -154,7 +154,8 @@ def drop_count(num_experts: int, sparsity: float | None = None, keep: int | None
         raise ReapError(None, "give exactly one of --sparsity (fraction of routed experts to remove) or --keep (experts to keep per layer)")
     if sparsity is not None:
         if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-            raise ReapError(None, f"--sparsity must be in [0, 1), got {sparsity}")
+            percent = f" (for {sparsity}% of the experts give {sparsity / 100:g})" if 1 < sparsity <= 100 else ""
+            raise ReapError(None, f"--sparsity must be a fraction in [0, 1), got {sparsity}{percent}")
         return math.floor(sparsity * num_experts + 0.5 + 1e-9)
     if not (isinstance(keep, int) and 1 <= keep <= num_experts):
         raise ReapError(None, f"--keep must be between 1 and the {num_experts} experts per layer, got {keep}")
@@ -229,6 +230,9 @@ def plan_mask(
     notes: list[str] = []
     requested = drop_count(E, sparsity, keep)
     drop = requested
+    if sparsity is not None and requested and abs(sparsity * E - requested) > 1e-9:
+        notes.append(f"--sparsity {sparsity} of {E} experts is {sparsity * E:.4g} experts per layer, rounded to "
+                     f"{requested}: sparsity {requested / E:.4g} ({E - requested} kept; --keep N sets the count exactly)")
     n_group = model.get("n_group")
     groups = n_group if isinstance(n_group, int) and n_group > 1 else 1
     if groups > 1:

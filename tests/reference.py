@@ -115,6 +115,23 @@ def _scaled_input_routing(block, args, out):
     return hidden, idx, scores.gather(1, idx), unweighted
 
 
+def layer_outputs(model, batches) -> dict[int, list[torch.Tensor]]:
+    """Each decoder layer's output hidden states per batch, from the full model's own forward over
+    `batches` ((input_ids, attention_mask) pairs, padded as calibration pads them). Compared with
+    the streamed layers over the same batches: the model's own forward is not batch-invariant (a
+    linear layer's rows round differently in a batch of 2 x 12 tokens than of 1 x 7 on CPU), so
+    only the same batches make an exact reference."""
+    outputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [l.register_forward_hook(lambda m, a, out, i=i: outputs.setdefault(i, []).append(
+        (out[0] if isinstance(out, tuple) else out).clone())) for i, l in enumerate(decoder_layers(model))]
+    with torch.no_grad():
+        for ids, am in batches:
+            text_model(model)(input_ids=ids, attention_mask=am)
+    for h in hooks:
+        h.remove()
+    return outputs
+
+
 def reference_stats(src, samples, model=None, uncounted_tail: dict[int, int] | None = None):
     """Statistics from the full model (from_pretrained, default experts implementation), one
     unpadded sample at a time: the experts' real routing is captured by a forward hook, and each
@@ -141,17 +158,10 @@ def reference_stats(src, samples, model=None, uncounted_tail: dict[int, int] | N
     hooks += [m.router.register_forward_hook(
         lambda mod, args, out, n=n, m=m: captured.append((n, m.experts.num_experts, *_scaled_input_routing(m, args, out))))
         for n, m in scaled.items()]
-    outputs = []
-    layer_hooks = [l.register_forward_hook(lambda m, a, out, i=i: outputs.append((i, out[0] if isinstance(out, tuple) else out)))
-                   for i, l in enumerate(decoder_layers(model))]
-    per_layer_hidden = {}
     with torch.no_grad():
         for sample in samples:
             captured.clear()
-            outputs.clear()
             text_model(model)(input_ids=torch.tensor([sample]))
-            for i, out in outputs:
-                per_layer_hidden.setdefault(i, []).append(out[0])
             routed = list(captured)  # calling the experts below fires the hook again
             for name, E, hidden, idx, weights, unweighted in routed:
                 tail = uncounted_tail.get(layer_of[name], 0)
@@ -172,9 +182,9 @@ def reference_stats(src, samples, model=None, uncounted_tail: dict[int, int] | N
                     s["reap_sum"][e] += g * norm
                     m = float(f[p].max())
                     s["max_activation"][e] = m if s["max_activation"][e] is None else max(m, s["max_activation"][e])
-    for h in hooks + layer_hooks:
+    for h in hooks:
         h.remove()
-    return stats, per_layer_hidden
+    return stats
 
 
 def assert_stats_close(layers, ref):

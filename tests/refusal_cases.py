@@ -132,6 +132,7 @@ def _tokens(d: Path, w: dict, ids: list[int]) -> tuple[list, str]:
 
 
 VOCAB = 320  # fixtures.build COMMON vocab_size
+STDOUT = "'-': writing to standard output is not supported"  # `-o -` would have written a file named '-'
 
 CASES: dict[str, Case] = {
     # -- a file that is not the JSON expected (mask, saliency, config, index, layout, inspect) --
@@ -198,6 +199,8 @@ CASES: dict[str, Case] = {
     "saliency: a mask given to plan": lambda d, w: (["plan", w["mask"], "--keep", 4, "-o", d / "m.json"], "mask.json"),
     "plan: --preserve with a superscript digit": lambda d, w: (["plan", w["saliency"], "--keep", 4, "--preserve", "²:1", "-o", d / "m.json"], "--preserve"),
     "plan: --sparsity 1.5": lambda d, w: (["plan", w["saliency"], "--sparsity", 1.5, "-o", d / "m.json"], "--sparsity"),
+    "plan: --sparsity 50 (a percentage)": lambda d, w: (["plan", w["saliency"], "--sparsity", 50, "-o", d / "m.json"], "50 is not a fraction in [0, 1); for 50% of the experts give 0.5"),
+    "evaluate: --sparsity 50 (a percentage)": lambda d, w: (["evaluate", w["ckpt"], w["saliency"], "--sparsity", 50], "got 50.0 (for 50.0% of the experts give 0.5)"),
     "plan: --keep 0": lambda d, w: (["plan", w["saliency"], "--keep", 0, "-o", d / "m.json"], "--keep"),
     # -- outputs that would clobber an input, or cannot be written --
     "plan: -o its own input": lambda d, w: (["plan", (lambda p: (shutil.copy(w["saliency"], p), p)[1])(d / "s.json"), "--keep", 4, "-o", d / "s.json"], "s.json"),
@@ -226,6 +229,22 @@ CASES: dict[str, Case] = {
     "calibrate: unknown architecture": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, model_type="bogus", architectures=["BogusForCausalLM"])), "config.json"),
     "calibrate: index maps a tensor to the wrong shard": lambda d, w: (_calibrate(d, w, ckpt=_edit_index(d, w, lambda i: i["weight_map"].update({k: w["other_shard"] for k in [next(iter(i["weight_map"]))]}))), "safetensors"),
     "calibrate: dataset with duplicate keys": lambda d, w: (_calibrate(d, w, "--dataset", _raw(d / "rows.jsonl", b'{"input_ids": [1], "input_ids": [2]}\n')), "rows.jsonl"),
+    # -- wording: what the path is, what was expected, and the order of apply's arguments --
+    "apply: a checkpoint as MASK": lambda d, w: (["apply", w["ckpt"], w["mask"], d / "out"], f"{w['ckpt']}: is a directory, not a mask or saliency file; the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"),
+    "apply: a mask as CKPT": lambda d, w: (["apply", w["saliency"], w["mask"], d / "out", "--keep", 4], f"{w['mask']}: is a file, not a checkpoint directory; the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"),
+    "apply: the checkpoint as OUT": lambda d, w: (["apply", w["mask"], d / "out", w["ckpt"]], f"{d / 'out'}: does not exist (and OUT {w['ckpt']} is a checkpoint: arguments in the wrong order? the order is"),
+    "apply: OUT is CKPT": lambda d, w: (["apply", w["mask"], w["ckpt"], w["ckpt"]], f"{w['ckpt']}: output directory is the input checkpoint"),
+    "apply: CKPT does not exist": lambda d, w: (["apply", w["mask"], d / "nope", d / "out"], f"{d / 'nope'}: does not exist"),
+    "inspect: a shard": lambda d, w: (["inspect", Path(w["ckpt"]) / w["shard"]], f"{w['shard']}: is a safetensors file (weights), not a checkpoint directory, mask or saliency file"),
+    "inspect: a path that does not exist": lambda d, w: (["inspect", d / "nope"], f"{d / 'nope'}: does not exist"),
+    "verify: a path that does not exist": lambda d, w: (["verify", d / "nope"], f"{d / 'nope'}: does not exist"),
+    "plan: -o -": lambda d, w: (["plan", w["saliency"], "--keep", 4, "-o", "-"], STDOUT),
+    "calibrate: -o -": lambda d, w: (_calibrate(d, w)[:2] + ["-o", "-"], STDOUT),
+    "merge: -o -": lambda d, w: (["merge-saliency", w["saliency"], "-o", "-"], STDOUT),
+    "evaluate: -o -": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "-o", "-"], STDOUT),
+    "evaluate: --plot -": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "--plot", "-"], STDOUT),
+    "apply: OUT -": lambda d, w: (["apply", w["mask"], w["ckpt"], "-"], STDOUT),
+    "calibrate: -o CKPT": lambda d, w: (["calibrate", _ckpt(d, w), "-o", d / "ckpt"], f"{d / 'ckpt'}: -o is the input checkpoint"),
     "inspect: binary file": lambda d, w: (["inspect", _raw(d / "x.bin", b"\x00" * 64)], "x.bin"),
     "inspect: UTF-16 mask": lambda d, w: (["inspect", _raw(d / "m.json", json.dumps(_mask(w)).encode("utf-16"))], "m.json"),
 }

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fixtures.build import FAMILIES, build
-from reapsurgery.calibration.calibrate import calibrate
+from reapsurgery.calibration.calibrate import calibrate, make_batches
 from reapsurgery.common.checkpoint import Checkpoint
-from tests.reference import RTOL, assert_stats_close, reference_stats
+from tests.reference import RTOL, assert_stats_close, layer_outputs, load, reference_stats
 
 LENGTHS = [7, 12, 3, 10, 5]
 # transformers' own forward is not batch-invariant for Qwen3-Next's linear attention (its reference
@@ -36,9 +36,11 @@ def test_streamed_statistics_and_hidden_states_equal_full_model(checkpoints, fam
         streamed.layers[i].register_forward_hook(
             lambda m, a, out: captured.setdefault(i, []).append((out[0] if isinstance(out, tuple) else out).clone()))
 
-    saliency = calibrate(src, samples, batch_size=BATCH_SIZE.get(family, 2), device="cpu", dtype="float32", mtp="drop",
+    batch_size = BATCH_SIZE.get(family, 2)
+    saliency = calibrate(src, samples, batch_size=batch_size, device="cpu", dtype="float32", mtp="drop",
                          on_layer=on_layer)
-    ref, ref_hidden = reference_stats(src, samples)
+    model, _ = load(src)
+    ref = reference_stats(src, samples, model=model)
     assert_stats_close(saliency.layers, ref)
     ckpt = Checkpoint.open(src)
     assert sorted(saliency.layers) == ckpt.moe_layers
@@ -46,11 +48,14 @@ def test_streamed_statistics_and_hidden_states_equal_full_model(checkpoints, fam
     assert saliency.dense_layers == [i for i in range(ckpt.num_hidden_layers) if i not in ckpt.moe_layers]
     # streaming: at each layer exactly that layer holds real memory
     assert resident == [[i] for i in range(ckpt.num_hidden_layers)]
-    # hidden states after each streamed layer equal the full model's, on real tokens
-    for i, batches in captured.items():
-        rows = [b[j] for b in batches for j in range(b.shape[0])]
-        for row, want in zip(rows, ref_hidden[i]):
-            torch.testing.assert_close(row[: want.shape[0]], want, rtol=1e-5, atol=1e-5)
+    # hidden states after each streamed layer equal the full model's forward over the same batches, on real tokens
+    batches = make_batches(samples, batch_size, model.config.get_text_config().pad_token_id or 0)
+    want = layer_outputs(model, batches)
+    assert sorted(captured) == sorted(want)
+    for i, outputs in captured.items():
+        for got, ref_out, (_, am) in zip(outputs, want[i], batches, strict=True):
+            real = am.bool()
+            torch.testing.assert_close(got[real], ref_out[real], rtol=1e-5, atol=1e-5)
 
 
 # nemotron_h: Mamba2 blocks take the padding mask their own way (and a chunked scan)

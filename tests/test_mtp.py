@@ -157,7 +157,7 @@ def reference_with_mtp(src, samples, tmp_path=None):
     n = config.get_text_config().num_hidden_layers - depths
     assert not [k for k in info["missing_keys"] if any(f"layers.{n + d}." in k for d in range(depths))], info
     feed_mtp_inputs(model, src, n, depths)
-    stats, _ = reference_stats(src, samples, model=model, uncounted_tail={n + d - 1: d for d in range(1, depths + 1)})
+    stats = reference_stats(src, samples, model=model, uncounted_tail={n + d - 1: d for d in range(1, depths + 1)})
     return stats
 
 

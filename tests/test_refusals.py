@@ -52,7 +52,7 @@ def test_out_inside_or_equal_to_ckpt(src, tmp_path):
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
     before = tree_hash(src)
     refused(cli("apply", mask, src, src / "pruned"), "inside the input")
-    refused(cli("apply", mask, src, src), "inside the input")
+    refused(cli("apply", mask, src, src), "output directory is the input checkpoint")
     refused(cli("apply", mask, src, tmp_path, "--overwrite"), "contains the input")
     assert tree_hash(src) == before
 
@@ -140,9 +140,9 @@ def test_index_names_missing_file(src, tmp_path):
 
 
 def test_missing_mask_and_missing_checkpoint(src, tmp_path):
-    refused(cli("apply", tmp_path / "nope.json", src, tmp_path / "out"), "nope.json", "not found")
+    refused(cli("apply", tmp_path / "nope.json", src, tmp_path / "out"), "nope.json", "does not exist")
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
-    refused(cli("apply", mask, tmp_path / "nockpt", tmp_path / "out"), "nockpt", "not a checkpoint")
+    refused(cli("apply", mask, tmp_path / "nockpt", tmp_path / "out"), "nockpt: does not exist")
 
 
 def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):

@@ -43,7 +43,12 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ReapError(None, f"--device {device}: no CUDA device is available")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ReapError(None, f"--device {device}: this machine has {n} CUDA device{'s' if n > 1 else ''} "
+                              f"({', '.join(f'cuda:{i}' for i in range(n))})")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import click
 
+from ..common.checkpoint import HUB_ID
 from ..errors import ReapError
-from .common import (EXIT_BAD_INPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, layout_from, plan_kwargs, table,
-                     layout_option, one_line_errors, plan_options)
+from .common import (EXIT_BAD_INPUT, OUTPUT, PLAN_FLAGS, echo_mtp, echo_plan, emit_json, human, json_option, layout_from,
+                     layout_option, one_line_errors, plan_facts, plan_kwargs, plan_options, table)
+from .progress import echo_above_bars, progress_bars
+
+
+def _echo_notes(notes: list[str]) -> None:
+    """With --json, the notes that the text output prints among its facts go to stderr."""
+    for note in notes:
+        echo_above_bars(f"note: {note}")
 
 
 # what a format calls its output files and where the changed settings are
@@ -38,10 +47,25 @@ def _echo_preview(p: dict) -> None:
         click.echo(f"  would replace the existing contents of {p['out']} (--overwrite)")
 
 
+ORDER = "the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"
+
+
+def check_order(mask: Path, ckpt: Path, out: Path, gguf: bool = False) -> None:
+    """Arguments given in another order (a checkpoint as MASK, a mask as CKPT, the checkpoint as OUT)
+    refused with the order, before any message about what the misplaced file is not. `gguf`: CKPT is
+    a GGUF model (a file)."""
+    if mask.is_dir():
+        raise ReapError(mask, f"is a directory, not a mask or saliency file; {ORDER}")
+    if ckpt.is_file() and not gguf:
+        raise ReapError(ckpt, f"is a file, not a checkpoint directory; {ORDER}")
+    if not ckpt.exists() and not HUB_ID.match(str(ckpt)) and (out / "config.json").is_file():
+        raise ReapError(ckpt, f"does not exist (and OUT {out} is a checkpoint: arguments in the wrong order? {ORDER})")
+
+
 @click.command()
 @click.argument("mask", metavar="MASK_OR_SALIENCY", type=click.Path(path_type=Path))
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=OUTPUT)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
@@ -56,10 +80,11 @@ def _echo_preview(p: dict) -> None:
                    "from the trunk's config.")
 @plan_options
 @layout_option
+@json_option
 @one_line_errors
 def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs: int | None, dry_run: bool, mtp: str,
-          layout_file: Path | None, **opts) -> None:
-    """Write CKPT with only the experts MASK keeps into OUT.
+          layout_file: Path | None, as_json: bool, **opts) -> None:
+    """Write CKPT into OUT with only the experts that MASK_OR_SALIENCY keeps.
 
     MASK_OR_SALIENCY is a mask.json, or a saliency.json together with --sparsity
     or --keep (and the other options of `reapsurgery plan`) to plan the mask
@@ -83,6 +108,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     from ..surgery.apply import apply_mask
 
     gguf = gguf_model_path(ckpt)
+    check_order(mask, ckpt, out, gguf is not None)
     if layout_file is not None and gguf is not None:
         raise ReapError(layout_file, "--layout describes a safetensors checkpoint's tensors; a GGUF file needs none "
                                      "(its expert tensors are known by llama.cpp's names)")
@@ -121,34 +147,41 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 
             preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
         if planned:
-            echo_plan(planned)
-        _echo_preview(preview)
+            echo_plan(planned, with_table=not as_json)
+        if as_json:
+            _echo_notes(preview["notes"])
+            emit_json({"dry_run": True, **preview, "plan": plan_facts(planned) if planned else None})
+        else:
+            _echo_preview(preview)
         return
 
     total = 0
     bar = None
+    bars = progress_bars(quiet)
 
     def progress(n: int) -> None:
         nonlocal bar
         if bar is None:  # created on the first write, so refusals print nothing but the error
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing shards")
+            bar = bars(total=total, unit="B", unit_scale=True, desc="writing shards")
         bar.update(n)
 
     def on_plan(plan) -> None:  # called once every check has passed, before anything is written
         nonlocal total
         total = plan.total_size
         if planned:
-            echo_plan(planned, with_table=not quiet)
+            echo_plan(planned, with_table=not quiet and not as_json)
 
     try:
-        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=None if quiet else progress,
+        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress if bars else None,
                             on_plan=on_plan,
-                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: click.echo(f"note: {text}", err=True))
+                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: echo_above_bars(f"note: {text}"))
     finally:
         if bar is not None:
             bar.close()
+    if as_json:
+        _echo_notes(result.notes)
+        emit_json({"dry_run": False, **dataclasses.asdict(result), "plan": plan_facts(planned) if planned else None})
+        return
     unit, where = WORDS[result.format]
     click.echo(
         f"wrote {result.out}: {result.experts_before} -> {result.experts_after} experts in "
@@ -165,19 +198,26 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @layout_option
+@json_option
 @one_line_errors
-def verify(ckpt: Path, layout_file: Path | None) -> None:
+def verify(ckpt: Path, layout_file: Path | None, as_json: bool) -> None:
     """Check that a checkpoint's index, shard headers, expert tensors and config agree.
 
     CKPT may be a GGUF file (a split set by its first part, or the directory apply wrote it to):
-    its header as llama.cpp reads it, expert counts against shapes, NextN and size-label metadata."""
+    its header as llama.cpp reads it, expert counts against shapes, NextN and size-label metadata.
+    Exit code 0 when they agree; otherwise every problem is an `error:` line and the exit code is 2
+    (with --json, the report, "ok": false and its problems, is printed as well)."""
     from ..surgery.verify import verify as run_verify
 
     report = run_verify(ckpt, layout_from(layout_file))
+    if as_json:
+        emit_json({"ok": report.ok, **dataclasses.asdict(report)})
     if not report.ok:
         for problem in report.problems:  # each names its file
             click.echo(f"error: {problem}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    if as_json:
+        return
     click.echo(
         f"ok: {ckpt}: {report.tensors} tensors in {report.shards} {WORDS[report.format][0]}(s), "
         f"{human(report.total_size)}, {report.moe_layers} MoE layers with {report.num_experts} experts each"

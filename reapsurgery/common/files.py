@@ -81,12 +81,12 @@ def read_bytes(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSO
         with open(path, "rb") as f:
             head = f.read(16)
             if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < limit:
-                raise ReapError(path, f"is a safetensors file, not a {what} (arguments in the wrong order?)")
+                raise ReapError(path, f"is a safetensors file (weights), not a {what}")
             if os.fstat(f.fileno()).st_size > limit:
                 raise ReapError(path, f"{what} is larger than {limit >> 20} MiB; not a JSON file reapsurgery reads")
             return head + f.read()
     except FileNotFoundError:
-        raise ReapError(path, f"{what} not found") from None
+        raise ReapError(path, "does not exist") from None
     except IsADirectoryError:
         raise ReapError(path, f"is a directory, expected a {what}") from None
     except OSError as e:
@@ -134,6 +134,8 @@ def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
         if Path(src).resolve() == out_r:
             raise ReapError(out, f"{flag} would overwrite the input {src}; choose another output file")
     for d in input_dirs:
+        if out_r == Path(d).resolve():
+            raise ReapError(out, f"{flag} is the input checkpoint; give a file name outside it")
         if _inside(out_r, Path(d).resolve()):
             raise ReapError(out, f"{flag} is inside the input checkpoint {d}; write outside it")
     if out.is_dir():

@@ -21,7 +21,7 @@ from ..common.quant import rewrite_hf_quant_config
 from ..errors import ReapError
 from .copier import default_jobs
 from .draft import DRAFT_DIR, write_draft
-from .modelcard import pruned_card
+from .modelcard import write_card
 from .outconfig import write_index
 from .outdir import check_output, staged_output
 from .result import ApplyResult
@@ -88,10 +88,7 @@ def apply_mask(
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
-        source_card = ckpt.path / "README.md"
-        card = source_card.read_text() if source_card.is_file() else None
-        (tmp / "README.md").write_text(
-            pruned_card(card, ckpt, mask, plan.experts_before, len(plan.moe_layers), plan.dropped_layers))
+        write_card(tmp / "README.md", ckpt, mask, plan.experts_before, len(plan.moe_layers), plan.dropped_layers, note)
         mask.save(tmp / MASK_COPY)
         handled = {"config.json", "README.md", INDEX, *ckpt.shards}
         handled |= rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)

@@ -34,7 +34,9 @@ _hook: Callable[[str], None] | None = None
 
 def check_output(src: Path, out: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
+    if out_r == src_r:
+        raise ReapError(out, "output directory is the input checkpoint; choose another one")
+    if src_r in out_r.parents:
         raise ReapError(out, f"output directory is inside the input checkpoint {src}")
     if out_r in src_r.parents:
         raise ReapError(out, f"output directory contains the input checkpoint {src}")
