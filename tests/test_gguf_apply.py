@@ -150,6 +150,10 @@ def test_dry_run_writes_nothing(gguf_files, tmp_path):
     r = cli("apply", gguf_mask(src, KEEP, tmp_path / "m.json"), src, tmp_path / "out", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "dry run: would write" in r.stdout and "metadata: qwen3moe.expert_count 8 -> 4" in r.stdout
+    r = cli("apply", tmp_path / "m.json", src, tmp_path / "out", "--dry-run", "--json")
+    facts = json.loads(r.stdout)
+    assert facts["format"] == "gguf" and facts["config_changes"]["qwen3moe.expert_count"] == [8, 4]
+    assert [f["name"] for f in facts["shards"]] == [p.name for p in parts_of(src)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
 
 
