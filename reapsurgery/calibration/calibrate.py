@@ -8,8 +8,8 @@ is saved (resume.py) so `--resume` continues from the last finished layer with i
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,8 +27,11 @@ from ..common.layouts import Layout
 from .distributed import Ranks
 from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
-from ..common.saliency import LayerStats, Saliency
+from ..common.saliency import STAT_KEYS, LayerStats, Saliency
+from ..common.staging import deferred_signals
+from .finite import check_computed
 from ..common.units import human
+from . import statedir
 from .resume import ResumeState, state_key
 from .streaming import StreamedModel, fill_carried, moved
 from .timing import TIMINGS
@@ -82,10 +85,18 @@ def make_batches(samples: list[list[int]], batch_size: int, pad_id: int = 0) -> 
     return batches
 
 
-def _layer_stats(s: ExpertStats) -> LayerStats:
+def _layer_stats(s: ExpertStats, where: Path, layer: int, dtype: torch.dtype) -> LayerStats:
+    """A layer's statistics as numbers, once summed (and all-reduced): a NaN or infinity among them
+    is refused here, naming the layer, not written into a saliency file that plan would refuse."""
     mx = [None if v == float("-inf") else v for v in s.max_activation.cpu().tolist()]
-    return LayerStats(int(s.tokens.item()), s.count.cpu().tolist(), s.gate_sum.cpu().tolist(),
-                      s.norm_sum.cpu().tolist(), s.reap_sum.cpu().tolist(), mx)
+    stats = LayerStats(int(s.tokens.item()), s.count.cpu().tolist(), s.gate_sum.cpu().tolist(),
+                       s.norm_sum.cpu().tolist(), s.reap_sum.cpu().tolist(), mx)
+    for key in STAT_KEYS:
+        bad = next(((e, v) for e, v in enumerate(getattr(stats, key)) if v is not None and not math.isfinite(v)), None)
+        if bad is not None:
+            check_computed(where, f"layer {layer}: the {key} statistic of expert {bad[0]} ({bad[1]})",
+                           torch.tensor(bad[1]), dtype)
+    return stats
 
 
 def plan_chunks(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden_size: int, dtype: torch.dtype,
@@ -233,6 +244,7 @@ def calibrate(
     resume: bool = False,
     checkpoint_every: float = 600.0,
     output: str | Path | None = None,
+    overwrite: bool = False,
     trust_remote_code: bool = False,
     provenance: dict | None = None,
     bar: BarFactory | None = None,
@@ -250,7 +262,9 @@ def calibrate(
     plan and apply keep and prune it); "drop" leaves it out; "auto" calibrates it where the
     family's layout says a loader needs it present (`mtp_keep`) and the checkpoint stores it.
     The resume state in `state_dir` is saved at most every `checkpoint_every` seconds (0: after
-    every layer); when `output` is given the result is written there before the state is removed.
+    every layer); when `output` is given the result is written there before the state is removed
+    (`overwrite`: over an existing file; also discards an earlier state that `resume` does not
+    continue). When the result cannot be written, every layer's statistics are kept as the state.
     `prefetch` reads (and dequantises, converts) layer i+1 on a background thread while layer i
     runs; the arithmetic is the same either way, so are the statistics.
     `hidden_memory` (bytes) bounds the hidden states on the compute device (None: what is free there
@@ -263,6 +277,8 @@ def calibrate(
         raise ReapError(None, f"--mtp {mtp}: choose auto, drop or calibrate")
     if not samples:
         raise ReapError(None, "no calibration samples")
+    if state_dir is not None:  # refused before anything is loaded: a path not ours, an earlier state
+        statedir.check_state_dir(Path(state_dir), resume, overwrite)
     ckpt = Checkpoint.open(ckpt_path, layout)
     ckpt.tensors()  # index and shard headers agree, before any layer is read
     mtp = resolve_mtp(ckpt, mtp)
@@ -287,12 +303,12 @@ def calibrate(
     batches = make_batches(samples, batch_size, text_config.pad_token_id or 0)
     if ranks:
         batches = ranks.share(batches)
-        if state_dir:
-            state_dir = Path(state_dir) / f"rank{ranks.rank}of{ranks.world}"
     # the chunks are not part of the key: a resumed run keeps the saved ones, whatever is free now
     key = state_key(ckpt, samples, {"batch_size": batch_size, "dtype": str(dt), "mtp_layers": extra_layers,
                                     "device": dev.type, "ranks": [ranks.rank, ranks.world] if ranks else None})
-    state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every)
+    state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every,
+                        f"rank{ranks.rank}of{ranks.world}" if ranks else None)
+    state.prepare(resume, overwrite)
     loaded = state.load() if resume else None
     layer_bytes = max(sum(p.numel() for p in layer.parameters()) for layer in streamed.layers) * \
         torch.empty((), dtype=dt).element_size()
@@ -341,7 +357,14 @@ def calibrate(
     result = Saliency(ckpt.fingerprint(), calibration, {k: stats[k] for k in sorted(stats)}, dense_layers)
     state.wait()
     if output is not None and (ranks is None or ranks.rank == 0):
-        result.save(output)
+        with deferred_signals():  # the result, and the state it makes useless removed, as one step
+            try:
+                result.save(output, overwrite)
+            except ReapError as e:
+                kept = state.keep(stats, chunks) if ranks is None else "the resume state saved earlier is kept"
+                raise ReapError(e.path, f"{e.message}; {kept}") from None
+            if ranks is None:
+                state.clear()
     if ranks:
         ranks.barrier()  # every rank keeps its state until rank 0 has written the result
     state.clear()  # only once the result is safely written
@@ -432,19 +455,20 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                 for name, s in sorted(observer.stats.items()):
                     if run.ranks:
                         run.ranks.reduce(s)
-                    stats[run.experts_layer[name]] = _layer_stats(s)
+                    layer = run.experts_layer[name]
+                    stats[layer] = _layer_stats(s, streamed.ckpt.path, layer, run.dt)
                     del observer.stats[name]
                 hidden, carried, done = outputs, passed, i + 1  # new lists: a background save keeps the old
                 if i + 1 < total and state.due():  # after the last layer the next chunk or the result follows
                     state.save(i + 1, stats, hidden, {**extra, "carried": _cpu(carried)})
                 if outer:
                     outer.update(1)
-    except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
-        if done > start and state.saved_next != (chunk, done):
+    except BaseException as e:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
+        state.wait()  # the last background save is on disk before the caller can resume from it
+        # but not for a refused input (a damaged tensor, a layer the model does not take): a resumed run
+        # would read the same input and stop at the same layer
+        if done > start and state.saved_next != (chunk, done) and not isinstance(e, ReapError):
             state.save(done, stats, hidden, {**extra, "carried": _cpu(carried)}, background=False)
-        else:  # the last background save is on disk before the caller can resume from it
-            with contextlib.suppress(Exception):
-                state.wait()
         raise
     finally:
         if reader is not None:

@@ -68,7 +68,7 @@ def check_order(mask: Path, ckpt: Path, out: Path, gguf: bool = False) -> None:
 @click.argument("out", type=OUTPUT)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--jobs", "-j", type=click.IntRange(1, 1024), default=None, metavar="N",
               help="Copies in flight at once (worker threads); default one per CPU, between 2 and 8. "
                    "Fast NVMe drives reach their bandwidth only with several requests outstanding.")
 @click.option("--dry-run", is_flag=True,
@@ -141,11 +141,13 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         if gguf is not None:
             from ..surgery.gguf_apply import gguf_preview
 
-            preview = gguf_preview(chosen, mask, gguf, out, overwrite=overwrite, mtp=mtp)
+            preview = gguf_preview(chosen, mask, gguf, out, overwrite=overwrite, mtp=mtp,
+                                   inputs=[layout_file] if layout_file else [])
         else:
             from ..surgery.preview import apply_preview
 
-            preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
+            preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp,
+                                    inputs=[layout_file] if layout_file else [])
         if planned:
             echo_plan(planned, with_table=not as_json)
         if as_json:
@@ -174,7 +176,8 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     try:
         result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress if bars else None,
                             on_plan=on_plan,
-                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: echo_above_bars(f"note: {text}"))
+                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: echo_above_bars(f"note: {text}"),
+                            inputs=[layout_file] if layout_file else [])
     finally:
         if bar is not None:
             bar.close()

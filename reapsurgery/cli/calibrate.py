@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .common import (OUTPUT, data_options, emit_json, json_option, layout_from, layout_option, load_data,
-                     one_line_errors, run_options)
+                     one_line_errors, overwrite_option, run_options)
 from .progress import progress_bars
 
 
@@ -76,52 +76,60 @@ class Size(click.ParamType):
                    "and apply drops it; 'auto' calibrates it for families whose loaders need it present "
                    "(Qwen3-Next: llama.cpp's converter) and drops it for the others.")
 @layout_option
+@overwrite_option
 @json_option
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
               max_length: int, seed: int, batch_size: int, device: str, dtype: str, resume: bool,
               checkpoint_every: float, hidden_memory: int | None, trust_remote_code: bool, mtp: str, quiet: bool,
-              layout_file: Path | None, as_json: bool) -> None:
+              layout_file: Path | None, overwrite: bool, as_json: bool) -> None:
     """Measure per-expert REAP saliency of CKPT on calibration text.
 
     Loads one decoder layer at a time from the shards into a transformers model built
     on the meta device, runs every sample through it, and records each expert's routed
     count, gate sum, output-norm sums and max activation from the model's real routing.
     The run's state is kept beside OUTPUT (OUTPUT.resume/, every --checkpoint-every), so --resume
-    continues a crashed run; it is removed once OUTPUT is written. Under torchrun
+    continues a crashed run; it is removed once OUTPUT is written. A state of an earlier run is
+    never replaced silently: --resume continues it, --overwrite discards it. Under torchrun
     (`torchrun --nproc-per-node N -m reapsurgery calibrate ...`) each rank takes a share of the
     samples and rank 0 writes; on several nodes the same command runs on each, with torchrun's
     --nnodes, --node-rank and --master-addr.
     """
     from ..calibration.preflight import check_device, mtp_layers_on_disk
+    from ..calibration.statedir import check_state_dir, has_state
     from ..common.checkpoint import Checkpoint, resolve_checkpoint
-    from ..common.files import check_output_file
+    from ..common.files import check_output_file, input_clash
+    from ..errors import ReapError
 
     # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
     check_device(device)
     ckpt_dir = resolve_checkpoint(ckpt)
-    check_output_file(output, input_dirs=[ckpt_dir] if ckpt_dir.is_dir() else [])
+    inputs = [p for p in (layout_file, Path(dataset) if dataset else None) if p is not None and p.exists()]
+    input_dirs = [ckpt_dir] if ckpt_dir.is_dir() else []
+    check_output_file(output, inputs, input_dirs, overwrite=overwrite)
+    state_dir = Path(f"{output}.resume")
+    clash = input_clash(state_dir, inputs, input_dirs, directory=True)
+    if clash:
+        raise ReapError(state_dir, f"the resume state's directory {clash}; choose another -o")
+    check_state_dir(state_dir, resume, overwrite)
     layout = layout_from(layout_file)
     opened = Checkpoint.open(ckpt_dir, layout)
     opened.tensors()  # index and shard headers agree, before any layer is read
     if mtp == "calibrate":
         mtp_layers_on_disk(opened)
-    vocab = opened.cfg.get("vocab_size")
-    data, provenance = load_data(opened.path, dataset, text_field, num_samples, max_length, seed,
-                                 vocab_size=vocab if isinstance(vocab, int) else None)  # tokenizing imports torch
+    data, provenance = load_data(opened, dataset, text_field, num_samples, max_length, seed)  # tokenizing imports torch
     from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
 
     resolve_device(device)  # what the cheap check could not rule out
-    state_dir = Path(f"{output}.resume")
     try:
         saliency = run_calibrate(
             opened.path, data.samples, batch_size=batch_size, device=device, dtype=dtype,
-            state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every, output=output,
+            state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every, output=output, overwrite=overwrite,
             hidden_memory=hidden_memory, trust_remote_code=trust_remote_code,
             provenance=provenance, bar=progress_bars(quiet), layout=layout, mtp=mtp,
         )
     except KeyboardInterrupt as e:
-        if state_dir.is_dir() and any(state_dir.iterdir()):
+        if has_state(state_dir):
             e.message = (f"interrupted; the finished layers are kept in {state_dir}: run the same command "
                          "with --resume to continue from there")
         raise
@@ -144,16 +152,17 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 @click.command("merge-saliency")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=OUTPUT, required=True, help="Merged saliency.json.")
+@overwrite_option
 @json_option
 @one_line_errors
-def merge_saliency(files: tuple[Path, ...], output: Path, as_json: bool) -> None:
+def merge_saliency(files: tuple[Path, ...], output: Path, overwrite: bool, as_json: bool) -> None:
     """Sum the statistics of calibration runs on the same model (e.g. several datasets)."""
     from ..common.files import check_output_file
     from ..common.saliency import load_saliency, merge_saliency as merge
 
-    check_output_file(output, inputs=files)
+    check_output_file(output, inputs=files, overwrite=overwrite)
     merged = merge([load_saliency(f) for f in files], list(files))
-    merged.save(output)
+    merged.save(output, overwrite)
     if as_json:
         emit_json({"output": output, "inputs": files, "moe_layers": sorted(merged.layers),
                    "calibration": merged.calibration})

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -27,12 +28,25 @@ EXIT_BAD_INPUT = 2
 class Interrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP, raised in the main thread so every cleanup runs as for Ctrl-C.
 
-    `message` says what was left behind; a command that keeps something sets it."""
+    `message` says what was left behind; a command that keeps something sets it, else it is
+    said from what the run published (interrupted_message)."""
 
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signum)
         self.signum = signum
-        self.message = "interrupted; nothing was written (no output file or directory was left)"
+        self.message: str | None = None
+
+
+def interrupted_message() -> str:
+    """What an interrupt leaves: the outputs already moved into place (complete), else nothing."""
+    from ..common.staging import published
+
+    done = published()
+    if not done:
+        return "interrupted; nothing was written (no output file or directory was left)"
+    names = ", ".join(map(str, done))
+    return (f"interrupted after {names} {'was' if len(done) == 1 else 'were'} written "
+            f"({'it is' if len(done) == 1 else 'each is'} complete); nothing else was written")
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -54,6 +68,42 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+class NoteHandler(logging.Handler):
+    """The library's notes as `note: ...` lines on stderr: held while the command checks its inputs,
+    printed once it goes on (its first progress: cli/progress.py, or its end), so that a refusal,
+    however late its check, is the command's one line (a derived layout's note and calibrate's
+    hidden-state placement are logged before the first layer's shapes are checked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[str] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"note: {record.getMessage()}"
+        if self.held is None:
+            _write_note(line)
+        else:
+            self.held.append(line)
+
+    def print_held(self) -> None:  # not `release`: logging.Handler's lock has that name
+        held, self.held = self.held or [], None
+        for line in held:
+            _write_note(line)
+
+
+def _write_note(line: str) -> None:
+    from .progress import echo_above_bars
+
+    echo_above_bars(line)  # the stderr of now, not of set-up; above the progress bars, not through them
+
+
+def release_notes() -> None:
+    """Print the notes held so far, and every later one at once: the command goes on."""
+    for h in logging.getLogger("reapsurgery").handlers:
+        if isinstance(h, NoteHandler):
+            h.print_held()
+
+
 def quiet_stdout() -> None:
     """Point stdout at /dev/null so no later flush (the interpreter's at exit) fails again."""
     try:
@@ -68,6 +118,9 @@ def one_line_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from ..common.staging import forget_published
+
+        forget_published()  # a command run in-process after another reports only its own outputs
         try:
             return fn(*args, **kwargs)
         except ReapError as e:
@@ -85,7 +138,7 @@ def one_line_errors(fn):
         except KeyboardInterrupt as e:
             close_bars()  # the message on a line of its own, not over a bar
             signum = getattr(e, "signum", signal.SIGINT)
-            message = getattr(e, "message", Interrupted().message)
+            message = getattr(e, "message", None) or interrupted_message()
             click.echo(message, err=True)
             sys.exit(128 + int(signum))
 
@@ -123,8 +176,15 @@ def _path(value) -> str:
 
 
 def emit_json(result: dict | list) -> None:
-    """The one way every command prints its --json result: one document on stdout."""
-    click.echo(json.dumps(result, indent=2, default=_path))
+    """The one way every command prints its --json result: one document on stdout, strict JSON (a
+    NaN or infinity, which JSON does not have, is an error, not a bare word no strict reader takes)."""
+    try:
+        text = json.dumps(result, indent=2, default=_path, allow_nan=False)
+    except ValueError:
+        from ..common.files import _first_nonfinite
+
+        raise ReapError(None, f"--json: {_first_nonfinite(result)}, which JSON cannot hold") from None
+    click.echo(text)
 
 
 def plan_facts(plan) -> dict:
@@ -219,6 +279,9 @@ def plan_kwargs(opts: dict) -> dict:
 # -- running a model over data: options shared by `calibrate` and `evaluate` ------------
 
 
+MAX_TOKENS = 2**31 - 1  # per sample: more than any model's context, and what tokenizers take (not 10^20)
+
+
 def data_options(fn):
     """--dataset, --text-field, --num-samples, --max-length, --seed: which token ids to run."""
     options = [
@@ -227,7 +290,7 @@ def data_options(fn):
         click.option("--text-field", metavar="NAME", help="Field holding the text (default: text, content or prompt)."),
         click.option("--num-samples", default=512, show_default=True, type=click.IntRange(min=1),
                      help="Samples to use."),
-        click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=1),
+        click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1, MAX_TOKENS),
                      help="Tokens per sample, at most."),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Seed for sample selection."),
@@ -255,14 +318,23 @@ def run_options(fn):
     return fn
 
 
-def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_samples: int, max_length: int,
-              seed: int, vocab_size: int | None = None):
-    """The samples of data_options (token ids checked against vocab_size), and their provenance."""
+def load_data(ckpt, dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int):
+    """The samples of data_options for the opened checkpoint `ckpt` (tokenized with its tokenizer, every
+    token id checked against its vocab_size), and their provenance."""
     from ..calibration.data import load_samples
 
-    data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
-                        text_field=text_field, vocab_size=vocab_size)
+    vocab = ckpt.cfg.get("vocab_size")
+    if vocab is not None and not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab >= 1):
+        raise ReapError(ckpt.path / "config.json", f"vocab_size must be a positive integer, found {vocab!r}")
+    data = load_samples(dataset, ckpt.path, num_samples=num_samples, max_length=max_length, seed=seed,
+                        text_field=text_field, vocab_size=vocab)
     return data, {"dataset": data.description, "max_length": max_length, "seed": seed}
+
+
+def overwrite_option(fn):
+    """--overwrite for a command that writes files: without it an existing output is refused."""
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an output file that exists (without it, an existing file is refused).")(fn)
 
 
 LAYOUT_HELP = ("A layout file (JSON, the fields of an entry of reapsurgery/common/layouts.json) describing the "
@@ -309,8 +381,8 @@ def echo_plan(plan, with_table: bool = True) -> None:
             rows.append((l, len(p.never_routed), preserved, _score_range([p.scores[e] for e in p.kept]),
                          _score_range([p.scores[e] for e in p.dropped])))
         table(rows)
-    for note in plan.notes:
-        click.echo(f"note: {note}", err=True)
+    for text in plan.notes:  # held with the library's: `evaluate` plans before its data and model are checked
+        logging.getLogger("reapsurgery").info(text)
 
 
 def echo_mtp(dropped: str | None, kept: list[int], notes: list[str], preview: bool, indent: str,

@@ -9,7 +9,7 @@ import click
 
 from ..errors import ReapError
 from .common import (OUTPUT, PLAN_FLAGS, data_options, echo_plan, emit_json, human, json_option, layout_from, layout_option,
-                     load_data, one_line_errors, plan_kwargs, plan_options, run_options, table)
+                     load_data, one_line_errors, overwrite_option, plan_kwargs, plan_options, run_options, table)
 from .progress import progress_bars
 
 
@@ -22,12 +22,12 @@ def _values(text: str | None, flag: str, kind: type) -> list:
         raise ReapError(None, f"{flag} {text}: expected comma-separated {'numbers' if kind is float else 'integers'}") from None
 
 
-def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], layout, opts: dict) -> list:
-    """Every variant, checked against the checkpoint and sized, before the model is touched."""
-    from ..common.checkpoint import Checkpoint
+def _variants(ckpt, saliency: Path | None, masks: tuple[Path, ...], opts: dict) -> list:
+    """Every variant, checked against the opened checkpoint and sized, before the model is touched."""
     from ..common.mask import load_mask
     from ..evaluation.masks import sized_variant
 
+    ckpt_path, layout = ckpt.path, ckpt.layout
     requests = [("sparsity", s) for s in _values(opts["sparsity"], "--sparsity", float)]
     requests += [("keep", k) for k in _values(opts["keep"], "--keep", int)]
     if saliency is None:
@@ -38,7 +38,6 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
             raise ReapError(None, "nothing to evaluate: give --mask FILE (repeatable), or SALIENCY with --sparsity/--keep")
     elif not requests:
         raise ReapError(saliency, "pass --sparsity F[,F...] or --keep N[,N...] to plan masks from this saliency file")
-    ckpt = Checkpoint.open(ckpt_path, layout)
     out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
     if saliency is None:
         return out
@@ -53,6 +52,21 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
     return out
 
 
+def _check_outputs(ckpt_dir: Path, saliency: Path | None, masks: tuple[Path, ...], layout_file: Path | None,
+                   dataset: str | None, output: Path | None, plot: Path | None, overwrite: bool) -> None:
+    """-o and --plot: not onto an input or into the checkpoint, not one file, not over a file unless --overwrite."""
+    from ..common.files import check_output_file, input_clash
+
+    inputs = [p for p in (saliency, *masks, layout_file, Path(dataset) if dataset else None) if p and p.exists()]
+    dirs = [ckpt_dir] if ckpt_dir.is_dir() else []
+    if output is not None:
+        check_output_file(output, inputs, dirs, "-o", overwrite)
+    if plot is not None:
+        if output is not None and input_clash(plot, [output]):
+            raise ReapError(plot, "--plot and -o name the same file; give each its own")
+        check_output_file(plot, inputs, dirs, "--plot", overwrite)
+
+
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("saliency", required=False, type=click.Path(path_type=Path))
@@ -65,12 +79,13 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
 @data_options
 @run_options
 @layout_option
+@overwrite_option
 @json_option
 @one_line_errors
 def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output: Path | None, plot: Path | None,
              dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int,
              batch_size: int, device: str, dtype: str, trust_remote_code: bool, quiet: bool,
-             layout_file: Path | None, as_json: bool, **opts) -> None:
+             layout_file: Path | None, overwrite: bool, as_json: bool, **opts) -> None:
     """Measure what pruning CKPT with each mask would cost, without writing a checkpoint.
 
     \b
@@ -86,25 +101,23 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     calibration set. Data, device and dtype options are calibrate's.
     """
     from ..calibration.preflight import check_device
-    from ..common.checkpoint import resolve_checkpoint
-    from ..evaluation.report import plot_report, save_report, table_rows
+    from ..common.checkpoint import Checkpoint, resolve_checkpoint
+    from ..evaluation.report import plot_format, plot_report, save_report, table_rows
 
     # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
     check_device(device)
     ckpt_dir = resolve_checkpoint(ckpt)
-    layout = layout_from(layout_file)
-    variants = _variants(ckpt_dir, saliency, masks, layout, opts)
+    _check_outputs(ckpt_dir, saliency, masks, layout_file, dataset, output, plot, overwrite)
+    opened = Checkpoint.open(ckpt_dir, layout_from(layout_file))
+    variants = _variants(opened, saliency, masks, opts)
     if plot is not None:  # refuse before the long run if the plot cannot be drawn
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ReapError(plot, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
-    data, provenance = load_data(ckpt_dir, dataset, text_field, num_samples, max_length, seed)
+        plot_format(plot)
+    data, provenance = load_data(opened, dataset, text_field, num_samples, max_length, seed)
     from ..evaluation.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(ckpt_dir, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, provenance=provenance,
-                          bar=progress_bars(quiet), layout=layout)
+                          bar=progress_bars(quiet), layout=opened.layout)
     report = result.to_json()
     d = report["data"]
     if not as_json:
@@ -115,7 +128,7 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     written = []
     for path, write in ((output, save_report), (plot, plot_report)):
         if path is not None:
-            write(report, path)
+            write(report, path, overwrite)
             written.append(path)
             if not as_json:
                 click.echo(f"wrote {path}")

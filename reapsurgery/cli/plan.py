@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .common import (OUTPUT, echo_plan, emit_json, json_option, layout_from, layout_option, one_line_errors,
-                     plan_facts, plan_kwargs, plan_options)
+                     overwrite_option, plan_facts, plan_kwargs, plan_options)
 
 
 @click.command()
@@ -17,9 +17,11 @@ from .common import (OUTPUT, echo_plan, emit_json, json_option, layout_from, lay
 @click.option("--ckpt", type=click.Path(path_type=Path), metavar="CKPT",
               help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
 @layout_option
+@overwrite_option
 @json_option
 @one_line_errors
-def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | None, as_json: bool, **opts) -> None:
+def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | None, overwrite: bool, as_json: bool,
+         **opts) -> None:
     """Choose the experts each MoE layer keeps from SALIENCY; write a mask.
 
     \b
@@ -43,9 +45,10 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | No
     from ..plan import plan_from_files, save_mask
 
     ckpt_dirs = [resolve_checkpoint(ckpt)] if ckpt is not None else []
-    check_output_file(output, inputs=[saliency], input_dirs=[d for d in ckpt_dirs if d.is_dir()])
+    check_output_file(output, inputs=[saliency, *filter(None, [layout_file])],
+                      input_dirs=[d for d in ckpt_dirs if d.is_dir()], overwrite=overwrite)
     result = plan_from_files(saliency, ckpt, layout=layout_from(layout_file), **plan_kwargs(opts))
-    save_mask(result.mask, output)
+    save_mask(result.mask, output, overwrite)
     echo_plan(result, with_table=not as_json)
     if as_json:
         emit_json({"output": output, **plan_facts(result)})

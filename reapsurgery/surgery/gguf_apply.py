@@ -1,15 +1,15 @@
 """`apply` on a GGUF model: one file out for one file in, a directory of parts for a split set.
 
 The plan is gguf_plan's; the copy is writer.write_files, as for safetensors; the output appears
-only once complete: a hidden sibling file renamed into place, or for a split set a hidden sibling
-directory (outdir.staged_output).
+only once complete: written in a marked scratch directory beside it and renamed into place
+(outdir.staged_file; for a split set, outdir.staged_output).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..common.gguf_model import GGUFModel
 from ..common.mask import Mask
@@ -21,22 +21,24 @@ from .result import ApplyResult
 from .writer import write_files
 
 
-def _open(src: Path, out: Path, overwrite: bool, mtp: str) -> tuple[GGUFModel, bool]:
+def _open(src: Path, out: Path, overwrite: bool, mtp: str, inputs: list[Path]) -> tuple[GGUFModel, bool]:
     if mtp != "mask":
         raise ReapError(None, f"--mtp {mtp} writes a safetensors draft directory; for a GGUF file, keep its NextN "
                               "blocks pruned with a mask that covers them, or let apply drop them")
     model = GGUFModel.open(src)
     split = len(model.parts) > 1
-    inputs = [p.path for p in model.parts]
+    inputs = [*inputs, *(p.path for p in model.parts)]
     (check_output_dir_of if split else check_output_file_of)(inputs, out, overwrite)
     return model, split
 
 
 def apply_gguf(mask: Mask, mask_path: Path, src: Path, out: Path, overwrite: bool = False,
                progress: Callable[[int], None] | None = None, on_plan: Callable[[GGUFPlan], None] | None = None,
-               jobs: int | None = None, note: Callable[[str], None] | None = None, mtp: str = "mask") -> ApplyResult:
-    """Write the pruned GGUF to `out` (a file; a directory of parts for a split set)."""
-    model, split = _open(src, out, overwrite, mtp)
+               jobs: int | None = None, note: Callable[[str], None] | None = None, mtp: str = "mask",
+               inputs: Iterable[str | Path] = ()) -> ApplyResult:
+    """Write the pruned GGUF to `out` (a file; a directory of parts for a split set). `inputs`: other
+    files the run reads (the output may not be or hold one), besides the mask and the GGUF parts."""
+    model, split = _open(src, out, overwrite, mtp, [mask_path, *map(Path, inputs)])
     plan = plan_gguf(model, mask, mask_path, None if split else [out.name])
     if on_plan:
         on_plan(plan)
@@ -55,9 +57,9 @@ def apply_gguf(mask: Mask, mask_path: Path, src: Path, out: Path, overwrite: boo
 
 
 def gguf_preview(mask: Mask, mask_path: Path, src: Path, out: Path, overwrite: bool = False,
-                 mtp: str = "mask") -> dict[str, Any]:
+                 mtp: str = "mask", inputs: Iterable[str | Path] = ()) -> dict[str, Any]:
     """What apply_gguf would write, after the same checks; creates nothing."""
-    model, split = _open(src, out, overwrite, mtp)
+    model, split = _open(src, out, overwrite, mtp, [mask_path, *map(Path, inputs)])
     plan = plan_gguf(model, mask, mask_path, None if split else [out.name])
     return {
         "out": str(out),

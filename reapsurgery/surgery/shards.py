@@ -141,6 +141,8 @@ def slice_ranges(info: TensorInfo, base: int, axis: int, kept: list[int], n_expe
     if inner_bits % 8:
         raise ReapError(None, f"tensor {info.name!r}: an expert's slice is not a whole number of bytes")
     inner = inner_bits // 8
+    if inner == 0:  # no bytes (a zero dimension): nothing to copy, however many rows a header claims
+        return []
     ranges: list[tuple[int, int]] = []
     for o in range(outer):
         row = base + info.start + o * n_experts * inner
