@@ -389,13 +389,23 @@ def plan_for_checkpoint(saliency: Saliency, saliency_path: str | Path, ckpt: "Ch
 
 def plan_from_files(saliency_path: str | Path, ckpt_path: str | Path | None = None, layout: "Layout | None" = None,
                     **options) -> Plan:
-    """Load saliency.json and plan; with a checkpoint, check it matches and use its router's facts.
+    """Load saliency.json and plan; with a checkpoint (or a GGUF file), check it matches and use its
+    router's facts.
 
     `layout` (a user's layout file) replaces the built-in one for the checkpoint."""
     from .common.checkpoint import Checkpoint
+    from .common.gguf_file import gguf_model_path
     from .common.saliency import load_saliency
 
     saliency = load_saliency(saliency_path)
     if ckpt_path is None:
         return plan_mask(saliency, source=saliency_path, **options)
+    if gguf_model_path(ckpt_path) is not None:
+        from .common.gguf_model import GGUFModel
+
+        model = GGUFModel.open(gguf_model_path(ckpt_path))
+        model.check_model(saliency.model, Path(saliency_path))
+        router = model.router()
+        return plan_mask(saliency, topk_group=router.topk_group or router.n_group, min_per_group=router.min_per_group,
+                         source=saliency_path, **options)
     return plan_for_checkpoint(saliency, saliency_path, Checkpoint.open(ckpt_path, layout), **options)

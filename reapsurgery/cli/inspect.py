@@ -89,6 +89,22 @@ def _echo_checkpoint(f: dict) -> None:
     click.echo(ACTIVE_NOTE)
 
 
+def _echo_gguf(f: dict) -> None:
+    nextn, pruned = f["nextn"], f["pruned"]
+    rows = [("gguf", f["path"] + (f" (+{len(f['files']) - 1} split parts)" if len(f["files"]) > 1 else "")),
+            *_model_rows(f["model"], f["topk_group"]),
+            ("hidden size", f["model"]["hidden_size"]),
+            ("nextn blocks", f"{nextn['announced']} announced, stored: {_spans(nextn['stored'])}"),
+            ("size label", f["size_label"] or "-")]
+    if pruned:
+        rows.append(("pruned", f"by reapsurgery: {pruned['experts_before']} -> {pruned['experts_after']} routed experts, "
+                               f"mask sha256 {pruned['mask_sha256']}"))
+    table(rows, indent="")
+    click.echo("size:")
+    _echo_sizes([("", f["size"])])
+    click.echo(ACTIVE_NOTE)
+
+
 def _echo_mask(f: dict) -> None:
     prov = f["provenance"]
     rows = [("mask", f["path"]), ("sha256", f["sha256"]), *_model_rows(f["model"]),
@@ -110,8 +126,9 @@ def _echo_mask(f: dict) -> None:
             click.echo(f"bytes saved: {human(size['bytes_saved'])}" + (
                 f" (in its own format, {_quant(size['quantization'])})" if size.get("quantization") else ""))
         click.echo(ACTIVE_NOTE)
+        where = "metadata" if size.get("format") == "gguf" else "config.json"
         for key, (old, new) in size["config_changes"].items():
-            click.echo(f"config.json: {key} {old} -> {new}")
+            click.echo(f"{where}: {key} {old} -> {new}")
         echo_mtp(size["mtp_dropped"], size["kept_mtp_layers"], size["notes"], True, "")
     click.echo("kept experts per layer:")
     table([(f"{layer}:", " ".join(map(str, kept))) for layer, kept in f["layers"].items()])
@@ -153,14 +170,16 @@ def _echo_saliency(f: dict) -> None:
 @json_option
 @one_line_errors
 def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layout_file: Path | None) -> None:
-    """Describe a checkpoint, a saliency file or a mask.
+    """Describe a checkpoint, a GGUF file, a saliency file or a mask.
 
     \b
     checkpoint: architecture, MoE layers, experts and top-k, parameter and byte
                 counts (total, active per token, by kind and dtype)
+    gguf:       the same from the GGUF header (ggml types), NextN blocks, size
+                label, and the mask reapsurgery recorded if it pruned the file
     saliency:   per-layer tokens, never-routed experts, spread of scores, super experts
-    mask:       experts kept; with --ckpt, size before and after (bytes, params,
-                active params) exactly as `apply` would write it
+    mask:       experts kept; with --ckpt (a checkpoint or a GGUF file), size before
+                and after (bytes, params, active params) exactly as `apply` would write it
 
     Active params = non-expert params + top_k/E of the routed-expert params: roughly
     what one token uses. Only headers and config are read.
@@ -171,7 +190,8 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
     if as_json:
         emit_json(facts)
         return
-    {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency}[facts["kind"]](facts)
+    {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency,
+     "gguf": _echo_gguf}[facts["kind"]](facts)
 
 
 @click.command()

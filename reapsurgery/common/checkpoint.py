@@ -23,6 +23,7 @@ FINGERPRINT_FIELDS = (
     "architecture", "model_type", "num_hidden_layers", "moe_layers",
     "num_experts", "num_experts_per_tok", "n_group",
 )
+OPTIONAL_FINGERPRINT_FIELDS = ("hidden_size",)  # recorded since GGUF support; compared where both files have it
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -131,6 +132,7 @@ class Checkpoint:
             "num_experts": self.num_experts,
             "num_experts_per_tok": self.top_k,
             "n_group": n_group,
+            **({"hidden_size": cfg["hidden_size"]} if isinstance(cfg.get("hidden_size"), int) else {}),
         }
 
     # -- shards ---------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .checkpoint import FINGERPRINT_FIELDS
+from .checkpoint import FINGERPRINT_FIELDS, OPTIONAL_FINGERPRINT_FIELDS
 from .files import json_bytes, layer_key, read_bytes, loads_strict, write_atomic
 from ..errors import ReapError
 
@@ -88,6 +88,9 @@ def fingerprint_problem(model: dict) -> str | None:
     g = model["n_group"]
     if g is not None and (not _count(g, 1) or E % g):
         return f"'model' n_group {g!r} is not a positive integer dividing num_experts={E}"
+    h = model.get("hidden_size")
+    if h is not None and not _count(h, 1):
+        return f"'model' hidden_size {h!r} is not a positive integer"
     return None
 
 
@@ -147,11 +150,61 @@ def parse_mask(data: Any, path: Path, sha256: str | None = None) -> Mask:
 
 
 def check_fingerprint(expected: dict, actual: dict, path: Path, against: Path) -> None:
-    """Refuse a file measured on a different model, naming the first field that differs."""
-    for f in FINGERPRINT_FIELDS:
+    """Refuse a file measured on a different model, naming the first field that differs (an optional
+    field only where both record it: files written before it was recorded lack it)."""
+    optional = [f for f in OPTIONAL_FINGERPRINT_FIELDS if expected.get(f) is not None and actual.get(f) is not None]
+    for f in (*FINGERPRINT_FIELDS, *optional):
         if expected.get(f) != actual.get(f):
             raise ReapError(
                 path,
                 f"does not match {against}: {f} is {expected.get(f)!r} in this file "
                 f"but {actual.get(f)!r} there",
             )
+
+
+@dataclass(frozen=True)
+class Router:
+    """What a mask must leave the router to run: top-k and the groups of a group-limited router, with
+    the names the file gives them (config.json keys, or GGUF metadata keys) for the messages."""
+
+    num_experts: int
+    top_k: int
+    n_group: int | None = None
+    topk_group: int | None = None  # groups a token may use; None: all of them
+    min_per_group: int = 1  # experts the router needs in each group (it scores a group by its best few)
+    names: tuple[str, str, str] = ("num_experts_per_tok", "n_group", "topk_group")
+
+
+def check_routable(mask: Mask, mask_path: Path, router: Router) -> None:
+    """Refuse a mask that leaves fewer experts than top-k, unequal groups, too few experts per group,
+    or fewer reachable through the groups a token may use than top-k: one rule for every format."""
+    top_k_name, group_name, used_name = router.names
+    if mask.kept < router.top_k:
+        raise ReapError(mask_path, f"keeps {mask.kept} experts per layer but the model routes each token to "
+                                   f"{top_k_name}={router.top_k}")
+    n_group = router.n_group
+    if not n_group or n_group <= 1:
+        return
+    size = router.num_experts // n_group
+    per_group = mask.kept // n_group
+    for layer, keep in mask.layers.items():
+        counts = [sum(1 for e in keep if e // size == g) for g in range(n_group)]
+        if len(set(counts)) != 1:
+            raise ReapError(mask_path, f"layer {layer}: the router groups experts into {group_name}={n_group} groups "
+                                       f"and every group must keep the same number; kept per group: {counts}")
+    if per_group < router.min_per_group:
+        raise ReapError(mask_path, f"keeps {per_group} experts per group; this router needs at least "
+                                   f"{router.min_per_group} per group")
+    topk_group = router.topk_group or n_group
+    if topk_group * per_group < router.top_k:
+        raise ReapError(mask_path, f"only {topk_group * per_group} experts are reachable through {used_name}={topk_group} "
+                                   f"groups, fewer than {top_k_name}={router.top_k}")
+
+
+def kept_mtp_layers(on_disk: set[int], mask: Mask, mask_path: Path) -> set[int]:
+    """MTP layers (past the stack) with routed experts that the mask covers: all of them or none."""
+    covered = on_disk & set(mask.layers)
+    if covered and covered != on_disk:
+        raise ReapError(mask_path, f"the mask covers multi-token-prediction layers {sorted(covered)} but not "
+                                   f"{sorted(on_disk - covered)}; they are kept or dropped together")
+    return covered

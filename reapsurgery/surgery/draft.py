@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ..common.checkpoint import INDEX, Checkpoint
 from ..errors import ReapError
+from .shards import OutShard, OutTensor
+from .writer import write_files
 
 DRAFT_DIR = "mtp-draft"
 
@@ -35,10 +37,8 @@ def draft_tensor_names(ckpt: Checkpoint) -> list[str]:
     return sorted(set(mtp) | set(shared))
 
 
-def plan_draft(ckpt: Checkpoint):
+def plan_draft(ckpt: Checkpoint) -> list[OutShard]:
     """The draft's shards (one per source shard holding its tensors), as apply's OutShard plan."""
-    from .apply import OutShard, OutTensor
-
     tensors = ckpt.tensors()
     per_source: dict[str, list] = {}
     for name in draft_tensor_names(ckpt):
@@ -54,11 +54,9 @@ def plan_draft(ckpt: Checkpoint):
 
 def write_draft(ckpt: Checkpoint, dst: Path) -> int:
     """Write the draft directory into `dst` (inside apply's staged output); returns its bytes."""
-    from .apply import write_shards
-
     shards = plan_draft(ckpt)
     dst.mkdir()
-    write_shards(shards, ckpt.path, dst)
+    write_files(shards, ckpt.path, dst)
     total = sum(s.nbytes for s in shards)
     with open(dst / INDEX, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": {t.name: s.name for s in shards for t in s.tensors}},

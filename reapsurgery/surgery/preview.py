@@ -8,7 +8,8 @@ from typing import Any, Iterable
 from ..common.checkpoint import INDEX, Checkpoint
 from ..common.layouts import Layout
 from ..common.mask import Mask
-from .apply import MASK_COPY, other_files, plan_surgery
+from .apply import MASK_COPY, other_files
+from .safetensors_plan import plan_surgery
 from .outdir import check_output
 
 
@@ -21,7 +22,7 @@ def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_
     check_output(out_path, overwrite, [Path(mask_path), *map(Path, inputs)], [ckpt.path])
     plan = plan_surgery(ckpt, mask, Path(mask_path), draft=mtp == "keep-full")
     copied, skipped = other_files(ckpt.path, {"config.json", "README.md", INDEX, *ckpt.shards})
-    writes_index = not (len(plan.shards) == 1 and ckpt.index_metadata is None)
+    writes_index = plan.index is not None
     return {
         "out": str(out_path),
         "replaces_existing": out_path.is_dir() and any(out_path.iterdir()),

@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 from ..common.checkpoint import INDEX, Checkpoint
+from ..common.gguf_file import gguf_model_path
 from ..errors import ReapError
 from ..common.layouts import Layout, TensorRole
 from ..common.quant import router_companion
 from ..common.safetensors_io import TensorInfo
-
-
-@dataclass
-class VerifyReport:
-    path: Path
-    shards: int = 0
-    tensors: int = 0
-    total_size: int = 0
-    num_experts: int = 0
-    moe_layers: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+from .result import VerifyReport
 
 
 def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
-    """Every defect found, not just the first; raises ReapError only when nothing can be read."""
+    """Every defect found, not just the first; raises ReapError only when nothing can be read.
+    A GGUF file (or a directory holding one GGUF model) is checked by gguf_verify."""
+    gguf = gguf_model_path(path)
+    if gguf is not None:
+        if layout is not None:
+            raise ReapError(path, "--layout describes a safetensors checkpoint's tensors; a GGUF file needs none")
+        from .gguf_verify import verify_gguf
+
+        return verify_gguf(gguf)
     ckpt = Checkpoint.open(path, layout)
     report = VerifyReport(ckpt.path, shards=len(ckpt.shards), num_experts=ckpt.num_experts,
                           moe_layers=len(ckpt.moe_layers))
