@@ -274,3 +274,18 @@ def test_a_config_without_architectures_derives_the_same_layout(checkpoints, fam
     unnamed = derive_layout(config, ckpt.weight_map)
     facts = lambda entry: {k: v for k, v in entry.items() if k not in ("derived", "architectures")}
     assert facts(unnamed) == facts(named) and named["architectures"]
+
+
+def test_a_list_that_merely_contains_the_expert_count_is_not_one():
+    """Kolibri-1.1's kv_source_layers gives each layer the index of the layer whose keys and values it
+    reads: [0, 1, 2, 3, 4] on 5 layers holds 4, which is also its expert count here. Raising the
+    entries equal to E does not change the experts, so it is no per-layer expert count."""
+    config, names = meta_model("kolibri1_1", **dict(TINY, num_hidden_layers=5, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                                   mlp_only_intermediate_size=32, index_num_heads=2,
+                                                   sliding_window=8))
+    assert 4 in config["kv_source_layers"] and len(set(config["kv_source_layers"])) > 1
+    entry = derive_layout(config, names)
+    assert "kv_source_layers" not in entry["num_experts"]
+    assert set(entry["num_experts"]) == {"num_experts", "num_local_experts"}  # the attribute and its alias
+    assert entry["moe_layers"]["indices"] == [2, 3, 4]  # mlp_only_layers: the first two are dense

@@ -7,7 +7,8 @@ routed expert and how checkpoint names map onto parameters. `derive_layout` read
    names, else ``model_map.auto_class``). Its experts modules carry ``num_experts`` (E).
 2. Every int config key of the text config whose value is E is a candidate; the skeleton is
    built again with that key at E+1. A key counts routed experts when the experts modules then
-   count E+1 and tensor shapes change. The parameters and buffers whose shape changed are the
+   count E+1 and tensor shapes change: a value counts experts only if changing it changes them,
+   so a list that merely holds E among other values (layer indices) is no expert count. The parameters and buffers whose shape changed are the
    expert-indexed tensors, and the axis that grew by one is their expert axis. An axis that
    grows by more (experts fused 2-D, ``[E*ffn, H]``) or whose size is not E (router rows that
    also count zero or shared experts) is refused.
@@ -298,7 +299,7 @@ def _expert_keys(config: dict, model, E: int, where: str):
         if (isinstance(value, int) and value == E) or (isinstance(value, list) and value and all(v == E for v in value)):
             candidates.setdefault(canonical(key), []).append(key)
         elif (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-              and E in value and len(set(value)) > 1):
+              and E in value and _counts_experts(config, nested, key, E)):
             raise ReapError(None, f"{where}: config {key} gives per-layer expert counts {value}; reapsurgery needs the "
                                   "same routed-expert count in every MoE layer")
     base = _tensors(model)
@@ -341,6 +342,20 @@ def _expert_keys(config: dict, model, E: int, where: str):
                               "(none changes the experts' shapes when raised by one)")
     present = [k for k in keys if k in text]
     return present + [k for k in dict.fromkeys(keys) if k not in present], diff
+
+
+def _counts_experts(config: dict, nested: bool, key: str, E: int) -> bool:
+    """Whether a list of ints that holds E among other values counts experts per layer: its entries
+    equal to E raised by one change the experts modules' count. A list that merely contains E
+    (Kolibri-1.1's kv_source_layers, layer indices 0..4 beside 4 experts) does not."""
+    bumped = copy.deepcopy(config)
+    t = bumped["text_config"] if nested else bumped
+    t[key] = [v + 1 if v == E else v for v in t[key]]
+    try:
+        other = _skeleton(bumped)
+    except Exception:  # noqa: BLE001 - a list the model cannot be built with changed is no count of experts
+        return False
+    return set(_expert_counts(other).values()) != {E}
 
 
 def _shape_diff(base: dict, other: dict, E: int, where: str) -> _Diff:
