@@ -29,9 +29,10 @@ from tests.helpers import (assert_output_is_input_slices, cli, output_tensors, s
 from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats
 from tests.test_calibrate import texts
 
-MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe"]
-# blocks stored under mtp.* (Qwen3-Next, and Qwen3.5-MoE whose text model is model.language_model.*)
-PREFIX_FAMILIES = ("qwen3_next", "qwen3_5_moe")
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"]
+# blocks stored under mtp.* (Qwen3-Next, Qwen3.5-MoE whose text model is model.language_model.*, and that text
+# model saved alone)
+PREFIX_FAMILIES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text")
 COUNT_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
 # where each style keeps the block's own modules: (embed norm, hidden norm, projection), and its
 # decoder layers: DeepSeek-V3/GLM as layer n + d, Qwen3-Next and Qwen3.5 under mtp.layers.{d} with one shared set
@@ -185,7 +186,7 @@ def test_two_mtp_depths_chain(tmp_path):
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"])
 def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path, family):
     src = checkpoints[family]
     ckpt = Checkpoint.open(src)
@@ -302,7 +303,7 @@ def test_mtp_layers_leave_the_stack_plan_unchanged():
 
 
 @pytest.mark.parametrize("family,default", [("deepseek_v3", "drop"), ("glm4_moe", "drop"), ("qwen3_next", "calibrate"),
-                                            ("qwen3_5_moe", "calibrate")])
+                                            ("qwen3_5_moe", "calibrate"), ("qwen3_5_moe_text", "calibrate")])
 def test_the_default_keeps_the_mtp_block_where_a_loader_needs_it(checkpoints, tmp_path, family, default):
     """llama.cpp's converter stops on a Qwen3-Next checkpoint without its MTP block: calibrate measures
     it by default there (so apply keeps it); a checkpoint without one falls back to dropping."""

@@ -169,7 +169,7 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     mtp_prefixes = find_mtp_prefixes(unmapped)
     if mtp_prefixes:
         entry["mtp_prefixes"] = mtp_prefixes
-        facts = mtp_block_facts(model_type)  # only where the checkpoint stores the block where the table says
+        facts = mtp_block_facts(config)  # only where the checkpoint stores the block where the table says
         if facts.get("mtp_block", {}).get("prefix") in mtp_prefixes:
             entry.update(facts)
     import transformers
