@@ -165,19 +165,9 @@ REFUSED = {
                              attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
                              ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2)),
              r"grows by 32 per expert .*experts fused into another axis"),
-    "longcat_flash": (("longcat_flash",), dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                                                vocab_size=128, num_layers=2, n_routed_experts=8, zero_expert_num=4,
-                                                moe_topk=2, expert_ffn_hidden_size=16, ffn_hidden_size=32,
-                                                q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-                                                qk_nope_head_dim=8, v_head_dim=8),
-                      r"has 12 entries on its expert axis for 8 routed experts"),
     "jetmoe": (("jetmoe",), dict(TINY, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                  intermediate_size=16, kv_channels=16),
                r"decoder layer 0 has 2 separately routed expert sets"),
-    # ZAYA1: the router's out_proj also scores a skip expert (no compute) and feeds router states to the next layer
-    "zaya": (("zaya",), dict(TINY, num_hidden_layers=2, num_experts=8, num_experts_per_tok=1, moe_intermediate_size=16,
-                             router_hidden_size=16),
-             r"has 9 entries on its expert axis for 8 routed experts"),
     "llama": (("llama",), dict(TINY, num_hidden_layers=2, intermediate_size=32), r"not an MoE model"),
 }
 
@@ -211,6 +201,32 @@ def test_a_family_transformers_cannot_build_is_refused_by_every_command(tmp_path
     for args in (("inspect", ckpt), ("calibrate", ckpt, "-o", tmp_path / "s.json")):
         refused(cli(*args), "config.json", "Qwen3OmniMoeForConditionalGeneration", "cannot build this model")
     assert not (tmp_path / "s.json").exists()
+
+
+# Routers that also score experts that are not pruned, after the routed experts' rows (router_rows.json says
+# where the family's code puts them): zero-computation, skip and shared experts' rows are kept
+OTHER_ROWS = {
+    "longcat_flash": (dict(TINY, num_key_value_heads=4, num_layers=2, n_routed_experts=8, zero_expert_num=4, moe_topk=2,
+                           expert_ffn_hidden_size=16, ffn_hidden_size=32, q_lora_rank=16, kv_lora_rank=16,
+                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+                      {"mlp.router.classifier.weight": 4, "mlp.router.e_score_correction_bias": 4}),
+    "zaya": (dict(TINY, num_hidden_layers=2, num_experts=8, num_experts_per_tok=1, moe_intermediate_size=16,
+                  router_hidden_size=16),
+             {"mlp.gate.router_mlp.out_proj.weight": 1, "mlp.gate.balancing_biases": 1}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_ROWS))
+def test_router_rows_of_experts_that_are_not_pruned_are_kept(family, monkeypatch):
+    kwargs, kept = OTHER_ROWS[family]
+    config, names = meta_model(family, **kwargs)
+    entry = derive_layout(config, names)
+    assert {p: n for p, n in entry.get("kept_router_rows", {}).items()} == kept
+    assert set(kept) <= set(entry["routers"])
+    # without router_rows.json's word on where the other experts' rows are, shapes cannot tell: refused
+    monkeypatch.setattr("reapsurgery.common.derive.router_rows_facts", lambda config: None)
+    with pytest.raises(ReapError, match=r"entries on its expert axis for 8 routed experts.*router_rows\.json"):
+        derive_layout(config, names)
 
 
 def test_hash_routed_layers_refused():

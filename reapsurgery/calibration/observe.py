@@ -61,7 +61,9 @@ class Observer:
             raise RuntimeError(f"{name}: token mask has {mask.numel()} entries, experts saw {n_tokens} tokens")
         mask = mask.to(f.device)
         ids = top_k_index.reshape(-1)
-        valid = mask.repeat_interleave(k) & (ids >= 0) & (ids < module.num_experts)  # padding, EP sentinels
+        # padding; EP sentinels; and pairs handed over with weight 0, which add nothing: not routes (LongCat-Flash
+        # passes its zero-computation experts' pairs to the experts that way, on a routed expert's index)
+        valid = mask.repeat_interleave(k) & (ids >= 0) & (ids < module.num_experts) & (top_k_weights.reshape(-1) != 0)
         everything = bool(valid.all())  # no padding: skip the copies that indexing makes
         e = ids if everything else ids[valid]
         g = (top_k_weights.reshape(-1) if everything else top_k_weights.reshape(-1)[valid]).double()

@@ -80,7 +80,12 @@ class Checkpoint:
     # -- config-derived facts -------------------------------------------------
     @property
     def cfg(self) -> dict:
-        return text_config(self.config)
+        """The text config, with num_hidden_layers where config.json spells the layer count another way."""
+        cfg = text_config(self.config)
+        key = self.layout.layer_count
+        if key and not isinstance(cfg.get("num_hidden_layers"), int) and isinstance(cfg.get(key), int):
+            cfg = {**cfg, "num_hidden_layers": cfg[key]}
+        return cfg
 
     @property
     def num_experts(self) -> int:
@@ -231,7 +236,7 @@ def derived_layout_for(path: Path, config: dict, weight_map: WeightMap) -> Layou
     return _DERIVED[key]
 
 
-DERIVATION_FILES = ("derive.py", "derive_names.py", "model_map.py", "mtp_blocks.json")
+DERIVATION_FILES = ("derive.py", "derive_names.py", "model_map.py", "mtp_blocks.json", "router_rows.json")
 
 
 def _derivation_digest() -> str:
