@@ -29,7 +29,10 @@ from tests.helpers import (assert_output_is_input_slices, cli, output_tensors, s
 from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats
 from tests.test_calibrate import texts
 
-MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"]
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text",
+                # derived layouts whose MTP block is data (mtp_blocks.json): DeepSeek-V3.2, GLM-5 and Ling-3 store it
+                # as decoder layer N, as DeepSeek-V3 does
+                "deepseek_v32", "glm_moe_dsa", "bailing_hybrid"]
 # blocks stored under mtp.* (Qwen3-Next, Qwen3.5-MoE whose text model is model.language_model.*, and that text
 # model saved alone)
 PREFIX_FAMILIES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text")
@@ -63,8 +66,7 @@ def mtp_as_decoder_layer(path):
     text = config.get_text_config()  # the text config itself (a wrapper's text_config), changed in place
     n, depths = text.num_hidden_layers, mtp_depths(config)
     text.num_hidden_layers = n + depths
-    for attr in ("mlp_layer_types", "layer_types"):
-        types = getattr(text, attr, None)
+    for attr, types in list(vars(text).items()):  # per-layer lists (layer types, GLM-5's indexer kinds, Ling's limits)
         if isinstance(types, list) and len(types) == n:
             extra = "full_attention" if "full_attention" in types else types[-1]
             setattr(text, attr, types + [extra] * depths)
@@ -106,6 +108,8 @@ def mtp_tensors(path, layer: int) -> dict[str, torch.Tensor]:
         names = dict(zip(("embed_norm", "hidden_norm", "proj", "embed", "head_norm", "head"),
                          (f"model.layers.{layer}.{m}.weight"
                           for m in (*LAYER_STYLE, "embed_tokens", "shared_head.norm", "shared_head.head"))))
+        if f"model.layers.{layer}.final_layernorm.weight" in index:  # Ling-3's head norm
+            names["head_norm"] = f"model.layers.{layer}.final_layernorm.weight"
     out = {}
     for role, name in names.items():
         if name in index:
@@ -186,7 +190,8 @@ def test_two_mtp_depths_chain(tmp_path):
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text",
+                                    "deepseek_v32", "glm_moe_dsa", "bailing_hybrid"])
 def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path, family):
     src = checkpoints[family]
     ckpt = Checkpoint.open(src)

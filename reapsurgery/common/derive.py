@@ -183,9 +183,13 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     mtp_prefixes = find_mtp_prefixes(unmapped)
     if mtp_prefixes:
         entry["mtp_prefixes"] = mtp_prefixes
-        facts = mtp_block_facts(config)  # only where the checkpoint stores the block where the table says
-        if facts.get("mtp_block", {}).get("prefix") in mtp_prefixes:
-            entry.update(facts)
+    # the MTP block facts, only where the checkpoint stores the block where the table says: under its
+    # prefix (Qwen3.5: mtp.*), or as the layers after the stack (DeepSeek-V3.2, GLM-5: model.layers.{n})
+    facts = mtp_block_facts(config)
+    where_stored = facts.get("mtp_block", {}).get("prefix")
+    if facts and (where_stored in mtp_prefixes if where_stored else
+                  _stores_layers_past(unmapped, sorted(prefixes), len(decoder.layers))):
+        entry.update(facts)
     import transformers
 
     entry["derived"] = {"transformers": transformers.__version__, "model_class": type(model).__name__}
@@ -370,6 +374,17 @@ def _counts_experts(config: dict, nested: bool, key: str, E: int) -> bool:
     except Exception:  # noqa: BLE001 - a list the model cannot be built with changed is no count of experts
         return False
     return set(_expert_counts(other).values()) != {E}
+
+
+def _stores_layers_past(names: list[str], layer_prefixes: list[str], n_layers: int) -> bool:
+    """Whether some of `names` (tensors that load into no parameter) sit in layers numbered past the
+    stack's `n_layers`, under one of the stack's on-disk layer prefixes (``model.layers.{layer}.``)."""
+    import re
+
+    from .derive_names import layer_rx
+
+    rxs = [re.compile(layer_rx(p).replace(r"\d+", r"(\d+)", 1)) for p in layer_prefixes]
+    return any(int(m.group(1)) >= n_layers for name in names for rx in rxs if (m := rx.match(name)))
 
 
 def _layer_count_key(config: dict, n_layers: int) -> str | None:
