@@ -372,3 +372,31 @@ def test_keep_full_is_refused_where_the_layout_is_derived(checkpoints, tmp_path)
     assert r.returncode == 2 and "--mtp keep-full" in r.stderr and "derived" in r.stderr, r.stderr
     assert [l.startswith("error: ") for l in r.stderr.strip().splitlines() if not l.startswith("note: ")] == [True]
     assert not (tmp_path / "out").exists()
+
+
+def test_ernie_dense_mtp_block_is_kept_and_transformers_drafts_with_it(tmp_path):
+    """ERNIE-4.5-MoE's MTP block (model.mtp_block.0 with mtp_emb_norm.0, mtp_hidden_norm.0, mtp_linear_proj.0;
+    num_nextn_predict_layers) is a dense decoder layer: transformers' MtpModel builds it with layer index 0,
+    below moe_layer_start_index, and vLLM's ErnieMTP as a dense LlamaDecoderLayer. It holds no routed
+    experts, so the pruned output keeps it byte for byte with its count, and transformers' own MTP loader
+    (generate(..., use_mtp=True)) loads it beside the pruned trunk."""
+    from transformers.modeling_layers import MtpModel
+
+    src = build("ernie4_5_moe", tmp_path / "ernie", overrides={"num_mtp_layers": 1})
+    ckpt = Checkpoint.open(src)
+    mtp = sorted(name for name in ckpt.weight_map if name.startswith("model.mtp_"))
+    assert "model.mtp_block.0.mlp.gate_proj.weight" in mtp and not any(".experts." in name for name in mtp)
+    out = tmp_path / "out"
+    assert cli("apply", write_mask(src, [0, 2, 5, 7], tmp_path / "m.json"), src, out, "-q").returncode == 0
+    assert cli("verify", out).returncode == 0
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    pruned = Checkpoint.open(out)
+    for name in mtp:
+        assert tensor_bytes(out / pruned.weight_map[name], name) == tensor_bytes(src / ckpt.weight_map[name], name)
+    drafts = []
+    for path in (src, out):
+        model, _ = load(path)
+        block = MtpModel.from_pretrained(model)  # raises on a missing MTP weight
+        assert type(block.layers[0].mtp_block.mlp).__name__ == "Ernie4_5_MoeMLP"
+        drafts.append(block.layers[0].state_dict())
+    assert drafts[0].keys() == drafts[1].keys() and all(torch.equal(drafts[0][k], drafts[1][k]) for k in drafts[0])
