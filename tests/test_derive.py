@@ -168,6 +168,15 @@ REFUSED = {
     "jetmoe": (("jetmoe",), dict(TINY, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                  intermediate_size=16, kv_channels=16),
                r"decoder layer 0 has 2 separately routed expert sets"),
+    # text and vision experts, each routed, in every MoE layer
+    "ernie4_5_vl_moe": (("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration"),
+                        dict(text_config=dict(TINY, num_hidden_layers=2, intermediate_size=32, moe_intermediate_size=[16, 8],
+                                              moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0,
+                                              rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                   mrope_section=[2, 3, 3])),
+                             vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, patch_size=14,
+                                                spatial_merge_size=2, temporal_patch_size=2)),
+                        r"decoder layer 1 has 2 separately routed expert sets .*text_moe.*vision_moe"),
     "llama": (("llama",), dict(TINY, num_hidden_layers=2, intermediate_size=32), r"not an MoE model"),
 }
 
