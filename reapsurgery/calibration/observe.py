@@ -117,6 +117,7 @@ def observed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return out.to(hidden_states.dtype)
 
 
+INTERFACE_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 OBSERVED = "_reapsurgery_observed"  # an experts module whose call is observed_experts_forward
 SCALED_INPUT = "_reapsurgery_scaled_input"  # Llama-4's experts, observed from their router
 
@@ -140,9 +141,6 @@ def _called_as_interface(m: nn.Module) -> bool:
     except (TypeError, ValueError):
         return False
     return tuple(params[:3]) == INTERFACE_ARGS
-
-
-INTERFACE_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 
 
 def observe_experts(model: nn.Module) -> int:

@@ -8,10 +8,12 @@ routed expert and how checkpoint names map onto parameters. `derive_layout` read
 2. Every int config key of the text config whose value is E is a candidate; the skeleton is
    built again with that key at E+1. A key counts routed experts when the experts modules then
    count E+1 and tensor shapes change: a value counts experts only if changing it changes them,
-   so a list that merely holds E among other values (layer indices) is no expert count. The parameters and buffers whose shape changed are the
-   expert-indexed tensors, and the axis that grew by one is their expert axis. An axis that
-   grows by more (experts fused 2-D, ``[E*ffn, H]``) or whose size is not E (router rows that
-   also count zero or shared experts) is refused.
+   so a list that merely holds E among other values (layer indices) is no expert count. The
+   parameters and buffers whose shape changed are the expert-indexed tensors, and the axis that
+   grew by one is their expert axis. An axis that grows by more (experts fused 2-D,
+   ``[E*ffn, H]``) is refused; one whose size is E + n (a router that also scores zero-computation,
+   skip or shared experts) only where router_rows.json says the family's code puts those n rows
+   after the routed ones (they are kept).
 3. MoE layers are the decoder layers holding expert-indexed tensors.
 4. Each checkpoint name is mapped to its parameter with the model's own conversion mapping
    (as calibration loads it). A name stacked into a parameter by ``MergeModulelist`` is one
