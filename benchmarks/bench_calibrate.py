@@ -457,7 +457,7 @@ def helper_gemm() -> None:
 def calibrate_cmd(args, ck: Path, data: Path, out: Path) -> list[str]:
     return ["calibrate", str(ck), "-o", str(out), "--dataset", str(data), "--num-samples", str(args.samples),
             "--max-length", str(args.tokens), "--device", "cpu", "--dtype", args.dtype,
-            "--batch-size", str(args.batch_size), "-q", "--checkpoint-every", str(args.checkpoint_every)]
+            "--batch-size", str(args.batch_size), "-q", "--checkpoint-every", str(args.checkpoint_every), "--overwrite"]
 
 
 def check_saliency(path: Path, layers: int, tokens: int) -> str:

@@ -66,18 +66,18 @@ def main() -> None:
                 "--device", "cpu", "--dtype", "float32", "--batch-size", str(args.batch_size), "-q"]
         cmd = reapsurgery_cmd()
         sal = work / "sal.json"
-        calibrate = cmd + ["calibrate", str(ckpt), "-o", str(sal), *data]
+        calibrate = cmd + ["calibrate", str(ckpt), "-o", str(sal), "--overwrite", *data]
         subprocess.run(calibrate, check=True, env=ENV, stdout=subprocess.DEVNULL)
         masks = []
         for s in SPARSITIES:
             masks.append(work / f"mask-{s}.json")
-            subprocess.run(cmd + ["plan", str(sal), "--sparsity", s, "-o", str(masks[-1])], check=True, env=ENV,
+            subprocess.run(cmd + ["plan", str(sal), "--sparsity", s, "-o", str(masks[-1]), "--overwrite"], check=True, env=ENV,
                            stdout=subprocess.DEVNULL)
         runs: dict[str, list[dict]] = {"calibrate": [], **{f"evaluate x{k}": [] for k in VARIANTS}}
         commands = {"calibrate": calibrate}
         for k in VARIANTS:
             commands[f"evaluate x{k}"] = cmd + ["evaluate", str(ckpt), *[a for m in masks[:k] for a in ("--mask", str(m))],
-                                                "-o", str(work / f"report{k}.json"), *data]
+                                                "-o", str(work / f"report{k}.json"), "--overwrite", *data]
         log = work / "runs.log"
         for r in range(args.repeat):
             order = list(commands) if r % 2 == 0 else list(reversed(commands))

@@ -202,7 +202,7 @@ def file_kind(path: str | Path) -> str:
     path = resolve_checkpoint(path)
     if path.is_dir():
         return "checkpoint"
-    data = read_json(path, "file")
+    data = read_json(path, "checkpoint directory, mask or saliency file")
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt == MASK_FORMAT:
         return "mask"

@@ -23,7 +23,6 @@ multiple (halves towards fewer dropped), with a note, or refused when ``strict``
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -154,7 +153,8 @@ def drop_count(num_experts: int, sparsity: float | None = None, keep: int | None
         raise ReapError(None, "give exactly one of --sparsity (fraction of routed experts to remove) or --keep (experts to keep per layer)")
     if sparsity is not None:
         if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-            raise ReapError(None, f"--sparsity must be in [0, 1), got {sparsity}")
+            percent = f" (for {sparsity}% of the experts give {sparsity / 100:g})" if 1 < sparsity <= 100 else ""
+            raise ReapError(None, f"--sparsity must be a fraction in [0, 1), got {sparsity}{percent}")
         return math.floor(sparsity * num_experts + 0.5 + 1e-9)
     if not (isinstance(keep, int) and 1 <= keep <= num_experts):
         raise ReapError(None, f"--keep must be between 1 and the {num_experts} experts per layer, got {keep}")
@@ -229,6 +229,9 @@ def plan_mask(
     notes: list[str] = []
     requested = drop_count(E, sparsity, keep)
     drop = requested
+    if sparsity is not None and requested and abs(sparsity * E - requested) > 1e-9:
+        notes.append(f"--sparsity {sparsity} of {E} experts is {sparsity * E:.4g} experts per layer, rounded to "
+                     f"{requested}: sparsity {requested / E:.4g} ({E - requested} kept; --keep N sets the count exactly)")
     n_group = model.get("n_group")
     groups = n_group if isinstance(n_group, int) and n_group > 1 else 1
     if groups > 1:
@@ -357,14 +360,12 @@ def _describe_protected(guarded: list[int], pinned, supers) -> str:
 
 def mask_bytes(mask: Mask) -> bytes:
     """The exact bytes Mask.save writes, so sha256 of the plan's mask is that of the file."""
-    return (json.dumps(mask.to_json(), indent=2) + "\n").encode()
+    return mask.encode()
 
 
-def save_mask(mask: Mask, path: str | Path) -> None:
+def save_mask(mask: Mask, path: str | Path, overwrite: bool = False) -> None:
     """Write atomically: a mask file is either complete or absent."""
-    from .common.files import write_atomic
-
-    write_atomic(path, mask_bytes(mask))
+    mask.save(path, overwrite)
 
 
 def plan_for_checkpoint(saliency: Saliency, saliency_path: str | Path, ckpt: "Checkpoint", **options) -> Plan:

@@ -15,7 +15,19 @@ from reapsurgery.common.mask import Mask
 def write_mask(ckpt: Path, keep: list[int] | dict[int, list[int]], path: Path) -> Path:
     c = Checkpoint.open(ckpt)
     layers = keep if isinstance(keep, dict) else {layer: list(keep) for layer in c.moe_layers}
-    Mask(c.fingerprint(), layers, {"method": "manual"}).save(path)
+    Mask(c.fingerprint(), layers, {"method": "manual"}).save(path, overwrite=True)
+    return path
+
+
+def write_saliency(ckpt: Path, path: Path) -> Path:
+    """A saliency file of `ckpt` with made-up statistics, each expert's scores distinct."""
+    from reapsurgery.common.saliency import LayerStats, Saliency
+
+    c = Checkpoint.open(ckpt)
+    E = c.fingerprint()["num_experts"]
+    stats = {l: LayerStats(100, [float(10 + e) for e in range(E)], [1.0 + e for e in range(E)],
+                           [2.0 + e for e in range(E)], [0.5 + e for e in range(E)], [3.0] * E) for l in c.moe_layers}
+    Saliency(c.fingerprint(), {"samples": 4, "tokens": 100}, stats).save(path, overwrite=True)
     return path
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -132,6 +133,100 @@ def _tokens(d: Path, w: dict, ids: list[int]) -> tuple[list, str]:
 
 
 VOCAB = 320  # fixtures.build COMMON vocab_size
+STDOUT = "'-': writing to standard output is not supported"  # `-o -` would have written a file named '-'
+
+
+# -- outputs: never over a file without --overwrite, never onto an input by any spelling --------
+
+
+def _file(path: Path, text: str = "mine") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _link(path: Path, to: Path) -> Path:
+    path.symlink_to(to)
+    return path
+
+
+def _dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _layout_file(d: Path, w: dict) -> Path:
+    return _json(d / "layout.json", w["layout"])
+
+
+def _copy(d: Path, src: Path, name: str) -> Path:
+    return Path(shutil.copy(src, d / name))
+
+
+def _plan_to(w: dict, out, *extra) -> list:
+    return ["plan", w["saliency"], "--keep", 4, "-o", out, *extra]
+
+
+def _calibrate_to(d: Path, w: dict, out, *extra, ckpt=None) -> list:
+    return ["calibrate", ckpt or w["ckpt"], "-o", out, "--device", "cpu", "-q", "--num-samples", 2,
+            "--max-length", 8, *extra]
+
+
+def _evaluate_to(w: dict, *extra) -> list:
+    return ["evaluate", w["ckpt"], "--mask", w["mask"], "--device", "cpu", "-q", "--num-samples", 2,
+            "--max-length", 8, *extra]
+
+
+def _state_of_an_earlier_run(d: Path, name: str = "s.json.resume") -> Path:
+    from reapsurgery.calibration import statedir
+
+    statedir.adopt(d / name)
+    (d / name / statedir.STATE).write_bytes(b"a state")
+    return d / name
+
+
+def _apply_over(d: Path, w: dict, holding: Path, *extra) -> list:
+    """apply --overwrite into an OUT that holds `holding` (moved there: an input of the run)."""
+    return ["apply", holding, w["ckpt"], holding.parent, "--overwrite", *extra]
+
+
+OUTPUT_CASES: dict[str, Case] = {
+    "plan: -o an existing file": lambda d, w: (_plan_to(w, _file(d / "m.json")), "m.json"),
+    "merge: -o an existing file": lambda d, w: (["merge-saliency", w["saliency"], "-o", _file(d / "m.json")], "m.json"),
+    "calibrate: -o an existing file": lambda d, w: (_calibrate_to(d, w, _file(d / "s.json")), "s.json"),
+    "evaluate: -o an existing file": lambda d, w: (_evaluate_to(w, "-o", _file(d / "r.json")), "r.json"),
+    "evaluate: --plot an existing file": lambda d, w: (_evaluate_to(w, "--plot", _file(d / "p.png")), "p.png"),
+    "plan: -o the --layout file": lambda d, w: (_plan_to(w, lay := _layout_file(d, w), "--layout", lay, "--overwrite"), "layout.json"),
+    "plan: -o a symlink to its saliency": lambda d, w: (_plan_to(w, _link(d / "m.json", w["saliency"]), "--overwrite"), "m.json"),
+    "plan: -o a hard link of its saliency": lambda d, w: (_plan_to(w, (os.link(w["saliency"], d / "h.json"), d / "h.json")[1], "--overwrite"), "h.json"),
+    "plan: -o its saliency through ..": lambda d, w: (_plan_to(w, _dir(d / "x") / ".." / ".." / w["saliency"].parent.name / "saliency.json", "--overwrite"), "saliency.json"),
+    "plan: -o its saliency by a relative path": lambda d, w: (_plan_to(w, os.path.relpath(w["saliency"]), "--overwrite"), "saliency.json"),
+    "plan: -o into --ckpt through a symlinked directory": lambda d, w: (_plan_to(w, _link(d / "c", _ckpt(d, w)) / "m.json", "--ckpt", d / "ckpt"), "m.json"),
+    "plan: -o a symlink to CKPT/config.json": lambda d, w: (_plan_to(w, _link(d / "m.json", _ckpt(d, w) / "config.json"), "--ckpt", d / "ckpt", "--overwrite"), "m.json"),
+    "merge: -o a symlink to one of its inputs": lambda d, w: (["merge-saliency", a := _copy(d, w["saliency"], "a.json"), "-o", _link(d / "m.json", a), "--overwrite"], "m.json"),
+    "calibrate: -o the --dataset file": lambda d, w: (_calibrate_to(d, w, ds := _file(d / "t.txt", "some text"), "--dataset", ds, "--overwrite"), "t.txt"),
+    "calibrate: -o the --layout file": lambda d, w: (_calibrate_to(d, w, lay := _layout_file(d, w), "--layout", lay, "--overwrite"), "layout.json"),
+    "calibrate: -o a symlink to CKPT/config.json": lambda d, w: (_calibrate_to(d, w, _link(d / "s.json", _ckpt(d, w) / "config.json"), "--overwrite", ckpt=d / "ckpt"), "s.json"),
+    "calibrate: -o X where X.resume is the checkpoint": lambda d, w: (_calibrate_to(d, w, d / "ckpt", ckpt=shutil.copytree(w["ckpt"], d / "ckpt.resume")), "ckpt.resume"),
+    "calibrate: OUTPUT.resume a user's directory": lambda d, w: (_calibrate_to(d, w, (_file(d / "s.json.resume" / "notes.txt"), d / "s.json")[1]), "s.json.resume"),
+    "calibrate: OUTPUT.resume a user's file": lambda d, w: (_calibrate_to(d, w, (_file(d / "s.json.resume"), d / "s.json")[1], "--overwrite"), "s.json.resume"),
+    "calibrate: OUTPUT.resume a symlink to a directory": lambda d, w: (_calibrate_to(d, w, (_link(d / "s.json.resume", _dir(d / "mine")), d / "s.json")[1], "--overwrite"), "s.json.resume"),
+    "calibrate: OUTPUT.resume marked for another output": lambda d, w: (_calibrate_to(d, w, (os.rename(_state_of_an_earlier_run(d, "o.json.resume"), d / "s.json.resume"), d / "s.json")[1], "--overwrite"), "s.json.resume"),
+    "calibrate: a state of an earlier run, no --resume": lambda d, w: (_calibrate_to(d, w, (_state_of_an_earlier_run(d), d / "s.json")[1]), "s.json.resume"),
+    "evaluate: -o its mask": lambda d, w: (_evaluate_to(w, "-o", w["mask"], "--overwrite"), "mask.json"),
+    "evaluate: -o the saliency": lambda d, w: (["evaluate", w["ckpt"], w["saliency"], "--keep", 4, "-o", w["saliency"], "--overwrite"], "saliency.json"),
+    "evaluate: -o CKPT/config.json": lambda d, w: (["evaluate", _ckpt(d, w), "--mask", w["mask"], "-o", d / "ckpt" / "config.json", "--overwrite"], "config.json"),
+    "evaluate: -o inside CKPT": lambda d, w: (["evaluate", _ckpt(d, w), "--mask", w["mask"], "-o", d / "ckpt" / "r.json"], "r.json"),
+    "evaluate: --plot is -o by another name": lambda d, w: (_evaluate_to(w, "-o", d / "r.png", "--plot", _dir(d / "x") / ".." / "r.png"), "r.png"),
+    "evaluate: -o the --dataset file": lambda d, w: (_evaluate_to(w, "-o", ds := _file(d / "t.txt", "some text"), "--dataset", ds, "--overwrite"), "t.txt"),
+    "apply: --overwrite into OUT holding its mask": lambda d, w: (_apply_over(d, w, _copy(_dir(d / "out"), w["mask"], "m.json")), "out"),
+    "apply: --overwrite into OUT holding the --layout file": lambda d, w: (["apply", w["mask"], w["ckpt"], d / "out", "--overwrite", "--layout", _json(_file(d / "out" / "keep.txt").parent / "layout.json", w["layout"])], "out"),
+    "apply --dry-run: OUT holding its mask": lambda d, w: (_apply_over(d, w, _copy(_dir(d / "out"), w["mask"], "m.json"), "--dry-run"), "out"),
+    "apply: OUT is its mask": lambda d, w: (["apply", w["mask"], w["ckpt"], w["mask"], "--overwrite"], "mask.json"),
+    "apply: OUT a symlink to CKPT": lambda d, w: (["apply", w["mask"], _ckpt(d, w), _link(d / "out", d / "ckpt"), "--overwrite"], "out"),
+    "apply: OUT a symlink into CKPT": lambda d, w: (["apply", w["mask"], _ckpt(d, w), _link(d / "out", _dir(d / "ckpt" / "sub"))], "out"),
+    "apply: OUT holds CKPT, spelled with ..": lambda d, w: (["apply", w["mask"], _ckpt(d, w), d / "ckpt" / "..", "--overwrite"], ".."),
+}
 
 CASES: dict[str, Case] = {
     # -- a file that is not the JSON expected (mask, saliency, config, index, layout, inspect) --
@@ -198,6 +293,8 @@ CASES: dict[str, Case] = {
     "saliency: a mask given to plan": lambda d, w: (["plan", w["mask"], "--keep", 4, "-o", d / "m.json"], "mask.json"),
     "plan: --preserve with a superscript digit": lambda d, w: (["plan", w["saliency"], "--keep", 4, "--preserve", "²:1", "-o", d / "m.json"], "--preserve"),
     "plan: --sparsity 1.5": lambda d, w: (["plan", w["saliency"], "--sparsity", 1.5, "-o", d / "m.json"], "--sparsity"),
+    "plan: --sparsity 50 (a percentage)": lambda d, w: (["plan", w["saliency"], "--sparsity", 50, "-o", d / "m.json"], "50 is not a fraction in [0, 1); for 50% of the experts give 0.5"),
+    "evaluate: --sparsity 50 (a percentage)": lambda d, w: (["evaluate", w["ckpt"], w["saliency"], "--sparsity", 50], "got 50.0 (for 50.0% of the experts give 0.5)"),
     "plan: --keep 0": lambda d, w: (["plan", w["saliency"], "--keep", 0, "-o", d / "m.json"], "--keep"),
     # -- outputs that would clobber an input, or cannot be written --
     "plan: -o its own input": lambda d, w: (["plan", (lambda p: (shutil.copy(w["saliency"], p), p)[1])(d / "s.json"), "--keep", 4, "-o", d / "s.json"], "s.json"),
@@ -226,6 +323,23 @@ CASES: dict[str, Case] = {
     "calibrate: unknown architecture": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, model_type="bogus", architectures=["BogusForCausalLM"])), "config.json"),
     "calibrate: index maps a tensor to the wrong shard": lambda d, w: (_calibrate(d, w, ckpt=_edit_index(d, w, lambda i: i["weight_map"].update({k: w["other_shard"] for k in [next(iter(i["weight_map"]))]}))), "safetensors"),
     "calibrate: dataset with duplicate keys": lambda d, w: (_calibrate(d, w, "--dataset", _raw(d / "rows.jsonl", b'{"input_ids": [1], "input_ids": [2]}\n')), "rows.jsonl"),
+    # -- wording: what the path is, what was expected, and the order of apply's arguments --
+    "apply: a checkpoint as MASK": lambda d, w: (["apply", w["ckpt"], w["mask"], d / "out"], f"{w['ckpt']}: is a directory, not a mask or saliency file; the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"),
+    "apply: a mask as CKPT": lambda d, w: (["apply", w["saliency"], w["mask"], d / "out", "--keep", 4], f"{w['mask']}: is a file, not a checkpoint directory; the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"),
+    "apply: the checkpoint as OUT": lambda d, w: (["apply", w["mask"], d / "out", w["ckpt"]], f"{d / 'out'}: does not exist (and OUT {w['ckpt']} is a checkpoint: arguments in the wrong order? the order is"),
+    "apply: OUT is CKPT": lambda d, w: (["apply", w["mask"], w["ckpt"], w["ckpt"]], f"{w['ckpt']}: output directory is the input checkpoint"),
+    "apply: CKPT does not exist": lambda d, w: (["apply", w["mask"], d / "nope", d / "out"], f"{d / 'nope'}: does not exist"),
+    "inspect: a shard": lambda d, w: (["inspect", Path(w["ckpt"]) / w["shard"]], f"{w['shard']}: is a safetensors file (weights), not a checkpoint directory, mask or saliency file"),
+    "inspect: a path that does not exist": lambda d, w: (["inspect", d / "nope"], f"{d / 'nope'}: does not exist"),
+    "verify: a path that does not exist": lambda d, w: (["verify", d / "nope"], f"{d / 'nope'}: does not exist"),
+    "plan: -o -": lambda d, w: (["plan", w["saliency"], "--keep", 4, "-o", "-"], STDOUT),
+    "calibrate: -o -": lambda d, w: (_calibrate(d, w)[:2] + ["-o", "-"], STDOUT),
+    "merge: -o -": lambda d, w: (["merge-saliency", w["saliency"], "-o", "-"], STDOUT),
+    "evaluate: -o -": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "-o", "-"], STDOUT),
+    "evaluate: --plot -": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "--plot", "-"], STDOUT),
+    "apply: OUT -": lambda d, w: (["apply", w["mask"], w["ckpt"], "-"], STDOUT),
+    "calibrate: -o CKPT": lambda d, w: (["calibrate", _ckpt(d, w), "-o", d / "ckpt"], f"{d / 'ckpt'}: -o is the input checkpoint"),
     "inspect: binary file": lambda d, w: (["inspect", _raw(d / "x.bin", b"\x00" * 64)], "x.bin"),
     "inspect: UTF-16 mask": lambda d, w: (["inspect", _raw(d / "m.json", json.dumps(_mask(w)).encode("utf-16"))], "m.json"),
+    **OUTPUT_CASES,
 }

@@ -14,7 +14,8 @@ from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.mask import load_mask
 from reapsurgery.evaluation.evaluate import evaluate
 from reapsurgery.evaluation.report import table_rows
-from reapsurgery.evaluation.variants import resident, sized_variant
+from reapsurgery.evaluation.masks import sized_variant
+from reapsurgery.evaluation.variants import resident
 from tests.helpers import apply_leaving_source_untouched, write_mask
 from tests.reference import decoder_layers, load, text_model
 

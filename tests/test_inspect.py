@@ -138,7 +138,7 @@ def test_unknown_files_refused(tmp_path, checkpoints):
     r = cli("inspect", bad)
     assert r.returncode == 2 and "x.json" in r.stderr and "'format'" in r.stderr
     r = cli("inspect", tmp_path / "missing.json")
-    assert r.returncode == 2 and "not found" in r.stderr
+    assert r.returncode == 2 and "missing.json: does not exist" in r.stderr
     sal = tmp_path / "s.json"
     for_checkpoint(checkpoints["qwen3_moe"]).save(sal)
     r = cli("inspect", sal, "--ckpt", checkpoints["qwen3_moe"])

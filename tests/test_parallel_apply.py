@@ -156,8 +156,10 @@ def test_source_pages_are_dropped_only_when_the_run_exceeds_free_memory(checkpoi
 
 
 def _no_output_left(tmp_path, out):
+    """Neither OUT nor its hidden partial, nor the parent directory the run made for it."""
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "hidden partial left"
+    assert not out.parent.exists(), "the parent this run made was left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
 
 
 def _cli_in_process(args, capsys):

@@ -12,7 +12,7 @@ import pytest
 from reapsurgery.errors import ReapError
 
 from tests.conftest import tree_hash
-from tests.helpers import cli, write_mask
+from tests.helpers import cli, write_mask, write_saliency
 
 
 def refused(r, *needles):
@@ -52,7 +52,7 @@ def test_out_inside_or_equal_to_ckpt(src, tmp_path):
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
     before = tree_hash(src)
     refused(cli("apply", mask, src, src / "pruned"), "inside the input")
-    refused(cli("apply", mask, src, src), "inside the input")
+    refused(cli("apply", mask, src, src), "output directory is the input checkpoint")
     refused(cli("apply", mask, src, tmp_path, "--overwrite"), "contains the input")
     assert tree_hash(src) == before
 
@@ -140,9 +140,9 @@ def test_index_names_missing_file(src, tmp_path):
 
 
 def test_missing_mask_and_missing_checkpoint(src, tmp_path):
-    refused(cli("apply", tmp_path / "nope.json", src, tmp_path / "out"), "nope.json", "not found")
+    refused(cli("apply", tmp_path / "nope.json", src, tmp_path / "out"), "nope.json", "does not exist")
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
-    refused(cli("apply", mask, tmp_path / "nockpt", tmp_path / "out"), "nockpt", "not a checkpoint")
+    refused(cli("apply", mask, tmp_path / "nockpt", tmp_path / "out"), "nockpt: does not exist")
 
 
 def test_failure_midway_leaves_no_output(src, tmp_path, monkeypatch):
@@ -205,16 +205,13 @@ def world(checkpoints, tmp_path_factory):
     from importlib import resources
 
     from reapsurgery.common.checkpoint import Checkpoint
-    from reapsurgery.common.saliency import LayerStats, Saliency
 
     root = tmp_path_factory.mktemp("world")
     ckpt = root / "ckpt"
     shutil.copytree(checkpoints["qwen3_moe"], ckpt)
     c = Checkpoint.open(ckpt)
     mask = write_mask(ckpt, [0, 2, 5, 7], root / "mask.json")
-    stats = {l: LayerStats(100, [float(10 + e) for e in range(8)], [1.0 + e for e in range(8)],
-                           [2.0 + e for e in range(8)], [0.5 + e for e in range(8)], [3.0] * 8) for l in c.moe_layers}
-    Saliency(c.fingerprint(), {"samples": 4, "tokens": 100}, stats).save(root / "saliency.json")
+    write_saliency(ckpt, root / "saliency.json")
     first_2d = next(v[0] for v in c.tensors().values() if len(v[1].shape) == 2)
     table = json.loads(resources.files("reapsurgery.common").joinpath("layouts.json").read_text())
     return {"root": root, "ckpt": ckpt, "mask": mask, "saliency": root / "saliency.json", "shard": first_2d,

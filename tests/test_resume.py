@@ -89,12 +89,12 @@ def test_resume_after_a_kill_at_every_write_and_rename_equals_a_clean_run(checkp
 def test_the_state_is_removed_only_after_the_result_is_in_place(checkpoints, tmp_path):
     """A kill between the two can only leave both: the result and a state --resume may use."""
     out, log = tmp_path / "sal.json", tmp_path / "trace.txt"
-    cmd = [STRACE, "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", "trace=rename,unlink,unlinkat,rmdir",
+    cmd = [STRACE, "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", "trace=rename,renameat2,unlink,unlinkat,rmdir",
            sys.executable, "-m", "reapsurgery", "calibrate", str(checkpoints["qwen3_moe"]), "-o", str(out),
            "--dataset", str(_tokens(tmp_path / "tokens.jsonl")), *OPTS]
     assert subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True).returncode == 0
     calls = [line for line in log.read_text().splitlines() if "= 0" in line]
-    placed = next(i for i, line in enumerate(calls) if "rename(" in line and f'"{out}")' in line)
+    placed = next(i for i, line in enumerate(calls) if "rename" in line.split("(")[0] and f', "{out}"' in line)
     removed = [i for i, line in enumerate(calls) if "state.pt" in line and "unlink" in line]
     assert removed and placed < min(removed)
 
@@ -149,3 +149,98 @@ def test_output_that_cannot_be_written_is_refused_before_loading(checkpoints, tm
                                       "--dataset", str(_tokens(tmp_path / "t.jsonl")), *OPTS])
     assert result.exit_code == 2 and "is a directory" in result.output
     assert not list(tmp_path.glob("*.resume"))
+
+
+def _cli_calibrate(out: Path, data: Path, *extra, inject: str | None = None, threads: bool = True,
+                   paths: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """`calibrate` in a subprocess, under strace when `inject` is given (-P: only calls on those paths;
+    without `threads` only the main thread is traced)."""
+    cmd = [sys.executable, "-m", "reapsurgery", "calibrate", str(out.with_suffix(".ckpt").resolve()), "-o", str(out),
+           "--dataset", str(data), *OPTS, *extra]
+    if inject:
+        syscall = inject.split(":")[0]
+        cmd = [STRACE, *(["-f"] if threads else []), "-qq", "-o", "/dev/null", *[a for p in paths for a in ("-P", str(p))],
+               "-e", f"trace={syscall}", "-e", f"inject={inject}", *cmd]
+    return subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+
+
+@pytest.fixture
+def work(checkpoints, tmp_path):
+    """A directory with the checkpoint (as s.ckpt, beside s.json) and the calibration data."""
+    os.symlink(checkpoints["qwen3_moe"], tmp_path / "s.ckpt")
+    return tmp_path, _tokens(tmp_path / "tokens.jsonl")
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace (apt-get install strace)")
+@pytest.mark.parametrize("inject, where", [("write:error=ENOSPC:when=1", "state.pt.partial"),
+                                           ("mkdir:error=EACCES:when=1", "")])
+def test_a_state_that_cannot_be_saved_leaves_nothing_and_the_run_goes_on(work, inject, where):
+    """A full disk, EIO or a permission error while saving the resume state: a note (no traceback),
+    no partial file, no empty state directory, and the result is written all the same."""
+    tmp_path, data = work
+    out, state = tmp_path / "s.json", tmp_path / "s.json.resume"
+    r = _cli_calibrate(out, data, inject=inject, paths=(state / where if where else state,))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    notes = [line for line in r.stderr.splitlines() if "cannot save the resume state" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"note: {state}") and "the run goes on" in notes[0]
+    assert json.loads(out.read_text())["format"] == "reapsurgery.saliency"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ckpt", "s.json", "tokens.jsonl"]
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace (apt-get install strace)")
+def test_a_result_that_cannot_be_written_keeps_every_layer_for_resume(work, monkeypatch):
+    """The result's rename fails (ENOSPC): exit 2, one error line naming the file and saying the
+    statistics are kept and how to resume; --resume then writes the result without measuring again."""
+    tmp_path, data = work
+    out, state = tmp_path / "s.json", tmp_path / "s.json.resume"
+    r = _cli_calibrate(out, data, inject="renameat2:error=ENOSPC:when=1", threads=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [last]
+    assert last.startswith(f"error: {out}: cannot write: No space left on device; every layer's statistics are "
+                           f"kept in {state}") and "--resume" in last
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["s.ckpt", "s.json.resume", "tokens.jsonl"]
+
+    from reapsurgery.calibration import calibrate as calibration
+
+    args = ["calibrate", str(tmp_path / "s.ckpt"), "--dataset", str(data), *OPTS]
+    clean = tmp_path / "clean.json"
+    assert CliRunner().invoke(cli, [*args, "-o", str(clean)]).exit_code == 0
+    streamed = []
+    real = calibration._stream_chunk
+    monkeypatch.setattr(calibration, "_stream_chunk", lambda *a: (streamed.append(a[2]), real(*a))[1])
+    r = CliRunner().invoke(cli, [*args, "-o", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert streamed == []  # no layer measured again
+    assert not state.exists() and json.loads(out.read_text())["layers"] == json.loads(clean.read_text())["layers"]
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace (apt-get install strace)")
+def test_a_signal_at_the_result_rename_is_reported_as_written(work):
+    """SIGTERM on entering the result's rename: the result and the removal of the state are one
+    step; the message says the result was written, and no state is left."""
+    tmp_path, data = work
+    out = tmp_path / "s.json"
+    r = _cli_calibrate(out, data, inject="renameat2:signal=SIGTERM:when=1", threads=False)
+    assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"interrupted after {out} was written (it is complete)")
+    assert json.loads(out.read_text())["format"] == "reapsurgery.saliency"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ckpt", "s.json", "tokens.jsonl"]
+
+
+def test_overwrite_discards_an_earlier_state_and_resume_continues_it(checkpoints, tmp_path):
+    """Without --resume an earlier state is refused (the refusal table); --overwrite discards it
+    and starts again; the state directory is calibrate's own and removed with the state."""
+    from reapsurgery.calibration import statedir
+
+    state = tmp_path / "s.json.resume"
+    statedir.adopt(state)
+    (state / statedir.STATE).write_bytes(b"an earlier state")
+    args = ["calibrate", str(checkpoints["qwen3_moe"]), "-o", str(tmp_path / "s.json"),
+            "--dataset", str(_tokens(tmp_path / "t.jsonl")), *OPTS]
+    r = CliRunner().invoke(cli, args + ["--resume"])
+    assert r.exit_code == 2 and "unreadable resume state" in r.stderr and (state / statedir.STATE).exists()
+    r = CliRunner().invoke(cli, args + ["--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert not state.exists() and (tmp_path / "s.json").exists()

@@ -8,7 +8,6 @@ is saved (resume.py) so `--resume` continues from the last finished layer with i
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -28,7 +27,9 @@ from .distributed import Ranks
 from .mtp import counted_positions, load_mtp_block, mtp_layers
 from .observe import ExpertStats, Observer, observe_experts, is_experts_module, observing
 from ..common.saliency import LayerStats, Saliency
+from ..common.staging import deferred_signals
 from ..common.units import human
+from . import statedir
 from .resume import ResumeState, state_key
 from .streaming import StreamedModel, fill_carried, moved
 from .timing import TIMINGS
@@ -43,7 +44,12 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ReapError(None, f"--device {device}: no CUDA device is available")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ReapError(None, f"--device {device}: this machine has {n} CUDA device{'s' if n > 1 else ''} "
+                              f"({', '.join(f'cuda:{i}' for i in range(n))})")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -228,6 +234,7 @@ def calibrate(
     resume: bool = False,
     checkpoint_every: float = 600.0,
     output: str | Path | None = None,
+    overwrite: bool = False,
     trust_remote_code: bool = False,
     provenance: dict | None = None,
     bar: BarFactory | None = None,
@@ -245,7 +252,9 @@ def calibrate(
     plan and apply keep and prune it); "drop" leaves it out; "auto" calibrates it where the
     family's layout says a loader needs it present (`mtp_keep`) and the checkpoint stores it.
     The resume state in `state_dir` is saved at most every `checkpoint_every` seconds (0: after
-    every layer); when `output` is given the result is written there before the state is removed.
+    every layer); when `output` is given the result is written there before the state is removed
+    (`overwrite`: over an existing file; also discards an earlier state that `resume` does not
+    continue). When the result cannot be written, every layer's statistics are kept as the state.
     `prefetch` reads (and dequantises, converts) layer i+1 on a background thread while layer i
     runs; the arithmetic is the same either way, so are the statistics.
     `hidden_memory` (bytes) bounds the hidden states on the compute device (None: what is free there
@@ -258,6 +267,8 @@ def calibrate(
         raise ReapError(None, f"--mtp {mtp}: choose auto, drop or calibrate")
     if not samples:
         raise ReapError(None, "no calibration samples")
+    if state_dir is not None:  # refused before anything is loaded: a path not ours, an earlier state
+        statedir.check_state_dir(Path(state_dir), resume, overwrite)
     ckpt = Checkpoint.open(ckpt_path, layout)
     ckpt.tensors()  # index and shard headers agree, before any layer is read
     mtp = resolve_mtp(ckpt, mtp)
@@ -282,12 +293,12 @@ def calibrate(
     batches = make_batches(samples, batch_size, text_config.pad_token_id or 0)
     if ranks:
         batches = ranks.share(batches)
-        if state_dir:
-            state_dir = Path(state_dir) / f"rank{ranks.rank}of{ranks.world}"
     # the chunks are not part of the key: a resumed run keeps the saved ones, whatever is free now
     key = state_key(ckpt, samples, {"batch_size": batch_size, "dtype": str(dt), "mtp_layers": extra_layers,
                                     "device": dev.type, "ranks": [ranks.rank, ranks.world] if ranks else None})
-    state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every)
+    state = ResumeState(Path(state_dir) if state_dir else None, key, checkpoint_every,
+                        f"rank{ranks.rank}of{ranks.world}" if ranks else None)
+    state.prepare(resume, overwrite)
     loaded = state.load() if resume else None
     layer_bytes = max(sum(p.numel() for p in layer.parameters()) for layer in streamed.layers) * \
         torch.empty((), dtype=dt).element_size()
@@ -336,7 +347,14 @@ def calibrate(
     result = Saliency(ckpt.fingerprint(), calibration, {k: stats[k] for k in sorted(stats)}, dense_layers)
     state.wait()
     if output is not None and (ranks is None or ranks.rank == 0):
-        result.save(output)
+        with deferred_signals():  # the result, and the state it makes useless removed, as one step
+            try:
+                result.save(output, overwrite)
+            except ReapError as e:
+                kept = state.keep(stats, chunks) if ranks is None else "the resume state saved earlier is kept"
+                raise ReapError(e.path, f"{e.message}; {kept}") from None
+            if ranks is None:
+                state.clear()
     if ranks:
         ranks.barrier()  # every rank keeps its state until rank 0 has written the result
     state.clear()  # only once the result is safely written
@@ -435,11 +453,9 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                 if outer:
                     outer.update(1)
     except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
+        state.wait()  # the last background save is on disk before the caller can resume from it
         if done > start and state.saved_next != (chunk, done):
             state.save(done, stats, hidden, {**extra, "carried": _cpu(carried)}, background=False)
-        else:  # the last background save is on disk before the caller can resume from it
-            with contextlib.suppress(Exception):
-                state.wait()
         raise
     finally:
         if reader is not None:

@@ -26,26 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common.checkpoint import Checkpoint
 from .dequant import read_layer_tensors
 from ..errors import ReapError
 from ..common.layout_fields import MTP_BLOCK_REQUIRED
+from .preflight import mtp_layers_on_disk
 from .streaming import StreamedModel
-
-
-def mtp_layers_on_disk(ckpt: Checkpoint) -> list[int]:
-    """Layers stored past the decoder stack, read from the index alone (no model built);
-    refuses when there are none or the family's layout cannot calibrate them."""
-    layout, n = ckpt.layout, ckpt.num_hidden_layers
-    if not layout.mtp_block:
-        raise ReapError(ckpt.path / "config.json", f"--mtp calibrate: the {layout.name} layout describes no "
-                                                   "multi-token-prediction block (mtp_block); its MTP tensors can only be dropped")
-    layers = ckpt.stored_mtp_layers()
-    if not layers:
-        count = layout.mtp_count(ckpt.cfg)
-        raise ReapError(ckpt.path, f"--mtp calibrate: no multi-token-prediction layer on disk (no layer {n} or later; "
-                                   f"config {layout.mtp_key}={count})")
-    return layers
 
 
 def mtp_layers(streamed: StreamedModel) -> list[int]:

@@ -13,14 +13,19 @@ of the same config differ), the samples, and every option that changes the numbe
 Saving is rate-limited (`every` seconds, `--checkpoint-every`) and runs on a background
 thread: it holds references to one earlier generation of hidden states while it writes
 (the layer loop replaces, never modifies, them), so at most two generations are alive.
+
+A save that fails (a full disk, EIO, no permission) leaves no partial file and no directory this
+run made, is said once as a note, and the run goes on: the state is insurance, the result is what
+was asked for. The directory is calibrate's own only (statedir.py: marked, never a user's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +36,10 @@ import torch
 from ..common.checkpoint import Checkpoint
 from ..common.saliency import LayerStats
 from ..errors import ReapError
+from . import statedir
 from .timing import TIMINGS
+
+log = logging.getLogger("reapsurgery")
 
 FORMAT = "reapsurgery.resume/2"
 SAMPLE_SPOTS, SAMPLE_BYTES = 16, 4096
@@ -63,19 +71,32 @@ def state_key(ckpt: Checkpoint, samples: list[list[int]], options: dict[str, Any
 
 
 class ResumeState:
-    """The resume state in `directory` (None: no state kept), saved at most every `every` seconds."""
+    """The resume state in `root` (None: no state kept; `sub`: this rank's directory in it under
+    torchrun), saved at most every `every` seconds."""
 
-    def __init__(self, directory: Path | None, key: str, every: float = 600.0):
-        self.dir, self.key, self.every = directory, key, every
+    def __init__(self, root: Path | None, key: str, every: float = 600.0, sub: str | None = None):
+        self.root, self.key, self.every = root, key, every
+        self.dir = root / sub if root is not None and sub else root
         self._last = time.monotonic()
         self._writer: ThreadPoolExecutor | None = None  # one thread for every save, in order
         self._pending: Future | None = None
+        self._failed = False  # a save failed (said once)
         self.saves, self.save_seconds = 0, 0.0  # for the benchmark's table
         self.saved_next: tuple[int, int] | None = None  # (chunk, next_layer) of the last save started
 
     @property
     def file(self) -> Path | None:
-        return self.dir / "state.pt" if self.dir else None
+        return self.dir / statedir.STATE if self.dir else None
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a path that is not ours or an earlier state neither flag settles; --overwrite
+        without --resume discards this process's earlier state."""
+        if self.root is None:
+            return
+        statedir.check_state_dir(self.root, resume, overwrite)
+        if overwrite and not resume and statedir.is_ours(self.root):
+            for name in (statedir.STATE, statedir.PARTIAL):
+                (self.dir / name).unlink(missing_ok=True)
 
     def load(self) -> tuple[int, dict[int, LayerStats], list[torch.Tensor], dict] | None:
         """(next layer, finished layers' statistics, hidden states, extra) or None when there is no state."""
@@ -88,21 +109,22 @@ class ResumeState:
             layers = {int(k): LayerStats(**v) for k, v in state["layers"].items()}
             found_key, next_layer, hidden = state["key"], int(state["next_layer"]), list(state["hidden"])
         except Exception as e:  # noqa: BLE001  (any defect of the file: refuse it by name)
-            raise ReapError(self.file, f"unreadable resume state ({type(e).__name__}); delete {self.dir} "
+            raise ReapError(self.file, f"unreadable resume state ({type(e).__name__}); delete {self.root} "
                                        "or drop --resume") from None
         if found_key != self.key:
-            raise ReapError(self.dir, "resume state was written for other data, options or checkpoint weights; "
-                                      "delete it or drop --resume")
+            raise ReapError(self.root, "resume state was written for other data, options or checkpoint weights; "
+                                       "delete it or drop --resume")
         return next_layer, layers, hidden, dict(state.get("extra") or {})
 
     def due(self) -> bool:
         return self.dir is not None and time.monotonic() - self._last >= self.every
 
     def save(self, next_layer: int, layers: dict[int, LayerStats], hidden: list[torch.Tensor],
-             extra: dict | None = None, background: bool = True) -> None:
-        """Write the state (after the previous write has finished), in the background by default."""
+             extra: dict | None = None, background: bool = True) -> bool:
+        """Write the state (after the previous write has finished), in the background by default;
+        False when a write in the foreground failed (said as a note)."""
         if self.dir is None:
-            return
+            return False
         self.wait()
         state = {"format": FORMAT, "key": self.key, "next_layer": next_layer,
                  "layers": {str(k): v.to_json() for k, v in layers.items()},
@@ -111,12 +133,25 @@ class ResumeState:
         if background:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resume-state")
-            self._pending = self._writer.submit(self._write, state)
-        else:
-            self._write(state)
+            self._pending = self._writer.submit(self._attempt, state)
+            return True
+        return self._attempt(state)
+
+    def keep(self, stats: dict[int, LayerStats], chunks: list) -> str:
+        """The result could not be written: save every layer's statistics (no hidden states), so that
+        --resume writes it without measuring again. Says what is kept, for the error."""
+        if self.dir is None:
+            return "nothing was kept (no resume state): a new run measures again"
+        done = {"chunk": len(chunks), "chunks": chunks, "previous": {str(k): v.to_json() for k, v in stats.items()}}
+        if self.save(0, {}, [], done, background=False):
+            return (f"every layer's statistics are kept in {self.root}: run the same command with --resume "
+                    "to write it without measuring again")
+        if statedir.has_state(self.root):
+            return f"the state saved earlier is kept in {self.root}: run the same command with --resume to continue"
+        return "no resume state could be kept either: a new run measures again"
 
     def wait(self) -> None:
-        """Let a background write finish; re-raises its failure (a full disk) here."""
+        """Let a background write finish (its failure was said as a note)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
@@ -127,24 +162,50 @@ class ResumeState:
         if self._writer is not None:
             self._writer.shutdown()
             self._writer = None
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.root is not None and statedir.is_ours(self.root):
+            statedir.remove(self.root, self.dir if self.dir != self.root else None)
+
+    def _attempt(self, state: dict) -> bool:
+        try:
+            self._write(state)
+            return True
+        except ReapError as e:
+            self.saved_next = None  # an interrupt now saves again
+            if not self._failed:
+                self._failed = True
+                kept = "the state saved before" if statedir.has_state(self.root) else "nothing"
+                log.info(f"{e}; the run goes on without it (a crash or interrupt now keeps {kept})")
+            return False
 
     def _write(self, state: dict) -> None:
+        """One save: state.pt.partial, fsynced, renamed over state.pt; on failure nothing of it is left
+        (the partial file, and the directory when this save made it and it holds no state)."""
         t0 = time.perf_counter()
-        state["hidden"] = [h.detach().cpu() for h in state["hidden"]]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "state.pt.partial"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.file)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
+        tmp, made = self.dir / statedir.PARTIAL, False
         try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+            state["hidden"] = [h.detach().cpu() for h in state["hidden"]]
+            made = statedir.adopt(self.root)
+            if self.dir != self.root:
+                self.dir.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.file)
+            dir_fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself survives a power cut
+            finally:
+                os.close(dir_fd)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if made and not statedir.has_state(self.root):
+                statedir.remove(self.root, self.dir if self.dir != self.root else None)
+            if isinstance(e, (KeyboardInterrupt, ReapError)) or not isinstance(e, Exception):
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+            raise ReapError(self.file, f"cannot save the resume state: {reason}") from None
         self.saves += 1
         self.save_seconds += time.perf_counter() - t0
         TIMINGS.add("state save", time.perf_counter() - t0)

@@ -17,11 +17,12 @@ from .evaluate import evaluate
 from .inspect import architectures, inspect_cmd
 from .common import EXIT_BAD_INPUT, quiet_stdout, signals_as_interrupts
 from .plan import plan
+from .progress import close_bars, echo_above_bars
 
 
 class _NoteHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"note: {record.getMessage()}", err=True)  # the stderr of now, not of set-up
+        echo_above_bars(f"note: {record.getMessage()}")  # the stderr of now, not of set-up
 
 
 def show_notes() -> None:
@@ -46,14 +47,20 @@ class PipelineGroup(click.Group):
             with signals_as_interrupts():
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
                 sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        except click.exceptions.NoArgsIsHelpError as e:  # `reapsurgery` alone: its help, not an error
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.UsageError as e:
+            close_bars()
             hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
             click.echo(f"error: {e.format_message()}{hint}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except click.ClickException as e:
+            close_bars()
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:
+            close_bars()
             click.echo("interrupted", err=True)
             sys.exit(130)
         except BrokenPipeError:
@@ -78,6 +85,8 @@ def main() -> None:
       reapsurgery evaluate ckpt/ --mask mask.json # what it costs: KL, agreement, perplexity
       reapsurgery apply mask.json ckpt/ out/      # write the pruned checkpoint
       reapsurgery verify out/                     # check it is self-consistent
+
+    Every command that reports a result takes --json: one JSON document on stdout.
     """
     show_notes()
 

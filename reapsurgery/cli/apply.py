@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import click
 
+from ..common.checkpoint import HUB_ID
 from ..errors import ReapError
-from .common import (EXIT_BAD_INPUT, PLAN_FLAGS, echo_mtp, echo_plan, human, layout_from, plan_kwargs, table,
-                     layout_option, one_line_errors, plan_options)
+from .common import (EXIT_BAD_INPUT, OUTPUT, PLAN_FLAGS, echo_mtp, echo_plan, emit_json, human, json_option, layout_from,
+                     layout_option, one_line_errors, plan_facts, plan_kwargs, plan_options, table)
+from .progress import echo_above_bars, progress_bars
+
+
+def _echo_notes(notes: list[str]) -> None:
+    """With --json, the notes that the text output prints among its facts go to stderr."""
+    for note in notes:
+        echo_above_bars(f"note: {note}")
 
 
 def _echo_preview(p: dict) -> None:
@@ -32,10 +41,24 @@ def _echo_preview(p: dict) -> None:
         click.echo(f"  would replace the existing contents of {p['out']} (--overwrite)")
 
 
+ORDER = "the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"
+
+
+def check_order(mask: Path, ckpt: Path, out: Path) -> None:
+    """Arguments given in another order (a checkpoint as MASK, a mask as CKPT, the checkpoint as OUT)
+    refused with the order, before any message about what the misplaced file is not."""
+    if mask.is_dir():
+        raise ReapError(mask, f"is a directory, not a mask or saliency file; {ORDER}")
+    if ckpt.is_file():
+        raise ReapError(ckpt, f"is a file, not a checkpoint directory; {ORDER}")
+    if not ckpt.exists() and not HUB_ID.match(str(ckpt)) and (out / "config.json").is_file():
+        raise ReapError(ckpt, f"does not exist (and OUT {out} is a checkpoint: arguments in the wrong order? {ORDER})")
+
+
 @click.command()
 @click.argument("mask", metavar="MASK_OR_SALIENCY", type=click.Path(path_type=Path))
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=OUTPUT)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
@@ -50,10 +73,11 @@ def _echo_preview(p: dict) -> None:
                    "beside a pruned trunk: keep the block pruned for that).")
 @plan_options
 @layout_option
+@json_option
 @one_line_errors
 def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs: int | None, dry_run: bool, mtp: str,
-          layout_file: Path | None, **opts) -> None:
-    """Write CKPT with only the experts MASK keeps into OUT.
+          layout_file: Path | None, as_json: bool, **opts) -> None:
+    """Write CKPT into OUT with only the experts that MASK_OR_SALIENCY keeps.
 
     MASK_OR_SALIENCY is a mask.json, or a saliency.json together with --sparsity
     or --keep (and the other options of `reapsurgery plan`) to plan the mask
@@ -70,6 +94,7 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     from ..common.saliency import SALIENCY_FORMAT
     from ..surgery.apply import apply_mask
 
+    check_order(mask, ckpt, out)
     layout = layout_from(layout_file)
     raw = read_bytes(mask, "mask or saliency file")
     data = loads_strict(raw, mask, "mask or saliency file")
@@ -98,36 +123,45 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     if dry_run:
         from ..surgery.preview import apply_preview
 
-        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp)
+        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp,
+                                inputs=[layout_file] if layout_file else [])
         if planned:
-            echo_plan(planned)
-        _echo_preview(preview)
+            echo_plan(planned, with_table=not as_json)
+        if as_json:
+            _echo_notes(preview["notes"])
+            emit_json({"dry_run": True, **preview, "plan": plan_facts(planned) if planned else None})
+        else:
+            _echo_preview(preview)
         return
 
     total = 0
     bar = None
+    bars = progress_bars(quiet)
 
     def progress(n: int) -> None:
         nonlocal bar
         if bar is None:  # created on the first write, so refusals print nothing but the error
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing shards")
+            bar = bars(total=total, unit="B", unit_scale=True, desc="writing shards")
         bar.update(n)
 
     def on_plan(plan) -> None:  # called once every check has passed, before anything is written
         nonlocal total
         total = plan.total_size
         if planned:
-            echo_plan(planned, with_table=not quiet)
+            echo_plan(planned, with_table=not quiet and not as_json)
 
     try:
-        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=None if quiet else progress,
+        result = apply_mask(chosen, mask, ckpt, out, overwrite=overwrite, progress=progress if bars else None,
                             on_plan=on_plan,
-                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: click.echo(f"note: {text}", err=True))
+                            layout=layout, jobs=jobs, mtp=mtp, note=lambda text: echo_above_bars(f"note: {text}"),
+                            inputs=[layout_file] if layout_file else [])
     finally:
         if bar is not None:
             bar.close()
+    if as_json:
+        _echo_notes(result.notes)
+        emit_json({"dry_run": False, **dataclasses.asdict(result), "plan": plan_facts(planned) if planned else None})
+        return
     click.echo(
         f"wrote {result.out}: {result.experts_before} -> {result.experts_after} experts in "
         f"{result.moe_layers} MoE layers, {result.shards} shard(s), "
@@ -143,16 +177,24 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @layout_option
+@json_option
 @one_line_errors
-def verify(ckpt: Path, layout_file: Path | None) -> None:
-    """Check that a checkpoint's index, shard headers, expert tensors and config agree."""
+def verify(ckpt: Path, layout_file: Path | None, as_json: bool) -> None:
+    """Check that a checkpoint's index, shard headers, expert tensors and config agree.
+
+    Exit code 0 when they do; otherwise every problem is an `error:` line and the exit code is 2
+    (with --json, the report, "ok": false and its problems, is printed as well)."""
     from ..surgery.verify import verify as run_verify
 
     report = run_verify(ckpt, layout_from(layout_file))
+    if as_json:
+        emit_json({"ok": report.ok, **dataclasses.asdict(report)})
     if not report.ok:
         for problem in report.problems:  # each names its file
             click.echo(f"error: {problem}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    if as_json:
+        return
     click.echo(
         f"ok: {ckpt}: {report.tensors} tensors in {report.shards} shard(s), {human(report.total_size)}, "
         f"{report.moe_layers} MoE layers with {report.num_experts} experts each"

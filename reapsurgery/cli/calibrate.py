@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from .common import data_options, layout_from, layout_option, load_data, one_line_errors, run_options
+from .common import (OUTPUT, data_options, emit_json, json_option, layout_from, layout_option, load_data,
+                     one_line_errors, overwrite_option, run_options)
+from .progress import progress_bars
 
 
 class Duration(click.ParamType):
@@ -52,7 +54,7 @@ class Size(click.ParamType):
 
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write saliency.json.")
+@click.option("-o", "--output", type=OUTPUT, required=True, help="Where to write saliency.json.")
 @data_options
 @run_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last saved layer (state in OUTPUT.resume/).")
@@ -74,61 +76,74 @@ class Size(click.ParamType):
                    "and apply drops it; 'auto' calibrates it for families whose loaders need it present "
                    "(Qwen3-Next: llama.cpp's converter) and drops it for the others.")
 @layout_option
+@overwrite_option
+@json_option
 @one_line_errors
 def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | None, num_samples: int,
               max_length: int, seed: int, batch_size: int, device: str, dtype: str, resume: bool,
               checkpoint_every: float, hidden_memory: int | None, trust_remote_code: bool, mtp: str, quiet: bool,
-              layout_file: Path | None) -> None:
+              layout_file: Path | None, overwrite: bool, as_json: bool) -> None:
     """Measure per-expert REAP saliency of CKPT on calibration text.
 
     Loads one decoder layer at a time from the shards into a transformers model built
     on the meta device, runs every sample through it, and records each expert's routed
     count, gate sum, output-norm sums and max activation from the model's real routing.
     The run's state is kept beside OUTPUT (OUTPUT.resume/, every --checkpoint-every), so --resume
-    continues a crashed run; it is removed once OUTPUT is written. Under torchrun
+    continues a crashed run; it is removed once OUTPUT is written. A state of an earlier run is
+    never replaced silently: --resume continues it, --overwrite discards it. Under torchrun
     (`torchrun --nproc-per-node N -m reapsurgery calibrate ...`) each rank takes a share of the
     samples and rank 0 writes; on several nodes the same command runs on each, with torchrun's
     --nnodes, --node-rank and --master-addr.
     """
-    from functools import partial
-
-    from tqdm import tqdm
-
-    from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
+    from ..calibration.preflight import check_device, mtp_layers_on_disk
+    from ..calibration.statedir import check_state_dir, has_state
     from ..common.checkpoint import Checkpoint, resolve_checkpoint
-    from ..common.files import check_output_file
+    from ..common.files import check_output_file, input_clash
+    from ..errors import ReapError
 
-    # every check before the data and the model are loaded: a refusal costs nothing
+    # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
+    check_device(device)
     ckpt_dir = resolve_checkpoint(ckpt)
-    check_output_file(output, input_dirs=[ckpt_dir] if ckpt_dir.is_dir() else [])
+    inputs = [p for p in (layout_file, Path(dataset) if dataset else None) if p is not None and p.exists()]
+    input_dirs = [ckpt_dir] if ckpt_dir.is_dir() else []
+    check_output_file(output, inputs, input_dirs, overwrite=overwrite)
+    state_dir = Path(f"{output}.resume")
+    clash = input_clash(state_dir, inputs, input_dirs, directory=True)
+    if clash:
+        raise ReapError(state_dir, f"the resume state's directory {clash}; choose another -o")
+    check_state_dir(state_dir, resume, overwrite)
     layout = layout_from(layout_file)
     opened = Checkpoint.open(ckpt_dir, layout)
     opened.tensors()  # index and shard headers agree, before any layer is read
     if mtp == "calibrate":
-        from ..calibration.mtp import mtp_layers_on_disk
-
         mtp_layers_on_disk(opened)
-    resolve_device(device)
     vocab = opened.cfg.get("vocab_size")
     data, provenance = load_data(opened.path, dataset, text_field, num_samples, max_length, seed,
-                                 vocab_size=vocab if isinstance(vocab, int) else None)
-    state_dir = Path(f"{output}.resume")
+                                 vocab_size=vocab if isinstance(vocab, int) else None)  # tokenizing imports torch
+    from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
+
+    resolve_device(device)  # what the cheap check could not rule out
     try:
         saliency = run_calibrate(
             opened.path, data.samples, batch_size=batch_size, device=device, dtype=dtype,
-            state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every, output=output,
+            state_dir=state_dir, resume=resume, checkpoint_every=checkpoint_every, output=output, overwrite=overwrite,
             hidden_memory=hidden_memory, trust_remote_code=trust_remote_code,
-            provenance=provenance, bar=partial(tqdm, disable=quiet), layout=layout, mtp=mtp,
+            provenance=provenance, bar=progress_bars(quiet), layout=layout, mtp=mtp,
         )
     except KeyboardInterrupt as e:
-        if state_dir.is_dir() and any(state_dir.iterdir()):
+        if has_state(state_dir):
             e.message = (f"interrupted; the finished layers are kept in {state_dir}: run the same command "
                          "with --resume to continue from there")
         raise
     cal = saliency.calibration
     if int(os.environ.get("RANK", "0") or 0) != 0:  # under torchrun rank 0 writes and reports
         return
-    never = sum(sum(1 for c in layer.count if c == 0) for layer in saliency.layers.values())
+    never_routed = {layer: sum(1 for c in stats.count if c == 0) for layer, stats in saliency.layers.items()}
+    if as_json:
+        emit_json({"output": output, "moe_layers": sorted(saliency.layers), "mtp_layers": saliency.mtp_layers,
+                   "never_routed": never_routed, "calibration": cal})
+        return
+    never = sum(never_routed.values())
     chunks = f" in {cal['chunks']} chunks" if cal.get("chunks", 1) > 1 else ""
     chunks += ", hidden states in host memory," if cal.get("hidden_states") == "host" else ""
     mtp_note = f" (multi-token-prediction layers {saliency.mtp_layers} included)" if saliency.mtp_layers else ""
@@ -138,14 +153,20 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
 
 @click.command("merge-saliency")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Merged saliency.json.")
+@click.option("-o", "--output", type=OUTPUT, required=True, help="Merged saliency.json.")
+@overwrite_option
+@json_option
 @one_line_errors
-def merge_saliency(files: tuple[Path, ...], output: Path) -> None:
+def merge_saliency(files: tuple[Path, ...], output: Path, overwrite: bool, as_json: bool) -> None:
     """Sum the statistics of calibration runs on the same model (e.g. several datasets)."""
     from ..common.files import check_output_file
     from ..common.saliency import load_saliency, merge_saliency as merge
 
-    check_output_file(output, inputs=files)
+    check_output_file(output, inputs=files, overwrite=overwrite)
     merged = merge([load_saliency(f) for f in files], list(files))
-    merged.save(output)
+    merged.save(output, overwrite)
+    if as_json:
+        emit_json({"output": output, "inputs": files, "moe_layers": sorted(merged.layers),
+                   "calibration": merged.calibration})
+        return
     click.echo(f"wrote {output}: {len(files)} runs, {merged.calibration['tokens']} tokens")

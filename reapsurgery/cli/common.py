@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import re
 import signal
@@ -17,6 +19,7 @@ import click
 from ..common.units import human
 from ..errors import ReapError
 from ..plan import METHODS  # light: no torch
+from .progress import close_bars
 
 EXIT_BAD_INPUT = 2
 
@@ -24,12 +27,25 @@ EXIT_BAD_INPUT = 2
 class Interrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP, raised in the main thread so every cleanup runs as for Ctrl-C.
 
-    `message` says what was left behind; a command that keeps something sets it."""
+    `message` says what was left behind; a command that keeps something sets it, else it is
+    said from what the run published (interrupted_message)."""
 
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signum)
         self.signum = signum
-        self.message = "interrupted; nothing was written (no output file or directory was left)"
+        self.message: str | None = None
+
+
+def interrupted_message() -> str:
+    """What an interrupt leaves: the outputs already moved into place (complete), else nothing."""
+    from ..common.staging import published
+
+    done = published()
+    if not done:
+        return "interrupted; nothing was written (no output file or directory was left)"
+    names = ", ".join(map(str, done))
+    return (f"interrupted after {names} {'was' if len(done) == 1 else 'were'} written "
+            f"({'it is' if len(done) == 1 else 'each is'} complete); nothing else was written")
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -65,21 +81,27 @@ def one_line_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from ..common.staging import forget_published
+
+        forget_published()  # a command run in-process after another reports only its own outputs
         try:
             return fn(*args, **kwargs)
         except ReapError as e:
+            close_bars()
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly
             quiet_stdout()
             sys.exit(0)
         except OSError as e:
+            close_bars()
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt as e:
+            close_bars()  # the message on a line of its own, not over a bar
             signum = getattr(e, "signum", signal.SIGINT)
-            message = getattr(e, "message", Interrupted().message)
+            message = getattr(e, "message", None) or interrupted_message()
             click.echo(message, err=True)
             sys.exit(128 + int(signum))
 
@@ -99,7 +121,68 @@ class DeviceType(click.ParamType):
 
 
 
+# -- --json: a command's result as one JSON document on stdout --------------------------
+
+
+def json_option(fn):
+    """Add --json (as_json) to a command that reports a result."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the result as one JSON document on stdout, for scripts; notes and errors "
+                             "stay on stderr.")(fn)
+
+
+def _path(value) -> str:
+    """Paths in the library's values (outputs, inputs, ApplyResult.out) as strings."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def emit_json(result: dict | list) -> None:
+    """The one way every command prints its --json result: one document on stdout."""
+    click.echo(json.dumps(result, indent=2, default=_path))
+
+
+def plan_facts(plan) -> dict:
+    """A plan (plan.Plan) as JSON values: the mask's hash and provenance, the counts and every layer's choice."""
+    facts = dataclasses.asdict(plan)
+    mask = facts.pop("mask")
+    return {"sha256": plan.mask.sha256, "kept": plan.kept, "sparsity": plan.drop / plan.num_experts, **facts,
+            "provenance": mask["provenance"]}
+
+
+class OutputPath(click.Path):
+    """A file or directory the command writes. `-` is refused: it is not standard output here (the
+    result goes to stdout with --json), and a file named `-` is never what was meant."""
+
+    def __init__(self):
+        super().__init__(path_type=Path)
+        self.name = "file"  # FILE in --help, not PATH
+
+    def convert(self, value, param, ctx):
+        if str(value) == "-":
+            self.fail("'-': writing to standard output is not supported; give a path (--json prints the result "
+                      "on stdout)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT = OutputPath()
+
+
 # -- planning: options shared by `plan` and `apply` ------------------------------
+
+
+class Fraction(click.FloatRange):
+    """--sparsity: 0 <= F < 1. A percentage (50 for half) is refused with what was meant."""
+
+    def __init__(self):
+        super().__init__(0, 1, max_open=True)
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if 1 < number <= 100:
+            self.fail(f"{value} is not a fraction in [0, 1); for {value}% of the experts give {number / 100:g}", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 PLAN_FLAGS = {"sparsity": "--sparsity", "keep": "--keep", "method": "--method",
@@ -113,7 +196,7 @@ def plan_options(fn=None, *, lists: bool = False):
     With lists=True (`evaluate`), --sparsity and --keep take comma-separated values, one mask each."""
     many = " Comma-separated values plan one mask each." if lists else ""
     options = [
-        click.option("--sparsity", type=str if lists else click.FloatRange(0, 1, max_open=True),
+        click.option("--sparsity", type=str if lists else Fraction(),
                      metavar="F[,F...]" if lists else "F",
                      help="Fraction of routed experts removed from every MoE layer; experts dropped per layer = "
                           "F*E rounded to the nearest integer (halves up)." + many),
@@ -155,9 +238,9 @@ def plan_kwargs(opts: dict) -> dict:
 def data_options(fn):
     """--dataset, --text-field, --num-samples, --max-length, --seed: which token ids to run."""
     options = [
-        click.option("--dataset", help="Local .jsonl/.json/.parquet/.txt file or a cached hub dataset id. "
+        click.option("--dataset", metavar="FILE|ID", help="Local .jsonl/.json/.parquet/.txt file or a cached hub dataset id. "
                                        "Default: built-in text."),
-        click.option("--text-field", help="Field holding the text (default: text, content or prompt)."),
+        click.option("--text-field", metavar="NAME", help="Field holding the text (default: text, content or prompt)."),
         click.option("--num-samples", default=512, show_default=True, type=click.IntRange(min=1),
                      help="Samples to use."),
         click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=1),
@@ -196,6 +279,12 @@ def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_sampl
     data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
                         text_field=text_field, vocab_size=vocab_size)
     return data, {"dataset": data.description, "max_length": max_length, "seed": seed}
+
+
+def overwrite_option(fn):
+    """--overwrite for a command that writes files: without it an existing output is refused."""
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace an output file that exists (without it, an existing file is refused).")(fn)
 
 
 LAYOUT_HELP = ("A layout file (JSON, the fields of an entry of reapsurgery/common/layouts.json) describing the "

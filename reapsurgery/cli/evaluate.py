@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 from ..errors import ReapError
-from .common import (PLAN_FLAGS, data_options, echo_plan, human, layout_from, layout_option, load_data, one_line_errors,
-                     plan_kwargs, plan_options, run_options, table)
+from .common import (OUTPUT, PLAN_FLAGS, data_options, echo_plan, emit_json, human, json_option, layout_from, layout_option,
+                     load_data, one_line_errors, overwrite_option, plan_kwargs, plan_options, run_options, table)
+from .progress import progress_bars
 
 
 def _values(text: str | None, flag: str, kind: type) -> list:
@@ -25,21 +26,22 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
     """Every variant, checked against the checkpoint and sized, before the model is touched."""
     from ..common.checkpoint import Checkpoint
     from ..common.mask import load_mask
-    from ..evaluation.variants import sized_variant
+    from ..evaluation.masks import sized_variant
 
-    ckpt = Checkpoint.open(ckpt_path, layout)
-    out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
     requests = [("sparsity", s) for s in _values(opts["sparsity"], "--sparsity", float)]
     requests += [("keep", k) for k in _values(opts["keep"], "--keep", int)]
     if saliency is None:
         given = [flag for key, flag in PLAN_FLAGS.items() if opts[key] not in (None, False)]
         if given:
             raise ReapError(None, f"{', '.join(given)}: planning options need a SALIENCY file")
-        if not out:
+        if not masks:
             raise ReapError(None, "nothing to evaluate: give --mask FILE (repeatable), or SALIENCY with --sparsity/--keep")
-        return out
-    if not requests:
+    elif not requests:
         raise ReapError(saliency, "pass --sparsity F[,F...] or --keep N[,N...] to plan masks from this saliency file")
+    ckpt = Checkpoint.open(ckpt_path, layout)
+    out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
+    if saliency is None:
+        return out
     from ..plan import mask_bytes, plan_from_files
 
     for key, value in requests:
@@ -51,23 +53,40 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
     return out
 
 
+def _check_outputs(ckpt_dir: Path, saliency: Path | None, masks: tuple[Path, ...], layout_file: Path | None,
+                   dataset: str | None, output: Path | None, plot: Path | None, overwrite: bool) -> None:
+    """-o and --plot: not onto an input or into the checkpoint, not one file, not over a file unless --overwrite."""
+    from ..common.files import check_output_file, input_clash
+
+    inputs = [p for p in (saliency, *masks, layout_file, Path(dataset) if dataset else None) if p and p.exists()]
+    dirs = [ckpt_dir] if ckpt_dir.is_dir() else []
+    if output is not None:
+        check_output_file(output, inputs, dirs, "-o", overwrite)
+    if plot is not None:
+        if output is not None and input_clash(plot, [output]):
+            raise ReapError(plot, "--plot and -o name the same file; give each its own")
+        check_output_file(plot, inputs, dirs, "--plot", overwrite)
+
+
 @click.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("saliency", required=False, type=click.Path(path_type=Path))
 @click.option("--mask", "masks", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
               help="A mask.json to evaluate; repeat for several (evaluated in the order given, before planned ones).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write report.json.")
-@click.option("--plot", type=click.Path(path_type=Path), metavar="FILE.png",
+@click.option("-o", "--output", type=OUTPUT, help="Where to write report.json.")
+@click.option("--plot", type=OUTPUT, metavar="FILE.png",
               help="Draw KL, top-1 agreement and perplexity against checkpoint size (needs reapsurgery[plot]).")
 @plan_options(lists=True)
 @data_options
 @run_options
 @layout_option
+@overwrite_option
+@json_option
 @one_line_errors
 def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output: Path | None, plot: Path | None,
              dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int,
              batch_size: int, device: str, dtype: str, trust_remote_code: bool, quiet: bool,
-             layout_file: Path | None, **opts) -> None:
+             layout_file: Path | None, overwrite: bool, as_json: bool, **opts) -> None:
     """Measure what pruning CKPT with each mask would cost, without writing a checkpoint.
 
     \b
@@ -82,33 +101,40 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     bytes; and per MoE layer the relative error of its output. Use held-out data, not the
     calibration set. Data, device and dtype options are calibrate's.
     """
-    from functools import partial
-
-    from tqdm import tqdm
-
-    from ..evaluation.evaluate import evaluate as run_evaluate
+    from ..calibration.preflight import check_device
+    from ..common.checkpoint import resolve_checkpoint
     from ..evaluation.report import plot_report, save_report, table_rows
 
+    # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
+    check_device(device)
+    ckpt_dir = resolve_checkpoint(ckpt)
+    _check_outputs(ckpt_dir, saliency, masks, layout_file, dataset, output, plot, overwrite)
     layout = layout_from(layout_file)
-    variants = _variants(ckpt, saliency, masks, layout, opts)
+    variants = _variants(ckpt_dir, saliency, masks, layout, opts)
     if plot is not None:  # refuse before the long run if the plot cannot be drawn
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ReapError(plot, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
-    data, provenance = load_data(ckpt, dataset, text_field, num_samples, max_length, seed)
-    result = run_evaluate(ckpt, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
+    data, provenance = load_data(ckpt_dir, dataset, text_field, num_samples, max_length, seed)
+    from ..evaluation.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(ckpt_dir, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, provenance=provenance,
-                          bar=partial(tqdm, disable=quiet), layout=layout)
+                          bar=progress_bars(quiet), layout=layout)
     report = result.to_json()
     d = report["data"]
-    click.echo(f"{d['samples']} samples, {d['predicted_positions']} predicted tokens on {d['device']} ({d['dtype']}):")
-    table(table_rows(report, human))
+    if not as_json:
+        click.echo(f"{d['samples']} samples, {d['predicted_positions']} predicted tokens on {d['device']} ({d['dtype']}):")
+        table(table_rows(report, human))
     for note in report["notes"]:
         click.echo(f"note: {note}", err=True)
-    if output is not None:
-        save_report(report, output)
-        click.echo(f"wrote {output}")
-    if plot is not None:
-        plot_report(report, plot)
-        click.echo(f"wrote {plot}")
+    written = []
+    for path, write in ((output, save_report), (plot, plot_report)):
+        if path is not None:
+            write(report, path, overwrite)
+            written.append(path)
+            if not as_json:
+                click.echo(f"wrote {path}")
+    if as_json:
+        emit_json({**report, "written": written})

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..plan import METHODS
-from .common import echo_mtp, fmt, human, layout_from, layout_option, one_line_errors, table
+from .common import echo_mtp, emit_json, fmt, human, json_option, layout_from, layout_option, one_line_errors, table
 
 
 
@@ -143,12 +143,12 @@ def _echo_saliency(f: dict) -> None:
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--ckpt", type=click.Path(path_type=Path),
+@click.option("--ckpt", type=click.Path(path_type=Path), metavar="CKPT",
               help="For a mask: the checkpoint, to compute bytes and parameters before and after.")
 @click.option("--method", type=click.Choice(METHODS), default="reap", show_default=True,
               help="For a saliency file: the score whose spread is shown.")
-@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON, for scripts.")
 @layout_option
+@json_option
 @one_line_errors
 def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layout_file: Path | None) -> None:
     """Describe a checkpoint, a saliency file or a mask.
@@ -163,19 +163,17 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
     Active params = non-expert params + top_k/E of the routed-expert params: roughly
     what one token uses. Only headers and config are read.
     """
-    import json
-
     from ..inspect import inspect_path
 
     facts = inspect_path(path, ckpt, method, layout_from(layout_file))
     if as_json:
-        click.echo(json.dumps(facts, indent=2))
+        emit_json(facts)
         return
     {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency}[facts["kind"]](facts)
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the layouts' facts as JSON, for scripts.")
+@json_option
 @click.option("--derive", "derive_from", type=click.Path(path_type=Path), metavar="CKPT",
               help="Print the layout derived from transformers' model for CKPT (JSON, accepted by --layout).")
 @one_line_errors
@@ -192,12 +190,10 @@ def architectures(as_json: bool, derive_from: Path | None) -> None:
     conversion mapping). `--derive CKPT` prints that layout; save it, edit it if
     needed, and pass it with --layout to override.
     """
-    import json
-
     if derive_from is not None:
         from ..common.checkpoint import derive_entry
 
-        click.echo(json.dumps(derive_entry(derive_from), indent=2))
+        emit_json(derive_entry(derive_from))
         return
     from ..common.layouts import describe_layouts
     from ..common.support import by_status, census, installed_transformers
@@ -205,7 +201,7 @@ def architectures(as_json: bool, derive_from: Path | None) -> None:
     rows = describe_layouts()
     data = census()
     if as_json:
-        click.echo(json.dumps({"built_in": rows, "census": data}, indent=2))
+        emit_json({"built_in": rows, "census": data})
         return
 
     def rule(r: dict) -> str:

@@ -6,18 +6,22 @@ from pathlib import Path
 
 import click
 
-from .common import echo_plan, layout_from, plan_kwargs, layout_option, one_line_errors, plan_options
+from .common import (OUTPUT, echo_plan, emit_json, json_option, layout_from, layout_option, one_line_errors,
+                     overwrite_option, plan_facts, plan_kwargs, plan_options)
 
 
 @click.command()
 @click.argument("saliency", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write mask.json.")
+@click.option("-o", "--output", type=OUTPUT, required=True, help="Where to write mask.json.")
 @plan_options
-@click.option("--ckpt", type=click.Path(path_type=Path),
+@click.option("--ckpt", type=click.Path(path_type=Path), metavar="CKPT",
               help="Check SALIENCY against this checkpoint and use its router's topk_group in the feasibility check.")
 @layout_option
+@overwrite_option
+@json_option
 @one_line_errors
-def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | None, **opts) -> None:
+def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | None, overwrite: bool, as_json: bool,
+         **opts) -> None:
     """Choose the experts each MoE layer keeps from SALIENCY; write a mask.
 
     \b
@@ -41,8 +45,12 @@ def plan(saliency: Path, output: Path, ckpt: Path | None, layout_file: Path | No
     from ..plan import plan_from_files, save_mask
 
     ckpt_dirs = [resolve_checkpoint(ckpt)] if ckpt is not None else []
-    check_output_file(output, inputs=[saliency], input_dirs=[d for d in ckpt_dirs if d.is_dir()])
+    check_output_file(output, inputs=[saliency, *filter(None, [layout_file])],
+                      input_dirs=[d for d in ckpt_dirs if d.is_dir()], overwrite=overwrite)
     result = plan_from_files(saliency, ckpt, layout=layout_from(layout_file), **plan_kwargs(opts))
-    save_mask(result.mask, output)
-    echo_plan(result)
+    save_mask(result.mask, output, overwrite)
+    echo_plan(result, with_table=not as_json)
+    if as_json:
+        emit_json({"output": output, **plan_facts(result)})
+        return
     click.echo(f"wrote {output} (sha256 {result.mask.sha256})")

@@ -45,6 +45,19 @@ def resolve_checkpoint(spec: str | Path) -> Path:
                               "or pass the checkpoint directory") from None
 
 
+def hub_source(path: str | Path) -> tuple[str, str] | None:
+    """(hub id, revision) of a snapshot in the local Hugging Face cache
+    (`.../models--org--name/snapshots/REVISION`, what resolve_checkpoint returns for a hub id);
+    None for any other directory. The hub forbids `--` in ids, so the folder name maps back to one id."""
+    snapshot = Path(path).resolve()
+    folder = snapshot.parent.parent.name
+    parts = folder.removeprefix("models--").split("--")
+    if (snapshot.parent.name != "snapshots" or not folder.startswith("models--") or len(parts) > 2
+            or not all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", part) for part in parts)):
+        return None
+    return "/".join(parts), snapshot.name
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -169,8 +182,7 @@ class Checkpoint:
 def read_files(path: Path) -> tuple[dict, WeightMap, dict | None]:
     """config.json, the tensor -> shard map and the index metadata (None for a single file)."""
     if not path.is_dir():
-        raise ReapError(path, "not a checkpoint directory" if not path.exists()
-                        else "is a file, not a checkpoint directory")
+        raise ReapError(path, "does not exist" if not path.exists() else "is a file, not a checkpoint directory")
     config = read_json_object(path / "config.json", "config.json")
     index_path = path / INDEX
     if index_path.exists():
@@ -266,6 +278,6 @@ def _save_quietly(path: Path, entry: dict) -> None:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(entry, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(path, (json.dumps(entry, indent=1, sort_keys=True) + "\n").encode(), overwrite=True)
     except (OSError, ReapError):
         pass

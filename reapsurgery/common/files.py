@@ -4,8 +4,9 @@ Every JSON file (config, index, mask, saliency, layout, resume state) goes throu
 `read_json`, so any defect -- a binary file, UTF-16, bytes that are not UTF-8, duplicate
 keys, Infinity/NaN, nesting too deep -- becomes one ReapError naming the file, never a
 traceback and never a silently different meaning (json's last-duplicate-wins).
-Every file reapsurgery writes goes through `write_atomic`: complete or absent, never a
-leftover `.partial`.
+Every file reapsurgery writes is checked first by `check_output_file` (never onto an input,
+never over an existing file without --overwrite) and written by `write_atomic`: complete or
+absent, nothing left behind (common/staging.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -81,12 +83,12 @@ def read_bytes(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSO
         with open(path, "rb") as f:
             head = f.read(16)
             if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < limit:
-                raise ReapError(path, f"is a safetensors file, not a {what} (arguments in the wrong order?)")
+                raise ReapError(path, f"is a safetensors file (weights), not a {what}")
             if os.fstat(f.fileno()).st_size > limit:
                 raise ReapError(path, f"{what} is larger than {limit >> 20} MiB; not a JSON file reapsurgery reads")
             return head + f.read()
     except FileNotFoundError:
-        raise ReapError(path, f"{what} not found") from None
+        raise ReapError(path, "does not exist") from None
     except IsADirectoryError:
         raise ReapError(path, f"is a directory, expected a {what}") from None
     except OSError as e:
@@ -117,62 +119,110 @@ def layer_key(key: Any) -> int | None:
 # -- outputs --------------------------------------------------------------------------
 
 
-def _inside(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
+def real_path(path: str | os.PathLike) -> Path:
+    """Where writing `path` lands: symlinks (its own and its parents'), `.` and `..` resolved."""
+    return Path(os.path.realpath(path))
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _up(path: Path) -> set[tuple[int, int]]:
+    """The identities of `path` and every directory above it that exists."""
+    return {i for p in (path, *path.parents) if (i := _identity(p)) is not None}
+
+
+def input_clash(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                input_dirs: Iterable[str | os.PathLike] = (), directory: bool = False) -> str | None:
+    """Why writing `out` would touch an input of the command, or None.
+
+    inputs: files the command reads (never replaced); input_dirs: directories it reads (a
+    checkpoint), inside which nothing is written; directory: `out` is a directory that replaces
+    what it holds (apply --overwrite), so it may not hold an input either. Compared by real path
+    (symlinks, `..`, relative spellings) and by device and inode (hard links, bind mounts)."""
+    out = Path(out)
+    spots = {real_path(out), real_path(out.parent) / out.name}
+    out_id = _identity(out)
+    around = _up(real_path(out).parent) | _up(real_path(out.parent))
+    for src in inputs:
+        if real_path(src) in spots or (out_id is not None and out_id == _identity(src)):
+            return f"would overwrite the input {src}"
+        if directory and out_id is not None and out_id in _up(real_path(src).parent):
+            return f"contains the input {src}"
+    for d in input_dirs:
+        d_id = _identity(d)
+        if d_id is None:
+            continue
+        if out_id == d_id:
+            return f"is the input checkpoint {d}"
+        if d_id in around:
+            return f"is inside the input checkpoint {d}"
+        if directory and out_id is not None and out_id in _up(real_path(d).parent):
+            return f"contains the input checkpoint {d}"
+        if out_id is not None and not directory:  # a file of it reached by a symlink (a hub snapshot's blobs)
+            for root, _, names in os.walk(d):
+                if any(_identity(os.path.join(root, n)) == out_id for n in names):
+                    return f"would overwrite a file of the input checkpoint {d}"
+    return None
 
 
 def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
-                      input_dirs: Iterable[str | os.PathLike] = (), flag: str = "-o") -> Path:
-    """Refuse, before any work, an output file that would replace an input or cannot be written.
+                      input_dirs: Iterable[str | os.PathLike] = (), flag: str = "-o",
+                      overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output file that would touch an input (input_clash), that
+    exists (unless `overwrite`), or that cannot be written there (probed by creating and removing
+    a file beside it). Claims it as the command's output (staging.claim)."""
+    from .staging import claim, deferred_signals
 
-    inputs: files the command reads; input_dirs: directories it reads (a checkpoint), inside
-    which nothing may be written. Probes the directory by creating and removing a file there.
-    """
     out = Path(out)
-    out_r = out.resolve()
-    for src in inputs:
-        if Path(src).resolve() == out_r:
-            raise ReapError(out, f"{flag} would overwrite the input {src}; choose another output file")
-    for d in input_dirs:
-        if _inside(out_r, Path(d).resolve()):
-            raise ReapError(out, f"{flag} is inside the input checkpoint {d}; write outside it")
-    if out.is_dir():
+    clash = input_clash(out, inputs, input_dirs)
+    if clash:
+        raise ReapError(out, f"{flag} {clash}; choose another output file")
+    target = real_path(out)
+    if target.is_dir():
         raise ReapError(out, f"{flag} is a directory; give a file name")
-    parent = out_r.parent
-    if not parent.is_dir():
+    if not target.parent.is_dir():
         raise ReapError(out, f"cannot write: directory {out.parent} does not exist")
-    probe = parent / f".{out.name}.{os.getpid()}.probe"
+    if os.path.lexists(target) and not overwrite:
+        raise ReapError(out, "already exists (pass --overwrite to replace it)")
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        os.unlink(probe)
+        with deferred_signals():  # an interrupt cannot leave the probe behind
+            fd, probe = tempfile.mkstemp(prefix=f".{target.name[:120]}.", suffix=".probe", dir=target.parent)
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         raise ReapError(out, f"cannot write in {out.parent}: {e.strerror or e}") from None
-    if out.exists() and not os.access(out, os.W_OK):
+    if target.exists() and not os.access(target, os.W_OK):
         raise ReapError(out, "cannot write: the file is read-only")
+    claim(out)
     return out
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file that is either complete or absent: a hidden sibling renamed into place."""
+def write_atomic(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> None:
+    """Write a file that is either complete or absent (common/staging.py), where a symlink points;
+    never over an existing file unless `overwrite`."""
+    from .staging import publish_file, staged
+
     path = Path(path)
-    if path.is_dir():
+    target = real_path(path)
+    if target.is_dir():
         raise ReapError(path, "is a directory; give a file name")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    if not target.parent.is_dir():
+        raise ReapError(path, f"cannot write: directory {path.parent} does not exist")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise ReapError(path, f"cannot write: {e.strerror or e}") from None
-        raise
+        with staged(target, lambda tmp: publish_file(tmp, target, overwrite), shown=path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except FileExistsError:
+        raise ReapError(path, "was created by another process while this run was writing it; it was left as "
+                              "it is and nothing of this run was written (pass --overwrite to replace it)") from None
+    except OSError as e:
+        raise ReapError(path, f"cannot write: {e.strerror or e}") from None
 
-
-def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> None:
-    write_atomic(path, (json.dumps(data, indent=indent) + "\n").encode())

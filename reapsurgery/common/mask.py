@@ -38,8 +38,12 @@ class Mask:
             "provenance": self.provenance,
         }
 
-    def save(self, path: str | Path) -> None:
-        write_atomic(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+    def encode(self) -> bytes:
+        """The bytes of its file (what `sha256` is of)."""
+        return (json.dumps(self.to_json(), indent=2) + "\n").encode()
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        write_atomic(path, self.encode(), overwrite)
 
 
 def load_mask(path: str | Path) -> Mask:

@@ -83,9 +83,9 @@ class Saliency:
             "layers": {str(k): v.to_json() for k, v in sorted(self.layers.items())},
         }
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write atomically, so an interrupted run never leaves a truncated file."""
-        write_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        write_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode(), overwrite)
 
 
 def load_saliency(path: str | Path) -> Saliency:

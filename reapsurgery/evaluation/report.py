@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+from ..common.files import write_atomic
 from ..errors import ReapError
 
 
-def save_report(report: dict, path: str | Path) -> None:
+def save_report(report: dict, path: str | Path, overwrite: bool = False) -> None:
     """Write atomically: a report is either complete or absent."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode(), overwrite)
 
 
 def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[tuple]:
@@ -35,7 +34,7 @@ def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[
     return rows
 
 
-def plot_report(report: dict, path: str | Path) -> None:
+def plot_report(report: dict, path: str | Path, overwrite: bool = False) -> None:
     """KL, top-1 agreement and perplexity against checkpoint size, one point per variant."""
     try:
         import matplotlib
@@ -64,8 +63,7 @@ def plot_report(report: dict, path: str | Path) -> None:
     fig.suptitle(f"{report['model'].get('architecture')}: {report['data'].get('predicted_positions')} predicted tokens "
                  f"of {report['data'].get('dataset', 'the evaluation data')}", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, image.getvalue(), overwrite)

@@ -12,39 +12,14 @@ renumbered 0..E'-1 in their original order, which is what apply's byte slicing g
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ..calibration.streaming import StreamedModel, find_decoder
-from ..common.checkpoint import Checkpoint
-from ..common.mask import Mask
 from ..errors import ReapError
-from ..inspect import mask_size
-
-
-@dataclass
-class Variant:
-    """One mask to evaluate; `label` says where it came from (a file, or saliency + option)."""
-
-    mask: Mask
-    mask_path: Path
-    label: str
-    sha256: str
-    size: dict = field(default_factory=dict)  # inspect.mask_size: params and bytes before/after
-
-    @property
-    def experts_kept(self) -> int:
-        return self.mask.kept
-
-
-def sized_variant(mask: Mask, mask_path: str | Path, label: str, sha256: str, ckpt: Checkpoint) -> Variant:
-    """Check the mask against the checkpoint (apply's own checks) and size what apply would write."""
-    size = mask_size(mask, mask_path, ckpt.path, ckpt.layout)
-    return Variant(mask, Path(mask_path), label, sha256, size)
+from .masks import Variant
 
 
 def pruned_skeleton(streamed: StreamedModel, variant: Variant, trust_remote_code: bool = False) -> nn.ModuleList:

@@ -14,13 +14,13 @@ from array import array
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from ..common.checkpoint import INDEX, SINGLE, Checkpoint
 from ..errors import ReapError
 from ..common.layouts import Layout
 from ..common.mask import Mask, check_fingerprint
-from .modelcard import pruned_card
+from .modelcard import write_card
 from .copier import MAX_JOBS, coalesce, default_jobs, free_memory, pieces, run_pieces
 from .outdir import check_output, staged_output
 from ..common.quant import rewrite_hf_quant_config
@@ -466,18 +466,20 @@ def apply_mask(
     jobs: int | None = None,
     note: Callable[[str], None] | None = None,
     mtp: str = "mask",
+    inputs: Iterable[str | Path] = (),
 ) -> ApplyResult:
     """Write the pruned checkpoint to out_path; the output appears only once complete.
 
     `layout` overrides the built-in layout chosen from config.json (a user's layout file);
     `jobs` copy workers run at once (default: from the CPU count). mtp="keep-full" also writes
     the MTP block unpruned into out_path/mtp-draft (a draft model directory with the source's
-    config); "mask" keeps and prunes it only where the mask covers it."""
+    config); "mask" keeps and prunes it only where the mask covers it. `inputs`: other files the
+    run reads (a layout file), which OUT may not hold, like the mask and the checkpoint."""
     if mtp not in ("mask", "keep-full"):
         raise ReapError(None, f"--mtp {mtp}: choose mask or keep-full")
     mask_path, out_path = Path(mask_path), Path(out_path)
     ckpt = Checkpoint.open(ckpt_path, layout)
-    check_output(ckpt.path, out_path, overwrite)
+    check_output(out_path, overwrite, [mask_path, *map(Path, inputs)], [ckpt.path])
     plan = plan_surgery(ckpt, mask, mask_path, draft=mtp == "keep-full")
     if on_plan:
         on_plan(plan)
@@ -486,11 +488,8 @@ def apply_mask(
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
-        source_card = ckpt.path / "README.md"
-        card = source_card.read_text() if source_card.is_file() else None
-        (tmp / "README.md").write_text(
-            pruned_card(card, ckpt, mask, plan.experts_before, len(plan.moe_layers), plan.dropped_layers))
-        mask.save(tmp / MASK_COPY)
+        write_card(tmp / "README.md", ckpt, mask, plan.experts_before, len(plan.moe_layers), plan.dropped_layers, note)
+        (tmp / MASK_COPY).write_bytes(mask.encode())  # inside the staged directory: no file of its own to stage
         handled = {"config.json", "README.md", INDEX, *ckpt.shards}
         handled |= rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)
         skipped = copy_other_files(ckpt.path, tmp, handled)

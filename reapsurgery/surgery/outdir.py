@@ -1,96 +1,46 @@
 """Writing an output directory that never looks complete until it is.
 
-Everything is written into a hidden sibling directory named after this process
-(`.OUT.reapsurgery-partial-PID`), which is published at the end with one atomic rename:
-`renameat2(RENAME_NOREPLACE)` when OUT is absent, so two runs into one OUT cannot both
-succeed, and `renameat2(RENAME_EXCHANGE)` for --overwrite, so OUT is at every instant
-either the old or the new complete version, never missing. On any failure or signal the
-partial directory is removed; one left by a killed process (SIGKILL, power loss) is
-removed by the next run into the same OUT once its PID is gone.
+Everything is written into a directory inside a marked scratch directory beside OUT
+(common/staging.py: `.OUT.reapsurgery-partial-PID-XXXXXXXX/OUT`), published at the end with one
+atomic rename: `renameat2(RENAME_NOREPLACE)` when OUT is absent, so two runs into one OUT cannot
+both succeed, and `renameat2(RENAME_EXCHANGE)` for --overwrite, so OUT is at every instant either
+the old or the new complete version, never missing; the old version, swapped into the scratch
+directory, is removed with it. A symlinked OUT is followed: its target is written, the link kept.
+On any failure or signal the scratch directory (and the parents of OUT this run made) is removed;
+one left by a killed process (SIGKILL, power loss) is removed by the next run into the same OUT
+once its PID is gone, if its marker proves it ours.
 
-renameat2 is Linux (3.15+, and a filesystem that supports the flags); elsewhere a lock
-file created with O_EXCL serialises the check and the plain rename instead.
+renameat2 is Linux (3.15+, and a filesystem that supports the flags); elsewhere a lock file
+created with O_EXCL serialises the check and the plain rename instead.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
+import glob
 import os
-import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from ..common.files import input_clash, real_path
+from ..common.staging import EXCHANGE, NAME_KEPT, NOREPLACE, REPLACED, claim, lock_file, renameat2, staged
 from ..errors import ReapError
 
-_AT_FDCWD = -100
-_NOREPLACE, _EXCHANGE = 1, 2
-_HIDDEN = re.compile(r"^\.(?P<name>.+)\.reapsurgery-(?:partial|old|lock)-(?P<pid>\d+)$")
-# test hook: called with a step name ("published") so tests can kill the process at exact points
-_hook: Callable[[str], None] | None = None
 
 
-def check_output(src: Path, out: Path, overwrite: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
-        raise ReapError(out, f"output directory is inside the input checkpoint {src}")
-    if out_r in src_r.parents:
-        raise ReapError(out, f"output directory contains the input checkpoint {src}")
-    if out.exists() and not out.is_dir():
+def check_output(out: Path, overwrite: bool, inputs: Iterable[Path] = (), input_dirs: Iterable[Path] = ()) -> None:
+    """Refuse an OUT that is, holds or lies inside an input, is a file, or is not empty (unless
+    `overwrite`); claim it as the command's output (staging.claim)."""
+    clash = input_clash(out, inputs, input_dirs, directory=True)
+    if clash:
+        raise ReapError(out, f"output directory {clash}")
+    target = real_path(out)
+    if os.path.lexists(target) and not target.is_dir():
         raise ReapError(out, "output path exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ReapError(out, "output directory is not empty (pass --overwrite to replace it)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_partials(out: Path) -> list[Path]:
-    """Remove hidden partial directories of OUT left by processes that no longer run."""
-    removed = []
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _HIDDEN.match(entry.name)
-        if not m or m["name"] != out.name or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """True if done; False if this system or filesystem has no renameat2 with these flags."""
-    fn = getattr(_libc(), "renameat2", None)
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(dst))
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+    claim(out)
 
 
 def _taken(out: Path) -> ReapError:
@@ -98,18 +48,15 @@ def _taken(out: Path) -> ReapError:
                           "it was left as that run made it and nothing of this run was kept")
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+def _publish(tmp: Path, out: Path, overwrite: bool, shown: Path) -> None:
     if overwrite and out.is_dir():
         try:
-            if _renameat2(tmp, out, _EXCHANGE):  # OUT now new; tmp holds the old version
-                if _hook:
-                    _hook("exchanged")
-                shutil.rmtree(tmp)
+            if renameat2(tmp, out, EXCHANGE):  # OUT now new; tmp holds the old version
                 return
         except FileNotFoundError:
             pass  # OUT vanished meanwhile: publish as new
         else:
-            return _publish_locked(tmp, out, overwrite)
+            return _publish_locked(tmp, out, overwrite, shown)
     elif out.is_dir():  # empty (check_output): remove it only while it is still empty
         try:
             os.rmdir(out)
@@ -117,71 +64,48 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
             pass
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise _taken(out) from None
+                raise _taken(shown) from None
             raise
     try:
-        if _renameat2(tmp, out, _NOREPLACE):
+        if renameat2(tmp, out, NOREPLACE):
             return
     except OSError as e:
         if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise _taken(out) from None
+            raise _taken(shown) from None
         raise
-    _publish_locked(tmp, out, overwrite)
+    _publish_locked(tmp, out, overwrite, shown)
 
 
-def _publish_locked(tmp: Path, out: Path, overwrite: bool) -> None:
+def _publish_locked(tmp: Path, out: Path, overwrite: bool, shown: Path) -> None:
     """Without renameat2: check and rename under an O_EXCL lock file beside OUT."""
-    lock = out.parent / f".{out.name}.reapsurgery-lock-{os.getpid()}"
-    others = [p for p in out.parent.glob(f".{out.name}.reapsurgery-lock-*") if p != lock]
-    if others:
-        raise _taken(out)
-    os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    others = lambda: [p for p in out.parent.glob(f".{glob.escape(out.name[:NAME_KEPT])}.reapsurgery-lock-*")]  # noqa: E731
+    if others():
+        raise _taken(shown)
+    lock = lock_file(out)
     try:
-        if [p for p in out.parent.glob(f".{out.name}.reapsurgery-lock-*") if p != lock]:
-            raise _taken(out)
+        if [p for p in others() if p != lock]:
+            raise _taken(shown)
         if out.is_dir() and any(out.iterdir()):
             if not overwrite:
-                raise _taken(out)
-            old = out.parent / f".{out.name}.reapsurgery-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            if out.is_dir():
-                os.rmdir(out)
-            tmp.rename(out)
+                raise _taken(shown)
+            out.rename(tmp.parent / REPLACED)  # removed with the scratch directory
+        elif out.is_dir():
+            os.rmdir(out)
+        tmp.rename(out)
     finally:
         lock.unlink(missing_ok=True)
-
-
-def _remove_uninterrupted(tmp: Path) -> None:
-    """Remove the partial output even if another Ctrl-C (or SIGTERM) arrives meanwhile: a second
-    interrupt during the removal must not leave half of it behind."""
-    while True:
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        except KeyboardInterrupt:
-            continue
 
 
 @contextmanager
 def staged_output(out: Path, overwrite: bool = False,
                   note: Callable[[str], None] | None = None) -> Iterator[Path]:
-    """Yield a scratch directory that becomes `out` on success; call check_output first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_partials(out):
-        if note:
-            note(f"removed {stale}, left by an earlier run that was killed")
-    tmp = out.parent / f".{out.name}.reapsurgery-partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """Yield a directory that becomes `out` on success; call check_output first."""
+    target = real_path(out)
     try:
-        yield tmp
-        _publish(tmp, out, overwrite)
-    except BaseException as e:
-        _remove_uninterrupted(tmp)
-        if isinstance(e, OSError) and not isinstance(e, ReapError) and e.filename is None:
-            raise ReapError(out, f"cannot write: {e.strerror or e}") from None  # e.g. disk full
-        raise
+        with staged(target, lambda tmp: _publish(tmp, target, overwrite, out), shown=out, note=note) as tmp:
+            tmp.mkdir()
+            yield tmp
+    except OSError as e:  # a full disk, no permission: named as OUT, not as the hidden directory beside it
+        if e.filename is not None and ".reapsurgery-partial-" not in os.fsdecode(e.filename):
+            raise
+        raise ReapError(out, f"cannot write: {e.strerror or e}") from None

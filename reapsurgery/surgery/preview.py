@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..common.checkpoint import INDEX, Checkpoint
 from ..common.layouts import Layout
@@ -14,11 +14,12 @@ from .outdir import check_output
 
 
 def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_path: str | Path,
-                  overwrite: bool = False, layout: Layout | None = None, mtp: str = "mask") -> dict[str, Any]:
+                  overwrite: bool = False, layout: Layout | None = None, mtp: str = "mask",
+                  inputs: Iterable[str | Path] = ()) -> dict[str, Any]:
     """What `apply` would write to out_path, after the same checks; creates nothing."""
     ckpt = Checkpoint.open(ckpt_path, layout)
     out_path = Path(out_path)
-    check_output(ckpt.path, out_path, overwrite)
+    check_output(out_path, overwrite, [Path(mask_path), *map(Path, inputs)], [ckpt.path])
     plan = plan_surgery(ckpt, mask, Path(mask_path), draft=mtp == "keep-full")
     handled = {"config.json", "README.md", INDEX, *ckpt.shards}
     copied, skipped = [], []
