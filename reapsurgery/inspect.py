@@ -157,13 +157,16 @@ def inspect_saliency(path: str | Path, method: str = "reap") -> dict[str, Any]:
     return saliency_facts(load_saliency(path), path, method)
 
 
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, or None where that is not a finite number (b = 0, or a quotient past the float range)."""
+    q = a / b if b > 0 else math.inf
+    return q if math.isfinite(q) else None
+
+
 def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap") -> dict[str, Any]:
     layers = {}
     for l, stats in sorted(sal.layers.items()):
-        try:
-            scores = expert_scores(stats, method)
-        except ReapError as e:
-            raise ReapError(path, f"layer {l}: {e.message}") from None
+        scores = expert_scores(stats, method, l, path)
         routed = sorted(s for s in scores if s is not None)
         spread = None
         if routed:
@@ -171,7 +174,7 @@ def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap"
                 "min": routed[0],
                 "median": statistics.median(routed),
                 "max": routed[-1],
-                "max_over_min": routed[-1] / routed[0] if routed[0] > 0 else None,
+                "max_over_min": _ratio(routed[-1], routed[0]),
             }
         layers[str(l)] = {
             "tokens": stats.tokens,

@@ -87,8 +87,10 @@ class Plan:
 
 # -- scores -------------------------------------------------------------------
 
-def expert_scores(stats: LayerStats, method: str) -> list[float | None]:
-    """One score per expert, higher = more salient; None for an expert never routed."""
+def expert_scores(stats: LayerStats, method: str, layer: int | None = None,
+                  path: str | Path | None = None) -> list[float | None]:
+    """One score per expert, higher = more salient; None for an expert never routed. `layer` and
+    `path` (the saliency file) name where a score that is not a finite number comes from."""
     if method not in METHODS:
         raise ReapError(None, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     out: list[float | None] = []
@@ -106,7 +108,9 @@ def expert_scores(stats: LayerStats, method: str) -> list[float | None]:
             "weighted-ean": lambda: stats.reap_sum[e],
         }[method]()
         if not math.isfinite(value):
-            raise ReapError(None, f"expert {e}: {method} score is {value} (non-finite statistics)")
+            where = f"layer {layer}, " if layer is not None else ""
+            raise ReapError(path, f"{where}expert {e}: the {method} score is {value} (its statistics overflow "
+                                  f"a float: count {n!r}, reap_sum {stats.reap_sum[e]!r})")
         out.append(float(value))
     return out
 
@@ -291,7 +295,7 @@ def plan_mask(
     layers: dict[int, LayerPlan] = {}
     for l in sorted(saliency.layers):
         stats = saliency.layers[l]
-        scores = expert_scores(stats, method)
+        scores = expert_scores(stats, method, l, where)
         protected = set(pins.get(l, ())) | set(supers.get(l, ()))
         dropped: list[int] = []
         for g in range(groups):
@@ -371,6 +375,10 @@ def save_mask(mask: Mask, path: str | Path, overwrite: bool = False) -> None:
 def plan_for_checkpoint(saliency: Saliency, saliency_path: str | Path, ckpt: "Checkpoint", **options) -> Plan:
     """plan_mask, after checking the saliency is for this checkpoint, with its router's group facts."""
     check_fingerprint(saliency.model, ckpt.fingerprint(), Path(saliency_path), ckpt.path)
+    unstored = sorted(set(saliency.mtp_layers) - set(ckpt.stored_mtp_layers())) if saliency.mtp_layers else []
+    if unstored:
+        raise ReapError(saliency_path, f"has statistics for layers {unstored} past the {ckpt.num_hidden_layers} decoder "
+                                       f"layers, which {ckpt.path} does not store as multi-token-prediction layers")
     groups = ckpt.layout.groups or {}
     topk_group = ckpt.layout.topk_group(ckpt.cfg)
     if groups and topk_group is None:

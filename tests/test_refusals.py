@@ -205,6 +205,7 @@ def world(checkpoints, tmp_path_factory):
     from importlib import resources
 
     from reapsurgery.common.checkpoint import Checkpoint
+    from reapsurgery.common.saliency import Saliency, load_saliency
 
     root = tmp_path_factory.mktemp("world")
     ckpt = root / "ckpt"
@@ -214,8 +215,15 @@ def world(checkpoints, tmp_path_factory):
     write_saliency(ckpt, root / "saliency.json")
     first_2d = next(v[0] for v in c.tensors().values() if len(v[1].shape) == 2)
     table = json.loads(resources.files("reapsurgery.common").joinpath("layouts.json").read_text())
+    mtp_ckpt = root / "mtp_ckpt"  # DeepSeek-V3: 3 decoder layers and an MTP layer stored as layer 3
+    shutil.copytree(checkpoints["deepseek_v3"], mtp_ckpt)
+    mtp_mask = write_mask(mtp_ckpt, [0, 2, 5, 7], root / "mtp_mask.json")
+    m = Checkpoint.open(mtp_ckpt)  # and statistics for its MTP layer (calibrate --mtp calibrate)
+    stats = load_saliency(write_saliency(ckpt, root / "saliency.json")).layers
+    Saliency(m.fingerprint(), {}, {l: stats[1] for l in [*m.moe_layers, 3]}).save(root / "mtp_saliency.json")
     return {"root": root, "ckpt": ckpt, "mask": mask, "saliency": root / "saliency.json", "shard": first_2d,
-            "other_shard": next(s for s in c.shards if s != first_2d), "layout": table["qwen3_moe"]}
+            "other_shard": next(s for s in c.shards if s != first_2d), "layout": table["qwen3_moe"],
+            "mtp_ckpt": mtp_ckpt, "mtp_mask": mtp_mask, "mtp_saliency": root / "mtp_saliency.json"}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -61,7 +61,7 @@ def check_order(mask: Path, ckpt: Path, out: Path) -> None:
 @click.argument("out", type=OUTPUT)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--jobs", "-j", type=click.IntRange(1, 1024), default=None, metavar="N",
               help="Copies in flight at once (worker threads); default one per CPU, between 2 and 8. "
                    "Fast NVMe drives reach their bandwidth only with several requests outstanding.")
 @click.option("--dry-run", is_flag=True,

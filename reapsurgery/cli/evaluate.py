@@ -22,12 +22,12 @@ def _values(text: str | None, flag: str, kind: type) -> list:
         raise ReapError(None, f"{flag} {text}: expected comma-separated {'numbers' if kind is float else 'integers'}") from None
 
 
-def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], layout, opts: dict) -> list:
-    """Every variant, checked against the checkpoint and sized, before the model is touched."""
-    from ..common.checkpoint import Checkpoint
+def _variants(ckpt, saliency: Path | None, masks: tuple[Path, ...], opts: dict) -> list:
+    """Every variant, checked against the opened checkpoint and sized, before the model is touched."""
     from ..common.mask import load_mask
     from ..evaluation.masks import sized_variant
 
+    ckpt_path, layout = ckpt.path, ckpt.layout
     requests = [("sparsity", s) for s in _values(opts["sparsity"], "--sparsity", float)]
     requests += [("keep", k) for k in _values(opts["keep"], "--keep", int)]
     if saliency is None:
@@ -38,7 +38,6 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
             raise ReapError(None, "nothing to evaluate: give --mask FILE (repeatable), or SALIENCY with --sparsity/--keep")
     elif not requests:
         raise ReapError(saliency, "pass --sparsity F[,F...] or --keep N[,N...] to plan masks from this saliency file")
-    ckpt = Checkpoint.open(ckpt_path, layout)
     out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
     if saliency is None:
         return out
@@ -102,26 +101,23 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     calibration set. Data, device and dtype options are calibrate's.
     """
     from ..calibration.preflight import check_device
-    from ..common.checkpoint import resolve_checkpoint
-    from ..evaluation.report import plot_report, save_report, table_rows
+    from ..common.checkpoint import Checkpoint, resolve_checkpoint
+    from ..evaluation.report import plot_format, plot_report, save_report, table_rows
 
     # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
     check_device(device)
     ckpt_dir = resolve_checkpoint(ckpt)
     _check_outputs(ckpt_dir, saliency, masks, layout_file, dataset, output, plot, overwrite)
-    layout = layout_from(layout_file)
-    variants = _variants(ckpt_dir, saliency, masks, layout, opts)
+    opened = Checkpoint.open(ckpt_dir, layout_from(layout_file))
+    variants = _variants(opened, saliency, masks, opts)
     if plot is not None:  # refuse before the long run if the plot cannot be drawn
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ReapError(plot, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
-    data, provenance = load_data(ckpt_dir, dataset, text_field, num_samples, max_length, seed)
+        plot_format(plot)
+    data, provenance = load_data(opened, dataset, text_field, num_samples, max_length, seed)
     from ..evaluation.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(ckpt_dir, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, provenance=provenance,
-                          bar=progress_bars(quiet), layout=layout)
+                          bar=progress_bars(quiet), layout=opened.layout)
     report = result.to_json()
     d = report["data"]
     if not as_json:

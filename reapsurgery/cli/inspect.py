@@ -36,11 +36,13 @@ def _model_rows(model: dict, topk_group=None) -> list[tuple[str, str]]:
     groups = f", n_group {model['n_group']}" if model.get("n_group") is not None else ""
     if topk_group is not None:
         groups += f", topk_group {topk_group}"
-    dense = [l for l in range(model["num_hidden_layers"]) if l not in set(moe)]
+    n = model["num_hidden_layers"]
+    # the dense layers as spans between the MoE ones, not a list of every layer (a file may say 10^30)
+    edges = [-1, *sorted(moe), n]
+    dense = ", ".join(str(a + 1) if b - a == 2 else f"{a + 1}-{b - 1}" for a, b in zip(edges, edges[1:]) if b - a > 1)
     return [
         ("architecture", f"{model['architecture']} ({model['model_type']})"),
-        ("decoder layers", f"{model['num_hidden_layers']}: MoE {_spans(moe)} ({len(moe)})"
-                           + (f", dense {_spans(dense)}" if dense else "")),
+        ("decoder layers", f"{n}: MoE {_spans(moe)} ({len(moe)})" + (f", dense {dense}" if dense else "")),
         ("routed experts", f"{model['num_experts']} per MoE layer, top-k {model['num_experts_per_tok']}{groups}"),
     ]
 

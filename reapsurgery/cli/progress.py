@@ -49,6 +49,13 @@ def echo_above_bars(text: str) -> None:
         click.echo(text, err=True)
 
 
+def _going_on() -> None:
+    """A bar moved: the command is past its checks, so the notes held until then are printed."""
+    from .common import release_notes
+
+    release_notes()
+
+
 def _forget(bar) -> None:
     if bar in _open:
         _open.remove(bar)
@@ -59,6 +66,10 @@ def _tqdm_bar(**kwargs):
     from tqdm import tqdm
 
     class Bar(tqdm):
+        def update(self, n=1):
+            _going_on()
+            return super().update(n)
+
         def close(self) -> None:
             try:
                 super().close()
@@ -83,6 +94,7 @@ class LineBar:
         _open.append(self)
 
     def update(self, n: int = 1) -> None:
+        _going_on()
         self.n += n
         if time.monotonic() - self.last >= PERIOD:
             self._line()

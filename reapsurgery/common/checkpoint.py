@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ReapError
+from .config_check import check_layer_bound, check_layout_values, check_names, check_stored_layers
 from .files import read_json_object
 from .layouts import Layout, builtin_layout_for, text_config
 from .safetensors_io import ShardHeader, TensorInfo, read_header
@@ -73,10 +74,9 @@ class Checkpoint:
         config, weight_map, metadata = read_files(path)
         layout = layout or builtin_layout_for(config) or derived_layout_for(path, config, weight_map)
         ckpt = cls(path, config, layout, weight_map, metadata)
-        for key in ("num_hidden_layers",):
-            if not isinstance(ckpt.cfg.get(key), int) or ckpt.cfg[key] < 1:
-                raise ReapError(path / "config.json", f"config has no integer {key!r}")
         try:
+            check_layout_values(ckpt.cfg, layout)
+            check_stored_layers(ckpt.cfg, layout, weight_map)
             num_experts, top_k = ckpt.num_experts, ckpt.top_k
             ckpt.moe_layers
         except ReapError as e:
@@ -184,6 +184,10 @@ def read_files(path: Path) -> tuple[dict, WeightMap, dict | None]:
     if not path.is_dir():
         raise ReapError(path, "does not exist" if not path.exists() else "is a file, not a checkpoint directory")
     config = read_json_object(path / "config.json", "config.json")
+    try:
+        check_names(config)
+    except ReapError as e:
+        raise ReapError(path / "config.json", e.message) from None
     index_path = path / INDEX
     if index_path.exists():
         weight_map, metadata = read_index(index_path)
@@ -196,6 +200,11 @@ def read_files(path: Path) -> tuple[dict, WeightMap, dict | None]:
         metadata = None
     else:
         raise ReapError(path, f"no {INDEX} and no {SINGLE}: not a safetensors checkpoint")
+    try:
+        if text_config(config).get("num_hidden_layers") is not None:
+            check_layer_bound(text_config(config)["num_hidden_layers"], weight_map)
+    except ReapError as e:
+        raise ReapError(path / "config.json", e.message) from None
     return config, weight_map, metadata
 
 

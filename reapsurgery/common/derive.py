@@ -80,11 +80,9 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     except ReapError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers' own failure to build its class (Qwen3-Omni-MoE in 5.24)
-        import transformers
+        from .model_map import cannot_build
 
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ReapError(None, f"{where}: transformers {transformers.__version__} cannot build this model from "
-                              f"its config ({type(e).__name__}: {first})") from None
+        raise ReapError(None, f"{where}: {cannot_build(e)}") from None
     E = _expert_count(model, where)
     keys, diff = _expert_keys(config, model, E, where, router_rows_facts(config))
 

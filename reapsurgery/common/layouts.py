@@ -131,6 +131,10 @@ class Layout:
             if unknown:
                 raise ReapError(None, f"layout {name!r}: unknown moe_layers fields {sorted(unknown)}; "
                                       f"known: {', '.join(sorted(MOE_RULE_FIELDS))}")
+            keys = [f for f in rule if f not in ("indices", "moe_type")]
+            if any(not isinstance(rule[f], str) for f in keys) or not isinstance(rule.get("moe_type", ""), str):
+                raise ReapError(None, f"layout {name!r}: moe_layers fields ({', '.join(keys)}) name config keys, "
+                                      "and moe_type is a string")
             indices = rule.get("indices")
             if indices is not None and not (isinstance(indices, list)
                                             and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
@@ -198,6 +202,14 @@ class Layout:
             if m:
                 return m
         return None
+
+    def prefix_pattern(self, layer: bytes) -> bytes:
+        """A bytes regex of the layer prefixes, the layer number matching `layer` (a regex) in the
+        only capturing group of the prefix that matched: for `WeightMap.starting`, which finds
+        names in one scan of their bytes."""
+        parts = [_pattern(a).encode() + b"(" + layer + b")" + _pattern(b).encode()
+                 for a, b in (p.split("{layer}", 1) for p in self.layer_prefixes)]
+        return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"  # one: a literal the search skips to
 
     def layer_of(self, name: str) -> int | None:
         m = self._layer_match(name)
@@ -391,7 +403,7 @@ def text_config(config: dict) -> dict:
     """The part of config.json that describes the decoder (nested for multimodal models), with
     num_hidden_layers filled in from a per-layer list where the config leaves it out."""
     cfg = config.get("text_config") or config
-    if not isinstance(cfg.get("num_hidden_layers"), int):
+    if cfg.get("num_hidden_layers") is None:
         for key in LAYER_LIST_KEYS:
             if isinstance(cfg.get(key), (list, str)) and cfg[key]:
                 return {**cfg, "num_hidden_layers": len(cfg[key])}

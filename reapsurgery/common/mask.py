@@ -6,13 +6,12 @@ Users write masks by hand, so every defect gets a precise message.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .checkpoint import FINGERPRINT_FIELDS
-from .files import layer_key, read_bytes, loads_strict, write_atomic
+from .files import json_bytes, layer_key, read_bytes, loads_strict, write_atomic
 from ..errors import ReapError
 
 MASK_FORMAT = "reapsurgery.mask"
@@ -38,12 +37,12 @@ class Mask:
             "provenance": self.provenance,
         }
 
-    def encode(self) -> bytes:
-        """The bytes of its file (what `sha256` is of)."""
-        return (json.dumps(self.to_json(), indent=2) + "\n").encode()
+    def encode(self, path: str | Path | None = None) -> bytes:
+        """The bytes of its file (what `sha256` is of): strict JSON."""
+        return json_bytes(self.to_json(), path)
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        write_atomic(path, self.encode(), overwrite)
+        write_atomic(path, self.encode(path), overwrite)
 
 
 def load_mask(path: str | Path) -> Mask:
@@ -73,6 +72,9 @@ def fingerprint_problem(model: dict) -> str | None:
     missing = [f for f in FINGERPRINT_FIELDS if f not in model]
     if missing:
         return f"'model' fingerprint lacks {', '.join(missing)}"
+    for name in ("architecture", "model_type"):
+        if model[name] is not None and not isinstance(model[name], str):
+            return f"'model' {name} {model[name]!r} is not a string"
     E, k, n = model["num_experts"], model["num_experts_per_tok"], model["num_hidden_layers"]
     if not _count(n, 1):
         return f"'model' num_hidden_layers {n!r} is not a positive integer"
@@ -87,6 +89,24 @@ def fingerprint_problem(model: dict) -> str | None:
     if g is not None and (not _count(g, 1) or E % g):
         return f"'model' n_group {g!r} is not a positive integer dividing num_experts={E}"
     return None
+
+
+def check_past_stack(layers: Iterable[int], model: dict, bad: Callable[[str], ReapError]) -> None:
+    """Layers past the decoder stack (num_hidden_layers on) are multi-token-prediction layers: numbered
+    from num_hidden_layers without a gap, and only in a family that has them."""
+    from .layouts import builtin_layout_for
+
+    n = model["num_hidden_layers"]
+    past = sorted(l for l in layers if l >= n)
+    if not past:
+        return
+    if past != list(range(n, n + len(past))):
+        raise bad(f"layers {past[:8]} are past the {n} decoder layers, and multi-token-prediction layers are "
+                  f"numbered from {n} on, without a gap")
+    layout = builtin_layout_for({"model_type": model["model_type"], "architectures": [model["architecture"]]})
+    if layout is not None and not (layout.mtp_keys or layout.mtp_block):
+        raise bad(f"layers {past[:8]} are past the {n} decoder layers, and the {layout.name} family has no "
+                  "multi-token-prediction layers")
 
 
 def parse_mask(data: Any, path: Path, sha256: str | None = None) -> Mask:
@@ -117,6 +137,7 @@ def parse_mask(data: Any, path: Path, sha256: str | None = None) -> Mask:
         if kept[0] < 0 or kept[-1] >= E:
             raise bad(f"{where}: expert index {kept[-1] if kept[-1] >= E else kept[0]} is out of range 0..{E - 1}")
         parsed[layer] = kept
+    check_past_stack(parsed, model, bad)
     counts = {len(v) for v in parsed.values()}
     if len(counts) != 1:
         sizes = ", ".join(f"{k}:{len(v)}" for k, v in sorted(parsed.items()))

@@ -47,7 +47,7 @@ def rewrite_names(obj: Any, layout: Layout, keep: dict[int, list[int]], path: st
             where = f"{path}.{key}" if path else key
             if key in NAME_LIST_KEYS and isinstance(value, list):
                 pairs = [(v, rename_module(v, layout, keep)) for v in value]
-                new = [n for _, n in pairs if n is not None]
+                new = [n for v, n in pairs if n is not None or v is None]  # a null entry is not a dropped expert
                 if new != value:
                     removed = len(value) - len(new)
                     renamed = sum(1 for v, n in pairs if n is not None and n != v)

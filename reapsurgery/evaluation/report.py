@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
-from ..common.files import write_atomic
 from ..errors import ReapError
 
 
 def save_report(report: dict, path: str | Path, overwrite: bool = False) -> None:
-    """Write atomically: a report is either complete or absent."""
-    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode(), overwrite)
+    """Strict JSON (never a bare NaN), written atomically: a report is either complete or absent."""
+    from ..common.files import write_json
+
+    write_json(path, report, overwrite=overwrite)
 
 
 def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[tuple]:
     """One row for the original, one per variant, in the order given; `size` formats bytes."""
     orig = report["original"]
     rows = [("variant", "experts", "sparsity", "size", "perplexity", "KL (nats)", "top-1 agree", "worst layer error"),
-            ("original", orig["experts"], "0", size(orig["bytes"]), f"{orig['perplexity']:.4g}", "0", "1", "-")]
+            ("original", orig["experts"], "0", size(orig["bytes"]), _ppl(orig), "0", "1", "-")]
     for v in report["variants"]:
         worst = max(v["layers"].items(), key=lambda kv: kv[1]["relative_error"], default=None)
         rows.append((v["source"], v["experts_kept"], f"{v['sparsity']:.4g}", size(v["bytes"]),
-                     f"{v['perplexity']:.4g}", f"{v['kl_mean']:.4g}", f"{v['top1_agreement']:.4f}",
+                     _ppl(v), f"{v['kl_mean']:.4g}", f"{v['top1_agreement']:.4f}",
                      f"{worst[1]['relative_error']:.3g} (layer {worst[0]})" if worst else "-"))
     if report["original"].get("mtp"):  # the draft's first depth, where a variant keeps its MTP layers
         rows[0] += ("MTP top-1 agree",)
@@ -32,6 +31,25 @@ def table_rows(report: dict, size=lambda n: f"{n / (1 << 30):.3f} GiB") -> list[
             first = next(iter(v["mtp"].values()), {}) if v.get("mtp") else {}
             rows[j] += (f"{first['top1_agreement']:.4f}" if "top1_agreement" in first else "-",)
     return rows
+
+
+def _ppl(metrics: dict) -> str:
+    """Perplexity, or "inf" where it exceeds the float range (null in the report)."""
+    return "inf" if metrics["perplexity"] is None else f"{metrics['perplexity']:.4g}"
+
+
+def plot_format(path: str | Path) -> str:
+    """The image format `path` asks for (its suffix; png without one), checked before a run that ends
+    in drawing it: matplotlib must be installed and know the format."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise ReapError(path, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise ReapError(path, f"--plot cannot draw a .{fmt} file; use one of {', '.join('.' + k for k in sorted(known))}")
+    return fmt
 
 
 def plot_report(report: dict, path: str | Path, overwrite: bool = False) -> None:
@@ -63,7 +81,11 @@ def plot_report(report: dict, path: str | Path, overwrite: bool = False) -> None
     fig.suptitle(f"{report['model'].get('architecture')}: {report['data'].get('predicted_positions')} predicted tokens "
                  f"of {report['data'].get('dataset', 'the evaluation data')}", fontsize=10)
     fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")
+    import io
+
+    from ..common.files import write_atomic
+
+    png = io.BytesIO()  # drawn in memory, then written as every file is: complete or absent, errors naming it
+    fig.savefig(png, dpi=120, format=plot_format(path))
     plt.close(fig)
-    write_atomic(path, image.getvalue(), overwrite)
+    write_atomic(path, png.getvalue(), overwrite)

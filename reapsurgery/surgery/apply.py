@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import stat
 from array import array
 from dataclasses import dataclass, field
 from itertools import chain
@@ -213,6 +214,8 @@ def slice_ranges(info: TensorInfo, base: int, axis: int, kept: list[int], n_expe
     if inner_bits % 8:
         raise ReapError(None, f"tensor {info.name!r}: an expert's slice is not a whole number of bytes")
     inner = inner_bits // 8
+    if inner == 0:  # no bytes (a zero dimension): nothing to copy, however many rows a header claims
+        return []
     ranges: list[tuple[int, int]] = []
     for o in range(outer):
         row = base + info.start + o * n_experts * inner
@@ -436,22 +439,65 @@ def shard_ranges(shard: OutShard) -> list[tuple[int, int]]:
     return list(zip(shard.ranges[::2], shard.ranges[1::2]))
 
 
-def copy_other_files(src: Path, dst: Path, handled: set[str]) -> list[str]:
-    """Copy tokenizer, templates, code, licence...; skip weight files we cannot prune. Returns skipped paths."""
-    skipped = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+def other_files(src: Path, handled: set[str]) -> tuple[list[str], list[str]]:
+    """The files besides config, index and shards that the output gets (tokenizer, templates, code,
+    licence...), and the weight files it does not (we cannot prune them), as relative paths.
+
+    Everything that cannot be listed or copied is an error naming it, never a file quietly missing
+    from the output: a directory that cannot be read (os.walk skips those by default), a dangling
+    link, a FIFO, socket or device (reading a FIFO waits forever, /dev/zero never ends), a link to a
+    directory that holds it (copied forever). Other linked directories are followed."""
+    copied, skipped = [], []
+
+    def refuse(e: OSError) -> None:
+        raise ReapError(e.filename or src, f"cannot read it ({e.strerror or e}), so the output would lack "
+                                           "what it holds; nothing was written") from None
+
+    for root, dirs, files in os.walk(src, onerror=refuse, followlinks=True):
         rel_root = Path(root).relative_to(src)
+        real = os.path.realpath(root)
+        if any(os.path.realpath(up) == real for up in [src, *(src / p for p in rel_root.parents)][: len(rel_root.parts)]):
+            raise ReapError(root, "is a link to a directory that holds it: copying it would never end; "
+                                  "nothing was written")
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for fname in sorted(files):
-            rel = rel_root / fname
-            if str(rel) in handled or fname.startswith("."):
+            rel = str(rel_root / fname)
+            if rel in handled or fname.startswith("."):
                 continue
-            if fname.endswith(WEIGHT_SUFFIXES):
-                skipped.append(str(rel))
-                continue
-            (dst / rel_root).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(root) / fname, dst / rel)
-    return skipped
+            path = Path(root) / fname
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError as e:
+                refuse(e)
+            if not regular:
+                raise ReapError(path, "is not a regular file (a FIFO, socket or device), so it cannot be copied "
+                                      "into the output; nothing was written")
+            (skipped if fname.endswith(WEIGHT_SUFFIXES) else copied).append(rel)
+    return copied, skipped
+
+
+def copy_other_files(src: Path, dst: Path, files: list[str]) -> None:
+    """Copy `files` (relative paths, from `other_files`) from src into dst."""
+    for rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(src / rel, dst / rel)
+        except OSError as e:
+            raise ReapError(src / rel, f"cannot copy it ({e.strerror or e}); nothing was written") from None
+
+
+def source_card(ckpt_path: Path) -> str | None:
+    """The source's model card (README.md), which the output's extends; None when there is none."""
+    path = ckpt_path / "README.md"
+    if not path.is_file():
+        return None
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ReapError(path, f"cannot read the model card: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ReapError(path, f"model card is not UTF-8 text (invalid byte at offset {e.start}); the pruned "
+                              "model's card extends it, so save it as UTF-8") from None
 
 
 def apply_mask(
@@ -481,6 +527,9 @@ def apply_mask(
     ckpt = Checkpoint.open(ckpt_path, layout)
     check_output(out_path, overwrite, [mask_path, *map(Path, inputs)], [ckpt.path])
     plan = plan_surgery(ckpt, mask, mask_path, draft=mtp == "keep-full")
+    # what else the output gets is known, and readable, before a byte is written
+    card = source_card(ckpt.path)
+    copied, skipped = other_files(ckpt.path, {"config.json", "README.md", INDEX, *ckpt.shards})
     if on_plan:
         on_plan(plan)
     with staged_output(out_path, overwrite, note) as tmp:
@@ -488,11 +537,11 @@ def apply_mask(
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.config, f, indent=2)
             f.write("\n")
-        write_card(tmp / "README.md", ckpt, mask, plan.experts_before, len(plan.moe_layers), plan.dropped_layers, note)
+        write_card(tmp / "README.md", card, ckpt, mask, plan.experts_before, len(plan.moe_layers), plan.dropped_layers,
+                   note)
         (tmp / MASK_COPY).write_bytes(mask.encode())  # inside the staged directory: no file of its own to stage
-        handled = {"config.json", "README.md", INDEX, *ckpt.shards}
-        handled |= rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)
-        skipped = copy_other_files(ckpt.path, tmp, handled)
+        handled = rewrite_hf_quant_config(ckpt.path, tmp, ckpt.layout, mask.layers)
+        copy_other_files(ckpt.path, tmp, [rel for rel in copied if rel not in handled])
         write_index(plan, ckpt, tmp)
         if plan.draft_bytes is not None:
             write_draft(ckpt, tmp / DRAFT_DIR)

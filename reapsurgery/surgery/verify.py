@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from ..common.checkpoint import INDEX, Checkpoint
@@ -124,8 +125,9 @@ class ExpertCheck:
             experts = self.experts.get(layer, set())
             if not self.routers.get(layer):
                 problems.append((ckpt.path, f"MoE layer {layer} has no router tensor matching the {ckpt.layout.name} layout"))
-            if experts and experts != set(range(E)):
-                absent, extra = sorted(set(range(E)) - experts), sorted(experts - set(range(E)))
-                detail = f"lacks tensors of experts {absent[:8]}" if absent else f"has tensors of experts {extra[:8]}"
+            extra = sorted(e for e in experts if e >= E)
+            if experts and (extra or len(experts) != E):  # sized by what is stored, not by config.json's E
+                absent = list(islice((e for e in range(E) if e not in experts), 8))
+                detail = f"lacks tensors of experts {absent}" if absent else f"has tensors of experts {extra[:8]}"
                 problems.append((ckpt.path, f"MoE layer {layer} {detail}; config says {E} experts"))
         return problems
