@@ -26,7 +26,7 @@ from ..errors import ReapError
 from ..common.layouts import Layout
 from .distributed import Ranks
 from .mtp import counted_positions, load_mtp_block, mtp_layers
-from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
+from .observe import ExpertStats, Observer, observe_experts, is_experts_module, observing
 from ..common.saliency import STAT_KEYS, LayerStats, Saliency
 from ..common.staging import deferred_signals
 from .finite import check_computed
@@ -288,7 +288,7 @@ def calibrate(
         ranks.start(dev)
     dt = resolve_dtype(dtype, dev)
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)
-    attach_router_hooks(streamed.model)
+    observe_experts(streamed.model)
     names = {id(m): n for n, m in streamed.model.named_modules() if is_experts_module(m)}
     experts_layer = {n: i for i, layer in enumerate(streamed.layers) for m in layer.modules()
                      if is_experts_module(m) for n in [names[id(m)]]}

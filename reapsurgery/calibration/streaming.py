@@ -27,21 +27,15 @@ from .fused import FusedTarget, check_fused, read_fused, readable, stacks_only
 from .dequant import is_quantized
 from .shardread import ShardFiles
 from .timing import TIMINGS
-from .observe import IMPL_NAME
 
 
-def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False,
-                   experts_implementation: str | None = IMPL_NAME) -> nn.Module:
+def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model class the checkpoint names (as layout derivation builds it; a multimodal wrapper
     with its vision tower, of which only the text model runs), every tensor on the meta device.
-
-    Experts run through `experts_implementation` (calibration's observer by default; None:
-    transformers' own default, as from_pretrained runs them)."""
+    Its experts run through transformers' default implementation, as from_pretrained runs them."""
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         strip_quantization(config)  # built unquantized; quantized layers are dequantised as they are read
-        if experts_implementation is not None:
-            config._experts_implementation = experts_implementation  # recurses into sub-configs
         cls = model_class(getattr(config, "architectures", None), trust_remote_code)
         with torch.device("meta"):
             if cls is not None:
@@ -112,14 +106,13 @@ class StreamedModel:
 
     POOL_MIN_BYTES = 1 << 20
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                 experts_implementation: str | None = IMPL_NAME):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
         self.pool: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> released tensors
         self.staging: dict[tuple, torch.Tensor] = {}  # CUDA: pinned host buffers, reused layer after layer
         self.files = ShardFiles(ckpt)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.model = build_skeleton(ckpt.path, dtype, trust_remote_code, experts_implementation)
+        self.model = build_skeleton(ckpt.path, dtype, trust_remote_code)
         self.converter = LayoutConverter(self.model)
         self.decoder = find_decoder(self.model)
         self.layers = self.decoder.layers

@@ -76,8 +76,8 @@ def check_order(mask: Path, ckpt: Path, out: Path, gguf: bool = False) -> None:
 @click.option("--mtp", "mtp", type=click.Choice(["mask", "keep-full"]), default="mask", show_default=True,
               help="Multi-token-prediction block: 'mask' prunes and keeps it where the mask covers it (saliency "
                    "from `calibrate --mtp calibrate`), else drops it; 'keep-full' also writes it unpruned, with "
-                   "the source's config, to OUT/mtp-draft/: a draft model for loaders that build the MTP head "
-                   "from the trunk's config.")
+                   "the source's config, to OUT/mtp-draft/ (kept byte for byte; vLLM does not draft with it "
+                   "beside a pruned trunk: keep the block pruned for that).")
 @plan_options
 @layout_option
 @json_option

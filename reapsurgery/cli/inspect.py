@@ -200,7 +200,9 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
               help="Print the layout derived from transformers' model for CKPT (JSON, accepted by --layout).")
 @one_line_errors
 def architectures(as_json: bool, derive_from: Path | None) -> None:
-    """List the MoE families with a built-in layout, with the config keys each reads.
+    """List the MoE families supported: the built-in layouts, with the config keys each reads,
+    and every MoE model type of transformers as the census measured it (supported with a built-in
+    or derived layout, refused and why), with the transformers version it was measured with.
 
     \b
     A checkpoint's family is found from config.json: model_type (of the text config
@@ -216,16 +218,19 @@ def architectures(as_json: bool, derive_from: Path | None) -> None:
         emit_json(derive_entry(derive_from))
         return
     from ..common.layouts import describe_layouts
+    from ..common.support import by_status, census, installed_transformers
 
     rows = describe_layouts()
+    data = census()
     if as_json:
-        emit_json(rows)
+        emit_json({"built_in": rows, "census": data})
         return
 
     def rule(r: dict) -> str:
         parts = [f"{k}={v}" for k, v in r["moe_layers"].items()]
         return ", ".join(parts) or "every layer"
 
+    click.echo("Built-in layouts:")
     rows_out = [("model_type", "architectures", "expert count", "top-k", "MoE layers", "groups, MTP")]
     for r in rows:
         extra = []
@@ -235,4 +240,20 @@ def architectures(as_json: bool, derive_from: Path | None) -> None:
             extra.append(r["mtp_layers"] + (" (--mtp calibrate)" if r["mtp_block"] else ""))
         rows_out.append((r["name"], " ".join(r["architectures"]), " ".join(r["num_experts"]), " ".join(r["top_k"]),
                       rule(r), ", ".join(extra) or "-"))
-    table(rows_out, indent="")
+    table(rows_out, indent="  ")
+    groups = by_status(data)
+    total = len(data["model_types"])
+    click.echo(f"\nEvery MoE model type of transformers {data['transformers']}, as the census measured it on "
+               f"{data['date']} (calibrate, plan, apply, verify, load):")
+    click.echo(f"supported ({len(groups['supported'])} of {total}):")
+    table([(mt, e["class"], e["layout"]) for mt, e in groups["supported"].items()], indent="  ")
+    for st, title in (("refused", "refused, with why"), ("fails", "fails"),
+                      ("not run", "not run: transformers rejects a generic tiny config; no verdict")):
+        if groups[st]:
+            click.echo(f"{title} ({len(groups[st])}):")
+            for mt, e in groups[st].items():
+                click.echo(f"  {mt}: {e['reason']}")
+    installed = installed_transformers()
+    if installed and installed != data["transformers"]:
+        click.echo(f"note: transformers {installed} is installed; these were measured with {data['transformers']} "
+                   "(`python -m fixtures.census --write` from a source checkout measures them again)", err=True)

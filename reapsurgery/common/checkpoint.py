@@ -94,7 +94,12 @@ class Checkpoint:
     # -- config-derived facts -------------------------------------------------
     @property
     def cfg(self) -> dict:
-        return text_config(self.config)
+        """The text config, with num_hidden_layers where config.json spells the layer count another way."""
+        cfg = text_config(self.config)
+        key = self.layout.layer_count
+        if key and not isinstance(cfg.get("num_hidden_layers"), int) and isinstance(cfg.get(key), int):
+            cfg = {**cfg, "num_hidden_layers": cfg[key]}
+        return cfg
 
     @property
     def num_experts(self) -> int:
@@ -225,17 +230,14 @@ def derived_layout_for(path: Path, config: dict, weight_map: WeightMap) -> Layou
     """The layout transformers' own model implies, for a family without a built-in entry.
 
     Derivation builds the model on the meta device (torch and transformers, seconds); its result
-    is kept in the user's cache, keyed by config, tensor names, transformers version and the MTP block table, so the
-    next command on the same checkpoint (verify after apply...) neither derives nor imports torch."""
+    is kept in the user's cache, keyed by config, tensor names, transformers version and the derivation
+    itself (its code and data files), so the next command on the same checkpoint (verify after
+    apply...) neither derives nor imports torch, and a cache derived by another version is not reused."""
     import hashlib
     from importlib.metadata import version
 
-    from .derive_names import mtp_block_facts
-
-    # the MTP block facts are data of ours: a cache derived before they changed is not reused
-    key = hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers"),
-                                     mtp_block_facts(config.get("model_type"))], sort_keys=True,
-                                    default=str).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers"), _derivation_digest()],
+                                    sort_keys=True, default=str).encode()).hexdigest()
     if key not in _DERIVED:
         cached = _cache_dir() / f"{key}.json"
         try:
@@ -255,6 +257,20 @@ def derived_layout_for(path: Path, config: dict, weight_map: WeightMap) -> Layou
                  layout.derived.get("model_class", "model"), path)
         _DERIVED[key] = layout
     return _DERIVED[key]
+
+
+DERIVATION_FILES = ("derive.py", "derive_names.py", "model_map.py", "mtp_blocks.json", "router_rows.json")
+
+
+def _derivation_digest() -> str:
+    """sha256 of the derivation's own code and data: what it derives changes with them."""
+    import hashlib
+    from importlib import resources
+
+    h = hashlib.sha256()
+    for name in DERIVATION_FILES:
+        h.update(resources.files(__package__).joinpath(name).read_bytes())
+    return h.hexdigest()
 
 
 def _cache_dir() -> Path:

@@ -110,7 +110,7 @@ def evaluate(
     ckpt = Checkpoint.open(ckpt_path, layout)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    streamed = StreamedModel(ckpt, dt, dev, trust_remote_code, experts_implementation=None)
+    streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)
     n_layers = len(streamed.layers)
     moe = set(ckpt.moe_layers)
     mtp, mtp_of, mtp_skipped, notes = mtp_to_run(streamed, variants)

@@ -1,12 +1,12 @@
 """`apply --mtp keep-full`: the multi-token-prediction block, unpruned, as a draft model directory.
 
-Loaders that build the MTP head from the trunk's config (omlx, vLLM's `method: mtp` without a
-`model`) cannot run a full-width head on a pruned trunk. A separate directory with the source's
-own config.json (original expert count, MTP count) and only the MTP tensors, plus the trunk
-tensors the block shares (embeddings, LM head), is what vLLM loads with
-`--speculative-config '{"method": "mtp", "model": "OUT/mtp-draft", "num_speculative_tokens": 1}'`:
-its MTP model classes read only the MTP layers (and shared tensors) of the files they are given.
-Every tensor is copied byte for byte, under its own name.
+A separate directory with the source's own config.json (original expert count, MTP count) and
+only the MTP tensors, plus the trunk tensors the block shares (embeddings, LM head), every tensor
+copied byte for byte under its own name: the unpruned block kept beside the pruned model.
+No server is known to draft with it beside the pruned trunk: vLLM 0.32 (`method: mtp` with this
+`model`) refuses a trunk whose MTP count is 0 and builds the head with the trunk's pruned expert
+count otherwise (README, "Multi-token-prediction blocks"); a block kept pruned
+(`calibrate --mtp calibrate`) is what vLLM serves.
 """
 
 from __future__ import annotations

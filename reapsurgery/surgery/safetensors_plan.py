@@ -127,11 +127,11 @@ def plan_surgery(ckpt: Checkpoint, mask: Mask, mask_path: Path, draft: bool = Fa
                     renamed = layout.source_name(name, n, role.renamed(canonical, keep.index(role.expert)))
                     out.append(OutTensor(renamed, info.dtype, info.shape, whole))
                 continue
-            axis = role.axis
-            if axis >= len(info.shape) or info.shape[axis] != E:
+            axis, rows = role.axis, role.rows(E)
+            if axis >= len(info.shape) or info.shape[axis] != rows:
                 continue  # reported by the check below
-            shape = info.shape[:axis] + (kept,) + info.shape[axis + 1 :]
-            out.append(OutTensor(name, info.dtype, shape, slice_ranges(info, base, axis, keep, E)))
+            shape = info.shape[:axis] + (kept + role.kept_after,) + info.shape[axis + 1 :]
+            out.append(OutTensor(name, info.dtype, shape, slice_ranges(info, base, axis, role.kept_rows(keep, E), rows)))
     problems = check.result()
     if problems:
         raise ReapError(*problems[0])

@@ -101,9 +101,10 @@ class ExpertCheck:
                                   f"config.json says layer {role.layer} is not an MoE layer"))
         elif role.kind == "expert":
             self.experts.setdefault(role.layer, set()).add(role.expert)
-        elif role.axis >= len(info.shape) or info.shape[role.axis] != self.E:
+        elif role.axis >= len(info.shape) or info.shape[role.axis] != role.rows(self.E):
+            after = f" and {role.kept_after} rows after them" if role.kept_after else ""
             self.problems.append((name, ckpt.path / shard, f"tensor {name!r} has shape {list(info.shape)}; config "
-                                  f"says {self.E} experts, expected on axis {role.axis}"))
+                                  f"says {self.E} experts{after}, expected on axis {role.axis}"))
         elif role.kind == "router":
             self.routers[role.layer] = self.routers.get(role.layer, 0) + 1
         if role.layer >= ckpt.num_hidden_layers:
