@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 
 from common import (  # noqa: E402  (this directory; standard library only at import)
-    GiB, HF_ENV, MiB, RSS_METHOD, alternated, dir_bytes, drop_scratch, fs_sync, machine_info, make_scratch, max_of,
+    GiB, HF_ENV, MiB, RSS_METHOD, Filler, alternated, dir_bytes, drop_scratch, fs_sync, machine_info, make_scratch, max_of,
     med_of, need_disk, paired_ratio, print_header, print_machine, reap, reapsurgery_cmd, rmtree, rounded,
     rotated, run_cold, can_drop_caches, run_measured, run_warm, shard_plan, synth_layer, tensor_order,
 )
@@ -73,25 +73,6 @@ def synth_layers_for(size_bytes: int, c: dict) -> int:
     return max(1, round((size_bytes - fixed) / per_layer))
 
 
-class _Filler:
-    """Arbitrary, non-repeating-at-chunk-granularity bytes without generating them all."""
-
-    def __init__(self, seed: int, pool: int = 64 * MiB, chunk: int = 16 * MiB):
-        rnd = random.Random(seed)
-        block = rnd.randbytes(pool)
-        self.buf = memoryview(block + block)
-        self.pool, self.chunk, self.rnd = pool, chunk, rnd
-
-    def write(self, fd: int, n: int) -> None:
-        while n > 0:
-            k = min(n, self.chunk)
-            off = self.rnd.randrange(0, self.pool // 4096) * 4096
-            done = 0
-            while done < k:
-                done += os.write(fd, self.buf[off + done: off + k])
-            n -= k
-
-
 def build_synthetic(out: Path, size_gib: float, shard_gib: float, seed: int = 0) -> dict:
     """Write a Qwen3-MoE-shaped checkpoint of ~size_gib GiB; returns a description."""
     sio = reap("safetensors_io")
@@ -101,7 +82,7 @@ def build_synthetic(out: Path, size_gib: float, shard_gib: float, seed: int = 0)
     shards = shard_plan(tensor_order(c, layers), 2, int(shard_gib * GiB))  # BF16
 
     out.mkdir(parents=True)
-    filler = _Filler(seed)
+    filler = Filler(seed)
     weight_map: dict[str, str] = {}
     total = 0
     for i, tensors in enumerate(shards, 1):

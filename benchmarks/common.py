@@ -12,6 +12,7 @@ import importlib
 import math
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -38,6 +39,11 @@ MODULES = {
     "observe": "reapsurgery.calibration.observe",
     "saliency": "reapsurgery.common.saliency",
     "streaming": "reapsurgery.calibration.streaming",
+    "copier": "reapsurgery.surgery.copier",
+    "gguf_file": "reapsurgery.common.gguf_file",
+    "gguf_header": "reapsurgery.surgery.gguf_header",
+    "gguf_model": "reapsurgery.common.gguf_model",
+    "gguf_plan": "reapsurgery.surgery.gguf_plan",
     "plan": "reapsurgery.plan",
 }
 CLI_MAIN = ("reapsurgery.cli", "main")  # the console script's entry point (pyproject [project.scripts])
@@ -165,6 +171,25 @@ def fs_sync(path: Path) -> float:
 def rmtree(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
+
+
+class Filler:
+    """Arbitrary, non-repeating-at-chunk-granularity bytes without generating them all."""
+
+    def __init__(self, seed: int, pool: int = 64 * MiB, chunk: int = 16 * MiB):
+        rnd = random.Random(seed)
+        block = rnd.randbytes(pool)
+        self.buf = memoryview(block + block)
+        self.pool, self.chunk, self.rnd = pool, chunk, rnd
+
+    def write(self, fd: int, n: int) -> None:
+        while n > 0:
+            k = min(n, self.chunk)
+            off = self.rnd.randrange(0, self.pool // 4096) * 4096
+            done = 0
+            while done < k:
+                done += os.write(fd, self.buf[off + done: off + k])
+            n -= k
 
 
 # --------------------------------------------------------------------------- Qwen3-MoE layout

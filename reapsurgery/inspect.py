@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .common.checkpoint import Checkpoint, resolve_checkpoint
+from .common.gguf_file import gguf_model_path, type_name
 from .common.files import read_json
 from .errors import ReapError
 from .common.layouts import Layout
@@ -133,7 +134,9 @@ def inspect_mask(path: str | Path, ckpt_path: str | Path | None = None, layout: 
 
 def mask_size(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, layout: Layout | None = None) -> dict[str, Any]:
     """Params and bytes of the checkpoint before and after applying the mask (exact: surgery's own plan)."""
-    from .surgery.apply import plan_surgery
+    if gguf_model_path(ckpt_path) is not None:
+        return gguf_mask_size(mask, mask_path, gguf_model_path(ckpt_path))
+    from .surgery.safetensors_plan import plan_surgery
 
     ckpt = Checkpoint.open(ckpt_path, layout)
     plan = plan_surgery(ckpt, mask, Path(mask_path))
@@ -157,13 +160,16 @@ def inspect_saliency(path: str | Path, method: str = "reap") -> dict[str, Any]:
     return saliency_facts(load_saliency(path), path, method)
 
 
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, or None where that is not a finite number (b = 0, or a quotient past the float range)."""
+    q = a / b if b > 0 else math.inf
+    return q if math.isfinite(q) else None
+
+
 def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap") -> dict[str, Any]:
     layers = {}
     for l, stats in sorted(sal.layers.items()):
-        try:
-            scores = expert_scores(stats, method)
-        except ReapError as e:
-            raise ReapError(path, f"layer {l}: {e.message}") from None
+        scores = expert_scores(stats, method, l, path)
         routed = sorted(s for s in scores if s is not None)
         spread = None
         if routed:
@@ -171,7 +177,7 @@ def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap"
                 "min": routed[0],
                 "median": statistics.median(routed),
                 "max": routed[-1],
-                "max_over_min": routed[-1] / routed[0] if routed[0] > 0 else None,
+                "max_over_min": _ratio(routed[-1], routed[0]),
             }
         layers[str(l)] = {
             "tokens": stats.tokens,
@@ -198,7 +204,10 @@ def saliency_facts(sal: Saliency, path: Path | None = None, method: str = "reap"
 
 
 def file_kind(path: str | Path) -> str:
-    """'checkpoint' for a directory, else the JSON file's "format" ('mask' or 'saliency')."""
+    """'gguf' for a GGUF model, 'checkpoint' for a directory, else the JSON file's "format" ('mask' or
+    'saliency')."""
+    if gguf_model_path(path) is not None:
+        return "gguf"
     path = resolve_checkpoint(path)
     if path.is_dir():
         return "checkpoint"
@@ -216,6 +225,10 @@ def inspect_path(path: str | Path, ckpt: str | Path | None = None, method: str =
                  layout: Layout | None = None) -> dict[str, Any]:
     """`layout` (a user's layout file) replaces the built-in one for the checkpoint read."""
     kind = file_kind(path)
+    if kind == "gguf":
+        if ckpt is not None:
+            raise ReapError(ckpt, "--ckpt goes with a mask file, not a GGUF file")
+        return inspect_gguf(gguf_model_path(path))
     if kind == "checkpoint":
         if ckpt is not None:
             raise ReapError(ckpt, "--ckpt goes with a mask file, not a checkpoint")
@@ -225,3 +238,65 @@ def inspect_path(path: str | Path, ckpt: str | Path | None = None, method: str =
     if ckpt is not None:
         raise ReapError(ckpt, "--ckpt goes with a mask file, not a saliency file")
     return inspect_saliency(path, method)
+
+
+# -- GGUF ---------------------------------------------------------------------------
+
+
+def gguf_account(model, tensors: Iterable, num_experts: int | None = None) -> dict[str, Any]:
+    """account() of GGUF tensor infos: params are elements (ne), dtypes ggml types; `num_experts`
+    for the active share (default: the model's; after pruning, the kept count)."""
+    from .common.gguf_model import TensorKinds
+
+    return account(((t.name, type_name(t.type), t.ne, t.nbytes) for t in tensors), TensorKinds(),
+                   model.num_hidden_layers, num_experts or model.num_experts, model.top_k)
+
+
+def inspect_gguf(path: Path) -> dict[str, Any]:
+    """A GGUF model's MoE facts and sizes, from its header only; and what reapsurgery did to it, if anything."""
+    import json
+
+    from .common.gguf_file import constants
+    from .common.gguf_model import GGUFModel
+    from .surgery.gguf_plan import MASK_KEY, SHA_KEY
+
+    model = GGUFModel.open(path)
+    first = model.first
+    try:
+        recorded = json.loads(first.value(MASK_KEY))
+    except (TypeError, ValueError):
+        recorded = None
+    return {
+        "kind": "gguf",
+        "path": str(path),
+        "model": model.fingerprint(),
+        "files": [str(p.path) for p in model.parts],
+        "topk_group": model.group_used,
+        "nextn": {"announced": model.nextn, "stored": model.stored_mtp_layers},
+        "size_label": first.value(constants().Keys.General.SIZE_LABEL),
+        "pruned": {"mask_sha256": first.value(SHA_KEY), "experts_after": model.num_experts,
+                   "experts_before": (recorded.get("model") or {}).get("num_experts")}
+        if isinstance(recorded, dict) else None,
+        "size": gguf_account(model, (t for _, t in model.tensors())),
+    }
+
+
+def gguf_mask_size(mask: Mask, mask_path: str | Path, path: Path) -> dict[str, Any]:
+    """mask_size for a GGUF model: before and after from surgery's own GGUF plan."""
+    from .common.gguf_model import GGUFModel
+    from .surgery.gguf_plan import plan_gguf
+
+    model = GGUFModel.open(path)
+    plan = plan_gguf(model, mask, Path(mask_path))
+    before = gguf_account(model, (t for _, t in model.tensors()))
+    after = gguf_account(model, (t for f in plan.files for t in f.tensors), plan.kept)
+    return {
+        "checkpoint": str(path),
+        "before": before,
+        "after": after,
+        "shards_after": len(plan.files),
+        "bytes_saved": before["bytes"] - after["bytes"],
+        "quantization": None,
+        "format": "gguf",
+        **plan.change_facts(),
+    }

@@ -87,8 +87,10 @@ class Plan:
 
 # -- scores -------------------------------------------------------------------
 
-def expert_scores(stats: LayerStats, method: str) -> list[float | None]:
-    """One score per expert, higher = more salient; None for an expert never routed."""
+def expert_scores(stats: LayerStats, method: str, layer: int | None = None,
+                  path: str | Path | None = None) -> list[float | None]:
+    """One score per expert, higher = more salient; None for an expert never routed. `layer` and
+    `path` (the saliency file) name where a score that is not a finite number comes from."""
     if method not in METHODS:
         raise ReapError(None, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     out: list[float | None] = []
@@ -106,7 +108,9 @@ def expert_scores(stats: LayerStats, method: str) -> list[float | None]:
             "weighted-ean": lambda: stats.reap_sum[e],
         }[method]()
         if not math.isfinite(value):
-            raise ReapError(None, f"expert {e}: {method} score is {value} (non-finite statistics)")
+            where = f"layer {layer}, " if layer is not None else ""
+            raise ReapError(path, f"{where}expert {e}: the {method} score is {value} (its statistics overflow "
+                                  f"a float: count {n!r}, reap_sum {stats.reap_sum[e]!r})")
         out.append(float(value))
     return out
 
@@ -304,7 +308,7 @@ def plan_mask(
     layers: dict[int, LayerPlan] = {}
     for l in sorted(saliency.layers):
         stats = saliency.layers[l]
-        scores = expert_scores(stats, method)
+        scores = expert_scores(stats, method, l, where)
         protected = set(pins.get(l, ())) | set(supers.get(l, ()))
         dropped: list[int] = []
         for g in range(groups):
@@ -385,6 +389,10 @@ def save_mask(mask: Mask, path: str | Path, overwrite: bool = False) -> None:
 def plan_for_checkpoint(saliency: Saliency, saliency_path: str | Path, ckpt: "Checkpoint", **options) -> Plan:
     """plan_mask, after checking the saliency is for this checkpoint, with its router's group facts."""
     check_fingerprint(saliency.model, ckpt.fingerprint(), Path(saliency_path), ckpt.path)
+    unstored = sorted(set(saliency.mtp_layers) - set(ckpt.stored_mtp_layers())) if saliency.mtp_layers else []
+    if unstored:
+        raise ReapError(saliency_path, f"has statistics for layers {unstored} past the {ckpt.num_hidden_layers} decoder "
+                                       f"layers, which {ckpt.path} does not store as multi-token-prediction layers")
     groups = ckpt.layout.groups or {}
     topk_group = ckpt.layout.topk_group(ckpt.cfg)
     if groups and topk_group is None:
@@ -395,13 +403,29 @@ def plan_for_checkpoint(saliency: Saliency, saliency_path: str | Path, ckpt: "Ch
 
 def plan_from_files(saliency_path: str | Path, ckpt_path: str | Path | None = None, layout: "Layout | None" = None,
                     **options) -> Plan:
-    """Load saliency.json and plan; with a checkpoint, check it matches and use its router's facts.
+    """Load saliency.json and plan; with a checkpoint (or a GGUF file), check it matches and use its
+    router's facts.
 
     `layout` (a user's layout file) replaces the built-in one for the checkpoint."""
-    from .common.checkpoint import Checkpoint
     from .common.saliency import load_saliency
 
-    saliency = load_saliency(saliency_path)
+    return plan_from_saliency(load_saliency(saliency_path), saliency_path, ckpt_path, layout, **options)
+
+
+def plan_from_saliency(saliency: Saliency, saliency_path: str | Path, ckpt_path: str | Path | None = None,
+                       layout: "Layout | None" = None, **options) -> Plan:
+    """plan_from_files for a saliency already loaded (`plan --from-evaluation` reads it first)."""
+    from .common.checkpoint import Checkpoint
+    from .common.gguf_file import gguf_model_path
+
     if ckpt_path is None:
         return plan_mask(saliency, source=saliency_path, **options)
+    if gguf_model_path(ckpt_path) is not None:
+        from .common.gguf_model import GGUFModel
+
+        model = GGUFModel.open(gguf_model_path(ckpt_path))
+        model.check_model(saliency.model, Path(saliency_path))
+        router = model.router()
+        return plan_mask(saliency, topk_group=router.topk_group or router.n_group, min_per_group=router.min_per_group,
+                         source=saliency_path, **options)
     return plan_for_checkpoint(saliency, saliency_path, Checkpoint.open(ckpt_path, layout), **options)

@@ -52,3 +52,36 @@ def tree_hash(path: Path) -> dict[str, str]:
         str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(path.rglob("*")) if p.is_file()
     }
+
+
+# GGUF fixtures (fixtures/gguf_files.py): name -> write_gguf options
+GGUF_FIXTURES = {
+    "single": {},
+    "split": {"split_max_tensors": 10},
+    "nextn": {"nextn": 1, "dense_lead": 1, "probs_bias": True, "groups": (2, 1)},
+    "nextn_split": {"nextn": 1, "dense_lead": 1, "split_max_tensors": 9},
+    "bias": {"arch": "gpt-oss", "n_layer": 2, "expert_bias": True},
+    "fused": {"arch": "qwen35moe", "n_layer": 2, "fused_gate_up": True, "alignment": 64},
+    "scales": {"arch": "gemma4", "n_layer": 2, "scales": True, "split_max_tensors": 7},
+}
+
+
+class _GGUFFiles(dict):
+    """Builds each GGUF fixture on first use; the value is the path of its (first) file."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, key: str) -> Path:
+        from fixtures.gguf_files import write_gguf
+
+        path = write_gguf(self.root / key / f"tiny-{key}.gguf", seed=len(self), **GGUF_FIXTURES[key])
+        self[key] = path
+        return path
+
+
+@pytest.fixture(scope="session")
+def gguf_files(tmp_path_factory) -> dict[str, Path]:
+    """name (GGUF_FIXTURES) -> path of a tiny MoE GGUF written with the gguf package; built lazily."""
+    return _GGUFFiles(tmp_path_factory.mktemp("gguf"))

@@ -75,7 +75,8 @@ def expected_output_bytes(src: Path, keep: list[int], keep_mtp: bool = False) ->
             with safe_open(path, "pt") as f:
                 t = f.get_tensor(name)
             t = t.view(torch.uint8) if t.element_size() == 1 else t
-            expected[name] = t.index_select(role.axis, torch.tensor(keep)).contiguous().view(torch.uint8).numpy().tobytes()
+            rows = torch.tensor(role.kept_rows(keep, ckpt.num_experts))  # a router's rows of unpruned experts kept
+            expected[name] = t.index_select(role.axis, rows).contiguous().view(torch.uint8).numpy().tobytes()
     return expected
 
 

@@ -63,7 +63,8 @@ def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantiz
     if quantization_config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
     text = getattr(config, "text_config", None) or config
-    for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+    n_experts = _routed_experts(text)
+    for attr in EXPERT_COUNTS:
         if hasattr(text, attr):
             setattr(text, attr, n_kept)
     small = model_class(src)._from_config(config, dtype=torch.float32)
@@ -74,10 +75,20 @@ def pruned_in_memory(src: Path, keep: dict[int, list[int]], n_kept: int, quantiz
         if tensor.shape != want:
             (axis,) = [i for i, (a, b) in enumerate(zip(tensor.shape, want)) if a != b]
             layer = int(name.split("layers.")[1].split(".")[0])
-            tensor = tensor.index_select(axis, torch.tensor(keep[layer]))
+            # a router axis that also scores other experts (zero-computation, skip, shared) has their rows
+            # after the routed experts' (the family's code says so); they are kept
+            rows = [*keep[layer], *range(n_experts or tensor.shape[axis], tensor.shape[axis])]
+            tensor = tensor.index_select(axis, torch.tensor(rows))
         state[name] = tensor
     small.load_state_dict(state, strict=True)
     return small.eval()
+
+
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _routed_experts(text_config) -> int | None:
+    return next((getattr(text_config, a) for a in EXPERT_COUNTS if isinstance(getattr(text_config, a, None), int)), None)
 
 
 def logits(model, seed: int = 0) -> torch.Tensor:
@@ -175,6 +186,8 @@ def reference_stats(src, samples, model=None, uncounted_tail: dict[int, int] | N
                 # each routed pair through the expert alone, weight 1: its unweighted output
                 f = unweighted(hidden.repeat_interleave(k, 0), idx.reshape(-1, 1)).double()
                 for p, (e, g) in enumerate(zip(idx.reshape(-1).tolist(), weights.reshape(-1).tolist())):
+                    if g == 0:  # adds nothing to the output: not a route (LongCat's zero-computation experts)
+                        continue
                     norm = float(f[p].norm())
                     s["count"][e] += 1
                     s["gate_sum"][e] += g

@@ -31,10 +31,11 @@ def _ckpt(d: Path, w: dict) -> Path:
 
 
 def _edit_config(d: Path, w: dict, **changes) -> Path:
+    """A checkpoint copy with config.json's keys changed (a value of ... removes the key)."""
     ckpt = _ckpt(d, w)
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg.update(changes)
-    _json(ckpt / "config.json", cfg)
+    _json(ckpt / "config.json", {k: v for k, v in cfg.items() if v is not ...})
     return ckpt
 
 
@@ -228,6 +229,76 @@ OUTPUT_CASES: dict[str, Case] = {
     "apply: OUT holds CKPT, spelled with ..": lambda d, w: (["apply", w["mask"], _ckpt(d, w), d / "ckpt" / "..", "--overwrite"], ".."),
 }
 
+
+def _poison(d: Path, w: dict, tensor: str, value: float) -> tuple[Path, str]:
+    """A checkpoint copy whose float32 tensor `tensor` holds `value` (NaN, infinity) in its first
+    element; returns (ckpt, the shard holding it)."""
+    ckpt = _ckpt(d, w)
+    c = Checkpoint.open(ckpt)
+    shard, info = c.tensors()[tensor]
+    assert info.dtype == "F32", info
+    with open(ckpt / shard, "r+b") as f:
+        f.seek(c.header(shard).data_offset + info.start)
+        f.write(struct.pack("<f", value))
+    return ckpt, shard
+
+
+def _poisoned(cmd: str, tensor: str, value: float) -> Case:
+    """calibrate or evaluate over a checkpoint with a NaN or infinity in `tensor`: refused, naming its shard."""
+    def case(d, w):
+        ckpt, shard = _poison(d, w, tensor, value)
+        if cmd == "calibrate":
+            return _calibrate(d, w, ckpt=ckpt), shard
+        return ["evaluate", ckpt, "--mask", w["mask"], "-q", "--device", "cpu", "--num-samples", 2,
+                "--max-length", 8], shard
+    return case
+
+
+def _with_other_file(make: Callable[[Path], None], *flags) -> Case:
+    """apply over a checkpoint holding a file it cannot copy (made by `make` at CKPT/extra/x): refused
+    naming it, before anything is written."""
+    def case(d, w):
+        ckpt = _ckpt(d, w)
+        (ckpt / "extra").mkdir()
+        make(ckpt / "extra" / "x")
+        return ["apply", w["mask"], ckpt, d / "out", *flags], "extra/x"
+    return case
+
+
+def _config_refused(cmd: str, **changes) -> Case:
+    """`cmd` on a checkpoint whose config.json holds `changes`: refused naming config.json."""
+    def case(d, w):
+        ckpt = _edit_config(d, w, **changes)
+        argv = {"inspect": ["inspect", ckpt], "verify": ["verify", ckpt], "apply": ["apply", w["mask"], ckpt, d / "out"],
+                "plan": ["plan", w["saliency"], "--keep", 4, "--ckpt", ckpt, "-o", d / "m.json"],
+                "calibrate": _calibrate(d, w, ckpt=ckpt)}[cmd]
+        return argv, "config.json"
+    return case
+
+
+def _mtp_config(cmd: str, layers: int) -> Case:
+    """DeepSeek-V3 (3 decoder layers, MTP layer 3) with config.json's num_hidden_layers set to `layers`."""
+    def case(d, w):
+        ckpt = _edit_config(d, {"ckpt": w["mtp_ckpt"]}, num_hidden_layers=layers)
+        return ({"verify": ["verify", ckpt], "apply": ["apply", w["mtp_mask"], ckpt, d / "out"],
+                 "inspect": ["inspect", ckpt]}[cmd], "config.json")
+    return case
+
+
+def _without_mtp_layer(d: Path, w: dict) -> Path:
+    """The DeepSeek-V3 checkpoint without its MTP layer (layer 3, in a shard of its own)."""
+    ckpt = _ckpt(d, {"ckpt": w["mtp_ckpt"]})
+    index = json.loads((ckpt / INDEX).read_text())
+    (ckpt / "model-mtp.safetensors").unlink()
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != "model-mtp.safetensors"}
+    _json(ckpt / INDEX, index)
+    return ckpt
+
+
+def _layer_past_stack(s: dict, layer: str) -> dict:
+    s["layers"][layer] = _layer0(s)
+    return s
+
 CASES: dict[str, Case] = {
     # -- a file that is not the JSON expected (mask, saliency, config, index, layout, inspect) --
     "mask: a shard passed as the mask": lambda d, w: (["apply", Path(w["ckpt"]) / w["shard"], w["ckpt"], d / "out"], w["shard"]),
@@ -282,6 +353,7 @@ CASES: dict[str, Case] = {
     "layout: prefix without {layer}": lambda d, w: _layout(d, w, json.dumps({**w["layout"], "layer_prefix": "model.layers."}).encode()),
     "layout: not UTF-8": lambda d, w: _layout(d, w, b'{"name": "\xe9t\xe9"}'),
     "layout: num_experts a string": lambda d, w: _layout(d, w, json.dumps({**w["layout"], "num_experts": "num_experts"}).encode()),
+    "layout: a moe_layers field that is not a key name": lambda d, w: _layout(d, w, json.dumps({**w["layout"], "moe_layers": {"sparse_step": [1]}}).encode()),
     # -- saliency files --
     "saliency: negative count": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer0(s)["count"].__setitem__(0, -5.0))),
     "saliency: NaN": _bad_sal_file(lambda d, w: _raw(d / "s.json", json.dumps(_sal(w)).replace('"reap_sum": [', '"reap_sum": [NaN, ', 1).replace(", 1.0]", "]", 0).encode())),
@@ -322,6 +394,7 @@ CASES: dict[str, Case] = {
     "calibrate: hub id not in the cache": lambda d, w: (_calibrate(d, w, ckpt="no-such-org/no-such-model@v1"), "no-such-org/no-such-model"),
     "calibrate: unknown architecture": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, model_type="bogus", architectures=["BogusForCausalLM"])), "config.json"),
     "calibrate: index maps a tensor to the wrong shard": lambda d, w: (_calibrate(d, w, ckpt=_edit_index(d, w, lambda i: i["weight_map"].update({k: w["other_shard"] for k in [next(iter(i["weight_map"]))]}))), "safetensors"),
+    "calibrate: messages that are token ids": lambda d, w: (_calibrate(d, w, "--dataset", _raw(d / "rows.jsonl", b'{"messages": [1, 2]}\n')), "rows.jsonl"),
     "calibrate: dataset with duplicate keys": lambda d, w: (_calibrate(d, w, "--dataset", _raw(d / "rows.jsonl", b'{"input_ids": [1], "input_ids": [2]}\n')), "rows.jsonl"),
     # -- wording: what the path is, what was expected, and the order of apply's arguments --
     "apply: a checkpoint as MASK": lambda d, w: (["apply", w["ckpt"], w["mask"], d / "out"], f"{w['ckpt']}: is a directory, not a mask or saliency file; the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"),
@@ -340,6 +413,68 @@ CASES: dict[str, Case] = {
     "apply: OUT -": lambda d, w: (["apply", w["mask"], w["ckpt"], "-"], STDOUT),
     "calibrate: -o CKPT": lambda d, w: (["calibrate", _ckpt(d, w), "-o", d / "ckpt"], f"{d / 'ckpt'}: -o is the input checkpoint"),
     "inspect: binary file": lambda d, w: (["inspect", _raw(d / "x.bin", b"\x00" * 64)], "x.bin"),
+    # -- config.json values of the wrong type or size, and layer counts that disagree with what is stored --
+    "config: num_hidden_layers below the layers stored (apply)": _config_refused("apply", num_hidden_layers=2),
+    "config: num_hidden_layers below the layers stored (verify)": _config_refused("verify", num_hidden_layers=2),
+    "config: num_hidden_layers below the layers stored (inspect)": _config_refused("inspect", num_hidden_layers=2),
+    "config: num_hidden_layers below the layers stored (plan --ckpt)": _config_refused("plan", num_hidden_layers=2),
+    "config: num_hidden_layers below the layers stored (calibrate)": _config_refused("calibrate", num_hidden_layers=2),
+    "config: num_hidden_layers above the layers stored": _config_refused("inspect", num_hidden_layers=4),
+    "config: num_hidden_layers 10**9 (apply)": _config_refused("apply", num_hidden_layers=10**9),
+    "config: num_hidden_layers 10**9 (inspect)": _config_refused("inspect", num_hidden_layers=10**9),
+    "config: num_hidden_layers 10**30": _config_refused("verify", num_hidden_layers=10**30),
+    "config: num_hidden_layers true": _config_refused("verify", num_hidden_layers=True),
+    "config: architectures true": _config_refused("inspect", architectures=True),
+    "config: architectures a list of numbers": _config_refused("apply", architectures=[1]),
+    "config: model_type a list": _config_refused("apply", model_type=["qwen3_moe"]),
+    "config: text_config a string": _config_refused("inspect", text_config="x"),
+    "config: mlp_only_layers a string": _config_refused("verify", mlp_only_layers="0"),
+    "config: mlp_only_layers negative": _config_refused("plan", mlp_only_layers=[-1]),
+    "config: decoder_sparse_step 0": _config_refused("inspect", decoder_sparse_step=0),
+    "config: decoder_sparse_step a list": _config_refused("apply", decoder_sparse_step=[1]),
+    "config: without model_type (calibrate)": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, model_type=...)), "config.json"),
+    "config: model_type null (calibrate)": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, model_type=None)), "config.json"),
+    "config: vocab_size a string (calibrate)": _config_refused("calibrate", vocab_size="320"),
+    "config: layers past the stack that are decoder layers (MTP family)": _mtp_config("apply", 2),
+    "config: the MTP layer counted as a decoder layer": _mtp_config("inspect", 4),
+    "config: MTP family, num_hidden_layers 10**9": _mtp_config("inspect", 10**9),
+    # -- NaN and infinity: refused where they arise, naming the tensor's shard --
+    "calibrate: NaN in a router": _poisoned("calibrate", "model.layers.0.mlp.gate.weight", float("nan")),
+    "calibrate: infinity in an expert": _poisoned("calibrate", "model.layers.0.mlp.experts.3.up_proj.weight", float("inf")),
+    "calibrate: NaN in the embeddings": _poisoned("calibrate", "model.embed_tokens.weight", float("nan")),
+    "evaluate: infinity in a router": _poisoned("evaluate", "model.layers.0.mlp.gate.weight", float("-inf")),
+    "evaluate: NaN in an expert": _poisoned("evaluate", "model.layers.1.mlp.experts.0.down_proj.weight", float("nan")),
+    "evaluate: NaN in the embeddings": _poisoned("evaluate", "model.embed_tokens.weight", float("nan")),
+    "evaluate: NaN in the LM head": _poisoned("evaluate", "lm_head.weight", float("nan")),
+    # -- a checkpoint file apply cannot copy: an error, not a file missing from the output --
+    "apply: a dangling link among the other files": _with_other_file(lambda p: p.symlink_to(p.parent / "gone")),
+    "apply: a FIFO among the other files": _with_other_file(os.mkfifo),
+    "apply --dry-run: a FIFO among the other files": _with_other_file(os.mkfifo, "--dry-run"),
+    "apply: a link loop among the directories": lambda d, w: (["apply", w["mask"], (lambda c: ((c / "sub").mkdir(), (c / "sub" / "up").symlink_to(c), c)[2])(_ckpt(d, w)), d / "out"], "ckpt"),
+    "apply: a model card that is not UTF-8": lambda d, w: (["apply", w["mask"], (lambda c: (_raw(c / "README.md", b"# card \xff\xfe"), c)[1])(_ckpt(d, w)), d / "out"], "README.md"),
+    # -- layers past the decoder stack that are not MTP layers --
+    "saliency: a layer past the stack, family without MTP (plan)": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer_past_stack(s, "3"))),
+    "saliency: a layer past the stack, family without MTP (inspect)": lambda d, w: (["inspect", _sal_with(d, w, lambda s: _layer_past_stack(s, "3"))], "s.json"),
+    "plan --ckpt: an MTP layer the checkpoint does not store": lambda d, w: (["plan", w["mtp_saliency"], "--keep", 4, "--ckpt", _without_mtp_layer(d, w), "-o", d / "m.json"], "mtp_saliency.json"),
+    "saliency: layers past the stack with a gap": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer_past_stack(s, "5"))),
+    "mask: a layer past the stack, family without MTP (inspect)": lambda d, w: (["inspect", _json(d / "m.json", _mask(w, layers={**_mask(w)["layers"], "3": [0, 2, 5, 7]}))], "m.json"),
+    "mask: a layer far past the stack": lambda d, w: (["inspect", _json(d / "m.json", _mask(w, layers={**_mask(w)["layers"], "99999999999999999999": [0, 2, 5, 7]}))], "m.json"),
+    # -- every refusal one line naming the file --
+    "mask: a lone UTF-16 surrogate": _bad_mask_file(lambda d, w: _raw(d / "m.json", json.dumps(_mask(w, provenance={"method": "x\ud800"})).encode())),
+    "mask: a lone surrogate in a key": _bad_mask_file(lambda d, w: _raw(d / "m.json", json.dumps(_mask(w, provenance={"\udc80": 1})).encode())),
+    "mask: architecture a list": lambda d, w: (["inspect", _json(d / "m.json", _mask(w, model={**_mask(w)["model"], "architecture": ["Qwen3MoeForCausalLM"]}))], "m.json"),
+    "mask: model_type a list": lambda d, w: (["inspect", _json(d / "m.json", _mask(w, model={**_mask(w)["model"], "model_type": ["qwen3_moe"]}))], "m.json"),
+    "merge: samples a string": lambda d, w: (["merge-saliency", w["saliency"], _sal_with(d, w, lambda s: s["calibration"].update(samples="4")), "-o", d / "m.json"], "s.json"),
+    "merge: tokens a list": lambda d, w: (["merge-saliency", w["saliency"], _sal_with(d, w, lambda s: s["calibration"].update(tokens=[100])), "-o", d / "m.json"], "s.json"),
+    "merge: samples negative": lambda d, w: (["merge-saliency", w["saliency"], _sal_with(d, w, lambda s: s["calibration"].update(samples=-4)), "-o", d / "m.json"], "s.json"),
+    "merge: sums that overflow a float": lambda d, w: (["merge-saliency", _sal_with(d, w, lambda s: _layer0(s)["reap_sum"].__setitem__(0, 1.5e308)), (lambda p: (shutil.copy(d / "s.json", p), _raw(p, p.read_bytes().replace(b'"samples": 4', b'"samples": 5')), p)[2])(d / "t.json"), "-o", d / "m.json"], "m.json"),
+    "plan: a score that overflows a float": _bad_sal_file(lambda d, w: _sal_with(d, w, lambda s: _layer0(s)["count"].__setitem__(0, 1e-320))),
+    "calibrate: --max-length 10**20": lambda d, w: (["calibrate", w["ckpt"], "-o", d / "s.json", "--max-length", 10**20], "--max-length"),
+    "apply: --jobs 10**20": lambda d, w: (["apply", w["mask"], w["ckpt"], d / "out", "-j", 10**20], "--jobs"),
+    "evaluate: --max-length 10**20": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "--max-length", 10**20], "--max-length"),
+    "evaluate: token id past the vocabulary": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "-q", "--device", "cpu", "--dataset", _raw(d / "ids.jsonl", b'{"input_ids": [1, 2, 320]}\n')], "ids.jsonl"),
+    "evaluate: --plot in a format that cannot be drawn": lambda d, w: (["evaluate", w["ckpt"], "--mask", w["mask"], "--plot", d / "q.xyz"], "q.xyz"),
+    "calibrate: a shape refusal prints no note first": lambda d, w: (_calibrate(d, w, ckpt=_edit_config(d, w, moe_intermediate_size=17)), "ckpt"),
     "inspect: UTF-16 mask": lambda d, w: (["inspect", _raw(d / "m.json", json.dumps(_mask(w)).encode("utf-16"))], "m.json"),
     **OUTPUT_CASES,
 }

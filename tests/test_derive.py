@@ -165,19 +165,18 @@ REFUSED = {
                              attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
                              ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2)),
              r"grows by 32 per expert .*experts fused into another axis"),
-    "longcat_flash": (("longcat_flash",), dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                                                vocab_size=128, num_layers=2, n_routed_experts=8, zero_expert_num=4,
-                                                moe_topk=2, expert_ffn_hidden_size=16, ffn_hidden_size=32,
-                                                q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-                                                qk_nope_head_dim=8, v_head_dim=8),
-                      r"has 12 entries on its expert axis for 8 routed experts"),
     "jetmoe": (("jetmoe",), dict(TINY, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
                                  intermediate_size=16, kv_channels=16),
                r"decoder layer 0 has 2 separately routed expert sets"),
-    # ZAYA1: the router's out_proj also scores a skip expert (no compute) and feeds router states to the next layer
-    "zaya": (("zaya",), dict(TINY, num_hidden_layers=2, num_experts=8, num_experts_per_tok=1, moe_intermediate_size=16,
-                             router_hidden_size=16),
-             r"has 9 entries on its expert axis for 8 routed experts"),
+    # text and vision experts, each routed, in every MoE layer
+    "ernie4_5_vl_moe": (("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration"),
+                        dict(text_config=dict(TINY, num_hidden_layers=2, intermediate_size=32, moe_intermediate_size=[16, 8],
+                                              moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0,
+                                              rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                   mrope_section=[2, 3, 3])),
+                             vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, patch_size=14,
+                                                spatial_merge_size=2, temporal_patch_size=2)),
+                        r"decoder layer 1 has 2 separately routed expert sets .*text_moe.*vision_moe"),
     "llama": (("llama",), dict(TINY, num_hidden_layers=2, intermediate_size=32), r"not an MoE model"),
 }
 
@@ -211,6 +210,32 @@ def test_a_family_transformers_cannot_build_is_refused_by_every_command(tmp_path
     for args in (("inspect", ckpt), ("calibrate", ckpt, "-o", tmp_path / "s.json")):
         refused(cli(*args), "config.json", "Qwen3OmniMoeForConditionalGeneration", "cannot build this model")
     assert not (tmp_path / "s.json").exists()
+
+
+# Routers that also score experts that are not pruned, after the routed experts' rows (router_rows.json says
+# where the family's code puts them): zero-computation, skip and shared experts' rows are kept
+OTHER_ROWS = {
+    "longcat_flash": (dict(TINY, num_key_value_heads=4, num_layers=2, n_routed_experts=8, zero_expert_num=4, moe_topk=2,
+                           expert_ffn_hidden_size=16, ffn_hidden_size=32, q_lora_rank=16, kv_lora_rank=16,
+                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+                      {"mlp.router.classifier.weight": 4, "mlp.router.e_score_correction_bias": 4}),
+    "zaya": (dict(TINY, num_hidden_layers=2, num_experts=8, num_experts_per_tok=1, moe_intermediate_size=16,
+                  router_hidden_size=16),
+             {"mlp.gate.router_mlp.out_proj.weight": 1, "mlp.gate.balancing_biases": 1}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_ROWS))
+def test_router_rows_of_experts_that_are_not_pruned_are_kept(family, monkeypatch):
+    kwargs, kept = OTHER_ROWS[family]
+    config, names = meta_model(family, **kwargs)
+    entry = derive_layout(config, names)
+    assert {p: n for p, n in entry.get("kept_router_rows", {}).items()} == kept
+    assert set(kept) <= set(entry["routers"])
+    # without router_rows.json's word on where the other experts' rows are, shapes cannot tell: refused
+    monkeypatch.setattr("reapsurgery.common.derive.router_rows_facts", lambda config: None)
+    with pytest.raises(ReapError, match=r"entries on its expert axis for 8 routed experts.*router_rows\.json"):
+        derive_layout(config, names)
 
 
 def test_hash_routed_layers_refused():
@@ -274,3 +299,18 @@ def test_a_config_without_architectures_derives_the_same_layout(checkpoints, fam
     unnamed = derive_layout(config, ckpt.weight_map)
     facts = lambda entry: {k: v for k, v in entry.items() if k not in ("derived", "architectures")}
     assert facts(unnamed) == facts(named) and named["architectures"]
+
+
+def test_a_list_that_merely_contains_the_expert_count_is_not_one():
+    """Kolibri-1.1's kv_source_layers gives each layer the index of the layer whose keys and values it
+    reads: [0, 1, 2, 3, 4] on 5 layers holds 4, which is also its expert count here. Raising the
+    entries equal to E does not change the experts, so it is no per-layer expert count."""
+    config, names = meta_model("kolibri1_1", **dict(TINY, num_hidden_layers=5, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                                                   mlp_only_intermediate_size=32, index_num_heads=2,
+                                                   sliding_window=8))
+    assert 4 in config["kv_source_layers"] and len(set(config["kv_source_layers"])) > 1
+    entry = derive_layout(config, names)
+    assert "kv_source_layers" not in entry["num_experts"]
+    assert set(entry["num_experts"]) == {"num_experts", "num_local_experts"}  # the attribute and its alias
+    assert entry["moe_layers"]["indices"] == [2, 3, 4]  # mlp_only_layers: the first two are dense

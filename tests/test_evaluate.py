@@ -22,12 +22,15 @@ from tests.reference import decoder_layers, load, text_model
 LENGTHS = [7, 12, 3, 10, 5]
 RTOL = 1e-4
 # softmax router; group-limited sigmoid router with correction bias (and an MTP layer on disk);
-# stacked experts with biases; stacked experts outside ExpertsInterface, multimodal wrapper
+# stacked experts with biases; stacked experts outside ExpertsInterface, multimodal wrapper; experts whose
+# own forward applies a per-expert norm [E, H] (sliced with them); a router that also scores zero experts
 FAMILIES = {"qwen3_moe": [[0, 2, 3, 5], [1, 6]],
             "deepseek_v3": [[0, 2, 5, 7], [1, 3, 4, 6]],  # n_group=2: the same count kept per group
             "gpt_oss": [[0, 2, 3, 5], [4, 7]],
             "llama4": [[1, 2, 4, 7], [0, 5]],
-            "glm_moe_dsa": [[0, 2, 5, 7], [1, 6]]}  # its shared indexer: a value handed from layer to layer
+            "glm_moe_dsa": [[0, 2, 5, 7], [1, 6]],  # its shared indexer: a value handed from layer to layer
+            "ergo": [[0, 3, 4, 6], [2, 5]],
+            "longcat_flash": [[0, 2, 3, 5], [1, 6]]}  # its router's zero-computation expert rows kept after the routed
 
 
 def samples(seed: int = 2) -> list[list[int]]:

@@ -12,7 +12,8 @@ from reapsurgery.calibration.streaming import StreamedModel
 from tests.reference import load
 
 STACKED_ON_DISK = {"gpt_oss", "llama4", "granitemoe", "granitemoehybrid", "lara_mini", "granitemoeshared",
-                   "granitemoe_swa", "mistral4", "step3p7", "qwen3_5_moe", "qwen3_vl_moe", "gemma4"}  # already one tensor per projection
+                   "granitemoe_swa", "mistral4", "step3p7", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_vl_moe", "gemma4",
+                   "ergo"}  # already one tensor per projection
 
 
 def fused_equals_loaded(src, dtype: torch.dtype, quantization_config=None) -> int:

@@ -38,13 +38,13 @@ def transformers_moe_layers(family: str, kwargs: dict) -> list[int]:
     """Decoder layers with routed experts in the model transformers builds (on the meta device)."""
     from transformers import AutoConfig
 
-    from reapsurgery.calibration.observe import attach_router_hooks, is_experts_module
+    from reapsurgery.calibration.observe import observe_experts, is_experts_module
     from tests.reference import decoder_layers
 
     config = AutoConfig.for_model(family, **kwargs)
     with torch.device("meta"):
         model = auto_class(family).from_config(config)
-    attach_router_hooks(model)
+    observe_experts(model)
     return [i for i, layer in enumerate(decoder_layers(model)) if any(map(is_experts_module, layer.modules()))]
 
 

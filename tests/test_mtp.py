@@ -29,9 +29,13 @@ from tests.helpers import (assert_output_is_input_slices, cli, output_tensors, s
 from tests.reference import assert_stats_close, decoder_layers, load, logits, pruned_in_memory, reference_stats
 from tests.test_calibrate import texts
 
-MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe"]
-# blocks stored under mtp.* (Qwen3-Next, and Qwen3.5-MoE whose text model is model.language_model.*)
-PREFIX_FAMILIES = ("qwen3_next", "qwen3_5_moe")
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text",
+                # derived layouts whose MTP block is data (mtp_blocks.json): DeepSeek-V3.2, GLM-5 and Ling-3 store it
+                # as decoder layer N, as DeepSeek-V3 does
+                "deepseek_v32", "glm_moe_dsa", "bailing_hybrid"]
+# blocks stored under mtp.* (Qwen3-Next, Qwen3.5-MoE whose text model is model.language_model.*, and that text
+# model saved alone)
+PREFIX_FAMILIES = ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text")
 COUNT_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
 # where each style keeps the block's own modules: (embed norm, hidden norm, projection), and its
 # decoder layers: DeepSeek-V3/GLM as layer n + d, Qwen3-Next and Qwen3.5 under mtp.layers.{d} with one shared set
@@ -62,8 +66,7 @@ def mtp_as_decoder_layer(path):
     text = config.get_text_config()  # the text config itself (a wrapper's text_config), changed in place
     n, depths = text.num_hidden_layers, mtp_depths(config)
     text.num_hidden_layers = n + depths
-    for attr in ("mlp_layer_types", "layer_types"):
-        types = getattr(text, attr, None)
+    for attr, types in list(vars(text).items()):  # per-layer lists (layer types, GLM-5's indexer kinds, Ling's limits)
         if isinstance(types, list) and len(types) == n:
             extra = "full_attention" if "full_attention" in types else types[-1]
             setattr(text, attr, types + [extra] * depths)
@@ -105,6 +108,8 @@ def mtp_tensors(path, layer: int) -> dict[str, torch.Tensor]:
         names = dict(zip(("embed_norm", "hidden_norm", "proj", "embed", "head_norm", "head"),
                          (f"model.layers.{layer}.{m}.weight"
                           for m in (*LAYER_STYLE, "embed_tokens", "shared_head.norm", "shared_head.head"))))
+        if f"model.layers.{layer}.final_layernorm.weight" in index:  # Ling-3's head norm
+            names["head_norm"] = f"model.layers.{layer}.final_layernorm.weight"
     out = {}
     for role, name in names.items():
         if name in index:
@@ -185,7 +190,8 @@ def test_two_mtp_depths_chain(tmp_path):
     assert_stats_close(saliency.layers, reference_with_mtp(src, samples))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text",
+                                    "deepseek_v32", "glm_moe_dsa", "bailing_hybrid"])
 def test_calibrate_plan_apply_keeps_a_pruned_mtp_layer_that_transformers_loads(checkpoints, tmp_path, family):
     src = checkpoints[family]
     ckpt = Checkpoint.open(src)
@@ -302,7 +308,7 @@ def test_mtp_layers_leave_the_stack_plan_unchanged():
 
 
 @pytest.mark.parametrize("family,default", [("deepseek_v3", "drop"), ("glm4_moe", "drop"), ("qwen3_next", "calibrate"),
-                                            ("qwen3_5_moe", "calibrate")])
+                                            ("qwen3_5_moe", "calibrate"), ("qwen3_5_moe_text", "calibrate")])
 def test_the_default_keeps_the_mtp_block_where_a_loader_needs_it(checkpoints, tmp_path, family, default):
     """llama.cpp's converter stops on a Qwen3-Next checkpoint without its MTP block: calibrate measures
     it by default there (so apply keeps it); a checkpoint without one falls back to dropping."""
@@ -366,3 +372,31 @@ def test_keep_full_is_refused_where_the_layout_is_derived(checkpoints, tmp_path)
     assert r.returncode == 2 and "--mtp keep-full" in r.stderr and "derived" in r.stderr, r.stderr
     assert [l.startswith("error: ") for l in r.stderr.strip().splitlines() if not l.startswith("note: ")] == [True]
     assert not (tmp_path / "out").exists()
+
+
+def test_ernie_dense_mtp_block_is_kept_and_transformers_drafts_with_it(tmp_path):
+    """ERNIE-4.5-MoE's MTP block (model.mtp_block.0 with mtp_emb_norm.0, mtp_hidden_norm.0, mtp_linear_proj.0;
+    num_nextn_predict_layers) is a dense decoder layer: transformers' MtpModel builds it with layer index 0,
+    below moe_layer_start_index, and vLLM's ErnieMTP as a dense LlamaDecoderLayer. It holds no routed
+    experts, so the pruned output keeps it byte for byte with its count, and transformers' own MTP loader
+    (generate(..., use_mtp=True)) loads it beside the pruned trunk."""
+    from transformers.modeling_layers import MtpModel
+
+    src = build("ernie4_5_moe", tmp_path / "ernie", overrides={"num_mtp_layers": 1})
+    ckpt = Checkpoint.open(src)
+    mtp = sorted(name for name in ckpt.weight_map if name.startswith("model.mtp_"))
+    assert "model.mtp_block.0.mlp.gate_proj.weight" in mtp and not any(".experts." in name for name in mtp)
+    out = tmp_path / "out"
+    assert cli("apply", write_mask(src, [0, 2, 5, 7], tmp_path / "m.json"), src, out, "-q").returncode == 0
+    assert cli("verify", out).returncode == 0
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    pruned = Checkpoint.open(out)
+    for name in mtp:
+        assert tensor_bytes(out / pruned.weight_map[name], name) == tensor_bytes(src / ckpt.weight_map[name], name)
+    drafts = []
+    for path in (src, out):
+        model, _ = load(path)
+        block = MtpModel.from_pretrained(model)  # raises on a missing MTP weight
+        assert type(block.layers[0].mtp_block.mlp).__name__ == "Ernie4_5_MoeMLP"
+        drafts.append(block.layers[0].state_dict())
+    assert drafts[0].keys() == drafts[1].keys() and all(torch.equal(drafts[0][k], drafts[1][k]) for k in drafts[0])

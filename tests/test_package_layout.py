@@ -63,3 +63,31 @@ def test_surgery_side_imports_without_torch(module):
             "print(bad); sys.exit(1 if bad else 0)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_no_import_cycles_inside_a_stage():
+    """Modules of one stage import each other in one direction only (lazy imports included): a cycle
+    means a module cannot be read, tested or reused without the one that imports it."""
+    graph: dict[str, set[str]] = {}
+    for package in ("surgery", "common", "calibration", "evaluation", "cli"):
+        for path, mods in imported_modules(package).items():
+            here = "reapsurgery." + path.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+            graph[here] = {m for m in mods if m != here}
+    modules = set(graph)
+    graph = {m: {d if d in modules else d.rsplit(".", 1)[0] for d in deps} & modules - {m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> list[str] | None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                return stack + [m, d]
+            if d not in state and (cycle := visit(d, stack + [m])):
+                return cycle
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            cycle = visit(m, [])
+            assert cycle is None, " -> ".join(cycle)

@@ -16,8 +16,10 @@ import torch
 from reapsurgery.common.checkpoint import Checkpoint
 from reapsurgery.common.mask import load_mask
 from reapsurgery.common.safetensors_io import PAGE, read_header
-from reapsurgery.surgery import apply as surgery, copier
-from reapsurgery.surgery.apply import apply_mask, plan_surgery, shard_ranges
+from reapsurgery.surgery import copier, shards, writer
+from reapsurgery.surgery.apply import apply_mask
+from reapsurgery.surgery.safetensors_plan import plan_surgery
+from reapsurgery.surgery.writer import file_ranges
 from tests.conftest import tree_hash
 from tests.helpers import assert_output_is_input_slices, cli, write_mask
 from tests.reference import load, logits, pruned_in_memory
@@ -45,8 +47,8 @@ def _serial_and_parallel(src, keep, tmp_path, monkeypatch):
 
 def _split_like_a_large_output(monkeypatch):
     """Fixtures are small, and some have many shards: split them as a large output of few shards is."""
-    monkeypatch.setattr(surgery, "PART_MIN", 1)
-    monkeypatch.setattr(surgery, "MAX_JOBS", 64)
+    monkeypatch.setattr(shards, "PART_MIN", 1)
+    monkeypatch.setattr(shards, "MAX_JOBS", 64)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -85,7 +87,7 @@ def test_adjacent_source_ranges_are_one_copy(checkpoints, tmp_path, family):
                 runs[-1] = (runs[-1][0], end)
             else:
                 runs.append((start, end))
-        assert shard_ranges(shard) == [(header.data_offset + a, b - a) for a, b in runs], shard.source
+        assert file_ranges(shard) == [(header.data_offset + a, b - a) for a, b in runs], shard.source
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "single_file"])
@@ -147,7 +149,7 @@ def test_source_pages_are_dropped_only_when_the_run_exceeds_free_memory(checkpoi
     mask = write_mask(src, [0, 2, 5, 7], tmp_path / "m.json")
     advice = []
     monkeypatch.setattr(copier, "_advise", lambda fd, off, n, how: advice.append((how, n)))
-    monkeypatch.setattr(surgery, "free_memory", lambda: (1 << 40) if fits else PAGE)
+    monkeypatch.setattr(writer, "free_memory", lambda: (1 << 40) if fits else PAGE)
     plan = plan_surgery(Checkpoint.open(src), load_mask(mask), mask)
     apply_mask(load_mask(mask), mask, src, tmp_path / "out", jobs=2)
     dropped = [n for how, n in advice if how == os.POSIX_FADV_DONTNEED]

@@ -205,6 +205,7 @@ def world(checkpoints, tmp_path_factory):
     from importlib import resources
 
     from reapsurgery.common.checkpoint import Checkpoint
+    from reapsurgery.common.saliency import Saliency, load_saliency
 
     root = tmp_path_factory.mktemp("world")
     ckpt = root / "ckpt"
@@ -214,8 +215,15 @@ def world(checkpoints, tmp_path_factory):
     write_saliency(ckpt, root / "saliency.json")
     first_2d = next(v[0] for v in c.tensors().values() if len(v[1].shape) == 2)
     table = json.loads(resources.files("reapsurgery.common").joinpath("layouts.json").read_text())
+    mtp_ckpt = root / "mtp_ckpt"  # DeepSeek-V3: 3 decoder layers and an MTP layer stored as layer 3
+    shutil.copytree(checkpoints["deepseek_v3"], mtp_ckpt)
+    mtp_mask = write_mask(mtp_ckpt, [0, 2, 5, 7], root / "mtp_mask.json")
+    m = Checkpoint.open(mtp_ckpt)  # and statistics for its MTP layer (calibrate --mtp calibrate)
+    stats = load_saliency(write_saliency(ckpt, root / "saliency.json")).layers
+    Saliency(m.fingerprint(), {}, {l: stats[1] for l in [*m.moe_layers, 3]}).save(root / "mtp_saliency.json")
     return {"root": root, "ckpt": ckpt, "mask": mask, "saliency": root / "saliency.json", "shard": first_2d,
-            "other_shard": next(s for s in c.shards if s != first_2d), "layout": table["qwen3_moe"]}
+            "other_shard": next(s for s in c.shards if s != first_2d), "layout": table["qwen3_moe"],
+            "mtp_ckpt": mtp_ckpt, "mtp_mask": mtp_mask, "mtp_saliency": root / "mtp_saliency.json"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -237,30 +245,20 @@ def test_refusal_table(case, world, tmp_path):
     assert "Traceback" not in r.output and r.stdout == ""
     assert _snapshot(world["root"], tmp_path) == before
 # Families whose routed experts cannot be pruned by slicing: every command refuses them, naming why.
-# dbrx: experts fused 2-D ([E*ffn, H]); longcat_flash: zero-computation experts in the same router
-# (router rows E + zero_expert_num); deepseek_v4: first layers hash-routed by a token-id table (tid2eid);
-# inkling: router rows cover the routed and the shared experts. Nothing is pruned, nothing written.
+# dbrx: experts fused 2-D ([E*ffn, H]); deepseek_v4: first layers hash-routed by a token-id table (tid2eid).
+# Nothing is pruned, nothing written.
 TINY = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=320)
 UNSUPPORTED = {
     "dbrx": (dict(d_model=32, n_heads=4, n_layers=2, vocab_size=320, max_seq_len=64,
                   attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
                   ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
              "experts fused into another axis"),
-    "longcat_flash": (dict(TINY, num_key_value_heads=4, num_layers=2, n_routed_experts=8, zero_expert_num=4, moe_topk=2,
-                           expert_ffn_hidden_size=16, ffn_hidden_size=32, q_lora_rank=16, kv_lora_rank=16,
-                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
-                      "has 12 entries on its expert axis for 8 routed experts"),
     "deepseek_v4": (dict(TINY, num_key_value_heads=1, head_dim=16, num_hidden_layers=2, n_routed_experts=8,
                          num_experts_per_tok=2, moe_intermediate_size=16, q_lora_rank=16, o_lora_rank=16, o_groups=2,
                          index_n_heads=2, index_head_dim=8, index_topk=4, qk_rope_head_dim=8, sliding_window=8,
                          hc_mult=2, mlp_layer_types=["hash_moe", "moe"],
                          layer_types=["heavily_compressed_attention", "compressed_sparse_attention"]),
                     "hash routing"),
-    "inkling_text": (dict(TINY, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
-                          num_hidden_layers=2, layer_types=["hybrid_sliding", "hybrid"], mlp_layer_types=["sparse", "sparse"],
-                          n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
-                          intermediate_size=32),
-                     "has 9 entries on its expert axis for 8 routed experts"),
 }
 
 

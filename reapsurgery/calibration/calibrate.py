@@ -9,6 +9,7 @@ is saved (resume.py) so `--resume` continues from the last finished layer with i
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ from ..errors import ReapError
 from ..common.layouts import Layout
 from .distributed import Ranks
 from .mtp import counted_positions, load_mtp_block, mtp_layers
-from .observe import ExpertStats, Observer, attach_router_hooks, is_experts_module, observing
-from ..common.saliency import LayerStats, Saliency
+from .observe import ExpertStats, Observer, observe_experts, is_experts_module, observing
+from ..common.saliency import STAT_KEYS, LayerStats, Saliency
 from ..common.staging import deferred_signals
+from .finite import check_computed
 from ..common.units import human
 from . import statedir
 from .resume import ResumeState, state_key
@@ -83,10 +85,18 @@ def make_batches(samples: list[list[int]], batch_size: int, pad_id: int = 0) -> 
     return batches
 
 
-def _layer_stats(s: ExpertStats) -> LayerStats:
+def _layer_stats(s: ExpertStats, where: Path, layer: int, dtype: torch.dtype) -> LayerStats:
+    """A layer's statistics as numbers, once summed (and all-reduced): a NaN or infinity among them
+    is refused here, naming the layer, not written into a saliency file that plan would refuse."""
     mx = [None if v == float("-inf") else v for v in s.max_activation.cpu().tolist()]
-    return LayerStats(int(s.tokens.item()), s.count.cpu().tolist(), s.gate_sum.cpu().tolist(),
-                      s.norm_sum.cpu().tolist(), s.reap_sum.cpu().tolist(), mx)
+    stats = LayerStats(int(s.tokens.item()), s.count.cpu().tolist(), s.gate_sum.cpu().tolist(),
+                       s.norm_sum.cpu().tolist(), s.reap_sum.cpu().tolist(), mx)
+    for key in STAT_KEYS:
+        bad = next(((e, v) for e, v in enumerate(getattr(stats, key)) if v is not None and not math.isfinite(v)), None)
+        if bad is not None:
+            check_computed(where, f"layer {layer}: the {key} statistic of expert {bad[0]} ({bad[1]})",
+                           torch.tensor(bad[1]), dtype)
+    return stats
 
 
 def plan_chunks(batches: list[tuple[torch.Tensor, torch.Tensor]], hidden_size: int, dtype: torch.dtype,
@@ -278,7 +288,7 @@ def calibrate(
         ranks.start(dev)
     dt = resolve_dtype(dtype, dev)
     streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)
-    attach_router_hooks(streamed.model)
+    observe_experts(streamed.model)
     names = {id(m): n for n, m in streamed.model.named_modules() if is_experts_module(m)}
     experts_layer = {n: i for i, layer in enumerate(streamed.layers) for m in layer.modules()
                      if is_experts_module(m) for n in [names[id(m)]]}
@@ -445,16 +455,19 @@ def _stream_chunk(run: _Run, batches: list[tuple[torch.Tensor, torch.Tensor]], c
                 for name, s in sorted(observer.stats.items()):
                     if run.ranks:
                         run.ranks.reduce(s)
-                    stats[run.experts_layer[name]] = _layer_stats(s)
+                    layer = run.experts_layer[name]
+                    stats[layer] = _layer_stats(s, streamed.ckpt.path, layer, run.dt)
                     del observer.stats[name]
                 hidden, carried, done = outputs, passed, i + 1  # new lists: a background save keeps the old
                 if i + 1 < total and state.due():  # after the last layer the next chunk or the result follows
                     state.save(i + 1, stats, hidden, {**extra, "carried": _cpu(carried)})
                 if outer:
                     outer.update(1)
-    except BaseException:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
+    except BaseException as e:  # Ctrl-C, an error in a layer: keep what is finished (a SIGKILL keeps the last save)
         state.wait()  # the last background save is on disk before the caller can resume from it
-        if done > start and state.saved_next != (chunk, done):
+        # but not for a refused input (a damaged tensor, a layer the model does not take): a resumed run
+        # would read the same input and stop at the same layer
+        if done > start and state.saved_next != (chunk, done) and not isinstance(e, ReapError):
             state.save(done, stats, hidden, {**extra, "carried": _cpu(carried)}, background=False)
         raise
     finally:

@@ -292,6 +292,9 @@ def _classify(row: Any, text_field: str | None, source: _Source, i: int) -> tupl
                     raise ReapError(source.name, f"{where}: {field!r} is not a chat: every message "
                                                  f"needs 'role' and 'content', found keys {sorted(m)}")
             return "messages", list(value)
+        if field == "messages":  # not token ids under another name: a chat that is not one
+            raise ReapError(source.name, f"{where}: 'messages' is not a chat: expected a list of objects "
+                                         "with 'role' and 'content'")
         if field == "input_ids" or all(not isinstance(t, (dict, str)) for t in value):
             return "input_ids", list(value)
     raise ReapError(source.name, f"{where}: field {field!r} is {type(value).__name__}, expected "
@@ -330,7 +333,7 @@ def _check_ids(ids: list[Any], vocab_size: int | None, source: _Source, i: int) 
                                          f"integers, found {t!r}")
         if t >= (vocab_size if vocab_size is not None else 2**63):
             raise ReapError(source.name, f"{source.label(i)}: token id {t} is out of range for "
-                                         f"the model's vocab_size {vocab_size}" if vocab_size else
+                                         f"the model's vocab_size {vocab_size}" if vocab_size is not None else
                                          f"{source.label(i)}: token id {t} does not fit in 64 bits")
 
 
@@ -368,6 +371,12 @@ def load_tokenizer(path: str | os.PathLike | None, data_name: str = "calibration
     try:
         return AutoTokenizer.from_pretrained(p, local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken tokenizer
+        from transformers import AutoConfig
+
+        try:  # the tokenizer reads config.json too: a value transformers refuses there is named there
+            AutoConfig.from_pretrained(p, local_files_only=True)
+        except Exception as bad_config:  # noqa: BLE001
+            raise ReapError(p / "config.json", f"transformers cannot read it: {_one_line(bad_config)}") from None
         raise ReapError(path, f"cannot load its tokenizer: {_one_line(e)}") from None
 
 

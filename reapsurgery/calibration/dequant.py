@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from ..common.checkpoint import Checkpoint
 from ..errors import ReapError
+from .finite import check_weight
 from .shardread import ShardFiles
 from .timing import TIMINGS
 
@@ -200,9 +201,13 @@ def read_layer_tensors(ckpt: Checkpoint, keys: list[str], device: str | torch.de
         with TIMINGS.phase("host-to-device"):
             raw = {k: t.to(device) for k, t in raw.items()}
     if d is None:
-        return raw
-    with TIMINGS.phase("dequantise"):
-        out = {k: d.make(k, raw) for k in keys}
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)  # count the decode here, not in whatever waits next
+        out = raw
+    else:
+        with TIMINGS.phase("dequantise"):
+            out = {k: d.make(k, raw) for k in keys}
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)  # count the decode here, not in whatever waits next
+    for k in keys:  # named by the stored tensor (a quantized weight's own bytes, not its scales)
+        stored = d.sources[k][0] if d else k
+        check_weight(ckpt.path / ckpt.weight_map[stored], stored, out[k])
     return out

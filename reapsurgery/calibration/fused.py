@@ -21,6 +21,7 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 
 from ..common.checkpoint import Checkpoint
 from .dequant import is_quantized, read_layer_tensors
+from .finite import check_computed, check_weight, is_finite
 from .shardread import ShardFiles
 from .timing import TIMINGS
 from ..errors import ReapError
@@ -95,6 +96,19 @@ def read_fused(ckpt: Checkpoint, target: FusedTarget, source_of: dict[str, str],
     if axis is not None and offset != want[axis + 1]:
         raise bad(f"its experts' tensors add up to {offset} along dimension {axis + 1}")
     return out
+
+
+def check_fused(ckpt: Checkpoint, target: FusedTarget, source_of: dict[str, str], fused: torch.Tensor,
+                files: ShardFiles | None = None) -> None:
+    """A fused tensor (checked where it lives: on a GPU, at memory speed) holds no NaN or infinity;
+    where it does, each of its experts' tensors is read again to name the one that holds it."""
+    if is_finite(fused):
+        return
+    for keys in target.keys.values():
+        for key in keys:
+            check_weight(ckpt.path / ckpt.weight_map[source_of[key]], source_of[key],
+                         read_layer_tensors(ckpt, [source_of[key]], "cpu", files)[source_of[key]])
+    check_computed(ckpt.path, f"{target.name} (its experts' tensors fused)", fused, fused.dtype)
 
 
 class _Pieces:

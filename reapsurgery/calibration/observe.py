@@ -1,10 +1,13 @@
-"""Observing the model's real routing through transformers' experts interface.
+"""Observing the model's real routing where each family combines its experts' outputs.
 
-transformers v5 routes every MoE family through `experts(hidden_states, top_k_index,
-top_k_weights)`, dispatched by `ExpertsInterface`. We register one more implementation that
-computes each routed (token, expert) pair's unweighted output f with a stock implementation
-(so each family's own gate, biases and layout apply), records REAP statistics, and combines
-the outputs exactly as the stock implementations do. Only routed pairs are computed.
+transformers v5 hands every MoE family's routing to one call, `experts(hidden_states,
+top_k_index, top_k_weights)`, whose implementation (`ExpertsInterface`: batched_mm, grouped_mm)
+returns the weighted sum of each routed pair's output. Some families wrap that call in a forward
+of their own (Ergo applies a per-expert norm to each pair's output, then the weights). That call,
+made by the MoE block, is observed: each routed (token, expert) pair runs through the module's
+own forward as a token of its own with weight 1 (its f, as the family computes it), REAP
+statistics are recorded with the block's weights as g, and the weighted sum is formed as the
+implementations form it. Only routed pairs are computed.
 """
 
 from __future__ import annotations
@@ -17,11 +20,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from ..common.model_map import is_interface_experts
-
-IMPL_NAME = "reapsurgery_observe"
 
 
 @dataclass
@@ -46,7 +46,6 @@ class ExpertStats:
 class Observer:
     """Accumulates statistics per experts module; `token_mask` marks real (non-padding) tokens."""
 
-    base_impl: str = "grouped_mm"
     token_mask: torch.Tensor | None = None  # bool [B*T], in the flattened order the experts see
     names: dict[int, str] = field(default_factory=dict)  # id(experts module) -> qualified name
     stats: dict[str, ExpertStats] = field(default_factory=dict)
@@ -62,7 +61,9 @@ class Observer:
             raise RuntimeError(f"{name}: token mask has {mask.numel()} entries, experts saw {n_tokens} tokens")
         mask = mask.to(f.device)
         ids = top_k_index.reshape(-1)
-        valid = mask.repeat_interleave(k) & (ids >= 0) & (ids < module.num_experts)  # padding, EP sentinels
+        # padding; EP sentinels; and pairs handed over with weight 0, which add nothing: not routes (LongCat-Flash
+        # passes its zero-computation experts' pairs to the experts that way, on a routed expert's index)
+        valid = mask.repeat_interleave(k) & (ids >= 0) & (ids < module.num_experts) & (top_k_weights.reshape(-1) != 0)
         everything = bool(valid.all())  # no padding: skip the copies that indexing makes
         e = ids if everything else ids[valid]
         g = (top_k_weights.reshape(-1) if everything else top_k_weights.reshape(-1)[valid]).double()
@@ -93,54 +94,48 @@ def observing(observer: Observer) -> Iterator[Observer]:
         _ACTIVE = previous
 
 
-def _stock_forward(module: nn.Module, impl: str):
-    if getattr(module, PLAIN_INTERFACE, False):  # its class's own forward is the only implementation
-        return type(module).forward
-    if impl == "eager":
-        return type(module).forward.__wrapped__  # the class's own forward, under use_experts_implementation
-    return ALL_EXPERTS_FUNCTIONS[impl]
-
-
 def observed_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """Same contract as the stock implementations; also records statistics when observing.
+    """The experts module's own call, `experts(hidden_states, top_k_index, top_k_weights)`, which
+    also records statistics when observing.
 
-    Each (token, expert) pair is passed as its own token, top-1 with weight 1.0, so the stock
-    implementation returns the unweighted f; the weighted sum is then formed as batched_mm and
-    grouped_mm form it.
-    """
+    Each (token, expert) pair is passed to the module's own forward as a token of its own, top-1
+    with weight 1.0, so what comes back is f as the family computes it (its activation, clamps,
+    per-expert norm: whatever its forward does after the stock implementation), unweighted; the
+    pairs are then weighted by the routing weights the block passed and summed per token, which
+    is how every experts forward combines them (transformers' batched_mm and grouped_mm, Ergo's
+    own forward after its per-expert norm)."""
+    own = type(self).forward
     observer = _ACTIVE
-    base = _stock_forward(self, observer.base_impl if observer else "grouped_mm")
+    if observer is None:
+        return own(self, hidden_states, top_k_index, top_k_weights)
     n, k = top_k_index.shape
     pairs = hidden_states.repeat_interleave(k, dim=0)
     ones = torch.ones(n * k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-    f = base(self, pairs, top_k_index.reshape(-1, 1), ones)
-    if observer is not None:
-        observer.record(self, f, top_k_index, top_k_weights)
+    f = own(self, pairs, top_k_index.reshape(-1, 1), ones)
+    observer.record(self, f, top_k_index, top_k_weights)
     out = (f * top_k_weights.reshape(-1, 1)).view(n, k, -1).sum(dim=1)
     return out.to(hidden_states.dtype)
 
 
-ExpertsInterface.register(IMPL_NAME, observed_experts_forward)
+INTERFACE_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+OBSERVED = "_reapsurgery_observed"  # an experts module whose call is observed_experts_forward
+SCALED_INPUT = "_reapsurgery_scaled_input"  # Llama-4's experts, observed from their router
 
 
 def is_experts_module(m: nn.Module) -> bool:
-    """Routed experts observed here: through ExpertsInterface, or by `attach_router_hooks`."""
-    return is_interface_experts(m) or getattr(m, SCALED_INPUT, False) or getattr(m, PLAIN_INTERFACE, False)
+    """Routed experts observed here (once `observe_experts` has run on the model)."""
+    return getattr(m, OBSERVED, False) or getattr(m, SCALED_INPUT, False)
 
 
-# -- experts outside ExpertsInterface ---------------------------------------------------
-
-SCALED_INPUT = "_reapsurgery_scaled_input"
-PLAIN_INTERFACE = "_reapsurgery_plain_interface"
-INTERFACE_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
-
-
-def _has_interface_signature(m: nn.Module) -> bool:
-    """An experts module called as the interface's are, `experts(hidden_states, top_k_index,
-    top_k_weights)`, whose class transformers did not wrap with use_experts_implementation
-    (Step-3.7's Step3p7Experts, which clamps its SwiGLU)."""
-    if is_interface_experts(m) or not isinstance(getattr(m, "num_experts", None), int):
+def _called_as_interface(m: nn.Module) -> bool:
+    """A module the MoE block calls as `experts(hidden_states, top_k_index, top_k_weights)`:
+    wrapped by transformers' use_experts_implementation (whatever its class's forward then does
+    around the dispatch: Ergo's per-expert norm), or a class with that signature that transformers
+    does not dispatch (Step-3.7's experts in transformers 5.24)."""
+    if not isinstance(getattr(m, "num_experts", None), int) or isinstance(m.num_experts, bool):
         return False
+    if is_interface_experts(m):
+        return True
     try:
         params = list(inspect.signature(type(m).forward).parameters)[1:]
     except (TypeError, ValueError):
@@ -148,30 +143,37 @@ def _has_interface_signature(m: nn.Module) -> bool:
     return tuple(params[:3]) == INTERFACE_ARGS
 
 
-def attach_router_hooks(model: nn.Module) -> int:
-    """Observe MoE blocks that transformers runs outside ExpertsInterface; returns how many.
+def observe_experts(model: nn.Module) -> int:
+    """Observe every MoE block's routing where the family combines its experts' outputs; returns
+    how many experts modules are observed.
 
-    Experts modules with the interface's call but not dispatched by it get the interface's
-    observed forward over their class's own forward: each routed pair runs through the class's
-    code top-1 with weight 1 (its f, with the family's own activation and clamps), and the
-    weighted sum is formed as for every other family.
+    The experts module the block calls with the routing (the outermost one: Ergo's class wraps the
+    stock interface call in a forward of its own) gets `observed_experts_forward` over its class's
+    forward, so g is the weight the block hands it and f the module's own output for one pair,
+    for every family alike.
 
     One family routes differently in transformers 5: Llama-4. Its block has `router` (an nn.Linear with
     `top_k` that returns sigmoid scores, 0 outside the top-k, and the logits) and `experts`
-    (every expert run densely on [E*T, H] inputs already multiplied by their score). There,
-    g is the router's sigmoid score of a routed pair and f the expert's output on the token
-    itself (unscaled, as every other family's f): recorded from a hook on the router, whose
-    input is the block's tokens, by calling the experts module on the routed pairs only.
+    (every expert run densely on [E*T, H] inputs already multiplied by their score, summed by the
+    block): no call carries routing weights to wrap, and the score scales the expert's input, not
+    its output. There g is the router's sigmoid score of a routed pair and f the expert's output
+    on the token itself (unscaled, as every other family's f): recorded from a hook on the router,
+    whose input is the block's tokens, by calling the experts module on the routed pairs only.
     """
     count = 0
-    for m in model.modules():
-        if _has_interface_signature(m) and not getattr(m, PLAIN_INTERFACE, False):
-            setattr(m, PLAIN_INTERFACE, True)
+    outer: list[str] = []  # observed modules' names: what lies inside one is its own business
+    for name, m in model.named_modules():  # parents before children
+        if any(name.startswith(o + ".") for o in outer):
+            continue
+        if is_experts_module(m) or _called_as_interface(m):
+            outer.append(name)
+        if _called_as_interface(m) and not is_experts_module(m):
+            setattr(m, OBSERVED, True)
             m.forward = types.MethodType(observed_experts_forward, m)
             count += 1
     for block in model.modules():
         experts, router = getattr(block, "experts", None), getattr(block, "router", None)
-        if (experts is None or router is None or is_interface_experts(experts)
+        if (experts is None or router is None or is_experts_module(experts)
                 or not isinstance(router, nn.Linear) or not hasattr(router, "top_k")
                 or not hasattr(experts, "num_experts")):
             continue

@@ -20,33 +20,32 @@ from transformers import AutoConfig
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
 
 from ..common.checkpoint import Checkpoint
-from ..common.model_map import ConversionMap, auto_class, find_decoder, model_class
+from ..common.model_map import ConversionMap, auto_class, cannot_build, find_decoder, model_class
 from .dequant import logical_keys, read_layer_tensors, strip_quantization
 from ..errors import ReapError
-from .fused import FusedTarget, read_fused, readable, stacks_only
+from .fused import FusedTarget, check_fused, read_fused, readable, stacks_only
 from .dequant import is_quantized
 from .shardread import ShardFiles
 from .timing import TIMINGS
-from .observe import IMPL_NAME
 
 
-def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False,
-                   experts_implementation: str | None = IMPL_NAME) -> nn.Module:
+def build_skeleton(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model class the checkpoint names (as layout derivation builds it; a multimodal wrapper
     with its vision tower, of which only the text model runs), every tensor on the meta device.
-
-    Experts run through `experts_implementation` (calibration's observer by default; None:
-    transformers' own default, as from_pretrained runs them)."""
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    strip_quantization(config)  # built unquantized; quantized layers are dequantised as they are read
-    if experts_implementation is not None:
-        config._experts_implementation = experts_implementation  # recurses into sub-configs
-    cls = model_class(getattr(config, "architectures", None), trust_remote_code)
-    with torch.device("meta"):
-        if cls is not None:
-            model = cls._from_config(config, dtype=dtype)
-        else:
-            model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    Its experts run through transformers' default implementation, as from_pretrained runs them."""
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        strip_quantization(config)  # built unquantized; quantized layers are dequantised as they are read
+        cls = model_class(getattr(config, "architectures", None), trust_remote_code)
+        with torch.device("meta"):
+            if cls is not None:
+                model = cls._from_config(config, dtype=dtype)
+            else:
+                model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ReapError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' own refusal of the config (no model_type, a bad value)
+        raise ReapError(Path(path) / "config.json", cannot_build(e)) from None
     return model.eval()
 
 
@@ -107,14 +106,13 @@ class StreamedModel:
 
     POOL_MIN_BYTES = 1 << 20
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-                 experts_implementation: str | None = IMPL_NAME):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
         self.pool: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> released tensors
         self.staging: dict[tuple, torch.Tensor] = {}  # CUDA: pinned host buffers, reused layer after layer
         self.files = ShardFiles(ckpt)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.model = build_skeleton(ckpt.path, dtype, trust_remote_code, experts_implementation)
+        self.model = build_skeleton(ckpt.path, dtype, trust_remote_code)
         self.converter = LayoutConverter(self.model)
         self.decoder = find_decoder(self.model)
         self.layers = self.decoder.layers
@@ -236,6 +234,7 @@ class StreamedModel:
                     dev.copy_(host, non_blocking=True)
                     self._copy_stream.synchronize()  # the host buffer is reused by the next tensor of its shape
                 converted[name] = dev
+            check_fused(self.ckpt, target, source_of, converted[name], self.files)
         self.pool = {}  # what the read did not reuse is freed now, not kept beside two layers
         return {k: v.to(self.device) for k, v in converted.items()}
 

@@ -15,23 +15,21 @@ from .apply import apply, verify
 from .calibrate import calibrate, merge_saliency
 from .evaluate import evaluate
 from .inspect import architectures, inspect_cmd
-from .common import EXIT_BAD_INPUT, quiet_stdout, signals_as_interrupts
+from .common import EXIT_BAD_INPUT, NoteHandler, quiet_stdout, signals_as_interrupts
 from .plan import plan
-from .progress import close_bars, echo_above_bars
-
-
-class _NoteHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        echo_above_bars(f"note: {record.getMessage()}")  # the stderr of now, not of set-up
+from .progress import close_bars, hold_notes, release_notes
 
 
 def show_notes() -> None:
-    """The library's notes (logger "reapsurgery", level INFO) as `note: ...` lines on stderr."""
+    """The library's notes (logger "reapsurgery", level INFO) as `note: ...` lines on stderr, held
+    until the command goes on (NoteHandler)."""
     log = logging.getLogger("reapsurgery")
-    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
-        log.addHandler(_NoteHandler())
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    for h in [h for h in log.handlers if isinstance(h, NoteHandler)]:
+        log.removeHandler(h)  # one per command: an earlier in-process run's held notes are not this one's
+    log.addHandler(NoteHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    hold_notes()
 
 
 class PipelineGroup(click.Group):
@@ -46,6 +44,7 @@ class PipelineGroup(click.Group):
         try:
             with signals_as_interrupts():
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                release_notes()  # the command went through: its notes are printed, at the latest now
                 sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         except click.exceptions.NoArgsIsHelpError as e:  # `reapsurgery` alone: its help, not an error
             click.echo(e.ctx.get_help())

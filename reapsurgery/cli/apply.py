@@ -22,18 +22,24 @@ def _echo_notes(notes: list[str]) -> None:
         echo_above_bars(f"note: {note}")
 
 
+# what a format calls its output files and where the changed settings are
+WORDS = {"safetensors": ("shard", "config.json"), "gguf": ("file", "metadata")}
+
+
 def _echo_preview(p: dict) -> None:
+    unit, where = WORDS[p.get("format", "safetensors")]
     click.echo(
         f"dry run: would write {p['out']}: {p['experts_before']} -> {p['experts_after']} experts in "
-        f"{p['moe_layers']} MoE layers, {len(p['shards'])} shard(s), {human(p['bytes'])} "
+        f"{p['moe_layers']} MoE layers, {len(p['shards'])} {unit}(s), {human(p['bytes'])} "
         f"(was {human(p['bytes_before'])}); nothing was written"
     )
-    table([("shard", "from", "tensors", "bytes")] +
+    table([(unit, "from", "tensors", "bytes")] +
            [(s["name"], s["source"], s["tensors"], human(s["bytes"])) for s in p["shards"]])
     for key, (old, new) in p["config_changes"].items():
-        click.echo(f"  config.json: {key} {old} -> {new}")
+        click.echo(f"  {where}: {key} {old} -> {new}")
     echo_mtp(p["mtp_dropped"], p["kept_mtp_layers"], p["notes"], True, "  ", p["draft_bytes"])
-    click.echo(f"  would write: {' '.join(p['written'])}")
+    if p["written"]:
+        click.echo(f"  would write: {' '.join(p['written'])}")
     if p["copied"]:
         click.echo(f"  would copy: {' '.join(p['copied'])}")
     for path in p["skipped"]:
@@ -45,12 +51,13 @@ def _echo_preview(p: dict) -> None:
 ORDER = "the order is `reapsurgery apply MASK_OR_SALIENCY CKPT OUT`"
 
 
-def check_order(mask: Path, ckpt: Path, out: Path) -> None:
+def check_order(mask: Path, ckpt: Path, out: Path, gguf: bool = False) -> None:
     """Arguments given in another order (a checkpoint as MASK, a mask as CKPT, the checkpoint as OUT)
-    refused with the order, before any message about what the misplaced file is not."""
+    refused with the order, before any message about what the misplaced file is not. `gguf`: CKPT is
+    a GGUF model (a file)."""
     if mask.is_dir():
         raise ReapError(mask, f"is a directory, not a mask or saliency file; {ORDER}")
-    if ckpt.is_file():
+    if ckpt.is_file() and not gguf:
         raise ReapError(ckpt, f"is a file, not a checkpoint directory; {ORDER}")
     if not ckpt.exists() and not HUB_ID.match(str(ckpt)) and (out / "config.json").is_file():
         raise ReapError(ckpt, f"does not exist (and OUT {out} is a checkpoint: arguments in the wrong order? {ORDER})")
@@ -62,7 +69,7 @@ def check_order(mask: Path, ckpt: Path, out: Path) -> None:
 @click.argument("out", type=OUTPUT)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+@click.option("--jobs", "-j", type=click.IntRange(1, 1024), default=None, metavar="N",
               help="Copies in flight at once (worker threads); default one per CPU, between 2 and 8. "
                    "Fast NVMe drives reach their bandwidth only with several requests outstanding.")
 @click.option("--dry-run", is_flag=True,
@@ -70,8 +77,8 @@ def check_order(mask: Path, ckpt: Path, out: Path) -> None:
 @click.option("--mtp", "mtp", type=click.Choice(["mask", "keep-full"]), default="mask", show_default=True,
               help="Multi-token-prediction block: 'mask' prunes and keeps it where the mask covers it (saliency "
                    "from `calibrate --mtp calibrate`), else drops it; 'keep-full' also writes it unpruned, with "
-                   "the source's config, to OUT/mtp-draft/: a draft model for loaders that build the MTP head "
-                   "from the trunk's config.")
+                   "the source's config, to OUT/mtp-draft/ (kept byte for byte; vLLM does not draft with it "
+                   "beside a pruned trunk: keep the block pruned for that).")
 @plan_options
 @choice_options
 @layout_option
@@ -91,13 +98,23 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
     order, routers and stacked expert tensors sliced. config.json, the index and
     the model card are rewritten; other files are copied. CKPT is never written,
     and OUT appears only once complete.
+
+    CKPT may also be a GGUF file (any quant; a split set by its first part,
+    NAME-00001-of-0000N.gguf): OUT is then the pruned .gguf file (a directory of
+    as many parts for a split set), its metadata rewritten and the mask recorded
+    in it (reapsurgery.mask, reapsurgery.mask_sha256).
     """
     from ..common.files import read_bytes, loads_strict
+    from ..common.gguf_file import gguf_model_path
     from ..common.mask import MASK_FORMAT, parse_mask
     from ..common.saliency import SALIENCY_FORMAT
     from ..surgery.apply import apply_mask
 
-    check_order(mask, ckpt, out)
+    gguf = gguf_model_path(ckpt)
+    check_order(mask, ckpt, out, gguf is not None)
+    if layout_file is not None and gguf is not None:
+        raise ReapError(layout_file, "--layout describes a safetensors checkpoint's tensors; a GGUF file needs none "
+                                     "(its expert tensors are known by llama.cpp's names)")
     layout = layout_from(layout_file)
     raw = read_bytes(mask, "mask or saliency file")
     data = loads_strict(raw, mask, "mask or saliency file")
@@ -122,10 +139,16 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         planned = None
 
     if dry_run:
-        from ..surgery.preview import apply_preview
+        if gguf is not None:
+            from ..surgery.gguf_apply import gguf_preview
 
-        preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp,
-                                inputs=[p for p in (layout_file, opts["from_evaluation"]) if p])
+            preview = gguf_preview(chosen, mask, gguf, out, overwrite=overwrite, mtp=mtp,
+                                   inputs=[p for p in (layout_file, opts["from_evaluation"]) if p])
+        else:
+            from ..surgery.preview import apply_preview
+
+            preview = apply_preview(chosen, mask, ckpt, out, overwrite=overwrite, layout=layout, mtp=mtp,
+                                    inputs=[p for p in (layout_file, opts["from_evaluation"]) if p])
         if planned:
             echo_plan(planned, with_table=not as_json)
         if as_json:
@@ -163,13 +186,14 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
         _echo_notes(result.notes)
         emit_json({"dry_run": False, **dataclasses.asdict(result), "plan": plan_facts(planned) if planned else None})
         return
+    unit, where = WORDS[result.format]
     click.echo(
         f"wrote {result.out}: {result.experts_before} -> {result.experts_after} experts in "
-        f"{result.moe_layers} MoE layers, {result.shards} shard(s), "
+        f"{result.moe_layers} MoE layers, {result.shards} {unit}(s), "
         f"{human(result.bytes_written)} (was {human(result.bytes_before)})"
     )
     for key, (old, new) in result.config_changes.items():
-        click.echo(f"  config.json: {key} {old} -> {new}")
+        click.echo(f"  {where}: {key} {old} -> {new}")
     echo_mtp(result.mtp_dropped, result.kept_mtp_layers, result.notes, False, "  ", result.draft_bytes)
     for path in result.skipped:
         click.echo(f"  not copied (weights reapsurgery does not prune): {path}")
@@ -183,7 +207,9 @@ def apply(mask: Path, ckpt: Path, out: Path, overwrite: bool, quiet: bool, jobs:
 def verify(ckpt: Path, layout_file: Path | None, as_json: bool) -> None:
     """Check that a checkpoint's index, shard headers, expert tensors and config agree.
 
-    Exit code 0 when they do; otherwise every problem is an `error:` line and the exit code is 2
+    CKPT may be a GGUF file (a split set by its first part, or the directory apply wrote it to):
+    its header as llama.cpp reads it, expert counts against shapes, NextN and size-label metadata.
+    Exit code 0 when they agree; otherwise every problem is an `error:` line and the exit code is 2
     (with --json, the report, "ok": false and its problems, is printed as well)."""
     from ..surgery.verify import verify as run_verify
 
@@ -197,6 +223,6 @@ def verify(ckpt: Path, layout_file: Path | None, as_json: bool) -> None:
     if as_json:
         return
     click.echo(
-        f"ok: {ckpt}: {report.tensors} tensors in {report.shards} shard(s), {human(report.total_size)}, "
-        f"{report.moe_layers} MoE layers with {report.num_experts} experts each"
+        f"ok: {ckpt}: {report.tensors} tensors in {report.shards} {WORDS[report.format][0]}(s), "
+        f"{human(report.total_size)}, {report.moe_layers} MoE layers with {report.num_experts} experts each"
     )

@@ -117,9 +117,7 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     opened.tensors()  # index and shard headers agree, before any layer is read
     if mtp == "calibrate":
         mtp_layers_on_disk(opened)
-    vocab = opened.cfg.get("vocab_size")
-    data, provenance, data_notes = load_data(opened.path, dataset, text_field, num_samples, max_length, seed,
-                                 vocab_size=vocab if isinstance(vocab, int) else None)  # tokenizing imports torch
+    data, provenance, data_notes = load_data(opened, dataset, text_field, num_samples, max_length, seed)  # tokenizing imports torch
     for note in data_notes:
         click.echo(f"note: {note}", err=True)
     from ..calibration.calibrate import calibrate as run_calibrate, resolve_device

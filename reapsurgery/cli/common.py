@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -65,6 +66,18 @@ def signals_as_interrupts() -> Iterator[None]:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+class NoteHandler(logging.Handler):
+    """The library's notes as `note: ...` lines on stderr: held while the command checks its inputs,
+    printed once it goes on (its first progress, or its end: cli/progress.py `note`), so that a
+    refusal, however late its check, is the command's one line (a derived layout's note and
+    calibrate's hidden-state placement are logged before the first layer's shapes are checked)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from .progress import note
+
+        note(f"note: {record.getMessage()}")
 
 
 def quiet_stdout() -> None:
@@ -139,8 +152,15 @@ def _path(value) -> str:
 
 
 def emit_json(result: dict | list) -> None:
-    """The one way every command prints its --json result: one document on stdout."""
-    click.echo(json.dumps(result, indent=2, default=_path))
+    """The one way every command prints its --json result: one document on stdout, strict JSON (a
+    NaN or infinity, which JSON does not have, is an error, not a bare word no strict reader takes)."""
+    try:
+        text = json.dumps(result, indent=2, default=_path, allow_nan=False)
+    except ValueError:
+        from ..common.files import _first_nonfinite
+
+        raise ReapError(None, f"--json: {_first_nonfinite(result)}, which JSON cannot hold") from None
+    click.echo(text)
 
 
 def plan_facts(plan) -> dict:
@@ -279,6 +299,9 @@ def plan_kwargs(opts: dict) -> dict:
 # -- running a model over data: options shared by `calibrate` and `evaluate` ------------
 
 
+MAX_TOKENS = 2**31 - 1  # per sample: more than any model's context, and what tokenizers take (not 10^20)
+
+
 def data_options(fn):
     """--dataset, --text-field, --num-samples, --max-length, --seed: which token ids to run."""
     options = [
@@ -287,7 +310,7 @@ def data_options(fn):
         click.option("--text-field", metavar="NAME", help="Field holding the text (default: text, content or prompt)."),
         click.option("--num-samples", default=512, show_default=True, type=click.IntRange(min=1),
                      help="Samples to use."),
-        click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=1),
+        click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1, MAX_TOKENS),
                      help="Tokens per sample, at most."),
         click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Seed for sample selection."),
@@ -315,16 +338,19 @@ def run_options(fn):
     return fn
 
 
-def load_data(ckpt: Path, dataset: str | None, text_field: str | None, num_samples: int, max_length: int,
-              seed: int, vocab_size: int | None = None):
-    """The samples of data_options (token ids checked against vocab_size), their provenance (with the
-    samples' sha256: the same token ids, whatever the path or options that found them) and notes."""
+def load_data(ckpt, dataset: str | None, text_field: str | None, num_samples: int, max_length: int, seed: int):
+    """The samples of data_options for the opened checkpoint `ckpt` (tokenized with its tokenizer, every
+    token id checked against its vocab_size), their provenance (with the samples' sha256: the same token
+    ids, whatever the path or options that found them) and notes."""
     import hashlib
 
     from ..calibration.data import load_samples
 
-    data = load_samples(dataset, ckpt, num_samples=num_samples, max_length=max_length, seed=seed,
-                        text_field=text_field, vocab_size=vocab_size)
+    vocab = ckpt.cfg.get("vocab_size")
+    if vocab is not None and not (isinstance(vocab, int) and not isinstance(vocab, bool) and vocab >= 1):
+        raise ReapError(ckpt.path / "config.json", f"vocab_size must be a positive integer, found {vocab!r}")
+    data = load_samples(dataset, ckpt.path, num_samples=num_samples, max_length=max_length, seed=seed,
+                        text_field=text_field, vocab_size=vocab)
     digest = hashlib.sha256(json.dumps(sorted(data.samples), separators=(",", ":")).encode()).hexdigest()  # order aside
     provenance = {"dataset": data.description, "max_length": max_length, "seed": seed, "samples_sha256": digest}
     notes = []
@@ -384,8 +410,8 @@ def echo_plan(plan, with_table: bool = True) -> None:
             rows.append((l, len(p.never_routed), preserved, _score_range([p.scores[e] for e in p.kept]),
                          _score_range([p.scores[e] for e in p.dropped])))
         table(rows)
-    for note in plan.notes:
-        click.echo(f"note: {note}", err=True)
+    for text in plan.notes:  # held with the library's: `evaluate` plans before its data and model are checked
+        logging.getLogger("reapsurgery").info(text)
 
 
 def echo_mtp(dropped: str | None, kept: list[int], notes: list[str], preview: bool, indent: str,

@@ -33,9 +33,8 @@ def _methods(text: str | None) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], layout, opts: dict) -> list:
-    """Every variant, checked against the checkpoint and sized, before the model is touched."""
-    from ..common.checkpoint import Checkpoint
+def _variants(ckpt, saliency: Path | None, masks: tuple[Path, ...], opts: dict) -> list:
+    """Every variant, checked against the opened checkpoint and sized, before the model is touched."""
     from ..common.mask import load_mask
     from ..evaluation.masks import planned_variants, sized_variant
 
@@ -50,7 +49,6 @@ def _variants(ckpt_path: Path, saliency: Path | None, masks: tuple[Path, ...], l
     elif not requests:
         raise ReapError(saliency, "pass --sparsity F[,F...] or --keep N[,N...] to plan masks from this saliency file")
     methods = _methods(opts["method"])
-    ckpt = Checkpoint.open(ckpt_path, layout)
     out = [sized_variant(m, p, str(p), m.sha256, ckpt) for p in masks for m in [load_mask(p)]]
     if saliency is None:
         return out
@@ -110,21 +108,18 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     calibration set. Data, device and dtype options are calibrate's.
     """
     from ..calibration.preflight import check_device
-    from ..common.checkpoint import resolve_checkpoint
-    from ..evaluation.report import plot_report, save_report, table_rows
+    from ..common.checkpoint import Checkpoint, resolve_checkpoint
+    from ..evaluation.report import plot_format, plot_report, save_report, table_rows
 
     # every check that needs no torch first (importing it takes seconds): a refusal costs nothing
     check_device(device)
     ckpt_dir = resolve_checkpoint(ckpt)
     _check_outputs(ckpt_dir, saliency, masks, layout_file, dataset, output, plot, overwrite)
-    layout = layout_from(layout_file)
-    variants = _variants(ckpt_dir, saliency, masks, layout, opts)
+    opened = Checkpoint.open(ckpt_dir, layout_from(layout_file))
+    variants = _variants(opened, saliency, masks, opts)
     if plot is not None:  # refuse before the long run if the plot cannot be drawn
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ReapError(plot, "--plot needs matplotlib: pip install 'reapsurgery[plot]'") from None
-    data, provenance, data_notes = load_data(ckpt_dir, dataset, text_field, num_samples, max_length, seed)
+        plot_format(plot)
+    data, provenance, data_notes = load_data(opened, dataset, text_field, num_samples, max_length, seed)
     if saliency is not None:
         from ..common.saliency import load_saliency
         from ..evaluation.datanote import calibration_overlap
@@ -135,7 +130,7 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
 
     result = run_evaluate(ckpt_dir, variants, data.samples, batch_size=batch_size, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, provenance=provenance,
-                          bar=progress_bars(quiet), layout=layout)
+                          bar=progress_bars(quiet), layout=opened.layout)
     result.notes[:0] = data_notes
     report = result.to_json()
     d = report["data"]

@@ -36,11 +36,13 @@ def _model_rows(model: dict, topk_group=None) -> list[tuple[str, str]]:
     groups = f", n_group {model['n_group']}" if model.get("n_group") is not None else ""
     if topk_group is not None:
         groups += f", topk_group {topk_group}"
-    dense = [l for l in range(model["num_hidden_layers"]) if l not in set(moe)]
+    n = model["num_hidden_layers"]
+    # the dense layers as spans between the MoE ones, not a list of every layer (a file may say 10^30)
+    edges = [-1, *sorted(moe), n]
+    dense = ", ".join(str(a + 1) if b - a == 2 else f"{a + 1}-{b - 1}" for a, b in zip(edges, edges[1:]) if b - a > 1)
     return [
         ("architecture", f"{model['architecture']} ({model['model_type']})"),
-        ("decoder layers", f"{model['num_hidden_layers']}: MoE {_spans(moe)} ({len(moe)})"
-                           + (f", dense {_spans(dense)}" if dense else "")),
+        ("decoder layers", f"{n}: MoE {_spans(moe)} ({len(moe)})" + (f", dense {dense}" if dense else "")),
         ("routed experts", f"{model['num_experts']} per MoE layer, top-k {model['num_experts_per_tok']}{groups}"),
     ]
 
@@ -87,6 +89,22 @@ def _echo_checkpoint(f: dict) -> None:
     click.echo(ACTIVE_NOTE)
 
 
+def _echo_gguf(f: dict) -> None:
+    nextn, pruned = f["nextn"], f["pruned"]
+    rows = [("gguf", f["path"] + (f" (+{len(f['files']) - 1} split parts)" if len(f["files"]) > 1 else "")),
+            *_model_rows(f["model"], f["topk_group"]),
+            ("hidden size", f["model"]["hidden_size"]),
+            ("nextn blocks", f"{nextn['announced']} announced, stored: {_spans(nextn['stored'])}"),
+            ("size label", f["size_label"] or "-")]
+    if pruned:
+        rows.append(("pruned", f"by reapsurgery: {pruned['experts_before']} -> {pruned['experts_after']} routed experts, "
+                               f"mask sha256 {pruned['mask_sha256']}"))
+    table(rows, indent="")
+    click.echo("size:")
+    _echo_sizes([("", f["size"])])
+    click.echo(ACTIVE_NOTE)
+
+
 def _echo_mask(f: dict) -> None:
     prov = f["provenance"]
     rows = [("mask", f["path"]), ("sha256", f["sha256"]), *_model_rows(f["model"]),
@@ -108,8 +126,9 @@ def _echo_mask(f: dict) -> None:
             click.echo(f"bytes saved: {human(size['bytes_saved'])}" + (
                 f" (in its own format, {_quant(size['quantization'])})" if size.get("quantization") else ""))
         click.echo(ACTIVE_NOTE)
+        where = "metadata" if size.get("format") == "gguf" else "config.json"
         for key, (old, new) in size["config_changes"].items():
-            click.echo(f"config.json: {key} {old} -> {new}")
+            click.echo(f"{where}: {key} {old} -> {new}")
         echo_mtp(size["mtp_dropped"], size["kept_mtp_layers"], size["notes"], True, "")
     click.echo("kept experts per layer:")
     table([(f"{layer}:", " ".join(map(str, kept))) for layer, kept in f["layers"].items()])
@@ -151,14 +170,16 @@ def _echo_saliency(f: dict) -> None:
 @json_option
 @one_line_errors
 def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layout_file: Path | None) -> None:
-    """Describe a checkpoint, a saliency file or a mask.
+    """Describe a checkpoint, a GGUF file, a saliency file or a mask.
 
     \b
     checkpoint: architecture, MoE layers, experts and top-k, parameter and byte
                 counts (total, active per token, by kind and dtype)
+    gguf:       the same from the GGUF header (ggml types), NextN blocks, size
+                label, and the mask reapsurgery recorded if it pruned the file
     saliency:   per-layer tokens, never-routed experts, spread of scores, super experts
-    mask:       experts kept; with --ckpt, size before and after (bytes, params,
-                active params) exactly as `apply` would write it
+    mask:       experts kept; with --ckpt (a checkpoint or a GGUF file), size before
+                and after (bytes, params, active params) exactly as `apply` would write it
 
     Active params = non-expert params + top_k/E of the routed-expert params: roughly
     what one token uses. Only headers and config are read.
@@ -169,7 +190,8 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
     if as_json:
         emit_json(facts)
         return
-    {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency}[facts["kind"]](facts)
+    {"checkpoint": _echo_checkpoint, "mask": _echo_mask, "saliency": _echo_saliency,
+     "gguf": _echo_gguf}[facts["kind"]](facts)
 
 
 @click.command()
@@ -178,7 +200,9 @@ def inspect_cmd(path: Path, ckpt: Path | None, method: str, as_json: bool, layou
               help="Print the layout derived from transformers' model for CKPT (JSON, accepted by --layout).")
 @one_line_errors
 def architectures(as_json: bool, derive_from: Path | None) -> None:
-    """List the MoE families with a built-in layout, with the config keys each reads.
+    """List the MoE families supported: the built-in layouts, with the config keys each reads,
+    and every MoE model type of transformers as the census measured it (supported with a built-in
+    or derived layout, refused and why), with the transformers version it was measured with.
 
     \b
     A checkpoint's family is found from config.json: model_type (of the text config
@@ -194,16 +218,19 @@ def architectures(as_json: bool, derive_from: Path | None) -> None:
         emit_json(derive_entry(derive_from))
         return
     from ..common.layouts import describe_layouts
+    from ..common.support import by_status, census, installed_transformers
 
     rows = describe_layouts()
+    data = census()
     if as_json:
-        emit_json(rows)
+        emit_json({"built_in": rows, "census": data})
         return
 
     def rule(r: dict) -> str:
         parts = [f"{k}={v}" for k, v in r["moe_layers"].items()]
         return ", ".join(parts) or "every layer"
 
+    click.echo("Built-in layouts:")
     rows_out = [("model_type", "architectures", "expert count", "top-k", "MoE layers", "groups, MTP")]
     for r in rows:
         extra = []
@@ -213,4 +240,20 @@ def architectures(as_json: bool, derive_from: Path | None) -> None:
             extra.append(r["mtp_layers"] + (" (--mtp calibrate)" if r["mtp_block"] else ""))
         rows_out.append((r["name"], " ".join(r["architectures"]), " ".join(r["num_experts"]), " ".join(r["top_k"]),
                       rule(r), ", ".join(extra) or "-"))
-    table(rows_out, indent="")
+    table(rows_out, indent="  ")
+    groups = by_status(data)
+    total = len(data["model_types"])
+    click.echo(f"\nEvery MoE model type of transformers {data['transformers']}, as the census measured it on "
+               f"{data['date']} (calibrate, plan, apply, verify, load):")
+    click.echo(f"supported ({len(groups['supported'])} of {total}):")
+    table([(mt, e["class"], e["layout"]) for mt, e in groups["supported"].items()], indent="  ")
+    for st, title in (("refused", "refused, with why"), ("fails", "fails"),
+                      ("not run", "not run: transformers rejects a generic tiny config; no verdict")):
+        if groups[st]:
+            click.echo(f"{title} ({len(groups[st])}):")
+            for mt, e in groups[st].items():
+                click.echo(f"  {mt}: {e['reason']}")
+    installed = installed_transformers()
+    if installed and installed != data["transformers"]:
+        click.echo(f"note: transformers {installed} is installed; these were measured with {data['transformers']} "
+                   "(`python -m fixtures.census --write` from a source checkout measures them again)", err=True)

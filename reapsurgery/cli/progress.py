@@ -21,6 +21,7 @@ from ..common.units import human
 PERIOD = 30.0  # seconds between two lines of one bar in a log
 BarFactory = Callable[..., Any]  # bar(total=..., desc=..., unit=..., leave=..., initial=...) -> update(), close()
 _open: list = []  # bars not closed yet, oldest first
+_held: list[str] | None = None  # notes waiting for the command to go on; None: printed at once
 
 
 def progress_bars(quiet: bool) -> BarFactory | None:
@@ -49,6 +50,34 @@ def echo_above_bars(text: str) -> None:
         click.echo(text, err=True)
 
 
+def hold_notes() -> None:
+    """From now on `note` holds its lines: the command is checking its inputs."""
+    global _held
+    _held = []
+
+
+def release_notes() -> None:
+    """Print the notes held so far, and every later one at once: the command goes on."""
+    global _held
+    held, _held = _held or [], None
+    for line in held:
+        echo_above_bars(line)
+
+
+def note(line: str) -> None:
+    """A line for the user that is not the command's result: held while the command checks its
+    inputs (so that a refusal is its one line), else written above the bars."""
+    if _held is None:
+        echo_above_bars(line)
+    else:
+        _held.append(line)
+
+
+def _going_on() -> None:
+    """A bar moved: the command is past its checks, so the notes held until then are printed."""
+    release_notes()
+
+
 def _forget(bar) -> None:
     if bar in _open:
         _open.remove(bar)
@@ -59,6 +88,10 @@ def _tqdm_bar(**kwargs):
     from tqdm import tqdm
 
     class Bar(tqdm):
+        def update(self, n=1):
+            _going_on()
+            return super().update(n)
+
         def close(self) -> None:
             try:
                 super().close()
@@ -83,6 +116,7 @@ class LineBar:
         _open.append(self)
 
     def update(self, n: int = 1) -> None:
+        _going_on()
         self.n += n
         if time.monotonic() - self.last >= PERIOD:
             self._line()

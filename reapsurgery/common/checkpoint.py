@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ReapError
+from .config_check import check_layer_bound, check_layout_values, check_names, check_stored_layers
 from .files import read_json_object
 from .layouts import Layout, builtin_layout_for, text_config
 from .safetensors_io import ShardHeader, TensorInfo, read_header
@@ -22,6 +23,7 @@ FINGERPRINT_FIELDS = (
     "architecture", "model_type", "num_hidden_layers", "moe_layers",
     "num_experts", "num_experts_per_tok", "n_group",
 )
+OPTIONAL_FINGERPRINT_FIELDS = ("hidden_size",)  # recorded since GGUF support; compared where both files have it
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -73,10 +75,9 @@ class Checkpoint:
         config, weight_map, metadata = read_files(path)
         layout = layout or builtin_layout_for(config) or derived_layout_for(path, config, weight_map)
         ckpt = cls(path, config, layout, weight_map, metadata)
-        for key in ("num_hidden_layers",):
-            if not isinstance(ckpt.cfg.get(key), int) or ckpt.cfg[key] < 1:
-                raise ReapError(path / "config.json", f"config has no integer {key!r}")
         try:
+            check_layout_values(ckpt.cfg, layout)
+            check_stored_layers(ckpt.cfg, layout, weight_map)
             num_experts, top_k = ckpt.num_experts, ckpt.top_k
             ckpt.moe_layers
         except ReapError as e:
@@ -93,7 +94,12 @@ class Checkpoint:
     # -- config-derived facts -------------------------------------------------
     @property
     def cfg(self) -> dict:
-        return text_config(self.config)
+        """The text config, with num_hidden_layers where config.json spells the layer count another way."""
+        cfg = text_config(self.config)
+        key = self.layout.layer_count
+        if key and not isinstance(cfg.get("num_hidden_layers"), int) and isinstance(cfg.get(key), int):
+            cfg = {**cfg, "num_hidden_layers": cfg[key]}
+        return cfg
 
     @property
     def num_experts(self) -> int:
@@ -131,6 +137,7 @@ class Checkpoint:
             "num_experts": self.num_experts,
             "num_experts_per_tok": self.top_k,
             "n_group": n_group,
+            **({"hidden_size": cfg["hidden_size"]} if isinstance(cfg.get("hidden_size"), int) else {}),
         }
 
     # -- shards ---------------------------------------------------------------
@@ -179,6 +186,10 @@ def read_files(path: Path) -> tuple[dict, WeightMap, dict | None]:
     if not path.is_dir():
         raise ReapError(path, "does not exist" if not path.exists() else "is a file, not a checkpoint directory")
     config = read_json_object(path / "config.json", "config.json")
+    try:
+        check_names(config)
+    except ReapError as e:
+        raise ReapError(path / "config.json", e.message) from None
     index_path = path / INDEX
     if index_path.exists():
         weight_map, metadata = read_index(index_path)
@@ -191,6 +202,11 @@ def read_files(path: Path) -> tuple[dict, WeightMap, dict | None]:
         metadata = None
     else:
         raise ReapError(path, f"no {INDEX} and no {SINGLE}: not a safetensors checkpoint")
+    try:
+        if text_config(config).get("num_hidden_layers") is not None:
+            check_layer_bound(text_config(config)["num_hidden_layers"], weight_map)
+    except ReapError as e:
+        raise ReapError(path / "config.json", e.message) from None
     return config, weight_map, metadata
 
 
@@ -214,17 +230,14 @@ def derived_layout_for(path: Path, config: dict, weight_map: WeightMap) -> Layou
     """The layout transformers' own model implies, for a family without a built-in entry.
 
     Derivation builds the model on the meta device (torch and transformers, seconds); its result
-    is kept in the user's cache, keyed by config, tensor names, transformers version and the MTP block table, so the
-    next command on the same checkpoint (verify after apply...) neither derives nor imports torch."""
+    is kept in the user's cache, keyed by config, tensor names, transformers version and the derivation
+    itself (its code and data files), so the next command on the same checkpoint (verify after
+    apply...) neither derives nor imports torch, and a cache derived by another version is not reused."""
     import hashlib
     from importlib.metadata import version
 
-    from .derive_names import mtp_block_facts
-
-    # the MTP block facts are data of ours: a cache derived before they changed is not reused
-    key = hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers"),
-                                     mtp_block_facts(config.get("model_type"))], sort_keys=True,
-                                    default=str).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers"), _derivation_digest()],
+                                    sort_keys=True, default=str).encode()).hexdigest()
     if key not in _DERIVED:
         cached = _cache_dir() / f"{key}.json"
         try:
@@ -244,6 +257,20 @@ def derived_layout_for(path: Path, config: dict, weight_map: WeightMap) -> Layou
                  layout.derived.get("model_class", "model"), path)
         _DERIVED[key] = layout
     return _DERIVED[key]
+
+
+DERIVATION_FILES = ("derive.py", "derive_names.py", "model_map.py", "mtp_blocks.json", "router_rows.json")
+
+
+def _derivation_digest() -> str:
+    """sha256 of the derivation's own code and data: what it derives changes with them."""
+    import hashlib
+    from importlib import resources
+
+    h = hashlib.sha256()
+    for name in DERIVATION_FILES:
+        h.update(resources.files(__package__).joinpath(name).read_bytes())
+    return h.hexdigest()
 
 
 def _cache_dir() -> Path:

@@ -7,10 +7,13 @@ routed expert and how checkpoint names map onto parameters. `derive_layout` read
    names, else ``model_map.auto_class``). Its experts modules carry ``num_experts`` (E).
 2. Every int config key of the text config whose value is E is a candidate; the skeleton is
    built again with that key at E+1. A key counts routed experts when the experts modules then
-   count E+1 and tensor shapes change. The parameters and buffers whose shape changed are the
-   expert-indexed tensors, and the axis that grew by one is their expert axis. An axis that
-   grows by more (experts fused 2-D, ``[E*ffn, H]``) or whose size is not E (router rows that
-   also count zero or shared experts) is refused.
+   count E+1 and tensor shapes change: a value counts experts only if changing it changes them,
+   so a list that merely holds E among other values (layer indices) is no expert count. The
+   parameters and buffers whose shape changed are the expert-indexed tensors, and the axis that
+   grew by one is their expert axis. An axis that grows by more (experts fused 2-D,
+   ``[E*ffn, H]``) is refused; one whose size is E + n (a router that also scores zero-computation,
+   skip or shared experts) only where router_rows.json says the family's code puts those n rows
+   after the routed ones (they are kept).
 3. MoE layers are the decoder layers holding expert-indexed tensors.
 4. Each checkpoint name is mapped to its parameter with the model's own conversion mapping
    (as calibration loads it). A name stacked into a parameter by ``MergeModulelist`` is one
@@ -36,7 +39,7 @@ from typing import Any, Iterable
 
 from ..errors import ReapError
 from .derive_names import (add_role, expert_axis_on_disk, expert_prefix, find_mtp_prefixes, logical_names,
-                           mtp_block_facts, split_layer, stacked_patterns)
+                           mtp_block_facts, router_rows_facts, split_layer, stacked_patterns)
 
 # Config keys that count experts per token, groups and MTP layers: none of them changes a shape.
 TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_k", "moe_topk",
@@ -53,9 +56,11 @@ HASH_ROUTING_TENSORS = ("tid2eid",)
 
 @dataclass
 class _Diff:
-    """The expert-indexed tensors of a skeleton: name -> (expert axis, shape with E experts)."""
+    """The expert-indexed tensors of a skeleton: name -> (expert axis, shape with E experts); and
+    name -> rows after the routed experts' for a tensor whose axis also scores other experts."""
 
     axes: dict[str, tuple[int, tuple[int, ...]]]
+    kept_after: dict[str, int]
 
 
 def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
@@ -75,13 +80,11 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     except ReapError:
         raise
     except Exception as e:  # noqa: BLE001 - transformers' own failure to build its class (Qwen3-Omni-MoE in 5.24)
-        import transformers
+        from .model_map import cannot_build
 
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ReapError(None, f"{where}: transformers {transformers.__version__} cannot build this model from "
-                              f"its config ({type(e).__name__}: {first})") from None
+        raise ReapError(None, f"{where}: {cannot_build(e)}") from None
     E = _expert_count(model, where)
-    keys, diff = _expert_keys(config, model, E, where)
+    keys, diff = _expert_keys(config, model, E, where, router_rows_facts(config))
 
     from .model_map import ConversionMap, find_decoder
 
@@ -108,6 +111,7 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
     roles: dict[str, tuple[str, int | None]] = {}  # pattern relative to the layer prefix -> (kind, axis)
     covered: set[str] = set()
     unmapped: list[str] = []
+    kept_rows: dict[str, int] = {}  # router pattern -> rows after the routed experts', kept
     for name in logical:
         target, pattern = converter.target(name)
         if target not in converter.meta:
@@ -139,6 +143,11 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
                 add_role(roles, physical[len(prefix.replace("{layer}", str(layer))):], ("stacked", disk_axis), where)
         else:  # a quantized router's companions are judged by quant.router_companion, by shape
             add_role(roles, rest, ("router", disk_axis), where)
+            if target in diff.kept_after:
+                kept_rows[rest] = diff.kept_after[target]
+        if target in diff.kept_after and target in stacked_params:
+            raise ReapError(None, f"{where}: expert weights {target!r} have {diff.kept_after[target]} entries more "
+                                  "than the routed experts on their expert axis; not derived")
     missing = sorted(n for n in diff.axes if n in converter.meta and n not in covered)
     if missing:
         raise ReapError(None, f"{where}: no checkpoint tensor loads into the expert-indexed parameter {missing[0]!r}"
@@ -156,21 +165,31 @@ def derive_layout(config: dict, tensor_names: Iterable[str]) -> dict[str, Any]:
         "experts": sorted(p for p, (k, _) in roles.items() if k == "expert"),
         "stacked_experts": stacked_patterns(roles, logical, prefixes),
     }
+    if kept_rows:
+        entry["kept_router_rows"] = dict(sorted(kept_rows.items()))
     # config.json may spell a key by the config class's attribute_map (Ling's num_expert_group is n_group)
     attribute_map = dict(getattr(type(model.config.get_text_config()), "attribute_map", {}) or {})
     group_keys = {k: next((n for n in (k, attribute_map.get(k)) if n and text.get(n) is not None), None)
                   for k in GROUP_KEYS}
     if all(group_keys.values()):
         entry["groups"] = {**group_keys, "min_per_group": MIN_PER_GROUP}
+    if text.get("num_hidden_layers") != len(decoder.layers):
+        layer_count = _layer_count_key(config, len(decoder.layers))
+        if layer_count:
+            entry["layer_count"] = layer_count
     mtp_key = next((k for k in MTP_KEYS if text.get(k) is not None), None)
     if mtp_key:
         entry["mtp_layers"] = mtp_key
     mtp_prefixes = find_mtp_prefixes(unmapped)
     if mtp_prefixes:
         entry["mtp_prefixes"] = mtp_prefixes
-        facts = mtp_block_facts(model_type)  # only where the checkpoint stores the block where the table says
-        if facts.get("mtp_block", {}).get("prefix") in mtp_prefixes:
-            entry.update(facts)
+    # the MTP block facts, only where the checkpoint stores the block where the table says: under its
+    # prefix (Qwen3.5: mtp.*), or as the layers after the stack (DeepSeek-V3.2, GLM-5: model.layers.{n})
+    facts = mtp_block_facts(config)
+    where_stored = facts.get("mtp_block", {}).get("prefix")
+    if facts and (where_stored in mtp_prefixes if where_stored else
+                  _stores_layers_past(unmapped, sorted(prefixes), len(decoder.layers))):
+        entry.update(facts)
     import transformers
 
     entry["derived"] = {"transformers": transformers.__version__, "model_class": type(model).__name__}
@@ -279,7 +298,7 @@ def _expert_count(model, where: str) -> int:
     return counts.pop()
 
 
-def _expert_keys(config: dict, model, E: int, where: str):
+def _expert_keys(config: dict, model, E: int, where: str, other_rows: str | None = None):
     """Config keys that count routed experts, and the expert-indexed tensors with their axes.
 
     Candidates are the text config's int keys equal to E (and per-layer lists of E); aliases of
@@ -298,7 +317,7 @@ def _expert_keys(config: dict, model, E: int, where: str):
         if (isinstance(value, int) and value == E) or (isinstance(value, list) and value and all(v == E for v in value)):
             candidates.setdefault(canonical(key), []).append(key)
         elif (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-              and E in value and len(set(value)) > 1):
+              and E in value and _counts_experts(config, nested, key, E)):
             raise ReapError(None, f"{where}: config {key} gives per-layer expert counts {value}; reapsurgery needs the "
                                   "same routed-expert count in every MoE layer")
     base = _tensors(model)
@@ -316,7 +335,7 @@ def _expert_keys(config: dict, model, E: int, where: str):
         counts = set(_expert_counts(other).values())
         if counts != {E + 1}:
             continue
-        d = _shape_diff(base, _tensors(other), E, where)
+        d = _shape_diff(base, _tensors(other), E, where, other_rows)
         if not d.axes:
             continue
         if diff is not None and {n: a for n, (a, _) in d.axes.items()} != {n: a for n, (a, _) in diff.axes.items()}:
@@ -334,7 +353,7 @@ def _expert_keys(config: dict, model, E: int, where: str):
                         other = _skeleton(bumped)
                     except Exception:  # noqa: BLE001
                         continue
-                    if set(_expert_counts(other).values()) == {E + 1} and _shape_diff(base, _tensors(other), E, where).axes:
+                    if set(_expert_counts(other).values()) == {E + 1} and _shape_diff(base, _tensors(other), E, where, other_rows).axes:
                         raise ReapError(None, f"{where}: the routed-expert count is {outer}.{key}, inside a nested "
                                               "config dict that a layout cannot name")
         raise ReapError(None, f"{where}: no config key of the text config counts the {E} routed experts "
@@ -343,12 +362,61 @@ def _expert_keys(config: dict, model, E: int, where: str):
     return present + [k for k in dict.fromkeys(keys) if k not in present], diff
 
 
-def _shape_diff(base: dict, other: dict, E: int, where: str) -> _Diff:
+def _counts_experts(config: dict, nested: bool, key: str, E: int) -> bool:
+    """Whether a list of ints that holds E among other values counts experts per layer: its entries
+    equal to E raised by one change the experts modules' count. A list that merely contains E
+    (Kolibri-1.1's kv_source_layers, layer indices 0..4 beside 4 experts) does not."""
+    bumped = copy.deepcopy(config)
+    t = bumped["text_config"] if nested else bumped
+    t[key] = [v + 1 if v == E else v for v in t[key]]
+    try:
+        other = _skeleton(bumped)
+    except Exception:  # noqa: BLE001 - a list the model cannot be built with changed is no count of experts
+        return False
+    return set(_expert_counts(other).values()) != {E}
+
+
+def _stores_layers_past(names: list[str], layer_prefixes: list[str], n_layers: int) -> bool:
+    """Whether some of `names` (tensors that load into no parameter) sit in layers numbered past the
+    stack's `n_layers`, under one of the stack's on-disk layer prefixes (``model.layers.{layer}.``)."""
+    import re
+
+    from .derive_names import layer_rx
+
+    rxs = [re.compile(layer_rx(p).replace(r"\d+", r"(\d+)", 1)) for p in layer_prefixes]
+    return any(int(m.group(1)) >= n_layers for name in names for rx in rxs if (m := rx.match(name)))
+
+
+def _layer_count_key(config: dict, n_layers: int) -> str | None:
+    """The config key that counts the decoder layers where config.json has no num_hidden_layers of
+    that value (LongCat-Flash's num_layers; its config's num_hidden_layers property counts the two
+    attention sublayers of each): the int key equal to the layer count whose increase by one builds
+    one more decoder layer."""
+    from .model_map import find_decoder
+
+    nested = isinstance(config.get("text_config"), dict)
+    text = config["text_config"] if nested else config
+    for key, value in text.items():
+        if value != n_layers or isinstance(value, bool) or not isinstance(value, int):
+            continue
+        bumped = copy.deepcopy(config)
+        (bumped["text_config"] if nested else bumped)[key] = n_layers + 1
+        try:
+            if len(find_decoder(_skeleton(bumped)).layers) == n_layers + 1:
+                return key
+        except Exception:  # noqa: BLE001 - a key the model cannot be built with changed is no layer count
+            continue
+    return None
+
+
+def _shape_diff(base: dict, other: dict, E: int, where: str, other_rows: str | None = None) -> _Diff:
+    """The tensors that grow by one along one axis with one more expert. `other_rows`: router_rows.json's
+    word that the family's routers score other experts after the routed ones (rows then kept)."""
     if set(base) != set(other):
         extra = sorted(set(base) ^ set(other))
         raise ReapError(None, f"{where}: one more expert adds or removes tensors ({extra[0]!r}): experts held "
                               "as separate modules are not derived (write a layout file)")
-    axes = {}
+    axes, kept_after = {}, {}
     for name, shape in base.items():
         new = other[name]
         if new == shape:
@@ -363,11 +431,14 @@ def _shape_diff(base: dict, other: dict, E: int, where: str) -> _Diff:
             raise ReapError(None, f"{where}: axis {axis} of tensor {name!r} grows by {grow} per expert "
                                   f"({list(shape)} -> {list(new)}): experts fused into another axis are not derived")
         if shape[axis] != E:
-            raise ReapError(None, f"{where}: tensor {name!r} has {shape[axis]} entries on its expert axis for {E} "
-                                  "routed experts (it also counts other experts, e.g. zero-computation or shared "
-                                  "experts); slicing it by routed expert is not derived")
+            if shape[axis] < E or other_rows is None:
+                raise ReapError(None, f"{where}: tensor {name!r} has {shape[axis]} entries on its expert axis for {E} "
+                                      "routed experts (it also counts other experts, e.g. zero-computation or shared "
+                                      "experts, and router_rows.json does not say where their rows are); slicing it "
+                                      "by routed expert is not derived")
+            kept_after[name] = shape[axis] - E
         axes[name] = (axis, shape)
-    return _Diff(axes)
+    return _Diff(axes, kept_after)
 
 
 def _stacked_params(model, diff: _Diff) -> tuple[set[str], set[str]]:

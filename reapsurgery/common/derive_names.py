@@ -141,8 +141,25 @@ def find_mtp_prefixes(unmapped: list[str]) -> list[str]:
     return sorted(out)
 
 
-def mtp_block_facts(model_type: str | None) -> dict[str, Any]:
-    """mtp_block and mtp_keep for a model type from mtp_blocks.json (data: no skeleton shows the MTP
-    block, transformers builds none), or {} where the table has none."""
-    table = json.loads(resources.files(__package__).joinpath("mtp_blocks.json").read_text())
-    return copy.deepcopy(table.get(model_type, {})) if model_type and not model_type.startswith("_") else {}
+def mtp_block_facts(config: dict) -> dict[str, Any]:
+    """mtp_block and mtp_keep from mtp_blocks.json (data: no skeleton shows the MTP block), or {}
+    where the table has none."""
+    return copy.deepcopy(_family_facts("mtp_blocks.json", config) or {})
+
+
+def router_rows_facts(config: dict) -> str | None:
+    """Where router_rows.json says the family's routers score other experts after the routed ones
+    (rows kept, not pruned): the table's reason, read from the family's code; None elsewhere."""
+    return _family_facts("router_rows.json", config)
+
+
+def _family_facts(table_name: str, config: dict) -> Any:
+    """A data table's entry for the checkpoint's text model: keyed by its model_type, config.json's
+    own (a text-only checkpoint, Qwen3_5MoeForCausalLM's qwen3_5_moe_text), else its text_config's
+    (the multimodal wrapper qwen3_5_moe around the same text model)."""
+    table = json.loads(resources.files(__package__).joinpath(table_name).read_text())
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for model_type in (config.get("model_type"), text.get("model_type")):
+        if isinstance(model_type, str) and not model_type.startswith("_") and model_type in table:
+            return table[model_type]
+    return None

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -66,7 +67,7 @@ def loads_strict(raw: bytes, path: str | os.PathLike, what: str = "file") -> Any
     except UnicodeDecodeError as e:
         raise ReapError(path, f"{what} is not UTF-8 text (invalid byte at offset {e.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
                           parse_float=_finite_float)
     except _Invalid as e:
         raise ReapError(path, f"{what} is not valid JSON ({e})") from None
@@ -74,6 +75,32 @@ def loads_strict(raw: bytes, path: str | os.PathLike, what: str = "file") -> Any
         raise ReapError(path, f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise ReapError(path, f"{what} is not valid JSON (nested too deeply)") from None
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then is every string looked at
+        lone = _lone_surrogate(data)
+        if lone is not None:
+            raise ReapError(path, f"{what} is not valid JSON text: the string {ascii(lone[:40])} holds a lone "
+                                  "UTF-16 surrogate (an escape like \\ud800 that is half of a character)")
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The first string (key or value) that is not valid Unicode: a surrogate escape without its pair."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return data
+        return None
+    items = data.items() if isinstance(data, dict) else ((None, v) for v in data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _lone_surrogate(key) if key is not None else None
+        found = found or _lone_surrogate(value)
+        if found is not None:
+            return found
+    return None
 
 
 def read_bytes(path: str | os.PathLike, what: str = "file", limit: int = MAX_JSON) -> bytes:
@@ -226,3 +253,28 @@ def write_atomic(path: str | os.PathLike, data: bytes, overwrite: bool = False) 
     except OSError as e:
         raise ReapError(path, f"cannot write: {e.strerror or e}") from None
 
+
+def _first_nonfinite(data: Any, where: str = "") -> str | None:
+    """Where the first NaN or infinity in `data` is, as `layers.3.reap_sum[2]`."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return f"{where or 'the value'} is {data}"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_nonfinite(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
+
+
+def json_bytes(data: Any, path: str | os.PathLike | None = None, indent: int | None = 2) -> bytes:
+    """`data` as strict JSON text. Python's json writes NaN and Infinity as bare words that JSON does
+    not have (and no strict reader, ours included, takes back): here they are a ReapError naming the
+    file and where the value is, and nothing is written."""
+    try:
+        return (json.dumps(data, indent=indent, allow_nan=False) + "\n").encode()
+    except ValueError:
+        raise ReapError(path, f"not written: {_first_nonfinite(data)}, which JSON cannot hold") from None
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2, overwrite: bool = False) -> None:
+    write_atomic(path, json_bytes(data, path, indent), overwrite)

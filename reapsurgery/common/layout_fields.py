@@ -39,9 +39,16 @@ def check_fields(name: str, d: Any) -> None:
         if not (isinstance(v, dict) and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0
                                             for a in v.values())):
             raise ReapError(None, f"layout {name!r}: {key} must map tensor patterns to an expert axis (integer)")
+    kept = d.get("kept_router_rows", {})
+    if not (isinstance(kept, dict) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 and p in d.get("routers", {})
+                                           for p, n in kept.items())):
+        raise ReapError(None, f"layout {name!r}: kept_router_rows must map router patterns (of routers) to a "
+                              "number of rows (a positive integer)")
     for key in ("moe_layers", "groups", "defaults"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise ReapError(None, f"layout {name!r}: {key} must be an object")
+    if d.get("layer_count") is not None and not isinstance(d["layer_count"], str):
+        raise ReapError(None, f"layout {name!r}: layer_count must be a config key name")
     mtp = d.get("mtp_layers")
     if mtp is not None and not (isinstance(mtp, str) or (_strings(mtp) and mtp)):
         raise ReapError(None, f"layout {name!r}: mtp_layers must be a config key name (or a list of them)")

@@ -28,6 +28,12 @@ Fields of an entry (all config keys are read from the text config where one is n
 - ``routers`` / ``stacked_experts``: name pattern -> expert axis; ``experts``: per-expert
   name prefixes with ``{expert}``. Patterns are relative to the layer prefix; ``*`` is one
   name component.
+- ``layer_count``: the config key that counts decoder layers where config.json does not spell it
+  ``num_hidden_layers`` (LongCat-Flash's ``num_layers``, transformers' attribute_map alias).
+- ``kept_router_rows``: router pattern -> how many rows follow the routed experts' on its expert
+  axis, scoring experts that are not pruned (LongCat-Flash's zero-computation experts, ZAYA's skip
+  expert, Inkling's shared experts). Those rows are kept as they are; the routed rows before them
+  are sliced by the mask like every router's.
 - ``mtp_layers``: config key(s) counting multi-token-prediction layers, a string or a list (every
   one present is rewritten: set to 0 when apply drops the MTP block, kept when it keeps it).
   ``mtp_prefixes``: name prefixes of MTP tensors stored outside the layer stack (Qwen3-Next's
@@ -72,6 +78,15 @@ class TensorRole:
     expert: int | None = None  # for "expert"
     axis: int = 0  # expert axis, for "stacked" and "router"
     span: tuple[int, int] | None = None  # where the expert number sits in the name, for "expert"
+    kept_after: int = 0  # rows after the routed experts' on a router's axis, kept whatever the mask
+
+    def rows(self, num_experts: int) -> int:
+        """Entries on the expert axis of a checkpoint with `num_experts` routed experts."""
+        return num_experts + self.kept_after
+
+    def kept_rows(self, keep: list[int], num_experts: int) -> list[int]:
+        """The entries of the expert axis that a mask keeping `keep` keeps, in order."""
+        return [*keep, *range(num_experts, self.rows(num_experts))]
 
     def renamed(self, name: str, new_expert: int) -> str:
         assert self.span is not None
@@ -103,6 +118,8 @@ class Layout:
     mtp_block: dict[str, str] | None = None
     derived: dict[str, Any] | None = None  # where a derived entry came from; None for written ones
     mtp_keep: str | None = None  # why a loader needs the MTP block: calibrate measures it by default
+    kept_router_rows: dict[str, int] | None = None  # router pattern -> rows after the routed experts', kept
+    layer_count: str | None = None  # config key of the decoder layer count where it is not num_hidden_layers
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> "Layout":
@@ -114,6 +131,10 @@ class Layout:
             if unknown:
                 raise ReapError(None, f"layout {name!r}: unknown moe_layers fields {sorted(unknown)}; "
                                       f"known: {', '.join(sorted(MOE_RULE_FIELDS))}")
+            keys = [f for f in rule if f not in ("indices", "moe_type")]
+            if any(not isinstance(rule[f], str) for f in keys) or not isinstance(rule.get("moe_type", ""), str):
+                raise ReapError(None, f"layout {name!r}: moe_layers fields ({', '.join(keys)}) name config keys, "
+                                      "and moe_type is a string")
             indices = rule.get("indices")
             if indices is not None and not (isinstance(indices, list)
                                             and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)):
@@ -135,6 +156,8 @@ class Layout:
                 mtp_block=mtp_block_field(name, d.get("mtp_block")),
                 derived=dict(d["derived"]) if d.get("derived") is not None else None,
                 mtp_keep=d.get("mtp_keep"),
+                kept_router_rows=dict(d.get("kept_router_rows", {})),
+                layer_count=d.get("layer_count"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ReapError(None, f"layout {name!r} is missing or malforms field {e}") from None
@@ -164,7 +187,8 @@ class Layout:
                 re.compile(prefix),
                 [re.compile(prefix + _pattern(p)) for p in self.experts],
                 [(re.compile(prefix + _pattern(p)), a) for p, a in self.stacked.items()],
-                [(re.compile(prefix + _pattern(p)), a) for p, a in self.routers.items()],
+                [(re.compile(prefix + _pattern(p)), a, (self.kept_router_rows or {}).get(p, 0))
+                 for p, a in self.routers.items()],
             ))
         object.__setattr__(self, "_regexes", regexes)
         outside = (self.mtp_block or {}).get("layers")
@@ -178,6 +202,14 @@ class Layout:
             if m:
                 return m
         return None
+
+    def prefix_pattern(self, layer: bytes) -> bytes:
+        """A bytes regex of the layer prefixes, the layer number matching `layer` (a regex) in the
+        only capturing group of the prefix that matched: for `WeightMap.starting`, which finds
+        names in one scan of their bytes."""
+        parts = [_pattern(a).encode() + b"(" + layer + b")" + _pattern(b).encode()
+                 for a, b in (p.split("{layer}", 1) for p in self.layer_prefixes)]
+        return parts[0] if len(parts) == 1 else b"(?:" + b"|".join(parts) + b")"  # one: a literal the search skips to
 
     def layer_of(self, name: str) -> int | None:
         m = self._layer_match(name)
@@ -242,9 +274,9 @@ class Layout:
                 e = rx.match(name)
                 if e:
                     return TensorRole(layer, "expert", int(e.group("expert")), span=e.span("expert"))
-            for rx, axis in routers:
+            for rx, axis, kept_after in routers:
                 if rx.fullmatch(name):
-                    return TensorRole(layer, "router", axis=axis)
+                    return TensorRole(layer, "router", axis=axis, kept_after=kept_after)
             for rx, axis in stacked:
                 if rx.fullmatch(name):
                     return TensorRole(layer, "stacked", axis=axis)
@@ -371,7 +403,7 @@ def text_config(config: dict) -> dict:
     """The part of config.json that describes the decoder (nested for multimodal models), with
     num_hidden_layers filled in from a per-layer list where the config leaves it out."""
     cfg = config.get("text_config") or config
-    if not isinstance(cfg.get("num_hidden_layers"), int):
+    if cfg.get("num_hidden_layers") is None:
         for key in LAYER_LIST_KEYS:
             if isinstance(cfg.get(key), (list, str)) and cfg[key]:
                 return {**cfg, "num_hidden_layers": len(cfg[key])}

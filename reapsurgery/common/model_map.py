@@ -38,6 +38,14 @@ def auto_class(config):
     return AutoModelForImageTextToText
 
 
+def cannot_build(e: Exception) -> str:
+    """Why transformers could not build the model from a config (its own exception, on one line)."""
+    import transformers
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"transformers {transformers.__version__} cannot build this model from its config ({type(e).__name__}: {first})"
+
+
 def find_decoder(model: nn.Module) -> nn.Module:
     """The module holding the decoder layers: `get_decoder()`, or where that returns a wrapper
     without them (Llama4ForCausalLM answers itself), its shallowest submodule with a `layers` list."""

@@ -47,7 +47,7 @@ def rewrite_names(obj: Any, layout: Layout, keep: dict[int, list[int]], path: st
             where = f"{path}.{key}" if path else key
             if key in NAME_LIST_KEYS and isinstance(value, list):
                 pairs = [(v, rename_module(v, layout, keep)) for v in value]
-                new = [n for _, n in pairs if n is not None]
+                new = [n for v, n in pairs if n is not None or v is None]  # a null entry is not a dropped expert
                 if new != value:
                     removed = len(value) - len(new)
                     renamed = sum(1 for v, n in pairs if n is not None and n != v)
@@ -99,8 +99,8 @@ def router_companion(layout: Layout, name: str, shape: tuple[int, ...], num_expe
         role = layout.classify(f"{module}.{suffix}")
         if role is None or role.kind != "router" or name == f"{module}.{suffix}":
             continue
-        if len(shape) >= 1 and shape[0] == num_experts and role.axis == 0:
-            return TensorRole(role.layer, "router", axis=0)
+        if len(shape) >= 1 and shape[0] == role.rows(num_experts) and role.axis == 0:
+            return TensorRole(role.layer, "router", axis=0, kept_after=role.kept_after)
         if all(d == 1 for d in shape):
             return None  # per-tensor: the same for every remaining row
         raise ReapError(None, f"tensor {name!r} (shape {list(shape)}) is a quantization companion of the router "

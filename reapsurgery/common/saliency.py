@@ -7,15 +7,14 @@ resumed run add up to what one run over all the data would have measured.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import layer_key, loads_strict, read_bytes, write_atomic
+from .files import json_bytes, layer_key, loads_strict, read_bytes, write_atomic
 from ..errors import ReapError
-from .mask import check_fingerprint, versioned_model
+from .mask import check_fingerprint, check_past_stack, versioned_model
 
 SALIENCY_FORMAT = "reapsurgery.saliency"
 SUM_KEYS = ("count", "gate_sum", "norm_sum", "reap_sum")
@@ -85,7 +84,7 @@ class Saliency:
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write atomically, so an interrupted run never leaves a truncated file."""
-        write_atomic(path, (json.dumps(self.to_json(), indent=1) + "\n").encode(), overwrite)
+        write_atomic(path, json_bytes(self.to_json(), path, indent=1), overwrite)
 
 
 def load_saliency(path: str | Path) -> Saliency:
@@ -137,10 +136,15 @@ def parse_saliency(data: Any, path: Path, sha256: str | None = None) -> Saliency
                                  "non-negative numbers"))
             lists[k] = [None if v is None else float(v) for v in values]
         layers[layer] = LayerStats(tokens, **lists)
+    check_past_stack(layers, model, bad)
     calibration = data.get("calibration") or {}
     dense = data.get("dense_layers") or []
     if not isinstance(calibration, dict) or not isinstance(dense, list):
         raise bad("'calibration' must be an object and 'dense_layers' a list")
+    for key in ("samples", "tokens"):  # summed by merge-saliency
+        value = calibration.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise bad(f"calibration {key!r} must be a non-negative integer, got {value!r}")
     return Saliency(model, calibration, layers, list(dense), sha256)
 
 

@@ -16,6 +16,7 @@ import json
 import posixpath
 import re
 from array import array
+from bisect import bisect_right
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -98,6 +99,25 @@ class WeightMap(Mapping[str, str]):
     def values(self) -> Iterator[str]:  # type: ignore[override]
         shards = self._shard_names
         return (shards[s] for s in self._shard_of)
+
+    def mentions(self, pattern: bytes) -> bool:
+        """Whether the bytes regex `pattern` matches in the names' bytes, held back to back (a
+        match may run across two names: for a coarse bound that only needs "not anywhere")."""
+        return re.search(pattern, self._blob) is not None
+
+    def starting(self, pattern: bytes) -> Iterator[re.Match]:
+        """Matches of the bytes regex `pattern` at the start of a name, within it: one scan of the
+        names' bytes in C, not a regex call per tensor (139k of them in Kimi-K2's index)."""
+        ends, blob, rx = self._ends, self._blob, re.compile(pattern)
+        m = rx.search(blob)
+        while m is not None:
+            at = m.start()
+            i = bisect_right(ends, at)
+            if i < len(ends) and at == (ends[i - 1] if i else 0) and m.end() <= ends[i]:
+                yield m  # within one name: the next name starts after it
+                m = rx.search(blob, m.end())
+            else:  # across names or inside one: a name may start within it
+                m = rx.search(blob, at + 1)
 
 
 def shard_name(index_path: Path, name, value) -> str:

@@ -9,6 +9,7 @@ sha256), so what is written is what was evaluated. No torch.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,9 +48,15 @@ def load_report(path: str | Path) -> tuple[dict, str]:
     return report, hashlib.sha256(raw).hexdigest()
 
 
+def _value(v: dict, key: str) -> float:
+    """A variant's number; null (a perplexity past the float range) as infinity."""
+    return math.inf if v[key] is None else v[key]
+
+
 def _better(metric: str):
+    """Sort key: lower is better."""
     key, higher = METRICS[metric]
-    return lambda v: (-v[key] if higher else v[key])
+    return lambda v: (-_value(v, key) if higher else _value(v, key))
 
 
 def choose_variant(report: dict, path: Path, saliency, saliency_path: Path, *, sparsity: float | None = None,
@@ -98,7 +105,7 @@ def choose_variant(report: dict, path: Path, saliency, saliency_path: Path, *, s
         rule = f"the best {key} of {len(pool)} variant{'s' if len(pool) > 1 else ''} keeping {kept} of {E} experts"
     chosen = min(pool, key=better)  # min is stable: among equals the first in the report
     candidates = {id(v) for v in ours}
-    notes = [f"{v['source']} measured better ({key} {v[key]:.4g} against {chosen[key]:.4g}) but was not planned "
+    notes = [f"{v['source']} measured better ({key} {_value(v, key):.4g} against {_value(chosen, key):.4g}) but was not planned "
              f"from {saliency_path.name}: apply it as a mask file if it is what you want"
              for v in variants if id(v) not in candidates and v["experts_kept"] == chosen["experts_kept"]
              and better(v) < better(chosen)]
@@ -110,9 +117,8 @@ def plan_from_evaluation(saliency_path: str | Path, report_path: str | Path, ckp
                          max_kl: float | None = None, metric: str = "kl") -> "Plan":
     """The plan of the variant the report measured best (choose_variant), made again from the saliency
     with the options it was made with, checked to be that mask; its provenance names the report."""
-    from ..common.checkpoint import Checkpoint
     from ..common.saliency import load_saliency
-    from ..plan import mask_bytes, plan_for_checkpoint, plan_mask
+    from ..plan import mask_bytes, plan_from_saliency
 
     saliency_path, report_path = Path(saliency_path), Path(report_path)
     saliency = load_saliency(saliency_path)
@@ -123,10 +129,7 @@ def plan_from_evaluation(saliency_path: str | Path, report_path: str | Path, ckp
         options = made_options(chosen["made"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ReapError(report_path, f"variant {chosen['source']!r}: its 'made' record is incomplete") from None
-    if ckpt_path is None:
-        planned = plan_mask(saliency, source=saliency_path, **options)
-    else:
-        planned = plan_for_checkpoint(saliency, saliency_path, Checkpoint.open(ckpt_path, layout), **options)
+    planned = plan_from_saliency(saliency, saliency_path, ckpt_path, layout, **options)
     measured = chosen["mask_sha256"]
     if hashlib.sha256(mask_bytes(planned.mask)).hexdigest() != measured:
         raise ReapError(report_path, f"variant {chosen['source']!r}: planning it again from {saliency_path} gives "
@@ -140,5 +143,5 @@ def plan_from_evaluation(saliency_path: str | Path, report_path: str | Path, ckp
     mask = replace(planned.mask, provenance=provenance)
     mask = replace(mask, sha256=hashlib.sha256(mask_bytes(mask)).hexdigest())
     chosen_note = (f"chosen from {report_path}: {chosen['source']}, {rule} (measured: KL {chosen['kl_mean']:.4g}, "
-                   f"perplexity {chosen['perplexity']:.4g}, top-1 agreement {chosen['top1_agreement']:.4g})")
+                   f"perplexity {_value(chosen, 'perplexity'):.4g}, top-1 agreement {chosen['top1_agreement']:.4g})")
     return replace(planned, mask=mask, notes=[chosen_note, *notes, *planned.notes])

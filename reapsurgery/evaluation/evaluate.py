@@ -12,6 +12,7 @@ next-token metrics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..calibration.calibrate import BarFactory, make_batches, resolve_device, resolve_dtype
+from ..calibration.finite import check_computed
 from ..calibration.streaming import StreamedModel, fill_carried
 from ..common.checkpoint import Checkpoint
 from ..common.layouts import Layout
@@ -108,7 +110,7 @@ def evaluate(
     ckpt = Checkpoint.open(ckpt_path, layout)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    streamed = StreamedModel(ckpt, dt, dev, trust_remote_code, experts_implementation=None)
+    streamed = StreamedModel(ckpt, dt, dev, trust_remote_code)
     n_layers = len(streamed.layers)
     moe = set(ckpt.moe_layers)
     mtp, mtp_of, mtp_skipped, notes = mtp_to_run(streamed, variants)
@@ -131,7 +133,9 @@ def evaluate(
         inner = bar(total=len(batches) * (1 + len(variants)), desc=f"layer {i}", unit="batch", leave=False) if bar else None
         if on_layer:
             on_layer(i, None, streamed, variant_layers)
-        original, carried[0] = _run(layer, original, carried[0], calls, i, inner)
+        checked = partial(check_computed, ckpt.path, dtype=dt)
+        original, carried[0] = _run(layer, original, carried[0], calls, i, inner,
+                                    lambda h: checked(f"decoder layer {i}: its output", h))
         for v, variant in enumerate(variants):
             pruned = layer
             if i in moe:
@@ -139,7 +143,8 @@ def evaluate(
                                      f"decoder layer {i}, {variant.label}")
             if on_layer:
                 on_layer(i, v, streamed, variant_layers)
-            hidden[v], carried[v + 1] = _run(pruned, hidden[v], carried[v + 1], calls, i, inner)
+            hidden[v], carried[v + 1] = _run(pruned, hidden[v], carried[v + 1], calls, i, inner,
+                                             lambda h: checked(f"decoder layer {i} pruned by {variant.label}: its output", h))
             if i in moe:
                 release(pruned)
                 err = errors[v][i] = LayerError()
@@ -175,14 +180,16 @@ def evaluate(
 
 
 def _run(layer, hidden: list[torch.Tensor], carried: list[tuple], calls: list, i: int,
-         bar) -> tuple[list[torch.Tensor], list[tuple]]:
-    """Layer i over every batch: its hidden states, and what it hands the next layer's call
-    (GLM-5's shared indexer: the top-k indices), as calibration carries them."""
+         bar, check: Callable[[torch.Tensor], None]) -> tuple[list[torch.Tensor], list[tuple]]:
+    """Layer i over every batch: its hidden states (each `check`ed: NaN or infinity is refused at
+    the layer that makes it), and what it hands the next layer's call (GLM-5's shared indexer: the
+    top-k indices), as calibration carries them."""
     out, passed = [], []
     for h, c, layer_calls in zip(hidden, carried, calls):
         args, kwargs = fill_carried(*layer_calls[i], i - 1, c)
         o = layer(h, *args, **kwargs)
         out.append(o[0] if isinstance(o, tuple) else o)
+        check(out[-1])
         passed.append(tuple(o[1:]) if isinstance(o, tuple) else ())
         if bar:
             bar.update(1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import MoeModelOutputWithPast
 
+from ..calibration.finite import check_computed
 from ..calibration.streaming import StreamedModel
 from ..errors import ReapError
 
@@ -82,6 +84,7 @@ def head_only(streamed: StreamedModel) -> Iterator:
         given.hidden = hidden
         ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         out = model(input_ids=ids, use_cache=False)
+        check_computed(streamed.ckpt.path, "the LM head: its logits", out.logits, streamed.dtype)
         return out.logits
 
     try:
@@ -90,6 +93,9 @@ def head_only(streamed: StreamedModel) -> Iterator:
         parent._modules[attr] = streamed.decoder
         if saved_router_logits is not None:
             config.output_router_logits = saved_router_logits
+
+
+MAX_LOG = math.log(sys.float_info.max)  # exp() of more is not a float
 
 
 @dataclass
@@ -102,13 +108,16 @@ class TokenMetrics:
     agree: int = 0
 
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.positions)
+        mean = self.nll / self.positions
+        return math.exp(mean) if mean < MAX_LOG else math.inf
 
     def to_json(self, original: bool = False) -> dict:
+        """`perplexity` is null where it exceeds the float range (mean_nll says by how much): JSON has no infinity."""
+        ppl = self.perplexity()
+        out = {"perplexity": ppl if math.isfinite(ppl) else None, "mean_nll": self.nll / self.positions}
         if original:
-            return {"perplexity": self.perplexity(), "mean_nll": self.nll / self.positions}
-        return {"perplexity": self.perplexity(), "mean_nll": self.nll / self.positions,
-                "kl_mean": self.kl / self.positions, "top1_agreement": self.agree / self.positions}
+            return out
+        return {**out, "kl_mean": self.kl / self.positions, "top1_agreement": self.agree / self.positions}
 
 
 @dataclass

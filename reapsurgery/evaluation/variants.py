@@ -52,9 +52,10 @@ def fill_pruned(pruned: nn.Module, original: nn.Module, kept: list[int], num_exp
 
     A tensor whose shape differs from the original's in exactly one axis, of size E there and
     E' in the pruned module, is sliced there by retained index; every other tensor is shared
-    as is. Non-persistent buffers (rotary frequencies) are taken from the original layer."""
+    as is. An axis of E + n entries and E' + n (a router that also scores zero-computation, skip or
+    shared experts, whose n rows follow the routed experts', as the layout's kept_router_rows says)
+    keeps those n rows. Non-persistent buffers (rotary frequencies) are taken from the original layer."""
     source = original.state_dict()
-    index = None
     state = {}
     for name, meta in pruned.state_dict().items():
         t = source.get(name)
@@ -62,13 +63,13 @@ def fill_pruned(pruned: nn.Module, original: nn.Module, kept: list[int], num_exp
             raise ReapError(None, f"{what}: the pruned module has {name}, the original layer does not")
         if tuple(t.shape) != tuple(meta.shape):
             axes = [a for a, (x, y) in enumerate(zip(t.shape, meta.shape)) if x != y]
-            if len(t.shape) != len(meta.shape) or len(axes) != 1 or t.shape[axes[0]] != num_experts \
-                    or meta.shape[axes[0]] != len(kept):
+            after = t.shape[axes[0]] - num_experts if len(axes) == 1 else -1
+            if len(t.shape) != len(meta.shape) or len(axes) != 1 or after < 0 \
+                    or meta.shape[axes[0]] != len(kept) + after:
                 raise ReapError(None, f"{what}: {name} is {tuple(t.shape)} in the original layer and {tuple(meta.shape)} "
                                       f"for {len(kept)} experts; only an expert axis ({num_experts} -> {len(kept)}) may differ")
-            if index is None:
-                index = torch.tensor(kept, dtype=torch.long, device=t.device)
-            t = t.index_select(axes[0], index)
+            rows = [*kept, *range(num_experts, num_experts + after)]
+            t = t.index_select(axes[0], torch.tensor(rows, dtype=torch.long, device=t.device))
         state[name] = t
     pruned.load_state_dict(state, strict=True, assign=True)
     buffers = dict(original.named_buffers())

@@ -26,6 +26,7 @@ from ..errors import ReapError
 from ..common.safetensors_io import copy_range
 
 PIECE = 64 << 20  # output bytes per work item: small enough to stop fast and spread over workers
+HOLE = (1 << 64) - 1  # a range's source offset meaning: leave these output bytes zero (alignment padding)
 MAX_JOBS = 8  # default workers at most: past this an NVMe drive is saturated, not the CPUs
 
 
@@ -49,7 +50,7 @@ def coalesce(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     for off, n in ranges:
         if n <= 0:
             continue
-        if out and out[-1][0] + out[-1][1] == off:
+        if out and out[-1][0] + out[-1][1] == off and off != HOLE:
             out[-1] = (out[-1][0], out[-1][1] + n)
         else:
             out.append((off, n))
@@ -80,7 +81,7 @@ def pieces(src: Path, dst: Path, dst_offset: int, ranges: list[tuple[int, int]],
             take = min(n, size - cur_n)
             cur.append((off, take))
             cur_n += take
-            off, n = off + take, n - take
+            off, n = off if off == HOLE else off + take, n - take
             if cur_n == size:
                 yield Piece(src, dst, start, tuple(cur))
                 start, cur, cur_n = start + cur_n, [], 0
@@ -104,11 +105,15 @@ def copy_piece(piece: Piece, stop: threading.Event, drop_source: bool = True) ->
             if hasattr(os, "posix_fadvise"):
                 _advise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 for off, n in piece.ranges:
-                    _advise(src_fd, off, n, os.POSIX_FADV_WILLNEED)
+                    if off != HOLE:
+                        _advise(src_fd, off, n, os.POSIX_FADV_WILLNEED)
             os.lseek(dst_fd, piece.dst_offset, os.SEEK_SET)
             for off, n in piece.ranges:
                 if stop.is_set():
                     return
+                if off == HOLE:  # the file was created at its final size: these bytes are zeros already
+                    os.lseek(dst_fd, n, os.SEEK_CUR)
+                    continue
                 copy_range(src_fd, dst_fd, off, n)
                 if drop_source and hasattr(os, "posix_fadvise"):
                     _advise(src_fd, off, n, os.POSIX_FADV_DONTNEED)

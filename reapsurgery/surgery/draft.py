@@ -1,12 +1,12 @@
 """`apply --mtp keep-full`: the multi-token-prediction block, unpruned, as a draft model directory.
 
-Loaders that build the MTP head from the trunk's config (omlx, vLLM's `method: mtp` without a
-`model`) cannot run a full-width head on a pruned trunk. A separate directory with the source's
-own config.json (original expert count, MTP count) and only the MTP tensors, plus the trunk
-tensors the block shares (embeddings, LM head), is what vLLM loads with
-`--speculative-config '{"method": "mtp", "model": "OUT/mtp-draft", "num_speculative_tokens": 1}'`:
-its MTP model classes read only the MTP layers (and shared tensors) of the files they are given.
-Every tensor is copied byte for byte, under its own name.
+A separate directory with the source's own config.json (original expert count, MTP count) and
+only the MTP tensors, plus the trunk tensors the block shares (embeddings, LM head), every tensor
+copied byte for byte under its own name: the unpruned block kept beside the pruned model.
+No server is known to draft with it beside the pruned trunk: vLLM 0.32 (`method: mtp` with this
+`model`) refuses a trunk whose MTP count is 0 and builds the head with the trunk's pruned expert
+count otherwise (README, "Multi-token-prediction blocks"); a block kept pruned
+(`calibrate --mtp calibrate`) is what vLLM serves.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ..common.checkpoint import INDEX, Checkpoint
 from ..errors import ReapError
+from .shards import OutShard, OutTensor
+from .writer import write_files
 
 DRAFT_DIR = "mtp-draft"
 
@@ -35,10 +37,8 @@ def draft_tensor_names(ckpt: Checkpoint) -> list[str]:
     return sorted(set(mtp) | set(shared))
 
 
-def plan_draft(ckpt: Checkpoint):
+def plan_draft(ckpt: Checkpoint) -> list[OutShard]:
     """The draft's shards (one per source shard holding its tensors), as apply's OutShard plan."""
-    from .apply import OutShard, OutTensor
-
     tensors = ckpt.tensors()
     per_source: dict[str, list] = {}
     for name in draft_tensor_names(ckpt):
@@ -54,11 +54,9 @@ def plan_draft(ckpt: Checkpoint):
 
 def write_draft(ckpt: Checkpoint, dst: Path) -> int:
     """Write the draft directory into `dst` (inside apply's staged output); returns its bytes."""
-    from .apply import write_shards
-
     shards = plan_draft(ckpt)
     dst.mkdir()
-    write_shards(shards, ckpt.path, dst)
+    write_files(shards, ckpt.path, dst)
     total = sum(s.nbytes for s in shards)
     with open(dst / INDEX, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": {t.name: s.name for s in shards for t in s.tensors}},

@@ -56,12 +56,12 @@ def pruned_card(source_card: str | None, ckpt: Checkpoint, mask: Mask, experts_b
     return source_card.rstrip("\n") + "\n\n" + section
 
 
-def write_card(path: Path, ckpt: Checkpoint, mask: Mask, experts_before: int, moe_layers: int,
-               dropped_layers: list[int], note: Callable[[str], None] | None = None) -> None:
-    """README.md of the output at `path`: pruned_card, with `base_model:` where the source has a hub id."""
+def write_card(path: Path, source_card: str | None, ckpt: Checkpoint, mask: Mask, experts_before: int,
+               moe_layers: int, dropped_layers: list[int], note: Callable[[str], None] | None = None) -> None:
+    """README.md of the output at `path`: pruned_card of the source's card (read before anything is
+    written), with `base_model:` where the source has a hub id."""
     source = ckpt.path / "README.md"
-    path.write_text(pruned_card(source.read_text() if source.is_file() else None, ckpt, mask, experts_before,
-                                moe_layers, dropped_layers))
+    path.write_text(pruned_card(source_card, ckpt, mask, experts_before, moe_layers, dropped_layers))
     hub = hub_source(ckpt.path)
     if hub is None:
         return

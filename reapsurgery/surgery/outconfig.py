@@ -7,13 +7,11 @@ import copy
 import heapq
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from ..common.checkpoint import INDEX, Checkpoint
 from ..common.quant import rewrite_quantization_config
-
-if TYPE_CHECKING:
-    from .apply import SurgeryPlan
+from .shards import OutShard
 
 
 def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
@@ -44,13 +42,11 @@ def rewrite_config(ckpt: Checkpoint, kept: int, dropped_mtp: bool,
     return config, changes
 
 
-def write_index(plan: SurgeryPlan, ckpt: Checkpoint, dst: Path) -> None:
-    if len(plan.shards) == 1 and ckpt.index_metadata is None:
-        return
-    metadata = index_metadata(plan, ckpt)
+def write_index(shards: list[OutShard], metadata: dict, dst: Path) -> None:
+    """The output's model.safetensors.index.json in `dst`, with `metadata` (index_metadata)."""
     # what json.dump(indent=2, sort_keys=True) writes, without a dict of every name: each shard's
     # names sorted into one text block, merged across shards line by line
-    blocks = [(s.name, _block(sorted(t.name for t in s.tensors))) for s in plan.shards]
+    blocks = [(s.name, _block(sorted(t.name for t in s.tensors))) for s in shards]
     head = json.dumps({"metadata": metadata, "weight_map": {}}, indent=2, sort_keys=True)
     with open(dst / INDEX, "w") as f:
         if not any(block for _, block in blocks):
@@ -83,19 +79,20 @@ def _lines(block: str | list[str], shard: str) -> Iterator[tuple[str, str]]:
         start = end + 1
 
 
-def index_metadata(plan: SurgeryPlan, ckpt: Checkpoint) -> dict:
-    """The input index's metadata with its counts recomputed for the output.
+def index_metadata(source: dict | None, config: dict, total_size: int, elements_before: int,
+                   elements: int) -> dict:
+    """The input index's metadata (`source`) with its counts recomputed for the output.
 
     total_size is exact. total_parameters (transformers' num_parameters()) moves by the
     elements removed when it counted the stored tensors or the weights are not quantized
     (every removed element is then one parameter); otherwise it is dropped, as is any other
     number we cannot recompute. Strings (e.g. a format tag) are kept."""
-    source = ckpt.index_metadata or {}
+    source = source or {}
     metadata = {k: v for k, v in source.items() if isinstance(v, str)}
-    metadata["total_size"] = plan.total_size
+    metadata["total_size"] = total_size
     declared = source.get("total_parameters")
     if isinstance(declared, int) and not isinstance(declared, bool):
-        removed = plan.elements_before - plan.elements
-        if declared == plan.elements_before or "quantization_config" not in plan.config:
+        removed = elements_before - elements
+        if declared == elements_before or "quantization_config" not in config:
             metadata["total_parameters"] = declared - removed
     return metadata

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..common.files import input_clash, real_path
-from ..common.staging import EXCHANGE, NAME_KEPT, NOREPLACE, REPLACED, claim, lock_file, renameat2, staged
+from ..common.staging import (EXCHANGE, NAME_KEPT, NOREPLACE, REPLACED, claim, lock_file, publish_file, renameat2,
+                              staged)
 from ..errors import ReapError
 
 
@@ -106,6 +107,48 @@ def staged_output(out: Path, overwrite: bool = False,
             tmp.mkdir()
             yield tmp
     except OSError as e:  # a full disk, no permission: named as OUT, not as the hidden directory beside it
+        if e.filename is not None and ".reapsurgery-partial-" not in os.fsdecode(e.filename):
+            raise
+        raise ReapError(out, f"cannot write: {e.strerror or e}") from None
+
+
+# -- one output file (a GGUF model): the same promises, the file written in the scratch directory ------
+
+
+def check_output_file_of(inputs: list[Path], out: Path, overwrite: bool) -> None:
+    """Refuse an output file that is or lies in an input, is a directory, or (without --overwrite)
+    is already there; claim it as the command's output."""
+    clash = input_clash(out, inputs, ())
+    if clash:
+        raise ReapError(out, f"output {clash}; choose another output file")
+    target = real_path(out)
+    if target.is_dir():
+        raise ReapError(out, "output is a directory; give a file name (a split GGUF set writes a directory "
+                             "only when its first part is given)")
+    if os.path.lexists(target) and not overwrite:
+        raise ReapError(out, "output file exists (pass --overwrite to replace it)")
+    claim(out)
+
+
+def check_output_dir_of(inputs: list[Path], out: Path, overwrite: bool) -> None:
+    """check_output for inputs that are files (a GGUF split set) rather than a checkpoint directory."""
+    check_output(out, overwrite, inputs)
+
+
+@contextmanager
+def staged_file(out: Path, overwrite: bool = False, note: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield the path (not created) of a file in a marked scratch directory beside `out` that
+    becomes `out` on success: renamed with RENAME_NOREPLACE (a hard link where renameat2 is
+    missing: it also refuses an existing name), or replaced by one rename under --overwrite, so
+    `out` is at every instant the old file or the new one."""
+    target = real_path(out)
+    try:
+        with staged(target, lambda tmp: publish_file(tmp, target, overwrite), shown=out, note=note) as tmp:
+            yield tmp
+    except FileExistsError:
+        raise ReapError(out, "another process wrote this output file while this run was writing; it was left "
+                             "as that run made it and nothing of this run was kept") from None
+    except OSError as e:  # a full disk, no permission: named as OUT, not as the hidden file beside it
         if e.filename is not None and ".reapsurgery-partial-" not in os.fsdecode(e.filename):
             raise
         raise ReapError(out, f"cannot write: {e.strerror or e}") from None

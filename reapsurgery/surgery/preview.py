@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..common.checkpoint import INDEX, Checkpoint
 from ..common.layouts import Layout
 from ..common.mask import Mask
-from .apply import MASK_COPY, WEIGHT_SUFFIXES, plan_surgery
+from .apply import MASK_COPY, other_files
+from .safetensors_plan import plan_surgery
 from .outdir import check_output
 
 
@@ -21,17 +21,8 @@ def apply_preview(mask: Mask, mask_path: str | Path, ckpt_path: str | Path, out_
     out_path = Path(out_path)
     check_output(out_path, overwrite, [Path(mask_path), *map(Path, inputs)], [ckpt.path])
     plan = plan_surgery(ckpt, mask, Path(mask_path), draft=mtp == "keep-full")
-    handled = {"config.json", "README.md", INDEX, *ckpt.shards}
-    copied, skipped = [], []
-    for root, dirs, files in os.walk(ckpt.path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_root = Path(root).relative_to(ckpt.path)
-        for fname in sorted(files):
-            rel = str(rel_root / fname)
-            if rel in handled or fname.startswith("."):
-                continue
-            (skipped if fname.endswith(WEIGHT_SUFFIXES) else copied).append(rel)
-    writes_index = not (len(plan.shards) == 1 and ckpt.index_metadata is None)
+    copied, skipped = other_files(ckpt.path, {"config.json", "README.md", INDEX, *ckpt.shards})
+    writes_index = plan.index is not None
     return {
         "out": str(out_path),
         "replaces_existing": out_path.is_dir() and any(out_path.iterdir()),

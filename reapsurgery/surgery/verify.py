@@ -2,33 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from ..common.checkpoint import INDEX, Checkpoint
+from ..common.gguf_file import gguf_model_path
 from ..errors import ReapError
 from ..common.layouts import Layout, TensorRole
 from ..common.quant import router_companion
 from ..common.safetensors_io import TensorInfo
-
-
-@dataclass
-class VerifyReport:
-    path: Path
-    shards: int = 0
-    tensors: int = 0
-    total_size: int = 0
-    num_experts: int = 0
-    moe_layers: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+from .result import VerifyReport
 
 
 def verify(path: str | Path, layout: Layout | None = None) -> VerifyReport:
-    """Every defect found, not just the first; raises ReapError only when nothing can be read."""
+    """Every defect found, not just the first; raises ReapError only when nothing can be read.
+    A GGUF file (or a directory holding one GGUF model) is checked by gguf_verify."""
+    gguf = gguf_model_path(path)
+    if gguf is not None:
+        if layout is not None:
+            raise ReapError(path, "--layout describes a safetensors checkpoint's tensors; a GGUF file needs none")
+        from .gguf_verify import verify_gguf
+
+        return verify_gguf(gguf)
     ckpt = Checkpoint.open(path, layout)
     report = VerifyReport(ckpt.path, shards=len(ckpt.shards), num_experts=ckpt.num_experts,
                           moe_layers=len(ckpt.moe_layers))
@@ -106,9 +101,10 @@ class ExpertCheck:
                                   f"config.json says layer {role.layer} is not an MoE layer"))
         elif role.kind == "expert":
             self.experts.setdefault(role.layer, set()).add(role.expert)
-        elif role.axis >= len(info.shape) or info.shape[role.axis] != self.E:
+        elif role.axis >= len(info.shape) or info.shape[role.axis] != role.rows(self.E):
+            after = f" and {role.kept_after} rows after them" if role.kept_after else ""
             self.problems.append((name, ckpt.path / shard, f"tensor {name!r} has shape {list(info.shape)}; config "
-                                  f"says {self.E} experts, expected on axis {role.axis}"))
+                                  f"says {self.E} experts{after}, expected on axis {role.axis}"))
         elif role.kind == "router":
             self.routers[role.layer] = self.routers.get(role.layer, 0) + 1
         if role.layer >= ckpt.num_hidden_layers:
@@ -123,8 +119,9 @@ class ExpertCheck:
             experts = self.experts.get(layer, set())
             if not self.routers.get(layer):
                 problems.append((ckpt.path, f"MoE layer {layer} has no router tensor matching the {ckpt.layout.name} layout"))
-            if experts and experts != set(range(E)):
-                absent, extra = sorted(set(range(E)) - experts), sorted(experts - set(range(E)))
-                detail = f"lacks tensors of experts {absent[:8]}" if absent else f"has tensors of experts {extra[:8]}"
+            extra = sorted(e for e in experts if e >= E)
+            if experts and (extra or len(experts) != E):  # sized by what is stored, not by config.json's E
+                absent = list(islice((e for e in range(E) if e not in experts), 8))
+                detail = f"lacks tensors of experts {absent}" if absent else f"has tensors of experts {extra[:8]}"
                 problems.append((ckpt.path, f"MoE layer {layer} {detail}; config says {E} experts"))
         return problems
