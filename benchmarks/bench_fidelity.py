@@ -106,6 +106,9 @@ def transformers_perplexity(model_dir: Path, samples: list[list[int]]) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     nll, n = 0.0, 0
@@ -173,7 +176,8 @@ def one_model(args: argparse.Namespace, aux: float, work: Path) -> dict:
         sha = chosen.get("measured_mask_sha256") or m.sha256
         (variant,) = [v for v in rep["variants"] if v["mask_sha256"] == sha]
         ppl = transformers_perplexity(out, samples)
-        applied.append({"mask": label, "variant": Path(variant["source"]).name, "evaluate_ppl": variant["perplexity"],
+        applied.append({"mask": label, "variant": Path(variant["source"]).name, "experts_kept": variant["experts_kept"],
+                        "evaluate_ppl": variant["perplexity"],
                         "transformers_ppl": ppl, "relative": abs(ppl - variant["perplexity"]) / ppl})
         rmtree(out)
     per_layer, overall = busiest_quarter(routed)
@@ -215,17 +219,22 @@ def print_model(r: dict, args: argparse.Namespace) -> None:
             if len(vs) > 1:
                 ppls = [v["perplexity"] for v in vs]
                 label = f"random (mean of {len(vs)})"
-                ppl = f"{mean('perplexity'):.2f} ({min(ppls):.1f}-{max(ppls):.1f})"
+                ppl = f"{mean('perplexity'):.1f} ({min(ppls):.1f}-{max(ppls):.1f})"
             else:
-                ppl = f"{vs[0]['perplexity']:.2f}"
+                ppl = f"{vs[0]['perplexity']:.3f}"
             print(f"| {s:.0%} ({E - round(s * E)} of {E}) | {label} | {ppl} | {mean('kl_mean'):.4f} | "
                   f"{mean('top1_agreement'):.4f} | {mean('kept_share'):.1%} |")
-    print("\n(bold: the lowest held-out perplexity at that sparsity among the criteria)\n")
-    print("| checkpoint written by apply | evaluated as | evaluate perplexity | transformers perplexity | relative difference |")
-    print("|---|---|---|---|---|")
+    print("\n(bold: the lowest held-out perplexity at that sparsity among the criteria; rank below: by held-out "
+          "perplexity among the six criteria at that sparsity)\n")
+    print("| checkpoint written by apply | evaluated as | evaluate perplexity | transformers perplexity | relative "
+          "difference | rank among the criteria |")
+    print("|---|---|---|---|---|---|")
     for a in r["applied"]:
+        same = sorted(v["perplexity"] for v in rep["variants"]
+                      if "method" in v["made"] and v["experts_kept"] == a["experts_kept"])
+        rank = f"{same.index(a['evaluate_ppl']) + 1} of {len(same)}" if a["evaluate_ppl"] in same else "-"
         print(f"| {a['mask']} | {a['variant']} | {a['evaluate_ppl']:.4f} | {a['transformers_ppl']:.4f} | "
-              f"{a['relative']:.1e} |")
+              f"{a['relative']:.1e} | {rank} |")
 
 
 def main() -> None:
