@@ -24,7 +24,7 @@ KEEP = [0, 2, 5, 7]
 def gguf_mask(src, keep, path, layers=None):
     """A mask for a GGUF fixture: `keep` in every MoE layer (and in `layers`, e.g. a NextN block)."""
     m = GGUFModel.open(src)
-    Mask(m.fingerprint(), {l: list(keep) for l in (layers or m.moe_layers)}, {"method": "manual"}).save(path)
+    Mask(m.fingerprint(), {l: list(keep) for l in (layers or m.moe_layers)}, {"method": "manual"}).save(path, overwrite=True)
     return path
 
 

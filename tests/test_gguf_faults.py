@@ -52,7 +52,7 @@ def _mask(src, path, edit=None, layers=None, keep=KEEP):
     layers = layers or {l: list(keep) for l in m.moe_layers}
     if edit:
         edit(model, layers)
-    Mask(model, layers, {"method": "manual"}).save(path)
+    Mask(model, layers, {"method": "manual"}).save(path, overwrite=True)
     return path
 
 
@@ -118,12 +118,12 @@ def test_sigkill_leaves_a_hidden_partial_that_the_next_run_removes(src, tmp_path
 
 
 @needs_strace
-def test_kill_before_the_exchange_keeps_the_old_file(src, tmp_path):
+def test_kill_before_the_replace_keeps_the_old_file(src, tmp_path):
     out = tmp_path / "out.gguf"
     a, b = gguf_mask(src, KEEP, tmp_path / "a.json"), gguf_mask(src, [1, 3, 4, 6], tmp_path / "b.json")
     assert cli("apply", a, src, out, "-q").returncode == 0
     old = out.read_bytes()
-    r = traced("renameat2:signal=SIGKILL:when=1", "apply", b, src, out, "-q", "--overwrite")
+    r = traced("rename:signal=SIGKILL:when=1", "apply", b, src, out, "-q", "--overwrite")  # os.replace publishes
     assert r.returncode == -signal.SIGKILL
     assert out.read_bytes() == old
     assert cli("apply", b, src, out, "-q", "--overwrite").returncode == 0

@@ -15,6 +15,7 @@ from reapsurgery.cli import main
 from reapsurgery.common.mask import load_mask
 from tests.conftest import tree_hash
 from tests.reference import load, logits, pruned_in_memory
+from tests.helpers import write_mask
 
 FAMILY = "olmoe"
 
@@ -113,3 +114,25 @@ def test_a_derived_layout_is_cached_so_the_next_command_needs_no_torch(checkpoin
     assert first.stdout.split() == ["8", "True"], first.stderr
     assert second.stdout.split() == ["8", "False"], second.stderr
     assert len(list((tmp_path / "cache" / "layouts").glob("*.json"))) == 1
+
+
+def test_what_apply_wrote_from_a_derived_family_opens_without_deriving_again(checkpoints, tmp_path):
+    """verify OUT after apply reads the source's derived layout (the pruned model's names and family
+    are the source's) instead of building the model again, and finds the same layout."""
+    import os
+    import subprocess
+    import sys
+
+    from reapsurgery.common.checkpoint import derive_entry
+
+    src = checkpoints["solar_open"]  # no built-in entry
+    env = {**os.environ, "REAPSURGERY_CACHE": str(tmp_path / "cache")}
+    mask = write_mask(src, [1, 2, 5, 6], tmp_path / "m.json")
+    r = subprocess.run([sys.executable, "-m", "reapsurgery", "apply", str(mask), str(src), str(tmp_path / "out"), "-q"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    code = ("import sys; from reapsurgery.common.checkpoint import Checkpoint; "
+            f"c = Checkpoint.open({str(tmp_path / 'out')!r}); print(c.num_experts, 'torch' in sys.modules)")
+    opened = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert opened.stdout.split() == ["4", "False"], opened.stderr
+    assert derive_entry(tmp_path / "out") == derive_entry(src)  # what a derivation of the output gives

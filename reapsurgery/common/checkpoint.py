@@ -231,13 +231,10 @@ def derived_layout_for(path: Path, config: dict, weight_map: WeightMap) -> Layou
 
     Derivation builds the model on the meta device (torch and transformers, seconds); its result
     is kept in the user's cache, keyed by config, tensor names, transformers version and the derivation
-    itself (its code and data files), so the next command on the same checkpoint (verify after
-    apply...) neither derives nor imports torch, and a cache derived by another version is not reused."""
-    import hashlib
-    from importlib.metadata import version
-
-    key = hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers"), _derivation_digest()],
-                                    sort_keys=True, default=str).encode()).hexdigest()
+    itself (its code and data files), so the next command on the same checkpoint (or on what apply
+    wrote from it: share_derived_layout) neither derives nor imports torch, and a cache derived by
+    another version is not reused."""
+    key = _derivation_key(config, weight_map)
     if key not in _DERIVED:
         cached = _cache_dir() / f"{key}.json"
         try:
@@ -257,6 +254,30 @@ def derived_layout_for(path: Path, config: dict, weight_map: WeightMap) -> Layou
                  layout.derived.get("model_class", "model"), path)
         _DERIVED[key] = layout
     return _DERIVED[key]
+
+
+def _derivation_key(config: dict, weight_map: WeightMap) -> str:
+    import hashlib
+    from importlib.metadata import version
+
+    return hashlib.sha256(json.dumps([config, sorted(weight_map), version("transformers"), _derivation_digest()],
+                                     sort_keys=True, default=str).encode()).hexdigest()
+
+
+def share_derived_layout(source: "Checkpoint", out: Path) -> None:
+    """Record the source's derived layout as that of the checkpoint apply wrote from it at `out`, so
+    that `verify OUT` does not derive again (seconds, and torch imported). A pruned model has its
+    source's family and tensor names with fewer experts, and derivation reads neither the expert
+    count (it compares E with E + 1) nor the counts apply rewrites; what it does read is the MTP
+    tensors stored, so call this only when the output keeps every tensor kind the source has."""
+    if not source.layout.derived:
+        return
+    try:
+        entry = json.loads((_cache_dir() / f"{_derivation_key(source.config, source.weight_map)}.json").read_text())
+        config, weight_map, _ = read_files(out)
+    except (OSError, ValueError, ReapError):
+        return  # no cache to share (read-only home): verify derives, as without this
+    _save_quietly(_cache_dir() / f"{_derivation_key(config, weight_map)}.json", entry)
 
 
 DERIVATION_FILES = ("derive.py", "derive_names.py", "model_map.py", "mtp_blocks.json", "router_rows.json")

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..common.checkpoint import INDEX, Checkpoint
+from ..common.checkpoint import INDEX, Checkpoint, share_derived_layout
 from ..common.gguf_file import gguf_model_path
 from ..common.layouts import Layout
 from ..common.mask import Mask
@@ -146,6 +146,8 @@ def apply_mask(
             write_index(plan.shards, plan.index, tmp)
         if plan.draft_bytes is not None:
             write_draft(ckpt, tmp / DRAFT_DIR)
+    if not (plan.dropped_layers or plan.dropped_prefixes):  # the output stores what derivation reads
+        share_derived_layout(ckpt, out_path)
     return ApplyResult(
         out=Path(out_path),
         shards=len(plan.shards),
