@@ -9,7 +9,7 @@ import click
 
 from .common import (OUTPUT, data_options, emit_json, json_option, layout_from, layout_option, load_data,
                      one_line_errors, overwrite_option, run_options)
-from .progress import progress_bars
+from .progress import note, progress_bars
 
 
 class Duration(click.ParamType):
@@ -118,8 +118,8 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     if mtp == "calibrate":
         mtp_layers_on_disk(opened)
     data, provenance, data_notes = load_data(opened, dataset, text_field, num_samples, max_length, seed)  # tokenizing imports torch
-    for note in data_notes:
-        click.echo(f"note: {note}", err=True)
+    for line in data_notes:
+        note(f"note: {line}")
     from ..calibration.calibrate import calibrate as run_calibrate, resolve_device
     from ..plan import never_routed_meaning
 
@@ -144,8 +144,8 @@ def calibrate(ckpt: Path, output: Path, dataset: str | None, text_field: str | N
     if never:
         model = saliency.model
         tokens = min(saliency.layers[l].tokens for l, n in never_routed.items() if n)
-        click.echo(f"note: {never} (layer, expert) pairs never routed: "
-                   f"{never_routed_meaning(tokens, model['num_experts'], model['num_experts_per_tok'])}", err=True)
+        note(f"note: {never} (layer, expert) pairs never routed: "
+             f"{never_routed_meaning(tokens, model['num_experts'], model['num_experts_per_tok'])}")
     if as_json:
         emit_json({"output": output, "moe_layers": sorted(saliency.layers), "mtp_layers": saliency.mtp_layers,
                    "never_routed": never_routed, "calibration": cal})

@@ -9,7 +9,7 @@ import click
 from ..errors import ReapError
 from .common import (OUTPUT, PLAN_FLAGS, data_options, emit_json, human, json_option, layout_from, layout_option,
                      load_data, one_line_errors, overwrite_option, plan_kwargs, plan_options, run_options, table)
-from .progress import progress_bars
+from .progress import note, progress_bars
 
 
 def _values(text: str | None, flag: str, kind: type) -> list:
@@ -54,8 +54,8 @@ def _variants(ckpt, saliency: Path | None, masks: tuple[Path, ...], opts: dict) 
         return out
     options = {k: v for k, v in plan_kwargs(opts).items() if k not in ("sparsity", "keep", "method")}
     planned, plans = planned_variants(saliency, ckpt, methods, requests, options)
-    for note in dict.fromkeys(n for p in plans for n in p.notes):  # each once, not once per method
-        click.echo(f"note: {note}", err=True)
+    for line in dict.fromkeys(n for p in plans for n in p.notes):  # each once, not once per method
+        note(f"note: {line}")
     return out + planned
 
 
