@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import (  # noqa: E402  (this directory; standard library only at import)
     GiB, HF_ENV, MiB, RSS_METHOD, Filler, alternated, dir_bytes, drop_scratch, fs_sync, machine_info, make_scratch, max_of,
-    med_of, need_disk, paired_ratio, print_header, print_machine, reap, reapsurgery_cmd, rmtree, rounded,
+    med_of, need_disk, paired_ratio, print_copy_table, print_header, print_machine, reap, reapsurgery_cmd, rmtree, rounded,
     rotated, run_cold, can_drop_caches, run_measured, run_warm, shard_plan, synth_layer, tensor_order,
 )
 
@@ -379,20 +379,7 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], real: dict | Non
 
     jobs = [f"apply-j{j}" for j in args.jobs]
     p("\n1) apply vs cp of the same output bytes and vs cat of them (the read floor), synthetic Qwen3-MoE, BF16")
-    hdr = (f"{'input':>8} {'output':>8} {'cache':>5} | " + " ".join(f"{op:>9}" for op in jobs) +
-           f" {'cp':>7} {'cat':>7} {'cp-in':>7} | " + " ".join(f"{op[6:] + '/cp':>7}" for op in jobs) +
-           " " + " ".join(f"{op[6:] + '/cat':>7}" for op in jobs) +
-           " " + " ".join(f"{op[6:] + '/cpin':>7}" for op in jobs) + f" | {'RSS MiB':>7} {'busy':>5}")
-    print_header(hdr)
-    for r in sizes:
-        for mode, m in r["modes"].items():
-            t = m["median_s"]
-            p(f"{r['input_bytes'] / GiB:6.2f}Gi {r['output_bytes'] / GiB:6.2f}Gi {mode:>5} | " +
-              " ".join(f"{t[op]:8.2f}s" for op in jobs) + f" {t['cp']:6.2f}s {t['cat']:6.2f}s {t['cp-in']:6.2f}s | " +
-              " ".join(f"{m['ratio_cp'][op]:7.2f}" for op in jobs) + " " +
-              " ".join(f"{m['ratio_cat'][op]:7.2f}" for op in jobs) + " " +
-              " ".join(f"{m['ratio_cp_in'][op]:7.2f}" for op in jobs) +
-              f" | {m['apply_rss_mib']:7.1f} {m['machine_busy_pct']:4.0f}%")
+    print_copy_table(p, sizes, jobs, ("busy", lambda m: f"{m['machine_busy_pct']:4.0f}%"))
     p("   medians of the rotated runs; jN/cp = apply with N jobs / cp -r of its output, jN/cat = / cat of the output's")
     p("   shards to /dev/null, jN/cpin = / cp -r of the input checkpoint (for scale: apply writes about half of it);")
     p("   cold = sync + drop_caches before every command, warm = inputs read once before;")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import (  # noqa: E402  (this directory; standard library only at import)
     GiB, RSS_METHOD, Filler, can_drop_caches, cpu_s, drop_scratch, fs_sync, machine_info, make_scratch, max_of, med_of,
-    need_disk, paired_ratio, print_header, print_machine, reap, reapsurgery_cmd, rmtree, rotated, run_cold,
+    need_disk, paired_ratio, print_copy_table, print_machine, reap, reapsurgery_cmd, rmtree, rotated, run_cold,
     run_measured, run_warm,
 )
 
@@ -226,20 +226,7 @@ def report(args, machine: dict, floor: dict, sizes: list[dict], total_s: float) 
       f"(median; order rotated), jobs {args.jobs}, {'/'.join(args.modes)} page cache")
     p(f"interpreter floor: `reapsurgery --version` {floor['wall_s']:.2f}s, peak RSS {floor['rss_mib']:.1f} MiB")
     jobs = [f"apply-j{j}" for j in args.jobs]
-    hdr = (f"{'input':>8} {'output':>8} {'cache':>5} | " + " ".join(f"{op:>9}" for op in jobs) +
-           f" {'cp':>7} {'cat':>7} {'cp-in':>7} | " + " ".join(f"{op[6:] + '/cp':>7}" for op in jobs) +
-           " " + " ".join(f"{op[6:] + '/cat':>7}" for op in jobs) +
-           " " + " ".join(f"{op[6:] + '/cpin':>7}" for op in jobs) + f" | {'RSS MiB':>7} {'load':>5}")
-    print_header(hdr)
-    for r in sizes:
-        for mode, m in r["modes"].items():
-            t = m["median_s"]
-            p(f"{r['input_bytes'] / GiB:6.2f}Gi {r['output_bytes'] / GiB:6.2f}Gi {mode:>5} | " +
-              " ".join(f"{t[op]:8.2f}s" for op in jobs) + f" {t['cp']:6.2f}s {t['cat']:6.2f}s {t['cp-in']:6.2f}s | " +
-              " ".join(f"{m['ratio_cp'][op]:7.2f}" for op in jobs) + " " +
-              " ".join(f"{m['ratio_cat'][op]:7.2f}" for op in jobs) + " " +
-              " ".join(f"{m['ratio_cp_in'][op]:7.2f}" for op in jobs) +
-              f" | {m['apply_rss_mib']:7.1f} {m['loadavg']:5.1f}")
+    print_copy_table(p, sizes, jobs, ("load", lambda m: f"{m['loadavg']:5.1f}"))
     p("   jN/cp = apply with N jobs / cp of its output; /cat = / cat of the output (the read floor); /cpin = / cp of")
     p("   the input. Targets: cold <= 1.0 x cp; warm, ~1 GiB of output, <= 1.1 x cp (start-up included).")
     for r in sizes:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -419,6 +420,27 @@ def print_header(hdr: str) -> None:
     """A plain-text table's column header, underlined."""
     print(hdr)
     print("-" * len(hdr))
+
+
+def print_copy_table(p, sizes: list[dict], jobs: list[str], last: tuple[str, Callable[[dict], str]]) -> None:
+    """The apply-vs-cp table of bench_apply and bench_gguf: per size and cache mode, the median
+    seconds of each command and apply's ratios to cp of the output, cat of it and cp of the input,
+    then peak RSS and `last` (its header, and the cell from the mode's results)."""
+    label, cell = last
+    hdr = (f"{'input':>8} {'output':>8} {'cache':>5} | " + " ".join(f"{op:>9}" for op in jobs) +
+           f" {'cp':>7} {'cat':>7} {'cp-in':>7} | " + " ".join(f"{op[6:] + '/cp':>7}" for op in jobs) +
+           " " + " ".join(f"{op[6:] + '/cat':>7}" for op in jobs) +
+           " " + " ".join(f"{op[6:] + '/cpin':>7}" for op in jobs) + f" | {'RSS MiB':>7} {label:>5}")
+    print_header(hdr)
+    for r in sizes:
+        for mode, m in r["modes"].items():
+            t = m["median_s"]
+            p(f"{r['input_bytes'] / GiB:6.2f}Gi {r['output_bytes'] / GiB:6.2f}Gi {mode:>5} | " +
+              " ".join(f"{t[op]:8.2f}s" for op in jobs) + f" {t['cp']:6.2f}s {t['cat']:6.2f}s {t['cp-in']:6.2f}s | " +
+              " ".join(f"{m['ratio_cp'][op]:7.2f}" for op in jobs) + " " +
+              " ".join(f"{m['ratio_cat'][op]:7.2f}" for op in jobs) + " " +
+              " ".join(f"{m['ratio_cp_in'][op]:7.2f}" for op in jobs) +
+              f" | {m['apply_rss_mib']:7.1f} {cell(m)}")
 
 
 def rounded(d: dict, skip=()) -> dict:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,22 +21,39 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # derived layouts cached per test session (subprocesses inherit it), not in the user's home
 os.environ["REAPSURGERY_CACHE"] = tempfile.mkdtemp(prefix="reapsurgery-cache-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Under pytest-xdist (pyproject's addopts) the workers share the CPUs: one thread each, in-process
+# and in the commands they start, so a test and its subprocess also compute with the same thread
+# count (float sums round by it).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 class _Checkpoints(dict):
-    """Builds each fixture on first use, so a targeted test run builds only what it touches."""
+    """Builds each fixture on first use, so a targeted test run builds only what it touches. The
+    xdist workers of one run share them: the first to need one builds it under a lock, the others
+    wait for it and read the same files."""
 
     def __init__(self, root: Path):
         super().__init__()
         self.root = root
 
     def __missing__(self, key: str) -> Path:
-        if key == "single_file":
-            path = build("qwen3_moe", self.root / key, seed=1, single_file=True)
-        elif key in FAMILIES:
-            path = build(key, self.root / key)
-        else:
+        if key != "single_file" and key not in FAMILIES:
             raise KeyError(key)
+        path, built = self.root / key, self.root / f".{key}.built"  # the marker outside the checkpoint
+        with open(self.root / f".{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not built.exists():
+                shutil.rmtree(path, ignore_errors=True)  # a build interrupted in another worker
+                if key == "single_file":
+                    build("qwen3_moe", path, seed=1, single_file=True)
+                else:
+                    build(key, path)
+                built.touch()
         self[key] = path
         return path
 
@@ -43,6 +62,10 @@ class _Checkpoints(dict):
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """family -> checkpoint dir (every family of fixtures.build.FAMILIES); plus 'single_file'
     (one model.safetensors, no index). Built lazily, once per session."""
+    if WORKER:  # the run's base directory, above each worker's own
+        root = tmp_path_factory.getbasetemp().parent / "ckpts"
+        root.mkdir(exist_ok=True)
+        return _Checkpoints(root)
     return _Checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 

@@ -29,6 +29,7 @@ from ..common.safetensors_io import PAGE
 from ..errors import ReapError
 from .copier import HOLE
 from .gguf_header import encode_header, encode_kv, encode_tensor_info, unpadded_size
+from .shards import index_runs
 
 RECORD_PREFIX = "reapsurgery."  # keys this tool writes; any from an earlier run are replaced
 MASK_KEY, SHA_KEY = "reapsurgery.mask", "reapsurgery.mask_sha256"
@@ -127,16 +128,6 @@ def _append(ranges: array, offset: int, n: int) -> None:
         ranges.extend((offset, n))
 
 
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    return runs
-
-
 def plan_gguf(model: GGUFModel, mask: Mask, mask_path: Path, names: list[str] | None = None) -> GGUFPlan:
     """Check the mask against the model and compute every output file; writes nothing.
     `names`: the output file names, one per part (default: the source's)."""
@@ -222,7 +213,7 @@ def _part_tensors(part: GGUFFile, model: GGUFModel, mask: Mask, drop_mtp: bool, 
         else:
             inner = t.nbytes // E
             ne, nbytes = t.ne[:-1] + (kept,), inner * kept
-            for start, run in _runs(keep):
+            for start, run in index_runs(keep):
                 _append(ranges, base + start * inner, run * inner)
         tail = pad(nbytes, part.alignment)
         if nbytes == t.nbytes and base + nbytes + tail <= part.size:

@@ -123,7 +123,7 @@ def for_writers(shards: list[OutShard]) -> list[OutShard]:
     return [part for s in shards for part in s.split(-(-s.nbytes // share))]
 
 
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
+def index_runs(indices: list[int]) -> list[tuple[int, int]]:
     """Consecutive runs of ascending indices as (start, count)."""
     runs: list[tuple[int, int]] = []
     for i in indices:
@@ -146,7 +146,7 @@ def slice_ranges(info: TensorInfo, base: int, axis: int, kept: list[int], n_expe
     ranges: list[tuple[int, int]] = []
     for o in range(outer):
         row = base + info.start + o * n_experts * inner
-        for start, count in _runs(kept):
+        for start, count in index_runs(kept):
             off, n = row + start * inner, count * inner
             if ranges and ranges[-1][0] + ranges[-1][1] == off:
                 ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
