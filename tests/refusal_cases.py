@@ -156,6 +156,12 @@ def _dir(path: Path) -> Path:
     return path
 
 
+def _fifo(path: Path) -> Path:
+    """A named pipe where an output goes (a device such as /dev/null is the same case: not a file)."""
+    os.mkfifo(path)
+    return path
+
+
 def _layout_file(d: Path, w: dict) -> Path:
     return _json(d / "layout.json", w["layout"])
 
@@ -197,6 +203,9 @@ OUTPUT_CASES: dict[str, Case] = {
     "calibrate: -o an existing file": lambda d, w: (_calibrate_to(d, w, _file(d / "s.json")), "s.json"),
     "evaluate: -o an existing file": lambda d, w: (_evaluate_to(w, "-o", _file(d / "r.json")), "r.json"),
     "evaluate: --plot an existing file": lambda d, w: (_evaluate_to(w, "--plot", _file(d / "p.png")), "p.png"),
+    "plan: -o a FIFO, even with --overwrite": lambda d, w: (_plan_to(w, _fifo(d / "m.json"), "--overwrite"), "m.json"),
+    "calibrate: -o a FIFO, even with --overwrite": lambda d, w: (_calibrate_to(d, w, _fifo(d / "s.json"), "--overwrite"), "s.json"),
+    "evaluate: --plot a FIFO, even with --overwrite": lambda d, w: (_evaluate_to(w, "--plot", _fifo(d / "p.png"), "--overwrite"), "p.png"),
     "plan: -o the --layout file": lambda d, w: (_plan_to(w, lay := _layout_file(d, w), "--layout", lay, "--overwrite"), "layout.json"),
     "plan: -o a symlink to its saliency": lambda d, w: (_plan_to(w, _link(d / "m.json", w["saliency"]), "--overwrite"), "m.json"),
     "plan: -o a hard link of its saliency": lambda d, w: (_plan_to(w, (os.link(w["saliency"], d / "h.json"), d / "h.json")[1], "--overwrite"), "h.json"),

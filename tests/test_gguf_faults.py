@@ -242,3 +242,16 @@ def test_a_split_set_with_a_missing_part_is_refused(gguf_files, tmp_path):
     mask = gguf_mask(gguf_files["split"], KEEP, tmp_path / "m.json")
     refused(cli("apply", mask, first, tmp_path / "out"), str(parts[-1]), "is missing")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_not_a_file_is_refused_even_with_overwrite(src, tmp_path):
+    """A named pipe (or a device such as /dev/null) where OUT goes would be replaced by the pruned
+    file: refused before any work, the pipe left as it is."""
+    import os
+    import stat
+
+    out = tmp_path / "out.gguf"
+    os.mkfifo(out)
+    r = cli("apply", gguf_mask(src, KEEP, tmp_path / "m.json"), src, out, "--overwrite")
+    refused(r, "out.gguf", "not a regular file")
+    assert stat.S_ISFIFO(os.stat(out).st_mode) and hidden(tmp_path) == []

@@ -217,6 +217,7 @@ def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
         raise ReapError(out, f"cannot write: directory {out.parent} does not exist")
     if os.path.lexists(target) and not overwrite:
         raise ReapError(out, "already exists (pass --overwrite to replace it)")
+    check_replaceable(out, target)
     try:
         with deferred_signals():  # an interrupt cannot leave the probe behind
             fd, probe = tempfile.mkstemp(prefix=f".{target.name[:120]}.", suffix=".probe", dir=target.parent)
@@ -230,6 +231,22 @@ def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     return out
 
 
+def check_replaceable(out: str | os.PathLike, target: str | os.PathLike | None = None) -> None:
+    """Refuse an existing output that is not a regular file: a device (/dev/null), a FIFO or a
+    socket would be replaced by the published file, not written to, even under --overwrite."""
+    import stat
+
+    try:
+        mode = os.stat(target if target is not None else real_path(Path(out))).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ReapError(out, f"cannot check it: {e.strerror or e}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ReapError(out, "is not a regular file (a device, FIFO or socket), which the output would replace; "
+                             "give the path of a file")
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> None:
     """Write a file that is either complete or absent (common/staging.py), where a symlink points;
     never over an existing file unless `overwrite`."""
@@ -241,6 +258,7 @@ def write_atomic(path: str | os.PathLike, data: bytes, overwrite: bool = False) 
         raise ReapError(path, "is a directory; give a file name")
     if not target.parent.is_dir():
         raise ReapError(path, f"cannot write: directory {path.parent} does not exist")
+    check_replaceable(path, target)
     try:
         with staged(target, lambda tmp: publish_file(tmp, target, overwrite), shown=path) as tmp:
             with open(tmp, "wb") as f:

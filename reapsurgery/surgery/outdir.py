@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..common.files import input_clash, real_path
+from ..common.files import check_replaceable, input_clash, real_path
 from ..common.staging import (EXCHANGE, NAME_KEPT, NOREPLACE, REPLACED, claim, lock_file, publish_file, renameat2,
                               staged)
 from ..errors import ReapError
@@ -127,6 +127,7 @@ def check_output_file_of(inputs: list[Path], out: Path, overwrite: bool) -> None
                              "only when its first part is given)")
     if os.path.lexists(target) and not overwrite:
         raise ReapError(out, "output file exists (pass --overwrite to replace it)")
+    check_replaceable(out, target)
     claim(out)
 
 
