@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import (  # noqa: E402  (this directory; standard library only at import)
     GiB, HF_ENV, MiB, RSS_METHOD, Filler, alternated, dir_bytes, drop_scratch, fs_sync, machine_info, make_scratch, max_of,
-    med_of, need_disk, paired_ratio, print_copy_table, print_header, print_machine, reap, reapsurgery_cmd, rmtree, rounded,
+    med_of, need_disk, copy_summary, print_copy_table, print_header, print_machine, reap, reapsurgery_cmd, rmtree, rounded,
     rotated, run_cold, can_drop_caches, run_measured, run_warm, shard_plan, synth_layer, tensor_order,
 )
 
@@ -292,15 +292,8 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
                 runs[op].append(m)
                 print_rep(r, f"{mode} {op}", 14, m)
                 rmtree(target)
-        med_s = {op: med_of(runs[op], "wall_s") for op in ops}
         res["modes"][mode] = {
-            "median_s": med_s,
-            "runs_s": {op: [round(m["wall_s"], 3) for m in runs[op]] for op in ops},
-            "ratio_cp": {op: med_s[op] / med_s["cp"] for op in ops if op.startswith("apply")},
-            "ratio_cat": {op: med_s[op] / med_s["cat"] for op in ops if op.startswith("apply")},
-            "ratio_cp_in": {op: med_s[op] / med_s["cp-in"] for op in ops if op.startswith("apply")},
-            "paired_cp": {op: paired_ratio(runs[op], runs["cp"]) for op in ops if op.startswith("apply")},
-            "apply_rss_mib": max(max_of(runs[op], "rss_mib") for op in ops if op.startswith("apply")),
+            **copy_summary(runs, ops),
             "machine_busy_pct": med_of([m for op in ops for m in runs[op]], "machine_busy_pct"),
         }
     rmtree(ref)

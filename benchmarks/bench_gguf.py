@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import (  # noqa: E402  (this directory; standard library only at import)
     GiB, RSS_METHOD, Filler, can_drop_caches, cpu_s, drop_scratch, fs_sync, machine_info, make_scratch, max_of, med_of,
-    need_disk, paired_ratio, print_copy_table, print_machine, reap, reapsurgery_cmd, rmtree, rotated, run_cold,
+    need_disk, copy_summary, print_copy_table, print_machine, reap, reapsurgery_cmd, rmtree, rotated, run_cold,
     run_measured, run_warm,
 )
 
@@ -200,15 +200,8 @@ def bench_size(args, work: Path, size: float, log: Path, results: list) -> None:
                         rmtree(p)
                     elif p.exists():
                         p.unlink()
-        med_s = {op: med_of(runs[op], "wall_s") for op in ops}
         res["modes"][mode] = {
-            "median_s": med_s,
-            "runs_s": {op: [round(m["wall_s"], 3) for m in runs[op]] for op in ops},
-            "ratio_cp": {op: med_s[op] / med_s["cp"] for op in ops if op.startswith("apply")},
-            "ratio_cat": {op: med_s[op] / med_s["cat"] for op in ops if op.startswith("apply")},
-            "ratio_cp_in": {op: med_s[op] / med_s["cp-in"] for op in ops if op.startswith("apply")},
-            "paired_cp": {op: paired_ratio(runs[op], runs["cp"]) for op in ops if op.startswith("apply")},
-            "apply_rss_mib": max(max_of(runs[op], "rss_mib") for op in ops if op.startswith("apply")),
+            **copy_summary(runs, ops),
             "loadavg": med_of([m for op in ops for m in runs[op]], "loadavg_1m_before"),
             "cpu_s": {op: med_of(runs[op], cpu_s) for op in ops},  # user + sys: what load does not stretch
         }

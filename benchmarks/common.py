@@ -422,6 +422,21 @@ def print_header(hdr: str) -> None:
     print("-" * len(hdr))
 
 
+def copy_summary(runs: dict[str, list[dict]], ops: list[str]) -> dict:
+    """The medians and ratios of one cache mode's apply-vs-cp runs (what print_copy_table reads)."""
+    med_s = {op: med_of(runs[op], "wall_s") for op in ops}
+    applies = [op for op in ops if op.startswith("apply")]
+    return {
+        "median_s": med_s,
+        "runs_s": {op: [round(m["wall_s"], 3) for m in runs[op]] for op in ops},
+        "ratio_cp": {op: med_s[op] / med_s["cp"] for op in applies},
+        "ratio_cat": {op: med_s[op] / med_s["cat"] for op in applies},
+        "ratio_cp_in": {op: med_s[op] / med_s["cp-in"] for op in applies},
+        "paired_cp": {op: paired_ratio(runs[op], runs["cp"]) for op in applies},
+        "apply_rss_mib": max(max_of(runs[op], "rss_mib") for op in applies),
+    }
+
+
 def print_copy_table(p, sizes: list[dict], jobs: list[str], last: tuple[str, Callable[[dict], str]]) -> None:
     """The apply-vs-cp table of bench_apply and bench_gguf: per size and cache mode, the median
     seconds of each command and apply's ratios to cp of the output, cat of it and cp of the input,
