@@ -137,8 +137,8 @@ def evaluate(ckpt: Path, saliency: Path | None, masks: tuple[Path, ...], output:
     if not as_json:
         click.echo(f"{d['samples']} samples, {d['predicted_positions']} predicted tokens on {d['device']} ({d['dtype']}):")
         table(table_rows(report, human))
-    for note in report["notes"]:
-        click.echo(f"note: {note}", err=True)
+    for line in report["notes"]:
+        click.echo(f"note: {line}", err=True)
     written = []
     for path, write in ((output, save_report), (plot, plot_report)):
         if path is not None:

@@ -73,11 +73,6 @@ def note(line: str) -> None:
         _held.append(line)
 
 
-def _going_on() -> None:
-    """A bar moved: the command is past its checks, so the notes held until then are printed."""
-    release_notes()
-
-
 def _forget(bar) -> None:
     if bar in _open:
         _open.remove(bar)
@@ -89,7 +84,7 @@ def _tqdm_bar(**kwargs):
 
     class Bar(tqdm):
         def update(self, n=1):
-            _going_on()
+            release_notes()  # a bar moved: the command is past its checks
             return super().update(n)
 
         def close(self) -> None:
@@ -116,7 +111,7 @@ class LineBar:
         _open.append(self)
 
     def update(self, n: int = 1) -> None:
-        _going_on()
+        release_notes()  # a bar moved: the command is past its checks
         self.n += n
         if time.monotonic() - self.last >= PERIOD:
             self._line()
